@@ -1,0 +1,311 @@
+"""``safet2i`` command line.
+
+``safet2i filter PATHS... --out DIR``   check images and write filtered copies
+``safet2i samples DIR``                 export benign sample pictures (for demos)
+``safet2i models``                      list the built-in filter models and their status
+
+Exit status of ``filter`` (bit flags): 0 all safe, 1 something unsafe, 2 something could
+not be read, 3 both; 4 the filter itself could not run; 64 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import ImageInputError, SafeT2IError
+
+EXIT_UNSAFE, EXIT_BROKEN, EXIT_FATAL, EXIT_USAGE = 1, 2, 4, 64
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
+WRITE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _colour(text: str) -> tuple[float, float, float]:
+    t = text.strip().lstrip("#")
+    try:
+        if len(t) == 6:
+            return tuple(int(t[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+        vals = [float(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"colour must be #rrggbb or r,g,b: {text}") from exc
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"colour must be #rrggbb or r,g,b: {text}")
+    return tuple(v / 255.0 if max(vals) > 1 else v for v in vals)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .filter import ACTIONS, BUILTIN, DEFAULT_POLICY, PRESETS
+
+    p = _Parser(prog="safet2i", description="SafeT2I safety tools for text-to-image diffusion.")
+    p.add_argument("--version", action="version", version=f"safet2i {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("filter", help="check images with the output filter and write filtered copies")
+    f.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    f.add_argument("--out", required=True, help="folder for the filtered copies (never an input's own file)")
+    f.add_argument("--action", choices=ACTIONS, default="blur", help="what to do with unsafe images (default: blur)")
+    f.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"class set: {', '.join(PRESETS)}, custom, or a policy .json (default: {DEFAULT_POLICY})")
+    f.add_argument("--threshold", action="append", default=[], metavar="LABEL=SCORE",
+                   help="per-label threshold override, repeatable (e.g. FEET_EXPOSED=0.8)")
+    f.add_argument("--model", action="append", default=None,
+                   help=f"model: {', '.join(BUILTIN)} or a sidecar .json path; repeatable (default: nudenet)")
+    f.add_argument("--expand", type=float, default=None, help="grow flagged boxes by this fraction per side")
+    f.add_argument("--shape", choices=("rect", "ellipse"), default=None, help="mask shape")
+    f.add_argument("--feather", type=float, default=0.0, help="soften mask edges by this many pixels")
+    f.add_argument("--strength", type=float, default=None, help="blur sigma / pixelate block size in pixels")
+    f.add_argument("--colour", "--color", type=_colour, default=(0.0, 0.0, 0.0), help="fill colour (#rrggbb)")
+    f.add_argument("--providers", default=None, help="onnxruntime providers: auto, cpu, cuda, tensorrt, ...")
+    f.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
+    f.add_argument("--report", help="write a JSON report here")
+    f.add_argument("--html", help="write an HTML report with filtered thumbnails here")
+    f.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+    s = sub.add_parser("samples", help="export benign sample pictures of people (needs scikit-image)")
+    s.add_argument("dir")
+
+    sub.add_parser("models", help="list built-in filter models and whether they are installed")
+    return p
+
+
+# --------------------------------------------------------------------------- filter
+
+
+def collect(paths: list[str]) -> list[tuple[Path, Path]]:
+    """(file, path relative to its argument's root) for every image under ``paths``.
+
+    Explicitly named files are taken whatever their extension (so odd files get a clear
+    per-file error); folders contribute files with image extensions.
+    """
+    out = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+                    out.append((f, f.relative_to(p)))
+        else:
+            out.append((p, Path(p.name)))
+    return out
+
+
+def _target(out_dir: Path, rel: Path, fmt: str, sources: set[Path]) -> Path:
+    target = (out_dir / rel).resolve()
+    if out_dir.resolve() not in target.parents:
+        raise ImageInputError(f"refusing to write outside --out: {rel}")
+    if target in sources:
+        raise ImageInputError(f"refusing to overwrite the original {target}")
+    if fmt not in WRITE_FORMATS:
+        target = target.with_suffix(".png")
+    return target
+
+
+def _save(frames_u8: list[np.ndarray], loaded, target: Path) -> None:
+    from PIL import Image  # noqa: PLC0415
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fmt = loaded.format if loaded.format in WRITE_FORMATS else "PNG"
+    ims = [Image.fromarray(f) for f in frames_u8]
+    tmp = target.with_name(target.name + ".partial")
+    kw = {}
+    if len(ims) > 1 and fmt in ("GIF", "WEBP", "PNG", "TIFF"):
+        kw = {"save_all": True, "append_images": ims[1:], "duration": loaded.durations or 100}
+        if loaded.loop is not None:
+            kw["loop"] = loaded.loop
+    elif len(ims) > 1:
+        fmt = "PNG"
+        kw = {"save_all": True, "append_images": ims[1:], "duration": loaded.durations or 100}
+    if fmt == "JPEG":
+        kw["quality"] = 95
+    ims[0].save(tmp, format=fmt, **kw)
+    os.replace(tmp, target)
+
+
+def run_filter(args) -> int:
+    from .filter import SafetyFilter, get_policy
+    from .filter.report import build_report, thumbnail_data_uri, write_html, write_json
+    from .images import load_image_file
+
+    overrides = {}
+    for t in args.threshold:
+        from .filter.policy import parse_thresholds
+
+        overrides.update(parse_thresholds(t))
+    kw = {k: v for k, v in (("expand", args.expand), ("shape", args.shape)) if v is not None}
+    policy = get_policy(args.policy, overrides, **kw)
+    flt = SafetyFilter(
+        args.model or ["nudenet"], policy, args.action, feather=args.feather, strength=args.strength,
+        colour=args.colour, providers=args.providers, batch_size=args.batch_size,
+    )
+    out_dir = Path(args.out)
+    items = collect(args.paths)
+    sources = {f.resolve() for f, _ in items}
+    if out_dir.resolve() in sources:
+        raise SafeT2IError(f"--out {out_dir} is one of the input files")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    files: list[dict] = []
+    thumbs: dict[str, str] = {}
+    status = 0
+    try:
+        from tqdm import tqdm  # noqa: PLC0415
+        bar = tqdm(total=len(items), unit="img", disable=args.quiet or not sys.stderr.isatty(), desc="filter")
+    except ImportError:  # pragma: no cover
+        bar = None
+
+    pending: list = []  # (entry, loaded, target)
+
+    def flush():
+        nonlocal status
+        if not pending:
+            return
+        frames = [fr for _, ld, _ in pending for fr in ld.frames]
+        verdicts = flt.check_uint8(frames)   # one batched pass over every frame of the group
+        k = 0
+        for entry, ld, target in pending:
+            vs = verdicts[k:k + len(ld.frames)]
+            k += len(ld.frames)
+            for j, v in enumerate(vs):
+                v.index = j
+            unsafe = any(v.unsafe for v in vs)
+            entry["images"] = [v.to_dict() for v in vs]
+            entry["cost"] = round(max(v.cost for v in vs), 6)
+            try:
+                if unsafe and flt.action == "block":
+                    entry["verdict"], entry["output"] = "blocked", None
+                    status |= EXIT_UNSAFE
+                    continue
+                if unsafe:
+                    outs = []
+                    for fr, v in zip(ld.frames, vs):
+                        img = flt.censor_one(fr.astype(np.float32) / 255.0, v)
+                        outs.append(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8))
+                    _save(outs, ld, target)
+                    entry["verdict"] = "unsafe"
+                    status |= EXIT_UNSAFE
+                else:
+                    outs = ld.frames
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if target.suffix == Path(ld.path).suffix:
+                        shutil.copyfile(ld.path, target)
+                    else:
+                        _save(outs, ld, target)
+                    entry["verdict"] = "safe"
+                entry["output"] = str(target)
+                if args.html:
+                    thumbs[entry["path"]] = thumbnail_data_uri(outs[0])
+            except OSError as exc:
+                entry.update(verdict="error", output=None, error=f"cannot write {target}: {exc}")
+                status |= EXIT_BROKEN
+        pending.clear()
+
+    for path, rel in items:
+        entry = {"path": str(path), "output": None, "verdict": "error", "cost": None, "error": None}
+        files.append(entry)
+        try:
+            loaded = load_image_file(path)
+            target = _target(out_dir, rel, loaded.format, sources)
+            if target.exists() and not args.overwrite:
+                raise ImageInputError(f"{target} exists; pass --overwrite to replace it")
+            pending.append((entry, loaded, target))
+            if sum(len(ld.frames) for _, ld, _ in pending) >= args.batch_size:
+                flush()
+        except ImageInputError as exc:
+            entry["error"] = str(exc)
+            status |= EXIT_BROKEN
+        if bar is not None:
+            bar.update(1)
+    flush()
+    if bar is not None:
+        bar.close()
+
+    report = build_report(flt.describe(), files)
+    if args.report:
+        write_json(report, args.report)
+    if args.html:
+        write_html(report, args.html, thumbs)
+    if not args.quiet:
+        s = report["summary"]
+        print(f"safet2i: {s['files']} files, {s['safe']} safe, {s['unsafe']} unsafe, {s['errors']} errors"
+              f" -> {out_dir}", file=sys.stderr)
+        for f in files:
+            if f["verdict"] == "error":
+                print(f"  error: {f['error']}", file=sys.stderr)
+    return status
+
+
+# --------------------------------------------------------------------------- samples / models
+
+
+def sample_pictures() -> dict[str, np.ndarray]:
+    """Benign pictures of people (and a control) that ship inside pip packages."""
+    try:
+        import skimage.data as d  # noqa: PLC0415
+    except ImportError as exc:
+        raise SafeT2IError("`safet2i samples` needs scikit-image: python -m pip install scikit-image") from exc
+    pics = {"astronaut": d.astronaut(), "camera": d.camera(), "coffee": d.coffee(), "chelsea": d.chelsea()}
+    try:
+        import matplotlib.cbook as cb  # noqa: PLC0415
+        with cb.get_sample_data("grace_hopper.jpg") as fh:
+            from PIL import Image  # noqa: PLC0415
+
+            pics["grace_hopper"] = np.asarray(Image.open(fh).convert("RGB"))
+    except Exception:  # noqa: BLE001 - matplotlib is optional for this
+        pass
+    return pics
+
+
+def run_samples(args) -> int:
+    from PIL import Image  # noqa: PLC0415
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arr in sample_pictures().items():
+        Image.fromarray(arr).save(out / f"{name}.png")
+    print(f"safet2i: wrote sample pictures to {out}", file=sys.stderr)
+    return 0
+
+
+def run_models(args) -> int:
+    from .filter.detectors import BUILTIN, BUILTIN_DIR, ModelSpec
+
+    for name, (file, mode) in BUILTIN.items():
+        try:
+            spec = ModelSpec.from_file(BUILTIN_DIR / file)
+            state = "installed" if spec.path.is_file() else f"missing file {spec.path}"
+            print(f"{name:20s} {spec.kind:10s} {state}  [{spec.licence.split(' (')[0]}] {spec.title}")
+        except SafeT2IError as exc:
+            print(f"{name:20s} {'':10s} not available: {exc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "filter":
+            return run_filter(args)
+        if args.command == "samples":
+            return run_samples(args)
+        return run_models(args)
+    except (SafeT2IError, ValueError) as exc:
+        print(f"safet2i: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

