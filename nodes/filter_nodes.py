@@ -1,0 +1,150 @@
+"""ComfyUI nodes of the output layer (V3 schema). Thin: parse inputs, call
+``safet2i.filter``, format outputs. Node IDs are stable forever; new inputs are only ever
+appended at the end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..safet2i.errors import ModelLoadError
+from ..safet2i.filter import ACTIONS, BUILTIN, PRESETS, SafetyFilter, get_policy, load_model
+from . import paths
+
+FilterModels = io.Custom("SAFET2I_FILTER_MODELS")
+
+PROVIDERS = ["auto", "cpu", "cuda", "tensorrt", "directml", "coreml", "rocm", "openvino"]
+POLICIES = list(PRESETS) + ["custom"]
+MASK_SHAPES = ["rect", "ellipse"]
+
+
+def _summary(verdicts) -> str:
+    lines = []
+    for v in verdicts:
+        worst = ", ".join(f"{f.detection.label} {f.detection.score:.2f}" for f in v.flagged[:4])
+        state = "UNSAFE" if v.unsafe else "safe"
+        lines.append(f"image {v.index}: {state} (cost {v.cost:.3f})" + (f": {worst}" if worst else ""))
+    n_bad = sum(v.unsafe for v in verdicts)
+    head = f"SafeT2I filter: {len(verdicts)} image(s), {n_bad} unsafe"
+    return "\n".join([head] + lines)
+
+
+class SafeT2IFilterModelLoader(io.ComfyNode):
+    """Loads an ONNX safety model once per process (shared by every node and run)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2IFilterModelLoader",
+            display_name="SafeT2I Load Filter Model",
+            category="SafeT2I/filter",
+            description=(
+                "Loads an ONNX safety model for the SafeT2I Image Filter: the NudeNet 3.4.2 detector "
+                "(from the nudenet wheel), its reference-compatible BGR mode, Yahoo Open-NSFW, or any "
+                "model with a sidecar .json in models/safet2i_filters. Chain loaders to combine models."
+            ),
+            inputs=[
+                io.Combo.Input("model", options=paths.filter_model_names(), default="nudenet",
+                               tooltip="nudenet: RGB input, per-class NMS. nudenet-reference: the nudenet "
+                                       "package's BGR input, for reproducing paper numbers. opennsfw: "
+                                       "whole-image classifier (threshold 0.8)."),
+                io.Combo.Input("providers", options=PROVIDERS, default="auto",
+                               tooltip="onnxruntime execution provider; auto picks the fastest available "
+                                       "(TensorRT, CUDA, DirectML, CoreML, ..., CPU)."),
+                FilterModels.Input("chain", optional=True,
+                                   tooltip="Models loaded by another loader, to run together with this one."),
+            ],
+            outputs=[FilterModels.Output(display_name="filter_models")],
+        )
+
+    @classmethod
+    def execute(cls, model, providers="auto", chain=None) -> io.NodeOutput:
+        path = model if model in BUILTIN else paths.sidecar_path(model)
+        if paths.comfy_cpu_only() and providers == "auto":
+            providers = "cpu"
+        loaded = load_model(path, providers=providers)
+        return io.NodeOutput(tuple(chain or ()) + (loaded,))
+
+
+class SafeT2IImageFilter(io.ComfyNode):
+    """Checks every image of a batch and censors what is unsafe."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2IImageFilter",
+            display_name="SafeT2I Image Filter",
+            category="SafeT2I/filter",
+            description=(
+                "Scores every image of the batch with the loaded safety models, grades a safety cost "
+                "(0.5 = at the threshold), and censors unsafe regions. Fails closed: if a model cannot "
+                "run, the workflow stops with an error and no image goes on."
+            ),
+            inputs=[
+                io.Image.Input("images"),
+                FilterModels.Input("filter_models"),
+                io.Combo.Input("policy", options=POLICIES, default="strict-5",
+                               tooltip="strict-5: I2P/SLD exposed classes. broad-9: adds male breast, belly, "
+                                       "feet, armpits (RECE/UnlearnDiffAtk). face-only: faces, for tests. "
+                                       "custom: only the thresholds below."),
+                io.Combo.Input("action", options=list(ACTIONS), default="blur",
+                               tooltip="pass: flag only. blur/pixelate/fill: unsafe regions. black/"
+                                       "placeholder: the whole image. block: stop the workflow with an error."),
+                io.String.Input("thresholds", default="", multiline=True,
+                                tooltip="Per-label overrides, e.g. FEET_EXPOSED=0.8, one per line or comma-separated."),
+                io.Float.Input("expand", default=0.1, min=0.0, max=2.0, step=0.01,
+                               tooltip="Grow each flagged box by this fraction of its size on every side."),
+                io.Combo.Input("mask_shape", options=MASK_SHAPES, default="rect"),
+                io.Float.Input("feather", default=0.0, min=0.0, max=256.0, step=0.5,
+                               tooltip="Soften mask edges outwards by this many pixels."),
+                io.Float.Input("strength", default=0.0, min=0.0, max=512.0, step=1.0,
+                               tooltip="Blur sigma or pixelate block size in pixels; 0 = automatic."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images"),
+                io.Mask.Output(display_name="mask"),
+                io.Float.Output(display_name="cost", is_output_list=True),
+                io.Boolean.Output(display_name="is_safe"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, filter_models, policy, action, thresholds="", expand=0.1,
+                mask_shape="rect", feather=0.0, strength=0.0) -> io.NodeOutput:
+        if not filter_models:
+            raise ModelLoadError("SafeT2I Image Filter got no filter model; connect a SafeT2I Load Filter Model.")
+        pol = get_policy(policy, thresholds, expand=float(expand), shape=mask_shape)
+        flt = SafetyFilter(list(filter_models), pol, action, feather=feather, strength=strength or None)
+        if images.ndim != 4:
+            raise ValueError(f"SafeT2I Image Filter expects an IMAGE batch [B,H,W,C], got {tuple(images.shape)}.")
+        b, h, w = images.shape[0], images.shape[1], images.shape[2]
+        src = images.detach().cpu()
+        outs, masks, verdicts = [], [], []
+        pbar = paths.progress_bar(b)
+        chunk = 16
+        for start in range(0, b, chunk):
+            res = flt.run(src[start:start + chunk].numpy())  # block raises UnsafeContentError here
+            for v in res.verdicts:
+                v.index += start
+            outs.extend(res.images)
+            masks.extend(res.masks)
+            verdicts.extend(res.verdicts)
+            pbar(min(chunk, b - start))
+        if b:
+            out_img = torch.from_numpy(np.stack(outs)).to(images.dtype)
+            out_mask = torch.from_numpy(np.stack(masks))
+        else:
+            out_img = images.new_zeros((0, h, w, 3))
+            out_mask = torch.zeros((0, h, w), dtype=torch.float32)
+        report = json.dumps({"filter": flt.describe(), "images": [v.to_dict() for v in verdicts]})
+        return io.NodeOutput(
+            out_img, out_mask, [float(v.cost) for v in verdicts], all(not v.unsafe for v in verdicts), report,
+            ui=ui.PreviewText(_summary(verdicts)),
+        )
+
+
+NODES = [SafeT2IFilterModelLoader, SafeT2IImageFilter]
