@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
@@ -123,23 +122,21 @@ class SafeT2IImageFilter(io.ComfyNode):
             raise ValueError(f"SafeT2I Image Filter expects an IMAGE batch [B,H,W,C], got {tuple(images.shape)}.")
         b, h, w = images.shape[0], images.shape[1], images.shape[2]
         src = images.detach().cpu()
-        outs, masks, verdicts = [], [], []
+        # Preallocated outputs: a long video batch is never held twice as lists.
+        out_img = torch.empty((b, h, w, 3), dtype=torch.float32)
+        out_mask = torch.zeros((b, h, w), dtype=torch.float32)
+        verdicts = []
         pbar = paths.progress_bar(b)
         chunk = 16
         for start in range(0, b, chunk):
-            res = flt.run(src[start:start + chunk].numpy())  # block raises UnsafeContentError here
-            for v in res.verdicts:
+            res = flt.run(src[start:start + chunk])  # 'block' raises UnsafeContentError here
+            for j, v in enumerate(res.verdicts):
                 v.index += start
-            outs.extend(res.images)
-            masks.extend(res.masks)
+                out_img[start + j] = torch.from_numpy(res.images[j])
+                out_mask[start + j] = torch.from_numpy(res.masks[j])
             verdicts.extend(res.verdicts)
             pbar(min(chunk, b - start))
-        if b:
-            out_img = torch.from_numpy(np.stack(outs)).to(images.dtype)
-            out_mask = torch.from_numpy(np.stack(masks))
-        else:
-            out_img = images.new_zeros((0, h, w, 3))
-            out_mask = torch.zeros((0, h, w), dtype=torch.float32)
+        out_img = out_img.to(images.dtype)
         report = json.dumps({"filter": flt.describe(), "images": [v.to_dict() for v in verdicts]})
         return io.NodeOutput(
             out_img, out_mask, [float(v.cost) for v in verdicts], all(not v.unsafe for v in verdicts), report,

@@ -1,0 +1,144 @@
+"""A real ComfyUI server (CPU) with this pack installed, for end-to-end tests.
+
+Runs only when ``COMFYUI_PATH`` (a ComfyUI checkout) and ``COMFYUI_PYTHON`` (an
+interpreter with ComfyUI's and this pack's dependencies) are set; skipped otherwise.
+Everything the server writes goes to a temporary folder; it listens on loopback only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_NAME = "safet2i"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base: Path, port: int, proc: subprocess.Popen, log: Path):
+        self.base, self.port, self.proc, self.log = base, port, proc, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.input_dir = base / "input"
+        self.output_dir = base / "output"
+
+    # -- HTTP ---------------------------------------------------------------
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 180.0) -> dict:
+        """Queue ``prompt`` and return its /history entry once finished (success or error)."""
+        code, resp = self.post_prompt(prompt)
+        assert code == 200, f"prompt rejected ({code}): {json.dumps(resp)[:2000]}"
+        pid = resp["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                entry = hist[pid]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {pid} did not finish in {timeout}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> ComfyServer:
+    path, python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
+    if not path or not python:
+        pytest.skip("real-ComfyUI tests need COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (its interpreter)")
+    if not (Path(path) / "main.py").is_file():
+        pytest.skip(f"COMFYUI_PATH={path} has no main.py")
+    base = tmp_path_factory.mktemp("comfy")
+    for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models"):
+        (base / d).mkdir()
+    (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    (base / "extra_model_paths.yaml").write_text(
+        "safet2i_test:\n"
+        f"  base_path: {base}\n"
+        f"  custom_nodes: {base / 'custom_nodes'}\n"
+        f"  checkpoints: {base / 'checkpoints'}\n"
+        f"  loras: {base / 'loras'}\n"
+        f"  safet2i_filters: {base / 'models'}\n"
+    )
+    port = _free_port()
+    log = base / "server.log"
+    env = dict(os.environ, SAFET2I_SKIP_INSTALL="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--extra-model-paths-config", str(base / "extra_model_paths.yaml"),
+        "--front-end-root", str(base / "frontend"),
+        "--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
+        "--user-directory", str(base / "user"), "--database-url", f"sqlite:///{base / 'db.sqlite'}",
+        "--disable-auto-launch",
+    ]
+    fh = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=path, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    server = ComfyServer(base, port, proc, log)
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{server.log_tail()}")
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not start in 120 s:\n{server.log_tail()}")
+                time.sleep(0.5)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        fh.close()
+
+
+@pytest.fixture(scope="session")
+def astronaut_input(comfy) -> str:
+    """Benign picture with a face (FACE_FEMALE ~0.81) placed in ComfyUI's input folder."""
+    import skimage.data
+    from PIL import Image
+
+    Image.fromarray(skimage.data.astronaut()).save(comfy.input_dir / "astronaut.png")
+    Image.fromarray(skimage.data.chelsea()).save(comfy.input_dir / "chelsea.png")
+    return "astronaut.png"
+
+
+def pytest_report_header(config):
+    return f"ComfyUI integration: COMFYUI_PATH={os.environ.get('COMFYUI_PATH')!r} python={sys.executable}"
+

@@ -1,0 +1,50 @@
+"""Convert a UI-format workflow (what the frontend saves and ``example_workflows/`` holds)
+into the API format ``POST /prompt`` accepts, using the server's ``/object_info``.
+
+Handles what our example workflows use: links, positional ``widgets_values`` (skipping
+the frontend-only value after ``control_after_generate`` widgets), muted/bypassed nodes
+(dropped) and Note nodes. Not handled: subgraphs, primitive nodes, reroutes.
+"""
+
+from __future__ import annotations
+
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+
+
+def _widget_names(spec: dict) -> list[tuple[str, bool]]:
+    """(input name, has a control_after_generate value) for widget inputs, in order."""
+    out = []
+    order = spec.get("input_order", {})
+    for group in ("required", "optional"):
+        for name in order.get(group, []):
+            typ, *rest = spec["input"][group][name]
+            opts = rest[0] if rest and isinstance(rest[0], dict) else {}
+            if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                out.append((name, bool(opts.get("control_after_generate"))))
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    links = {l[0]: l for l in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        spec = object_info[node["type"]]
+        inputs = {}
+        linked = set()
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                _, src, slot, *_ = links[inp["link"]]
+                inputs[inp["name"]] = [str(src), slot]
+                linked.add(inp["name"])
+        values = list(node.get("widgets_values") or [])
+        i = 0
+        for name, has_control in _widget_names(spec):
+            if name in linked:
+                continue
+            if i < len(values):
+                inputs[name] = values[i]
+            i += 2 if has_control else 1
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
