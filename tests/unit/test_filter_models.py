@@ -136,3 +136,17 @@ def test_per_class_nms_keeps_an_exposed_box_under_a_covered_one():
 def test_models_are_loaded_once_and_shared():
     assert load_model("nudenet") is load_model("nudenet")
     assert load_model("nudenet").loaded is load_model("nudenet-reference").loaded  # one session, two modes
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("colour", ["RGB", "BGR"])
+def test_normalise_matches_a_float64_reference(layout, colour):
+    u8 = np.random.default_rng(1).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
+    inp = {"scale": 1 / 255, "layout": layout, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    x64 = u8.astype(np.float64)[..., ::-1] if colour == "BGR" else u8.astype(np.float64)
+    x64 = (x64 / 255 - np.asarray(inp["mean"])) / np.asarray(inp["std"])
+    if layout == "NCHW":
+        x64 = x64.transpose(0, 3, 1, 2)
+    got = _normalise(u8, inp, colour)
+    assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(got, x64, atol=1e-5)
