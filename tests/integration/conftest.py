@@ -7,6 +7,7 @@ Everything the server writes goes to a temporary folder; it listens on loopback 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -73,16 +74,21 @@ class ComfyServer:
             return ""
 
 
-@pytest.fixture(scope="session")
-def comfy(tmp_path_factory) -> ComfyServer:
+def _comfy_env() -> tuple[str, str]:
     path, python = os.environ.get("COMFYUI_PATH"), os.environ.get("COMFYUI_PYTHON")
     if not path or not python:
         pytest.skip("real-ComfyUI tests need COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (its interpreter)")
     if not (Path(path) / "main.py").is_file():
         pytest.skip(f"COMFYUI_PATH={path} has no main.py")
-    base = tmp_path_factory.mktemp("comfy")
+    return path, python
+
+
+@contextlib.contextmanager
+def start_server(base: Path, extra_env: dict | None = None):
+    """Start ComfyUI on a free loopback port with this pack in a fresh folder tree."""
+    path, python = _comfy_env()
     for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models"):
-        (base / d).mkdir()
+        (base / d).mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "extra_model_paths.yaml").write_text(
         "safet2i_test:\n"
@@ -94,7 +100,7 @@ def comfy(tmp_path_factory) -> ComfyServer:
     )
     port = _free_port()
     log = base / "server.log"
-    env = dict(os.environ, SAFET2I_SKIP_INSTALL="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, SAFET2I_SKIP_INSTALL="1", PYTHONUNBUFFERED="1", **(extra_env or {}))
     cmd = [
         python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
         "--extra-model-paths-config", str(base / "extra_model_paths.yaml"),
@@ -126,6 +132,12 @@ def comfy(tmp_path_factory) -> ComfyServer:
         except subprocess.TimeoutExpired:
             proc.kill()
         fh.close()
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> ComfyServer:
+    with start_server(tmp_path_factory.mktemp("comfy")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,25 @@ def test_path_tricks_in_model_names_are_rejected(comfy, astronaut_input):
     msgs = json.dumps(entry["status"].get("messages", []))
     assert "ModelLoadError" in msgs and "not a built-in model" in msgs
     assert not saved_images(comfy, entry)
+
+
+def test_pack_loads_without_onnxruntime_and_the_node_says_what_to_install(tmp_path):
+    """An optional dependency missing must not break the pack: nodes register, and the
+    loader's error names the package (simulated by shadowing onnxruntime)."""
+    from .conftest import start_server
+
+    shadow = tmp_path / "shadow" / "onnxruntime"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named onnxruntime (simulated)')\n")
+    with start_server(tmp_path / "srv", {"PYTHONPATH": str(shadow.parent)}) as srv:
+        info = srv.get("/object_info")
+        assert LOADER in info and FILTER in info
+        import skimage.data
+        from PIL import Image
+
+        Image.fromarray(skimage.data.astronaut()).save(srv.input_dir / "a.png")
+        entry = srv.run(filter_graph("a.png"))
+        assert entry["status"]["status_str"] == "error"
+        msgs = json.dumps(entry["status"].get("messages", []))
+        assert "MissingDependencyError" in msgs and "pip install onnxruntime" in msgs
+        assert not saved_images(srv, entry)
