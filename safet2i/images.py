@@ -13,6 +13,7 @@ checked, because removing the alpha channel would reveal it.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,7 +160,11 @@ def load_image_file(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Lo
 
     path = os.fspath(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Our own pixel limit below replaces Pillow's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageInputError(
