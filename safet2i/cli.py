@@ -136,14 +136,12 @@ def _save(frames_u8: list[np.ndarray], loaded, target: Path) -> None:
 
 
 def run_filter(args) -> int:
-    from .filter import SafetyFilter, get_policy
+    from .filter import SafetyFilter, get_policy, parse_thresholds
     from .filter.report import build_report, thumbnail_data_uri, write_html, write_json
     from .images import load_image_file
 
     overrides = {}
     for t in args.threshold:
-        from .filter.policy import parse_thresholds
-
         overrides.update(parse_thresholds(t))
     kw = {k: v for k, v in (("expand", args.expand), ("shape", args.shape)) if v is not None}
     policy = get_policy(args.policy, overrides, **kw)

@@ -126,13 +126,14 @@ def censor(
     if action == "placeholder":
         return placeholder(h, w)
     if action == "blur":
-        # Blur the whole bounding region of the mask only (fast on huge images).
+        # Blur only the mask's bounding region (plus the kernel's reach): fast on huge images.
+        sigma = strength or max(4.0, max(h, w) / 24.0)
         ys, xs = np.nonzero(mask)
-        pad = int(3 * (strength or max(4.0, max(h, w) / 24.0)))
+        pad = int(3 * sigma)
         y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + 1 + pad)
         x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + 1 + pad)
         repl = img.astype(np.float32, copy=True)
-        repl[y0:y1, x0:x1] = blurred(img[y0:y1, x0:x1].astype(np.float32), strength or max(4.0, max(h, w) / 24.0))
+        repl[y0:y1, x0:x1] = blurred(repl[y0:y1, x0:x1], sigma)
     elif action == "pixelate":
         repl = pixelated(img.astype(np.float32), strength and int(strength))
     else:  # fill
