@@ -54,15 +54,15 @@ install_torch() {
 
 stamp="$VENV/.safet2i-stamp"
 want="$(cat pyproject.toml install.py requirements.txt tools/dev.sh | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c 'import torch, safet2i, onnxruntime, cv2, nudenet, pytest, skimage, onnx' 2>/dev/null; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c 'import torch, safet2i, onnxruntime, cv2, nudenet, pytest, skimage, onnx, diffusers, transformers' 2>/dev/null; then
   pip_q --upgrade pip
   install_torch
   step "installing SafeT2I requirements (requirements.txt, install.py)"
   pip_q -r requirements.txt
   "$PY" install.py
   pip_q --no-deps -e .
-  step "installing test tools (pytest, scikit-image, matplotlib, onnx)"
-  pip_q pytest scikit-image matplotlib onnx
+  step "installing test tools (pytest, scikit-image, matplotlib, onnx, diffusers, transformers)"
+  pip_q pytest scikit-image matplotlib onnx diffusers transformers
   echo "$want" > "$stamp"
 fi
 

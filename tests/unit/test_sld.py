@@ -1,0 +1,139 @@
+"""SLD: float64 reference maths, and parity with diffusers' StableDiffusionPipelineSafe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from safet2i.guidance import SLD_PRESETS, SLDConfig, SLDGuidance, SLDState, sld_direction
+
+
+def sld_reference(steps, cfg: SLDConfig, warmup: int):
+    """Independent float64 re-implementation of the paper's equations, step by step."""
+    nu = None
+    outs = []
+    for i, (eu, ec, es) in enumerate(steps):
+        eu, ec, es = (np.asarray(a, np.float64) for a in (eu, ec, es))
+        nu = np.zeros_like(eu) if nu is None else nu
+        d = ec - eu
+        delta = ec - es
+        mu = np.where(delta < cfg.threshold, np.minimum(1.0, cfg.guidance_scale * np.abs(delta)), 0.0)
+        gamma = mu * (es - eu) + cfg.momentum_scale * nu
+        nu = cfg.mom_beta * nu + (1 - cfg.mom_beta) * gamma
+        outs.append(d - gamma if i >= warmup else d)
+    return outs
+
+
+@pytest.mark.parametrize("preset", ["WEAK", "MEDIUM", "STRONG", "MAX"])
+def test_direction_matches_float64_reference_over_steps(preset):
+    cfg = SLD_PRESETS[preset]
+    rng = np.random.default_rng(3)
+    steps = [tuple(rng.normal(0, 0.02, (2, 4, 8, 8)) for _ in range(3)) for _ in range(14)]
+    state = SLDState(warmup=3)
+    got = [sld_direction(*(torch.tensor(a, dtype=torch.float32) for a in s), cfg, state) for s in steps]
+    for g, w in zip(got, sld_reference(steps, cfg, warmup=3)):
+        np.testing.assert_allclose(g.numpy(), w, atol=2e-6)
+    assert [h["applied"] for h in state.history] == [False] * 3 + [True] * 11
+
+
+def test_presets_are_the_model_card_values():
+    assert SLD_PRESETS["WEAK"].guidance_scale == 200 and SLD_PRESETS["WEAK-DIFFUSERS"].guidance_scale == 20
+    assert SLD_PRESETS["MEDIUM"] == SLDConfig(1000, 10, 0.01, 0.3, 0.4)
+    assert SLD_PRESETS["STRONG"] == SLDConfig(2000, 7, 0.025, 0.5, 0.7)
+    assert SLD_PRESETS["MAX"] == SLDConfig(5000, 0, 1.0, 0.5, 0.7)
+    assert SLD_PRESETS["MEDIUM"].warmup_for(50) == 10 and SLD_PRESETS["MEDIUM"].warmup_for(20) == 4
+    assert SLD_PRESETS["STRONG"].warmup_for(25) == 4  # 3.5 rounds half to even
+
+
+def test_disabled_and_inputs_untouched():
+    eu, ec, es = (torch.randn(1, 4, 4, 4) for _ in range(3))
+    copies = [t.clone() for t in (eu, ec, es)]
+    off = SLDGuidance(SLDConfig(guidance_scale=1.0))
+    assert torch.equal(off.direction(eu, ec, es), ec - eu)
+    g = SLDGuidance("MAX")
+    g.reset(10)
+    g.direction(eu, ec, es)
+    assert all(torch.equal(a, b) for a, b in zip((eu, ec, es), copies))
+
+
+def test_reset_clears_momentum_and_steps():
+    g = SLDGuidance("STRONG", warmup="raw")
+    eu, ec, es = (torch.randn(1, 4, 4, 4) for _ in range(3))
+    first = [g.direction(eu, ec, es) for _ in range(9)]
+    g.reset(9)
+    again = [g.direction(eu, ec, es) for _ in range(9)]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- diffusers parity
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    from diffusers import StableDiffusionPipelineSafe
+    from tiny_diffusers import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path_factory.mktemp("tiny"))
+    c = pipe.components
+    safe = StableDiffusionPipelineSafe(
+        vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=c["unet"],
+        scheduler=c["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    safe.set_progress_bar_config(disable=True)
+    return pipe, safe
+
+
+CONCEPT = "nudity, sexual"
+
+
+@pytest.mark.parametrize("config,steps", [
+    (SLD_PRESETS["MEDIUM"], 20),
+    (SLD_PRESETS["MAX"], 8),
+    (SLDConfig(guidance_scale=3000, warmup_steps=2, threshold=0.05, momentum_scale=0.9, mom_beta=0.2), 12),
+], ids=["MEDIUM", "MAX", "momentum-heavy"])
+def test_matches_stable_diffusion_pipeline_safe(pipes, config, steps):
+    from safet2i.diffusers_adapter import safety_guidance
+
+    pipe, safe = pipes
+    safe.safety_concept = CONCEPT
+    kw = dict(prompt="a photo of a person on a beach", num_inference_steps=steps, guidance_scale=7.5,
+              height=32, width=32, output_type="np")
+    ref = safe(**kw, generator=torch.Generator().manual_seed(7), sld_guidance_scale=config.guidance_scale,
+               sld_warmup_steps=config.warmup_steps, sld_threshold=config.threshold,
+               sld_momentum_scale=config.momentum_scale, sld_mom_beta=config.mom_beta).images
+    with safety_guidance(pipe, SLDGuidance(config, warmup="raw"), CONCEPT) as method:
+        ours = pipe(**kw, generator=torch.Generator().manual_seed(7)).images
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(7)).images
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    assert np.abs(plain - ref).max() > 1e-3  # the guidance really changed something
+    assert len(method.state.history) == steps
+    assert pipe.unet.forward.__func__ is type(pipe.unet).forward  # restored
+
+
+def test_scaled_warmup_and_new_runs_reset(pipes):
+    from safet2i.diffusers_adapter import safety_guidance
+
+    pipe, _ = pipes
+    kw = dict(prompt="a portrait", num_inference_steps=10, guidance_scale=5.0, height=32, width=32,
+              output_type="np")
+    with safety_guidance(pipe, SLDGuidance("MEDIUM"), CONCEPT) as method:
+        a = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+        assert method.state.warmup == 2 and len(method.state.history) == 10
+        b = pipe(**kw, generator=torch.Generator().manual_seed(1)).images  # second run: state reset
+        assert len(method.state.history) == 10
+    np.testing.assert_array_equal(a, b)
+
+
+def test_without_cfg_is_a_clear_error(pipes):
+    from safet2i.diffusers_adapter import safety_guidance
+    from safet2i.errors import SafeT2IError
+
+    pipe, _ = pipes
+    with pytest.raises(SafeT2IError, match="classifier-free guidance"):
+        with safety_guidance(pipe, SLDGuidance("MEDIUM"), CONCEPT):
+            pipe("x", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="np")
+    assert pipe.unet.forward.__func__ is type(pipe.unet).forward
