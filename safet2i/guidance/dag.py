@@ -1,0 +1,142 @@
+"""Detect-and-Guide-style region guidance from cross-attention.
+
+After Li, Zhang, Sun, Yang, "Detect-and-Guide: Self-regulation of Diffusion Models for Safe
+Text-to-Image Generation via Guideline Token Optimization", CVPR 2025 (arXiv 2503.15197).
+Stage 2 (detection + adaptive guidance) as described in ``shared/docs/methods.md`` §6.2;
+labelled *-style* because the official code was not available to check every constant.
+
+Given the unsafe-concept branch's cross-attention map Â (normalised to [0, 1] per image)::
+
+    highlighted  H = Â ≥ 0.5        editing region  M = Â ≥ 0.01
+    detection:   guide an image only if H is non-empty, and skip the step if M covers
+                 more than 80 % of the map (early, diffuse maps)
+    AreaScaler:  S_area = s_c · Area(O_i) on each connected component O_i of H
+                 (8-connectivity, s_c = 5 / (h·w): a full-map object gets 5), and
+                 S_edit = 1 on the rest of M   (our reading of "max(Σ s_c·Area_i·1[O_i], S_edit)")
+    Magnitude:   T(Â) = min(Â / 0.01, 5)
+    guidance:    d_p ← d_p − s_s · (S_area ⊙ T ⊙ M [⊙ μ_SLD]) ⊙ (ε_c − ε_∅)
+
+with maps upsampled (bilinear) to the latent size, and μ_SLD optionally SLD's elementwise
+gate ("DAG + SLD"). ``scale`` (s_s) defaults to 0.2, so the largest factor S_area·T = 25
+becomes 5 at the centre of a large, confident region and ≈ 0.2 at faint edges; the paper's
+value was not available. Optimised guideline-token embeddings (Stage 1) can be loaded by the
+hosts; without them the raw concept tokens' attention is used (weaker detection).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .sld import SLDConfig, SLDState
+
+
+@dataclass(frozen=True)
+class DAGConfig:
+    scale: float = 0.2
+    high: float = 0.5
+    low: float = 0.01
+    area_max: float = 5.0
+    magnitude_max: float = 5.0
+    skip_coverage: float = 0.8
+    sld_gate: SLDConfig | None = None  # e.g. SLD_PRESETS["STRONG"] for "DAG + SLD"
+
+
+def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    import cv2  # noqa: PLC0415 - opencv is already a dependency of the filter layer
+
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return n - 1, labels
+
+
+def region_scales(attn: torch.Tensor, config: DAGConfig) -> tuple[torch.Tensor, list[dict]]:
+    """``attn`` [B, h, w] in [0, 1] -> scale map S_area · T · M [B, h, w] and per-image info."""
+    a = attn.detach().float().cpu().numpy()
+    b, h, w = a.shape
+    s_c = config.area_max / (h * w)
+    out = np.zeros_like(a, dtype=np.float32)
+    info = []
+    for i in range(b):
+        edit = a[i] >= config.low
+        high = a[i] >= config.high
+        coverage = float(edit.mean())
+        n, labels = _components(high)
+        entry = {"detected": bool(n), "objects": int(n), "coverage": round(coverage, 4), "skipped": False}
+        if not n:
+            info.append(entry)
+            continue
+        if coverage > config.skip_coverage:
+            entry["skipped"] = True
+            info.append(entry)
+            continue
+        area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float32) * s_c
+        area[0] = 0.0
+        s_area = np.where(edit, np.maximum(area[labels], 1.0), 0.0)
+        magnitude = np.minimum(a[i] / config.low, config.magnitude_max)
+        out[i] = s_area * magnitude * edit
+        info.append(entry)
+    return torch.from_numpy(out).to(attn.device), info
+
+
+def to_latent(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] -> [B, 1, H, W] bilinear."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
+
+
+def aggregate_attention(maps: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Average cross-attention maps of several layers ([B, HW_l] each, already averaged over
+    heads and concept tokens) at the latent size; normalise each image to max 1.
+
+    Layers at 1/2 and 1/4 of the latent resolution (16×16 and 32×32 for a 512 px SD image)
+    are used when present, as in the paper; otherwise every layer given.
+    """
+    H, W = latent_hw
+    sized = []
+    for m in maps:
+        f = math.sqrt(H * W / m.shape[1])
+        h, w = max(1, round(H / f)), max(1, round(W / f))
+        if h * w != m.shape[1]:
+            h, w = math.ceil(H / f), math.ceil(W / f)
+        sized.append((round(f), m.reshape(m.shape[0], h, w)))
+    chosen = [m for f, m in sized if f in (2, 4)] or [m for _, m in sized]
+    avg = torch.stack([to_latent(m, (H, W))[:, 0] for m in chosen]).mean(0)
+    return avg / avg.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1)
+
+
+class DAGGuidance:
+    """Guidance method object; ``direction`` also takes the concept's attention map."""
+
+    name = "Detect-and-Guide-style"
+
+    def __init__(self, config: DAGConfig | None = None):
+        self.config = config or DAGConfig()
+        self.sld_state = SLDState(0)
+        self.reset()
+
+    def reset(self, num_steps: int | None = None) -> None:
+        self.step = 0
+        self.sld_state.reset(0)
+        self.history: list[dict] = []
+
+    def direction(self, eps_uncond, eps_cond, eps_concept, attn: torch.Tensor | None) -> torch.Tensor:
+        d_p = eps_cond - eps_uncond
+        if attn is None:
+            self.history.append({"step": self.step, "applied": False, "reason": "no attention map"})
+            self.step += 1
+            return d_p
+        scales, info = region_scales(attn, self.config)
+        factor = to_latent(scales, tuple(d_p.shape[-2:])).to(d_p)
+        if self.config.sld_gate is not None:
+            g = self.config.sld_gate
+            delta = eps_cond - eps_concept
+            mu = torch.where(delta >= g.threshold, torch.zeros_like(delta),
+                             torch.clamp(delta.abs() * g.guidance_scale, max=1.0))
+            factor = factor * mu
+        self.history.append({"step": self.step, "applied": bool((factor > 0).any()), "images": info,
+                             "mask": float((factor > 0).float().mean())})
+        self.step += 1
+        return d_p - self.config.scale * factor * (eps_concept - eps_uncond)
