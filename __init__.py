@@ -4,6 +4,7 @@ Missing optional packages (onnxruntime, opencv, nudenet) never break the import:
 affected nodes raise an error naming the package to install when they run.
 """
 
+import importlib
 import logging
 
 WEB_DIRECTORY = "./web"
@@ -21,12 +22,11 @@ if ComfyExtension is not None:
     class SafeT2IExtension(ComfyExtension):
         async def get_node_list(self):
             nodes = []
-            try:
-                from .nodes.filter_nodes import NODES as filter_nodes
-
-                nodes += filter_nodes
-            except Exception as exc:  # noqa: BLE001 - one broken layer must not hide the others
-                logging.getLogger("safet2i").error("SafeT2I: filter nodes unavailable: %s", exc)
+            for module in ("filter_nodes", "guidance_nodes"):  # one module per layer
+                try:
+                    nodes += importlib.import_module(f".nodes.{module}", __name__).NODES
+                except Exception as exc:  # noqa: BLE001 - one broken layer must not hide the others
+                    logging.getLogger("safet2i").error("SafeT2I: %s unavailable: %s", module, exc)
             return nodes
 
     async def comfy_entrypoint():

@@ -90,6 +90,7 @@ def start_server(base: Path, extra_env: dict | None = None):
     for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models"):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / "safet2i_test_counter.py").write_text(COUNTER_PACK)
     (base / "extra_model_paths.yaml").write_text(
         "safet2i_test:\n"
         f"  base_path: {base}\n"
@@ -154,3 +155,56 @@ def astronaut_input(comfy) -> str:
 def pytest_report_header(config):
     return f"ComfyUI integration: COMFYUI_PATH={os.environ.get('COMFYUI_PATH')!r} python={sys.executable}"
 
+
+
+COUNTER_PACK = '''
+"""Test-only ComfyUI nodes (written by the SafeT2I test fixture): count UNet calls."""
+CALLS = []
+
+class SafeT2ITestCountUNet:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "_for_testing"
+
+    def run(self, model):
+        m = model.clone()
+        def wrapper(apply_model, args):
+            CALLS.append({"batch": int(args["input"].shape[0]), "cond_or_uncond": list(args["cond_or_uncond"])})
+            return apply_model(args["input"], args["timestep"], **args["c"])
+        CALLS.clear()
+        m.set_model_unet_function_wrapper(wrapper)
+        return (m,)
+
+class SafeT2ITestCalls:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    @classmethod
+    def IS_CHANGED(cls, samples):
+        return float("nan")
+
+    def run(self, samples):
+        import json
+        return {"ui": {"text": [json.dumps(CALLS)]}}
+
+NODE_CLASS_MAPPINGS = {"SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls}
+'''
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfy) -> str:
+    """A tiny random SD1.x-layout checkpoint in the server's checkpoints folder."""
+    path, python = _comfy_env()
+    out = comfy.base / "checkpoints" / "tiny_sd15.safetensors"
+    if not out.exists():
+        subprocess.run([python, str(Path(__file__).with_name("make_tiny_sd15.py")), str(out)],
+                       cwd=path, check=True, capture_output=True, timeout=300)
+    return out.name

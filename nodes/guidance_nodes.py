@@ -1,0 +1,237 @@
+"""ComfyUI nodes of the sampler layer (V3 schema): safety guidance as MODEL patches that
+work with the stock KSampler, KSamplerAdvanced and SamplerCustom(Advanced).
+
+How a patch runs, per sampling step:
+* ``sampler_calc_cond_batch_function``: the safety concept is appended to ``[cond, uncond]``
+  and evaluated in the same UNet batch (``comfy.samplers.calc_cond_batch``);
+* ``sampler_pre_cfg_function`` (a list, so other nodes' hooks still run): the guided
+  direction is computed in ε space (thresholds are defined on ε) and folded back into the
+  cond prediction, so the ordinary CFG formula (or another node's CFG function) yields
+  ε_∅ + s_g · d_p.
+Per-run state (SLD momentum, harmfulness estimate) resets at the first step of every
+sampling run (detected from ``sample_sigmas``), so batches and hires passes start clean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..safet2i.errors import SafeT2IError
+from ..safet2i.guidance import (
+    DEFAULT_CONCEPT, SLD_PRESETS, SLDConfig, SLDGuidance, SPGuardConfig, SPGuardGuidance,
+    denoised_to_eps, eps_to_denoised,
+)
+
+log = logging.getLogger("safet2i")
+STATE_KEY = "safet2i_guidance"
+
+
+class GuidanceRun:
+    """Glue between ComfyUI's sampler hooks and one guidance method object."""
+
+    def __init__(self, method, concept):
+        self.method = method
+        self.concept = concept
+        self.pending: torch.Tensor | None = None
+        self.last_index: int | None = None
+        self.runs = 0
+
+    # -- step bookkeeping --------------------------------------------------
+    def _step_index(self, sigma: torch.Tensor, model_options: dict) -> tuple[int, int]:
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if sigmas is None:
+            return (0 if self.last_index is None else self.last_index + 1), 0
+        s = float(sigma.flatten()[0])
+        idx = int((sigmas.to(torch.float64).cpu() - s).abs().argmin())
+        return idx, len(sigmas) - 1
+
+    def calc(self, args):
+        import comfy.samplers  # noqa: PLC0415
+        import comfy.sampler_helpers  # noqa: PLC0415
+
+        conds, x, sigma = args["conds"], args["input"], args["sigma"]
+        model, mo = args["model"], args["model_options"]
+        if conds[1] is None:
+            raise SafeT2IError(
+                f"SafeT2I {self.method.name} needs classifier-free guidance: set cfg above 1.0 and connect "
+                "a negative conditioning (the safety guidance is not applied without it)."
+            )
+        idx, total = self._step_index(sigma, mo)
+        if self.last_index is None or idx == 0 or idx <= self.last_index:
+            self.method.reset(total or None)
+            self.runs += 1
+        self.last_index = idx
+        concept = comfy.sampler_helpers.convert_cond(self.concept)
+        concept = comfy.samplers.encode_model_conds(model.extra_conds, [c.copy() for c in concept], x, x.device, "negative")
+        cond_d, uncond_d, concept_d = comfy.samplers.calc_cond_batch(model, [conds[0], conds[1], concept], x, sigma, mo)
+        self.pending = concept_d
+        return [cond_d, uncond_d]
+
+    def pre_cfg(self, args):
+        out = args["conds_out"]
+        if self.pending is None or out[1] is None:
+            return out
+        x, sigma = args["input"], args["sigma"]
+        concept_d, self.pending = self.pending, None
+        eu = denoised_to_eps(x, out[1], sigma)
+        ec = denoised_to_eps(x, out[0], sigma)
+        es = denoised_to_eps(x, concept_d, sigma)
+        d_p = self.method.direction(eu, ec, es)
+        return [eps_to_denoised(x, eu + d_p, sigma)] + list(out[1:])
+
+    def report(self) -> dict:
+        hist = getattr(self.method, "history", None) or getattr(getattr(self.method, "state", None), "history", [])
+        return {"method": self.method.name, "runs": self.runs, "steps": hist}
+
+
+def patch_model(model, method, concept):
+    mo = model.model_options
+    if "sampler_calc_cond_batch_function" in mo:
+        raise SafeT2IError(
+            "Another node already replaced this model's cond-batch function (only one can): apply only "
+            "one SafeT2I guidance node per model, or put SafeT2I before the other node and remove it."
+        )
+    m = model.clone()
+    run = GuidanceRun(method, concept)
+    # Plain closures, not bound methods: ModelPatcher.clone() deep-copies model_options,
+    # and deepcopy copies a bound method's object but keeps functions as they are, so every
+    # clone (sampler-side ones included) shares this one run state.
+    m.set_model_sampler_calc_cond_batch_function(lambda args: run.calc(args))
+    m.set_model_sampler_pre_cfg_function(lambda args: run.pre_cfg(args))
+    m.model_options[STATE_KEY] = lambda: run
+    return m
+
+
+def _summary(rep: dict) -> str:
+    steps = rep["steps"]
+    guided = [s["step"] for s in steps if s.get("applied")]
+    lines = [f"{rep['method']}: {len(guided)}/{len(steps)} steps guided in the last run"]
+    if guided:
+        lines.append(f"guided steps: {guided[0]}..{guided[-1]}")
+    masks = [s.get("mask", s.get("gate")) for s in steps if s.get("mask", s.get("gate")) is not None]
+    if masks:
+        lines.append(f"mean mask coverage: {sum(masks) / len(masks):.3f}")
+    if steps and "harm" in steps[-1]:
+        lines.append(f"harmfulness estimate: {steps[-1]['harm']} -> strength {steps[-1]['strength']}")
+    return "\n".join(lines)
+
+
+class SafeT2IConceptEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2IConceptEncode",
+            display_name="SafeT2I Safety Concept",
+            category="SafeT2I/guidance",
+            description="Encodes the unsafe concept to steer away from (default: the SLD safety concept).",
+            inputs=[
+                io.Clip.Input("clip"),
+                io.String.Input("concept", default=DEFAULT_CONCEPT, multiline=True),
+            ],
+            outputs=[io.Conditioning.Output(display_name="concept")],
+        )
+
+    @classmethod
+    def execute(cls, clip, concept) -> io.NodeOutput:
+        if not concept.strip():
+            raise SafeT2IError("The safety concept is empty.")
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(clip.tokenize(concept)))
+
+
+class SafeT2ISLD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2ISLD",
+            display_name="SafeT2I Safe Latent Diffusion",
+            category="SafeT2I/guidance",
+            description=(
+                "Safe Latent Diffusion (Schramowski et al., CVPR 2023): steers every step away from the "
+                "safety concept where the prompt's prediction is not already far from it. Presets from the "
+                "model card; 'custom' uses the values below. Warm-up is defined for 50 steps and scaled."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("concept", tooltip="From SafeT2I Safety Concept or any text encode."),
+                io.Combo.Input("preset", options=["WEAK", "MEDIUM", "STRONG", "MAX", "WEAK-DIFFUSERS", "custom"],
+                               default="MEDIUM"),
+                io.Float.Input("guidance_scale", default=1000.0, min=0.0, max=100000.0, step=1.0,
+                               tooltip="s_S (custom only); 1 or less turns SLD off."),
+                io.Int.Input("warmup_steps", default=10, min=0, max=1000, tooltip="δ in 50-step units (custom only)."),
+                io.Float.Input("threshold", default=0.01, min=-1.0, max=10.0, step=0.001, tooltip="λ (custom only)."),
+                io.Float.Input("momentum_scale", default=0.3, min=0.0, max=10.0, step=0.01, tooltip="s_m (custom only)."),
+                io.Float.Input("mom_beta", default=0.4, min=0.0, max=1.0, step=0.01, tooltip="β_m (custom only)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, concept, preset, guidance_scale=1000.0, warmup_steps=10, threshold=0.01,
+                momentum_scale=0.3, mom_beta=0.4) -> io.NodeOutput:
+        cfg = SLD_PRESETS[preset] if preset != "custom" else SLDConfig(
+            guidance_scale, warmup_steps, threshold, momentum_scale, mom_beta)
+        return io.NodeOutput(patch_model(model, SLDGuidance(cfg), concept))
+
+
+class SafeT2ISPGuard(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2ISPGuard",
+            display_name="SafeT2I SP-Guard-style Guidance",
+            category="SafeT2I/guidance",
+            description=(
+                "SP-Guard-style (after Yu & Moon, 2025; our reconstruction): strength from the prompt's "
+                "harmfulness (cosine of the prompt's and the concept's guidance directions, zero for benign "
+                "prompts) and a per-step spatial mask, so only unsafe regions are guided."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("concept"),
+                io.Float.Input("max_scale", default=2.0, min=0.0, max=20.0, step=0.05),
+                io.Float.Input("harm_threshold", default=0.45, min=-1.0, max=0.99, step=0.01,
+                               tooltip="τ_h: cosine below which a prompt counts as benign (no guidance)."),
+                io.Float.Input("mask_threshold", default=0.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="τ_m: per-pixel channel cosine above which a region is guided."),
+                io.Float.Input("ema", default=0.5, min=0.0, max=0.99, step=0.01),
+                io.Int.Input("start_step", default=0, min=0, max=1000),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, concept, max_scale=2.0, harm_threshold=0.45, mask_threshold=0.0, ema=0.5,
+                start_step=0) -> io.NodeOutput:
+        cfg = SPGuardConfig(max_scale, harm_threshold, mask_threshold, ema, start_step)
+        return io.NodeOutput(patch_model(model, SPGuardGuidance(cfg), concept))
+
+
+class SafeT2IGuidanceReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2IGuidanceReport",
+            display_name="SafeT2I Guidance Report",
+            category="SafeT2I/guidance",
+            description="Per-step diagnostics of the last sampling run of a guided model: connect the "
+                        "guided MODEL and the sampler's LATENT output (which makes it run afterwards).",
+            inputs=[io.Model.Input("model"), io.Latent.Input("samples")],
+            outputs=[io.String.Output(display_name="report")],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, samples) -> io.NodeOutput:
+        get_run = model.model_options.get(STATE_KEY)
+        if get_run is None:
+            raise SafeT2IError("This model has no SafeT2I guidance patch.")
+        rep = get_run().report()
+        return io.NodeOutput(json.dumps(rep), ui=ui.PreviewText(_summary(rep)))
+
+
+NODES = [SafeT2IConceptEncode, SafeT2ISLD, SafeT2ISPGuard, SafeT2IGuidanceReport]

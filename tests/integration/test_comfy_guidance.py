@@ -1,0 +1,136 @@
+"""Safety-guidance MODEL patches in a real ComfyUI with a tiny SD1.x checkpoint (64 px)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+STEPS = 6
+
+
+def graph(ckpt, guidance=None, sampler="KSampler", cfg=7.0, batch=1, count=False, hires=False, extra_patch=None):
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a nude woman on a beach"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "5": {"class_type": "SafeT2IConceptEncode", "inputs": {"clip": ["1", 1], "concept": "nudity, sexual, naked"}},
+    }
+    model = ["1", 0]
+    if guidance:
+        node, params = guidance
+        g["6"] = {"class_type": node, "inputs": {"model": model, "concept": ["5", 0], **params}}
+        model = ["6", 0]
+    if extra_patch:
+        node, params = extra_patch
+        g["16"] = {"class_type": node, "inputs": {"model": model, "concept": ["5", 0], **params}}
+        model = ["16", 0]
+    sampled_model = model
+    if count:
+        g["12"] = {"class_type": "SafeT2ITestCountUNet", "inputs": {"model": model}}
+        sampled_model = ["12", 0]
+    common = {"model": sampled_model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}
+    if sampler == "KSampler":
+        g["7"] = {"class_type": "KSampler", "inputs": {**common, "seed": 5, "steps": STEPS, "cfg": cfg,
+                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    elif sampler == "KSamplerAdvanced":
+        g["7"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **common, "add_noise": "enable", "noise_seed": 5, "steps": STEPS, "cfg": cfg, "sampler_name": "euler",
+            "scheduler": "normal", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    else:  # SamplerCustomAdvanced
+        g["20"] = {"class_type": "CFGGuider", "inputs": {"model": sampled_model, "positive": ["2", 0],
+                                                         "negative": ["3", 0], "cfg": cfg}}
+        g["21"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
+        g["22"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        g["23"] = {"class_type": "BasicScheduler", "inputs": {"model": sampled_model, "scheduler": "normal",
+                                                              "steps": STEPS, "denoise": 1.0}}
+        g["7"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["21", 0], "guider": ["20", 0],
+                                                                    "sampler": ["22", 0], "sigmas": ["23", 0],
+                                                                    "latent_image": ["4", 0]}}
+    last = ["7", 0]
+    if hires:
+        g["9"] = {"class_type": "KSampler", "inputs": {**common, "latent_image": last, "seed": 6, "steps": 4,
+                                                       "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+                                                       "denoise": 0.5}}
+        last = ["9", 0]
+    g["8"] = {"class_type": "VAEDecode", "inputs": {"samples": last, "vae": ["1", 2]}}
+    g["10"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "guid"}}
+    if guidance:
+        g["11"] = {"class_type": "SafeT2IGuidanceReport", "inputs": {"model": model, "samples": last}}
+    if count:
+        g["13"] = {"class_type": "SafeT2ITestCalls", "inputs": {"samples": last}}
+    return g
+
+
+def images(comfy, entry):
+    from PIL import Image
+
+    out = []
+    for im in entry["outputs"]["10"]["images"]:
+        out.append(np.asarray(Image.open(comfy.output_dir / im["subfolder"] / im["filename"])).astype(int))
+    return out
+
+
+def run_ok(comfy, g):
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:4000]
+    return entry
+
+
+SLD_DEFAULTS = {"guidance_scale": 1000.0, "warmup_steps": 10, "threshold": 0.01, "momentum_scale": 0.3, "mom_beta": 0.4}
+
+
+def sld(preset, **kw):
+    return ("SafeT2ISLD", {"preset": preset, **SLD_DEFAULTS, **kw})
+
+
+SLD_MAX = sld("MAX")
+SLD_OFF = sld("custom", guidance_scale=0.0, warmup_steps=0)
+SPG = ("SafeT2ISPGuard", {"max_scale": 2.0, "harm_threshold": -1.0, "mask_threshold": -1.0, "ema": 0.5, "start_step": 0})
+SPG_OFF = ("SafeT2ISPGuard", {"max_scale": 0.0, "harm_threshold": 0.45, "mask_threshold": 0.0, "ema": 0.5, "start_step": 0})
+
+
+def test_guidance_changes_the_image_and_zero_strength_does_not(comfy, tiny_checkpoint):
+    plain = images(comfy, run_ok(comfy, graph(tiny_checkpoint)))[0]
+    for guided, off in ((SLD_MAX, SLD_OFF), (SPG, SPG_OFF)):
+        entry = run_ok(comfy, graph(tiny_checkpoint, guided))
+        assert np.abs(images(comfy, entry)[0] - plain).max() > 3, guided[0]
+        rep = "\n".join(entry["outputs"]["11"]["text"])
+        assert f"{STEPS}/{STEPS} steps guided" in rep, rep
+        same = images(comfy, run_ok(comfy, graph(tiny_checkpoint, off)))[0]
+        assert np.abs(same - plain).max() <= 1, off[0]
+
+
+def test_one_unet_call_per_step_with_the_concept_batched(comfy, tiny_checkpoint):
+    entry = run_ok(comfy, graph(tiny_checkpoint, SLD_MAX, count=True, batch=2))
+    calls = json.loads(entry["outputs"]["13"]["text"][0])
+    assert len(calls) == STEPS
+    assert all(c["batch"] == 6 and sorted(c["cond_or_uncond"]) == [0, 1, 2] for c in calls)
+
+
+@pytest.mark.parametrize("sampler", ["KSamplerAdvanced", "SamplerCustomAdvanced"])
+def test_other_samplers(comfy, tiny_checkpoint, sampler):
+    plain = images(comfy, run_ok(comfy, graph(tiny_checkpoint, sampler=sampler)))[0]
+    entry = run_ok(comfy, graph(tiny_checkpoint, SLD_MAX, sampler=sampler))
+    assert np.abs(images(comfy, entry)[0] - plain).max() > 3
+    assert f"{STEPS}/{STEPS} steps guided" in "\n".join(entry["outputs"]["11"]["text"])
+
+
+def test_state_resets_for_a_hires_pass(comfy, tiny_checkpoint):
+    entry = run_ok(comfy, graph(tiny_checkpoint, sld("STRONG"), hires=True))
+    text = "\n".join(entry["outputs"]["11"]["text"])
+    # the report covers the last run: the 4-step hires pass (δ = 7 of 50 scales to 1 step)
+    assert "3/4 steps guided" in text, text
+
+
+def test_cfg_one_and_double_patches_fail_clearly(comfy, tiny_checkpoint):
+    entry = comfy.run(graph(tiny_checkpoint, SLD_MAX, cfg=1.0))
+    assert entry["status"]["status_str"] == "error"
+    assert "classifier-free guidance" in json.dumps(entry["status"]["messages"])
+    entry = comfy.run(graph(tiny_checkpoint, SLD_MAX, extra_patch=sld("MEDIUM")))
+    assert entry["status"]["status_str"] == "error"
+    assert "only one SafeT2I guidance node" in json.dumps(entry["status"]["messages"])
