@@ -22,8 +22,8 @@ from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.guidance import (
-    DEFAULT_CONCEPT, SLD_PRESETS, SLDConfig, SLDGuidance, SPGuardConfig, SPGuardGuidance,
-    denoised_to_eps, eps_to_denoised,
+    DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
+    SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised,
 )
 
 log = logging.getLogger("safet2i")
@@ -39,6 +39,8 @@ class GuidanceRun:
         self.pending: torch.Tensor | None = None
         self.last_index: int | None = None
         self.runs = 0
+        self.token_index: list[int] | None = None   # concept tokens whose attention is captured
+        self.maps: list[torch.Tensor] = []
 
     # -- step bookkeeping --------------------------------------------------
     def _step_index(self, sigma: torch.Tensor, model_options: dict) -> tuple[int, int]:
@@ -80,15 +82,52 @@ class GuidanceRun:
         eu = denoised_to_eps(x, out[1], sigma)
         ec = denoised_to_eps(x, out[0], sigma)
         es = denoised_to_eps(x, concept_d, sigma)
-        d_p = self.method.direction(eu, ec, es)
+        if self.token_index is not None:
+            maps, self.maps = self.maps, []
+            attn = aggregate_attention(maps, tuple(x.shape[-2:])) if maps else None
+            d_p = self.method.direction(eu, ec, es, attn)
+        else:
+            d_p = self.method.direction(eu, ec, es)
         return [eps_to_denoised(x, eu + d_p, sigma)] + list(out[1:])
+
+    def attn2(self, q, k, v, extra_options):
+        """attn2 replacement: normal attention for every row; for the concept rows (index 2
+        in ``cond_or_uncond``) also the softmax probabilities of the concept tokens."""
+        import comfy.ldm.modules.attention as attention  # noqa: PLC0415
+
+        heads = extra_options["n_heads"]
+        out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        order = list(extra_options.get("cond_or_uncond", []))
+        if 2 in order and self.token_index:
+            chunk = q.shape[0] // len(order)
+            rows = slice(order.index(2) * chunk, (order.index(2) + 1) * chunk)
+            b, n, inner = q[rows].shape
+            dh = inner // heads
+            qc = q[rows].reshape(b, n, heads, dh).transpose(1, 2).float()
+            kc = k[rows].reshape(b, k.shape[1], heads, dh).transpose(1, 2).float()
+            probs = torch.softmax(qc @ kc.transpose(-1, -2) * dh ** -0.5, dim=-1)
+            idx = [i for i in self.token_index if i < probs.shape[-1]]
+            self.maps.append(probs[..., idx].mean(dim=(1, 3)))  # [b, HW]
+        return out
 
     def report(self) -> dict:
         hist = getattr(self.method, "history", None) or getattr(getattr(self.method, "state", None), "history", [])
         return {"method": self.method.name, "runs": self.runs, "steps": hist}
 
 
-def patch_model(model, method, concept):
+def transformer_blocks(model):
+    """(block name, number, transformer index) of every cross-attention transformer block."""
+    dm = model.model.diffusion_model
+    found = []
+    for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+        for number, block in enumerate(blocks):
+            for layer in block:
+                for t_idx, _ in enumerate(getattr(layer, "transformer_blocks", [])):
+                    found.append((name, number, t_idx))
+    return found
+
+
+def patch_model(model, method, concept, token_index: list[int] | None = None):
     mo = model.model_options
     if "sampler_calc_cond_batch_function" in mo:
         raise SafeT2IError(
@@ -103,6 +142,19 @@ def patch_model(model, method, concept):
     m.set_model_sampler_calc_cond_batch_function(lambda args: run.calc(args))
     m.set_model_sampler_pre_cfg_function(lambda args: run.pre_cfg(args))
     m.model_options[STATE_KEY] = lambda: run
+    if token_index is not None:
+        run.token_index = token_index
+        replaced = mo.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        blocks = transformer_blocks(m)
+        if not blocks:
+            raise SafeT2IError("Detect-and-Guide-style guidance needs a UNet with cross-attention blocks.")
+        for name, number, t_idx in blocks:
+            if (name, number, t_idx) in replaced or (name, number) in replaced:
+                raise SafeT2IError(
+                    f"Another node already replaced cross-attention at {name} {number}; Detect-and-Guide-style "
+                    "guidance needs to read it. Apply SafeT2I first or remove the other attention patch."
+                )
+            m.set_model_attn2_replace(lambda q, k, v, eo: run.attn2(q, k, v, eo), name, number, t_idx)
     return m
 
 
@@ -210,6 +262,75 @@ class SafeT2ISPGuard(io.ComfyNode):
         return io.NodeOutput(patch_model(model, SPGuardGuidance(cfg), concept))
 
 
+def load_guideline(name: str) -> torch.Tensor:
+    """Optimised guideline-token embeddings [T, D] from a .safetensors in ComfyUI's
+    ``embeddings`` folder (only listed names are accepted)."""
+    import folder_paths  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    if name not in folder_paths.get_filename_list("embeddings"):
+        raise SafeT2IError(f"Guideline embeddings {name!r} are not in the embeddings folder.")
+    if not name.lower().endswith(".safetensors"):
+        raise SafeT2IError("Guideline embeddings must be a .safetensors file (pickles are never loaded).")
+    tensors = load_file(folder_paths.get_full_path_or_raise("embeddings", name))
+    t = tensors.get("guideline", next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if t is None or t.ndim not in (2, 3):
+        raise SafeT2IError(f"{name}: expected one tensor [tokens, dim] (or a 'guideline' key).")
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+class SafeT2IDetectGuide(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import folder_paths  # noqa: PLC0415
+
+        files = [f for f in folder_paths.get_filename_list("embeddings") if f.lower().endswith(".safetensors")]
+        return io.Schema(
+            node_id="SafeT2IDetectGuide",
+            display_name="SafeT2I Detect-and-Guide-style Guidance",
+            category="SafeT2I/guidance",
+            description=(
+                "Detect-and-Guide-style (after Li et al., CVPR 2025): the concept tokens' cross-attention "
+                "finds unsafe regions at every step; only those are guided, scaled by region area and "
+                "attention magnitude; steps whose map covers > 80 % are skipped. Uses optimised guideline "
+                "embeddings when given, the raw concept tokens otherwise."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("concept", default=SEXUAL_CONCEPT, multiline=True),
+                io.Float.Input("scale", default=0.2, min=0.0, max=10.0, step=0.01, tooltip="s_s"),
+                io.Float.Input("high", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="highlighted region threshold"),
+                io.Float.Input("low", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="editing region threshold"),
+                io.Float.Input("skip_coverage", default=0.8, min=0.0, max=1.0, step=0.01),
+                io.Combo.Input("sld_gate", options=["none", "WEAK", "MEDIUM", "STRONG", "MAX"], default="none",
+                               tooltip="Also apply SLD's elementwise gate (the paper's 'DAG + SLD')."),
+                io.Combo.Input("guideline_embeddings", options=["none"] + files, default="none",
+                               tooltip=".safetensors [tokens, dim] in models/embeddings, from Stage 1 optimisation."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept, scale=0.2, high=0.5, low=0.01, skip_coverage=0.8, sld_gate="none",
+                guideline_embeddings="none") -> io.NodeOutput:
+        cfg = DAGConfig(scale=scale, high=high, low=low, skip_coverage=skip_coverage,
+                        sld_gate=None if sld_gate == "none" else SLD_PRESETS[sld_gate])
+        if guideline_embeddings != "none":
+            emb = load_guideline(guideline_embeddings)
+            cond = [[emb[None], {}]]
+            tokens = list(range(emb.shape[0]))
+        else:
+            if not concept.strip():
+                raise SafeT2IError("The safety concept is empty.")
+            tok = clip.tokenize(concept)
+            cond = clip.encode_from_tokens_scheduled(tok)
+            ids = [t[0] for t in next(iter(tok.values()))[0]]
+            end = ids.index(ids[-1]) if ids else 0   # first end/pad token
+            tokens = list(range(1, max(2, end)))     # skip the start token and the padding
+        return io.NodeOutput(patch_model(model, DAGGuidance(cfg), cond, token_index=tokens))
+
+
 class SafeT2IGuidanceReport(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -234,4 +355,4 @@ class SafeT2IGuidanceReport(io.ComfyNode):
         return io.NodeOutput(json.dumps(rep), ui=ui.PreviewText(_summary(rep)))
 
 
-NODES = [SafeT2IConceptEncode, SafeT2ISLD, SafeT2ISPGuard, SafeT2IGuidanceReport]
+NODES = [SafeT2IConceptEncode, SafeT2ISLD, SafeT2ISPGuard, SafeT2IDetectGuide, SafeT2IGuidanceReport]

@@ -134,3 +134,26 @@ def test_cfg_one_and_double_patches_fail_clearly(comfy, tiny_checkpoint):
     entry = comfy.run(graph(tiny_checkpoint, SLD_MAX, extra_patch=sld("MEDIUM")))
     assert entry["status"]["status_str"] == "error"
     assert "only one SafeT2I guidance node" in json.dumps(entry["status"]["messages"])
+
+
+def dag_graph(ckpt, **params):
+    g = graph(ckpt)
+    g["6"] = {"class_type": "SafeT2IDetectGuide", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "concept": "nudity, sexual", "scale": 0.5, "high": 0.5, "low": 0.01,
+        "skip_coverage": 1.0, "sld_gate": "none", "guideline_embeddings": "none", **params}}
+    g["7"]["inputs"]["model"] = ["6", 0]
+    g["11"] = {"class_type": "SafeT2IGuidanceReport", "inputs": {"model": ["6", 0], "samples": ["7", 0]}}
+    return g
+
+
+def test_detect_and_guide_style_uses_cross_attention(comfy, tiny_checkpoint):
+    plain = images(comfy, run_ok(comfy, graph(tiny_checkpoint)))[0]
+    entry = run_ok(comfy, dag_graph(tiny_checkpoint))
+    assert np.abs(images(comfy, entry)[0] - plain).max() > 3
+    text = "\n".join(entry["outputs"]["11"]["text"])
+    assert f"{STEPS}/{STEPS} steps guided" in text, text
+    same = images(comfy, run_ok(comfy, dag_graph(tiny_checkpoint, scale=0.0)))[0]
+    assert np.abs(same - plain).max() <= 1
+    # diffuse maps (the random model attends everywhere) are skipped at the default 80 %
+    skipped = run_ok(comfy, dag_graph(tiny_checkpoint, skip_coverage=0.8))
+    assert f"0/{STEPS} steps guided" in "\n".join(skipped["outputs"]["11"]["text"])
