@@ -41,6 +41,13 @@ def graph(ckpt, guidance=None, sampler="KSampler", cfg=7.0, batch=1, count=False
         g["7"] = {"class_type": "KSamplerAdvanced", "inputs": {
             **common, "add_noise": "enable", "noise_seed": 5, "steps": STEPS, "cfg": cfg, "sampler_name": "euler",
             "scheduler": "normal", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    elif sampler == "SamplerCustom":
+        g["22"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        g["23"] = {"class_type": "BasicScheduler", "inputs": {"model": sampled_model, "scheduler": "normal",
+                                                              "steps": STEPS, "denoise": 1.0}}
+        g["7"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": sampled_model, "add_noise": True, "noise_seed": 5, "cfg": cfg, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["22", 0], "sigmas": ["23", 0], "latent_image": ["4", 0]}}
     else:  # SamplerCustomAdvanced
         g["20"] = {"class_type": "CFGGuider", "inputs": {"model": sampled_model, "positive": ["2", 0],
                                                          "negative": ["3", 0], "cfg": cfg}}
@@ -112,7 +119,7 @@ def test_one_unet_call_per_step_with_the_concept_batched(comfy, tiny_checkpoint)
     assert all(c["batch"] == 6 and sorted(c["cond_or_uncond"]) == [0, 1, 2] for c in calls)
 
 
-@pytest.mark.parametrize("sampler", ["KSamplerAdvanced", "SamplerCustomAdvanced"])
+@pytest.mark.parametrize("sampler", ["KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"])
 def test_other_samplers(comfy, tiny_checkpoint, sampler):
     plain = images(comfy, run_ok(comfy, graph(tiny_checkpoint, sampler=sampler)))[0]
     entry = run_ok(comfy, graph(tiny_checkpoint, SLD_MAX, sampler=sampler))

@@ -153,3 +153,29 @@ def test_eps_denoised_conversions_round_trip_with_per_image_sigma():
     du, dc = eps_to_denoised(x, eu, sigma), eps_to_denoised(x, ec, sigma)
     cfg = du + 7.5 * (dc - du)
     np.testing.assert_allclose(denoised_to_eps(x, cfg, sigma).numpy(), (eu + 7.5 * (ec - eu)).numpy(), atol=1e-10)
+
+
+def test_sdxl_pipeline_gets_the_concept_with_its_pooled_embeddings(tmp_path):
+    from safet2i.diffusers_adapter import safety_guidance
+    from safet2i.guidance import SPGuardConfig, SPGuardGuidance
+    from tiny_diffusers import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    kw = dict(prompt="a portrait", num_inference_steps=4, guidance_scale=6.0, height=32, width=32, output_type="np")
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
+    seen = []
+    real = pipe.unet.forward
+
+    def spy(sample, t, ehs, *a, **k):
+        seen.append({key: v.shape[0] for key, v in k["added_cond_kwargs"].items()} | {"sample": sample.shape[0]})
+        return real(sample, t, ehs, *a, **k)
+
+    pipe.unet.forward = spy
+    with safety_guidance(pipe, SLDGuidance(SLDConfig(guidance_scale=1.0)), "nudity") as off:
+        same = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
+    assert seen and all(s == {"sample": 3, "text_embeds": 3, "time_ids": 3} for s in seen)
+    np.testing.assert_allclose(same, plain, atol=1e-5)  # disabled guidance: the 3-way batch changes nothing
+    with safety_guidance(pipe, SPGuardGuidance(SPGuardConfig(tau_h=-1.0, tau_m=-1.0)), "nudity") as spg:
+        guided = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
+    assert np.abs(guided - plain).max() > 1e-3
+    assert len(spg.history) == 4 and len(off.state.history) == 4
