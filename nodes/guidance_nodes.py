@@ -111,8 +111,16 @@ class GuidanceRun:
         return out
 
     def report(self) -> dict:
-        hist = getattr(self.method, "history", None) or getattr(getattr(self.method, "state", None), "history", [])
-        return {"method": self.method.name, "runs": self.runs, "steps": hist}
+        return {"method": self.method.name, "runs": self.runs, "steps": self.method.history}
+
+    def mask_preview(self) -> torch.Tensor:
+        """IMAGE [B, 8h, 8w, 3] of the last step's guided region (white = guided)."""
+        m = self.method.last_mask
+        if m is None:
+            return torch.zeros((1, 64, 64, 3))
+        m = m.detach().float().cpu().clamp(0, 1)
+        m = m.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
+        return m[..., None].repeat(1, 1, 1, 3)
 
 
 def transformer_blocks(model):
@@ -341,7 +349,8 @@ class SafeT2IGuidanceReport(io.ComfyNode):
             description="Per-step diagnostics of the last sampling run of a guided model: connect the "
                         "guided MODEL and the sampler's LATENT output (which makes it run afterwards).",
             inputs=[io.Model.Input("model"), io.Latent.Input("samples")],
-            outputs=[io.String.Output(display_name="report")],
+            outputs=[io.String.Output(display_name="report"),
+                     io.Image.Output(display_name="mask_preview", tooltip="Guided region at the last step (white).")],
             is_output_node=True,
             not_idempotent=True,
         )
@@ -351,8 +360,9 @@ class SafeT2IGuidanceReport(io.ComfyNode):
         get_run = model.model_options.get(STATE_KEY)
         if get_run is None:
             raise SafeT2IError("This model has no SafeT2I guidance patch.")
-        rep = get_run().report()
-        return io.NodeOutput(json.dumps(rep), ui=ui.PreviewText(_summary(rep)))
+        run = get_run()
+        rep = run.report()
+        return io.NodeOutput(json.dumps(rep), run.mask_preview(), ui=ui.PreviewText(_summary(rep)))
 
 
 NODES = [SafeT2IConceptEncode, SafeT2ISLD, SafeT2ISPGuard, SafeT2IDetectGuide, SafeT2IGuidanceReport]

@@ -121,10 +121,12 @@ class DAGGuidance:
         self.step = 0
         self.sld_state.reset(0)
         self.history: list[dict] = []
+        self.last_mask: torch.Tensor | None = None  # [B, H, W]: guidance factor, scaled to max 1
 
     def direction(self, eps_uncond, eps_cond, eps_concept, attn: torch.Tensor | None) -> torch.Tensor:
         d_p = eps_cond - eps_uncond
         if attn is None:
+            self.last_mask = torch.zeros_like(d_p[:, 0])
             self.history.append({"step": self.step, "applied": False, "reason": "no attention map"})
             self.step += 1
             return d_p
@@ -136,6 +138,8 @@ class DAGGuidance:
             mu = torch.where(delta >= g.threshold, torch.zeros_like(delta),
                              torch.clamp(delta.abs() * g.guidance_scale, max=1.0))
             factor = factor * mu
+        peak = factor.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
+        self.last_mask = (factor / peak).mean(1)
         self.history.append({"step": self.step, "applied": bool((factor > 0).any()), "images": info,
                              "mask": float((factor > 0).float().mean())})
         self.step += 1

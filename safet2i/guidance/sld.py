@@ -79,6 +79,7 @@ class SLDState:
         self.momentum: torch.Tensor | None = None
         self.step = 0
         self.history: list[dict] = []
+        self.last_mask: torch.Tensor | None = None  # [B, H, W]: share of channels guided
 
     def reset(self, warmup: int | None = None) -> None:
         if warmup is not None:
@@ -86,6 +87,7 @@ class SLDState:
         self.momentum = None
         self.step = 0
         self.history = []
+        self.last_mask = None
 
 
 def sld_direction(
@@ -112,6 +114,7 @@ def sld_direction(
     gamma = mu * (eps_safety - eps_uncond) + config.momentum_scale * state.momentum
     state.momentum = config.mom_beta * state.momentum + (1.0 - config.mom_beta) * gamma
     applied = state.step >= state.warmup
+    state.last_mask = (mu > 0).to(d_p.dtype).mean(1) if applied else torch.zeros_like(d_p[:, 0])
     state.history.append({"step": state.step, "applied": applied, "gate": float((mu > 0).float().mean())})
     state.step += 1
     return d_p - gamma if applied else d_p
@@ -144,3 +147,11 @@ class SLDGuidance:
 
     def direction(self, eps_uncond, eps_cond, eps_safety) -> torch.Tensor:
         return sld_direction(eps_uncond, eps_cond, eps_safety, self.config, self.state)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
+
+    @property
+    def last_mask(self) -> torch.Tensor | None:
+        return self.state.last_mask

@@ -72,6 +72,7 @@ class SPGuardGuidance:
         self.step = 0
         self.harm: torch.Tensor | None = None
         self.history: list[dict] = []
+        self.last_mask: torch.Tensor | None = None  # [B, H, W]: guided pixels
 
     def strength(self, harm: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -96,5 +97,7 @@ class SPGuardGuidance:
         })
         self.step += 1
         if not active:
+            self.last_mask = torch.zeros_like(d_p[:, 0])
             return d_p
+        self.last_mask = mask[:, 0] * (s > 0).to(d_p.dtype).view(-1, 1, 1)
         return d_p - s.view(-1, *([1] * (d_p.ndim - 1))) * mask * d_u

@@ -68,6 +68,7 @@ def graph(ckpt, guidance=None, sampler="KSampler", cfg=7.0, batch=1, count=False
     g["10"] = {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "guid"}}
     if guidance:
         g["11"] = {"class_type": "SafeT2IGuidanceReport", "inputs": {"model": model, "samples": last}}
+        g["14"] = {"class_type": "PreviewImage", "inputs": {"images": ["11", 1]}}
     if count:
         g["13"] = {"class_type": "SafeT2ITestCalls", "inputs": {"samples": last}}
     return g
@@ -108,6 +109,16 @@ def test_guidance_changes_the_image_and_zero_strength_does_not(comfy, tiny_check
         assert np.abs(images(comfy, entry)[0] - plain).max() > 3, guided[0]
         rep = "\n".join(entry["outputs"]["11"]["text"])
         assert f"{STEPS}/{STEPS} steps guided" in rep, rep
+        import io as _io
+        import urllib.parse
+        import urllib.request
+
+        from PIL import Image
+
+        (prev,) = entry["outputs"]["14"]["images"]
+        with urllib.request.urlopen(f"{comfy.url}/view?{urllib.parse.urlencode(prev)}", timeout=30) as r:
+            mask = np.asarray(Image.open(_io.BytesIO(r.read())))
+        assert mask.shape[:2] == (64, 64) and mask.max() > 0  # 8x8 latent shown at 8x
         same = images(comfy, run_ok(comfy, graph(tiny_checkpoint, off)))[0]
         assert np.abs(same - plain).max() <= 1, off[0]
 

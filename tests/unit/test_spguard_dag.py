@@ -46,6 +46,7 @@ def test_spguard_matches_reference_and_spares_benign_prompts():
     assert last["strength"][0] > 1.0 and last["strength"][1] == 0.0
     np.testing.assert_allclose(got[-1][1].numpy(), steps[-1][1][1] - eu[1], atol=1e-12)  # benign untouched
     assert [h["applied"] for h in g.history] == [False, True, True, True]
+    assert g.last_mask.shape == (2, 6, 6) and g.last_mask[0].max() == 1 and g.last_mask[1].max() == 0
 
 
 # ------------------------------------------------------------------ Detect-and-Guide-style
