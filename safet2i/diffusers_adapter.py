@@ -40,10 +40,48 @@ def _batched(value, b: int, extra):
     return value
 
 
+def concept_token_positions(pipe, concept: str) -> list[int]:
+    """Positions of the concept's own tokens (no start, end or padding tokens)."""
+    ids = pipe.tokenizer(concept, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
+    return list(range(1, max(2, len(ids) - 1)))
+
+
+class AttentionCapture:
+    """Cross-attention processor wrapper: the layer's output comes from its own processor,
+    untouched; for the concept rows of the batch it also records the softmax attention on
+    the concept tokens, averaged over heads and tokens ([b, HW] per layer)."""
+
+    def __init__(self, inner, sink):
+        self.inner, self.sink = inner, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        rows, tokens = self.sink.rows, self.sink.tokens
+        if encoder_hidden_states is not None and rows is not None and tokens:
+            h = hidden_states[rows]
+            q = attn.to_q(h)
+            k = attn.to_k(encoder_hidden_states[rows])
+            b, n, _ = q.shape
+            heads = attn.heads
+            q = q.view(b, n, heads, -1).transpose(1, 2).float()
+            k = k.view(b, k.shape[1], heads, -1).transpose(1, 2).float()
+            probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+            idx = [t for t in tokens if t < probs.shape[-1]]
+            self.sink.maps.append(probs[..., idx].mean(dim=(1, 3)))
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+class _Sink:
+    def __init__(self, tokens):
+        self.tokens, self.rows, self.maps = tokens, None, []
+
+
 @contextlib.contextmanager
-def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=None, pooled_embeds=None):
+def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=None, pooled_embeds=None,
+                    token_positions: list[int] | None = None):
     """Apply ``method`` (an object with ``reset(num_steps)`` and
-    ``direction(eps_uncond, eps_cond, eps_safety) -> d_p``) to every step of ``pipe``."""
+    ``direction(eps_uncond, eps_cond, eps_safety[, attention]) -> d_p``) to every step of
+    ``pipe``. Methods with ``needs_attention`` (Detect-and-Guide-style) also get the concept
+    tokens' cross-attention map of the same UNet call."""
     if concept_embeds is None:
         if concept is None:
             raise SafeT2IError("safety_guidance needs a concept text or concept_embeds.")
@@ -51,6 +89,19 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
     unet = pipe.unet
     original = unet.forward
     last_t = [None]
+    sink = None
+    saved_processors = None
+    if getattr(method, "needs_attention", False):
+        if token_positions is None:
+            if concept is None:
+                raise SafeT2IError("Attention-based guidance with concept_embeds needs token_positions.")
+            token_positions = concept_token_positions(pipe, concept)
+        sink = _Sink(token_positions)
+        saved_processors = dict(unet.attn_processors)
+        unet.set_attn_processor({
+            name: AttentionCapture(proc, sink) if name.endswith("attn2.processor") else proc
+            for name, proc in saved_processors.items()
+        })
 
     def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
         if sample.shape[0] % 2:
@@ -70,10 +121,19 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
             kwargs["added_cond_kwargs"] = {
                 k: _batched(v, b, pooled_embeds if k == "text_embeds" else None) for k, v in added.items()
             }
+        if sink is not None:
+            sink.rows, sink.maps = slice(2 * b, 3 * b), []
         out = original(torch.cat([sample, sample[b:]]), _batched(timestep, b, None), ehs, *args, **kwargs)
         eps = out[0] if isinstance(out, tuple) else out.sample
         eu, ec, es = eps[:b], eps[b:2 * b], eps[2 * b:]
-        d_p = method.direction(eu, ec, es)
+        if sink is not None:
+            from .guidance.dag import aggregate_attention  # noqa: PLC0415
+
+            attn = aggregate_attention(sink.maps, tuple(sample.shape[-2:])) if sink.maps else None
+            sink.rows, sink.maps = None, []
+            d_p = method.direction(eu, ec, es, attn)
+        else:
+            d_p = method.direction(eu, ec, es)
         guided = torch.cat([eu, eu + d_p])
         if isinstance(out, tuple):
             return (guided,) + tuple(out[1:])
@@ -87,3 +147,5 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
         del unet.forward  # the instance attribute; the class's forward is back
         if unet.forward != original:  # pragma: no cover - someone else patched it too
             unet.forward = original
+        if saved_processors is not None:
+            unet.set_attn_processor(saved_processors)

@@ -111,6 +111,7 @@ class DAGGuidance:
     """Guidance method object; ``direction`` also takes the concept's attention map."""
 
     name = "Detect-and-Guide-style"
+    needs_attention = True
 
     def __init__(self, config: DAGConfig | None = None):
         self.config = config or DAGConfig()

@@ -179,3 +179,23 @@ def test_sdxl_pipeline_gets_the_concept_with_its_pooled_embeddings(tmp_path):
         guided = pipe(**kw, generator=torch.Generator().manual_seed(3)).images
     assert np.abs(guided - plain).max() > 1e-3
     assert len(spg.history) == 4 and len(off.state.history) == 4
+
+
+def test_detect_and_guide_style_through_diffusers(pipes):
+    from safet2i.diffusers_adapter import concept_token_positions, safety_guidance
+    from safet2i.guidance import DAGConfig, DAGGuidance
+
+    pipe, _ = pipes
+    kw = dict(prompt="a person", num_inference_steps=5, guidance_scale=6.0, height=32, width=32, output_type="np")
+    procs_before = dict(pipe.unet.attn_processors)
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(2)).images
+    assert concept_token_positions(pipe, "nude") == [1, 2, 3, 4]  # byte-level tokenizer: one per letter
+    with safety_guidance(pipe, DAGGuidance(DAGConfig(scale=0.0)), "nude"):
+        same = pipe(**kw, generator=torch.Generator().manual_seed(2)).images
+    np.testing.assert_allclose(same, plain, atol=1e-5)  # capturing attention changes no output
+    with safety_guidance(pipe, DAGGuidance(DAGConfig(scale=0.5, skip_coverage=1.0)), "nude") as dag:
+        guided = pipe(**kw, generator=torch.Generator().manual_seed(2)).images
+    assert np.abs(guided - plain).max() > 1e-3
+    assert len(dag.history) == 5 and all(h["images"][0]["detected"] for h in dag.history)
+    assert dag.last_mask.shape == (1, 16, 16) and dag.last_mask.max() == pytest.approx(1.0)
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in procs_before.items()}
