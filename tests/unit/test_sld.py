@@ -199,3 +199,20 @@ def test_detect_and_guide_style_through_diffusers(pipes):
     assert len(dag.history) == 5 and all(h["images"][0]["detected"] for h in dag.history)
     assert dag.last_mask.shape == (1, 16, 16) and dag.last_mask.max() == pytest.approx(1.0)
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in procs_before.items()}
+
+
+def test_conversion_recovers_eps_for_v_prediction_models():
+    """SD2.x-768 / v-pred SDXL: the host turns v into x0; (x - x0)/σ in k-diffusion scale is
+    exactly the ε of the forward process (float64, independent of any host code)."""
+    from safet2i.guidance import denoised_to_eps
+
+    rng = np.random.default_rng(4)
+    x0, eps = rng.normal(size=(2, 4, 3, 3)), rng.normal(size=(2, 4, 3, 3))
+    alpha_bar = np.array([0.9, 0.05])
+    a, s = np.sqrt(alpha_bar)[:, None, None, None], np.sqrt(1 - alpha_bar)[:, None, None, None]
+    x_t = a * x0 + s * eps                      # DDPM scale
+    v = a * eps - s * x0                        # v-prediction target
+    x0_from_v = a * x_t - s * v                 # what a v-pred model's output implies
+    sigma = np.sqrt((1 - alpha_bar) / alpha_bar)
+    got = denoised_to_eps(torch.tensor(x_t / a), torch.tensor(x0_from_v), torch.tensor(sigma))
+    np.testing.assert_allclose(got.numpy(), eps, atol=1e-12)
