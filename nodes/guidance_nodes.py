@@ -23,7 +23,7 @@ from comfy_api.latest import io, ui
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
-    SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised,
+    SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised, token_attention,
 )
 
 log = logging.getLogger("safet2i")
@@ -101,13 +101,7 @@ class GuidanceRun:
         if 2 in order and self.token_index:
             chunk = q.shape[0] // len(order)
             rows = slice(order.index(2) * chunk, (order.index(2) + 1) * chunk)
-            b, n, inner = q[rows].shape
-            dh = inner // heads
-            qc = q[rows].reshape(b, n, heads, dh).transpose(1, 2).float()
-            kc = k[rows].reshape(b, k.shape[1], heads, dh).transpose(1, 2).float()
-            probs = torch.softmax(qc @ kc.transpose(-1, -2) * dh ** -0.5, dim=-1)
-            idx = [i for i in self.token_index if i < probs.shape[-1]]
-            self.maps.append(probs[..., idx].mean(dim=(1, 3)))  # [b, HW]
+            self.maps.append(token_attention(q[rows], k[rows], heads, self.token_index))
         return out
 
     def report(self) -> dict:

@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from .errors import SafeT2IError
+from .guidance.dag import aggregate_attention, token_attention
 
 
 def encode_concept(pipe, concept: str):
@@ -57,16 +58,9 @@ class AttentionCapture:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
         rows, tokens = self.sink.rows, self.sink.tokens
         if encoder_hidden_states is not None and rows is not None and tokens:
-            h = hidden_states[rows]
-            q = attn.to_q(h)
+            q = attn.to_q(hidden_states[rows])
             k = attn.to_k(encoder_hidden_states[rows])
-            b, n, _ = q.shape
-            heads = attn.heads
-            q = q.view(b, n, heads, -1).transpose(1, 2).float()
-            k = k.view(b, k.shape[1], heads, -1).transpose(1, 2).float()
-            probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
-            idx = [t for t in tokens if t < probs.shape[-1]]
-            self.sink.maps.append(probs[..., idx].mean(dim=(1, 3)))
+            self.sink.maps.append(token_attention(q, k, attn.heads, tokens, attn.scale))
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
@@ -127,8 +121,6 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
         eps = out[0] if isinstance(out, tuple) else out.sample
         eu, ec, es = eps[:b], eps[b:2 * b], eps[2 * b:]
         if sink is not None:
-            from .guidance.dag import aggregate_attention  # noqa: PLC0415
-
             attn = aggregate_attention(sink.maps, tuple(sample.shape[-2:])) if sink.maps else None
             sink.rows, sink.maps = None, []
             d_p = method.direction(eu, ec, es, attn)

@@ -9,7 +9,7 @@ returning the guided CFG direction d_p (the host forms ε̂ = ε_∅ + s_g · d_
 ``nodes/guidance_nodes.py`` (ComfyUI) and :mod:`safet2i.diffusers_adapter`.
 """
 
-from .dag import DAGConfig, DAGGuidance, aggregate_attention, region_scales
+from .dag import DAGConfig, DAGGuidance, aggregate_attention, region_scales, token_attention
 from .sld import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, SEXUAL_CONCEPT, SLDConfig, SLDGuidance, SLDState, sld_direction
 from .spaces import denoised_to_eps, eps_to_denoised
 from .spguard import SPGuardConfig, SPGuardGuidance
@@ -17,5 +17,5 @@ from .spguard import SPGuardConfig, SPGuardGuidance
 __all__ = [
     "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "SEXUAL_CONCEPT", "SLD_PRESETS", "SLDConfig",
     "SLDGuidance", "SLDState", "SPGuardConfig", "SPGuardGuidance", "aggregate_attention",
-    "denoised_to_eps", "eps_to_denoised", "region_scales", "sld_direction",
+    "denoised_to_eps", "eps_to_denoised", "region_scales", "sld_direction", "token_attention",
 ]

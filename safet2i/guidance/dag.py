@@ -87,6 +87,22 @@ def to_latent(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
 
 
+def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: list[int],
+                    scale: float | None = None) -> torch.Tensor:
+    """Cross-attention probabilities on ``tokens``, averaged over heads and tokens.
+
+    ``q`` [b, n, heads·dh] (projected image queries), ``k`` [b, T, heads·dh] (projected
+    text keys) -> [b, n]: softmax(q·kᵀ·scale) over all T tokens, as the layer computes it.
+    """
+    b, n, inner = q.shape
+    dh = inner // heads
+    qh = q.reshape(b, n, heads, dh).transpose(1, 2).float()
+    kh = k.reshape(b, k.shape[1], heads, dh).transpose(1, 2).float()
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * (dh ** -0.5 if scale is None else scale), dim=-1)
+    idx = [t for t in tokens if t < probs.shape[-1]]
+    return probs[..., idx].mean(dim=(1, 3))
+
+
 def aggregate_attention(maps: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
     """Average cross-attention maps of several layers ([B, HW_l] each, already averaged over
     heads and concept tokens) at the latent size; normalise each image to max 1.

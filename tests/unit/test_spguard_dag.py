@@ -146,3 +146,18 @@ def test_aggregate_attention_prefers_quarter_and_half_resolution_layers():
     assert agg[0, 0, 0] < agg[0, 2:4, 2:4].mean()      # the full-res spike did not count
     only_full = aggregate_attention([full], (8, 8))
     assert only_full[0, 0, 0] == pytest.approx(1.0)
+
+
+def test_token_attention_matches_a_float64_softmax():
+    from safet2i.guidance import token_attention
+
+    rng = np.random.default_rng(5)
+    heads, dh = 2, 4
+    q, k = rng.normal(size=(3, 6, heads * dh)), rng.normal(size=(3, 7, heads * dh))
+    got = token_attention(torch.tensor(q), torch.tensor(k), heads, [1, 2, 9]).numpy()  # 9 is out of range
+    qh = q.reshape(3, 6, heads, dh).transpose(0, 2, 1, 3)
+    kh = k.reshape(3, 7, heads, dh).transpose(0, 2, 1, 3)
+    logits = qh @ kh.transpose(0, 1, 3, 2) / np.sqrt(dh)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, p[..., [1, 2]].mean(axis=(1, 3)), atol=1e-6)
