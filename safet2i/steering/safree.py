@@ -1,0 +1,177 @@
+"""SAFREE-style prompt-embedding steering: Yoon, Yu, Patil, Yao, Bansal, "SAFREE:
+Training-Free and Adaptive Guard for Safe Text-to-Image and Video Generation", ICLR 2025
+(arXiv 2410.12761). Implemented from the equations (``shared/docs/methods.md`` §2); the
+official code has no licence and is not used.
+
+Notation: rows h_j ∈ R^d of the prompt's conditioning H (one 77-token chunk), pooled
+vectors p = H[eos] taken from the *same* encoder and layer (identical to CLIP's pooler output
+for SD1.x; consistent for SD2.x's penultimate layer and each SDXL encoder)::
+
+    C    = [pool(k_1) … pool(k_K)]             concept subspace,  P_C = C (CᵀC)⁺ Cᵀ
+    M    = [pool(T with token i := id 0) …]    leave-one-token-out, P_M = M (MᵀM)⁺ Mᵀ
+    d_i  = ‖(I − P_C) p_\\i‖                    trigger iff d_i ≥ (1 + α) · mean_{j≠i} d_j
+    h'_j = (I − P_C) P_M h_j                   (official code's order; the paper prints P_M (I − P_C))
+    β    = 1 − mean_j cos(h_j, h'_j)           over BOS, prompt tokens and the first EOS
+    t'   = round(up_t · sigmoid(2k · (10β − t0)))     steered rows for steps i ≤ t' of 50
+
+Only trigger rows are replaced; BOS, other tokens, EOS and padding rows are left as they are.
+A prompt with no trigger token is returned unchanged (the very same tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+ORDERS = ("code", "paper")
+#: SVF constants of the official code (nudity: k = 2.5, t0 = 5.333; artists: 3.5, 5.5).
+SVF_PRESETS = {"nudity": (2.5, 5.333), "artist": (3.5, 5.5)}
+REFERENCE_STEPS = 50
+
+
+def projector(vectors: torch.Tensor) -> torch.Tensor:
+    """Orthogonal projector onto the span of the rows of ``vectors`` [k, d]: A (AᵀA)⁺ Aᵀ
+    with A = vectorsᵀ, computed in float64."""
+    a = vectors.to(torch.float64).T  # [d, k]
+    return a @ torch.linalg.pinv(a.T @ a) @ a.T
+
+
+def trigger_tokens(loo_pooled: torch.Tensor, p_concept: torch.Tensor, alpha: float = 0.01) -> list[int]:
+    """Indices i (0-based among the prompt's n tokens) whose removal pushes the prompt
+    notably farther from the concept subspace. ``loo_pooled`` [n, d]."""
+    n = loo_pooled.shape[0]
+    if n < 2:
+        return []
+    eye = torch.eye(p_concept.shape[0], dtype=torch.float64)
+    dist = ((eye - p_concept) @ loo_pooled.to(torch.float64).T).norm(dim=0)  # [n]
+    others = (dist.sum() - dist) / (n - 1)
+    return [i for i in range(n) if dist[i] >= (1.0 + alpha) * others[i]]
+
+
+def project_rows(rows: torch.Tensor, p_concept: torch.Tensor, p_input: torch.Tensor, order: str = "code") -> torch.Tensor:
+    """h' for every row of ``rows`` [L, d] (float64 result)."""
+    eye = torch.eye(p_concept.shape[0], dtype=torch.float64)
+    h = rows.to(torch.float64).T
+    if order == "code":
+        out = (eye - p_concept) @ (p_input @ h)
+    elif order == "paper":
+        out = p_input @ ((eye - p_concept) @ h)
+    else:
+        raise ValueError(f"order must be one of {ORDERS}")
+    return out.T
+
+
+def svf_steps(beta: float, up_t: float = 10.0, k: float = 2.5, t0: float = 5.333) -> int:
+    """t' = round(up_t · sigmoid(2k · (10β − t0)))."""
+    return int(round(up_t / (1.0 + math.exp(-2.0 * k * (10.0 * beta - t0)))))
+
+
+@dataclass
+class SteerResult:
+    rows: torch.Tensor                 # the chunk's conditioning rows, steered (or the input itself)
+    triggers: list[int] = field(default_factory=list)   # row positions (1..n) replaced
+    beta: float = 0.0
+    t_prime: int = -1                  # last steered step of 50; -1 = never steered
+    changed: bool = False
+
+    @property
+    def fraction(self) -> float:
+        """Share of the sampling schedule that uses the steered rows ((t'+1)/50)."""
+        return 0.0 if not self.changed else min(1.0, (self.t_prime + 1) / REFERENCE_STEPS)
+
+
+def steer_chunk(
+    rows: torch.Tensor,
+    loo_pooled: torch.Tensor,
+    p_concept: torch.Tensor,
+    n_tokens: int,
+    *,
+    alpha: float = 0.01,
+    order: str = "code",
+    svf: tuple[float, float] | None = SVF_PRESETS["nudity"],
+    up_t: float = 10.0,
+) -> SteerResult:
+    """Steer one 77-row chunk whose prompt tokens occupy rows 1..n_tokens (BOS at 0, EOS at
+    n_tokens + 1). ``loo_pooled`` [n, d]: pooled vectors with each token replaced in turn.
+    ``svf=None`` steers every step (t' = 50)."""
+    if n_tokens < 1 or loo_pooled.shape[0] != n_tokens:
+        return SteerResult(rows)
+    trig = trigger_tokens(loo_pooled, p_concept, alpha)
+    if not trig:
+        return SteerResult(rows)
+    p_input = projector(loo_pooled)
+    span = min(rows.shape[0], n_tokens + 2)              # BOS, tokens, first EOS
+    projected = project_rows(rows[:span], p_concept, p_input, order)
+    orig = rows[:span].to(torch.float64)
+    cos = torch.nn.functional.cosine_similarity(orig, projected, dim=1, eps=1e-12)
+    beta = float(1.0 - cos.mean())
+    t_prime = svf_steps(beta, up_t, *svf) if svf is not None else REFERENCE_STEPS - 1
+    out = rows.clone()
+    positions = [i + 1 for i in trig]
+    out[positions] = projected[positions].to(rows.dtype)
+    return SteerResult(out, positions, beta, t_prime, True)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+#: Token id that replaces a prompt token in the leave-one-out encodings ("!" in CLIP's BPE;
+#: the official code uses id 0, not the padding or end token).
+MASK_TOKEN = 0
+
+_SUBSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def first_index(ids: list[int], value: int) -> int:
+    try:
+        return ids.index(value)
+    except ValueError:
+        return len(ids)
+
+
+def concept_projector(key, concepts: list[str], encode_pooled) -> torch.Tensor:
+    """P_C for ``concepts``, cached per (encoder ``key``, concept list): a second prompt
+    with the same encoder and concepts pays nothing for it. ``encode_pooled(concepts)`` ->
+    [K, d] pooled vectors."""
+    cache_key = (key, tuple(concepts))
+    hit = _SUBSPACES.get(cache_key)
+    if hit is None:
+        hit = projector(encode_pooled(list(concepts)))
+        if len(_SUBSPACES) > 32:
+            _SUBSPACES.pop(next(iter(_SUBSPACES)))
+        _SUBSPACES[cache_key] = hit
+    return hit
+
+
+def steer_sequence(
+    chunk_ids: list[list[int]],
+    rows: torch.Tensor,
+    encode_rows,
+    p_concept: torch.Tensor,
+    eos_id: int,
+    **kw,
+) -> list[SteerResult]:
+    """Steer every 77-token chunk of one prompt.
+
+    ``chunk_ids``: token ids per chunk (BOS first); ``rows`` [chunks·L, d] the prompt's
+    conditioning; ``encode_rows(list of id lists) -> [N, L, d]`` encodes variants with the
+    same encoder and layer. All leave-one-out variants of a chunk are encoded as one batch.
+    """
+    length = rows.shape[0] // max(1, len(chunk_ids))
+    results = []
+    for c, ids in enumerate(chunk_ids):
+        chunk_rows = rows[c * length:(c + 1) * length]
+        eos = first_index(list(ids), eos_id)
+        n = max(0, min(eos, length) - 1)
+        if n < 2:
+            results.append(SteerResult(chunk_rows))
+            continue
+        variants = []
+        for i in range(1, n + 1):
+            v = list(ids)
+            v[i] = MASK_TOKEN
+            variants.append(v)
+        loo = encode_rows(variants)[:, min(eos, length - 1)]  # pooled = the EOS row
+        results.append(steer_chunk(chunk_rows, loo, p_concept, n, **kw))
+    return results

@@ -1,0 +1,181 @@
+"""SAFREE-style steering: every equation against float64 references on hand-built matrices,
+then end to end with a tiny random CLIP text model and the real CLIP BPE tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from safet2i.steering import load_concepts, project_rows, projector, steer_chunk, steer_sequence, svf_steps, trigger_tokens
+from safet2i.steering.safree import concept_projector
+
+
+def proj64(a):  # rows of a span the subspace
+    A = np.asarray(a, np.float64).T
+    return A @ np.linalg.pinv(A.T @ A) @ A.T
+
+
+def test_projector_matches_pinv_formula_and_is_a_projector():
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(3, 8))
+    vecs[2] = vecs[0] + vecs[1]  # rank-deficient: pinv, not inv
+    p = projector(torch.tensor(vecs)).numpy()
+    np.testing.assert_allclose(p, proj64(vecs), atol=1e-10)
+    np.testing.assert_allclose(p @ p, p, atol=1e-10)
+    np.testing.assert_allclose(p, p.T, atol=1e-12)
+    assert round(np.trace(p)) == 2
+
+
+def test_trigger_rule_matches_reference():
+    rng = np.random.default_rng(1)
+    concept = rng.normal(size=(2, 6))
+    pc = proj64(concept)
+    loo = rng.normal(size=(5, 6))
+    loo[3] = 3.0 * loo[3] - 2.0 * (pc @ loo[3])  # removing token 3 moves the prompt away from C
+    dist = np.linalg.norm((np.eye(6) - pc) @ loo.T, axis=0)
+    want = [i for i in range(5) if dist[i] >= 1.01 * np.mean(np.delete(dist, i))]
+    got = trigger_tokens(torch.tensor(loo), torch.tensor(pc), alpha=0.01)
+    assert got == want and 3 in got
+    assert trigger_tokens(torch.tensor(loo[:1]), torch.tensor(pc)) == []  # one token: no trigger
+
+
+@pytest.mark.parametrize("order", ["code", "paper"])
+def test_projection_orders(order):
+    rng = np.random.default_rng(2)
+    pc, pm = proj64(rng.normal(size=(2, 6))), proj64(rng.normal(size=(3, 6)))
+    h = rng.normal(size=(4, 6))
+    want = ((np.eye(6) - pc) @ pm @ h.T).T if order == "code" else (pm @ (np.eye(6) - pc) @ h.T).T
+    np.testing.assert_allclose(project_rows(torch.tensor(h), torch.tensor(pc), torch.tensor(pm), order).numpy(), want, atol=1e-12)
+    assert not np.allclose(((np.eye(6) - pc) @ pm @ h.T), (pm @ (np.eye(6) - pc) @ h.T))  # they differ
+
+
+def test_svf_rule():
+    for beta in np.linspace(0, 1, 41):
+        assert svf_steps(beta) == round(10 / (1 + math.exp(-5.0 * (10 * beta - 5.333))))
+    assert svf_steps(0.40) == 0 and svf_steps(0.65) == 10
+    assert svf_steps(0.6, k=3.5, t0=5.5) == round(10 / (1 + math.exp(-7.0 * 0.5)))
+
+
+def test_steer_chunk_replaces_trigger_rows_only():
+    rng = np.random.default_rng(3)
+    d, n = 6, 4
+    concept = rng.normal(size=(2, d))
+    pc = proj64(concept)
+    loo = rng.normal(size=(n, d))
+    loo[1] = 4.0 * loo[1] - 3.0 * (pc @ loo[1])
+    rows = torch.tensor(rng.normal(size=(10, d)), dtype=torch.float32)
+    res = steer_chunk(rows, torch.tensor(loo), torch.tensor(pc), n)
+    trig = trigger_tokens(torch.tensor(loo), torch.tensor(pc))
+    assert res.changed and res.triggers == [i + 1 for i in trig]
+    pm = proj64(loo)
+    full = ((np.eye(d) - pc) @ pm @ rows.numpy().astype(np.float64).T).T
+    for j in range(10):
+        if j in res.triggers:
+            np.testing.assert_allclose(res.rows[j].numpy(), full[j], atol=1e-5)
+        else:
+            assert torch.equal(res.rows[j], rows[j])
+    h = rows.numpy().astype(np.float64)[: n + 2]
+    cos = (h * full[: n + 2]).sum(1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(full[: n + 2], axis=1))
+    assert res.beta == pytest.approx(1 - cos.mean(), abs=1e-9)
+    assert res.t_prime == svf_steps(res.beta) and res.fraction == pytest.approx((res.t_prime + 1) / 50)
+    assert torch.equal(rows, torch.tensor(rows.numpy()))  # input untouched
+
+
+def test_no_trigger_returns_the_same_tensor():
+    rows = torch.randn(8, 4)
+    res = steer_chunk(rows, torch.ones(3, 4), projector(torch.randn(1, 4)), 3)  # identical LOO: no trigger
+    assert res.rows is rows and not res.changed and res.fraction == 0.0
+
+
+def test_concept_presets():
+    concepts, svf = load_concepts("nudity")
+    assert len(concepts) == 17 and concepts[2] == "Nudity" and svf == "nudity"
+    assert load_concepts("custom", "nude, naked\nporn")[0] == ["nude", "naked", "porn"]
+
+
+# --------------------------------------------------------------------------- tiny CLIP, real BPE
+
+def clip_bpe_tokenizer(folder: Path):
+    """The real CLIP BPE vocabulary (49408 tokens) from open_clip's shipped merges file."""
+    from transformers import CLIPTokenizer
+    from tiny_diffusers import _bytes_to_unicode
+
+    spec = find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open-clip-torch (for its CLIP BPE file) is not installed")
+    bpe = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    chars = _bytes_to_unicode()
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = clip_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+    assert len(tok) == 49408 and tok("nudity").input_ids[1:-1] == tok.convert_tokens_to_ids(["nu", "dity</w>"])
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.eos_token_id)).eval()
+    return tok, model
+
+
+def encoder(tok, model):
+    def ids_of(text):
+        return tok(text, padding="max_length", max_length=77, truncation=True).input_ids
+
+    @torch.no_grad()
+    def encode_rows(id_lists):
+        return model(torch.tensor(id_lists)).last_hidden_state
+
+    def encode_pooled(texts):
+        ids = [ids_of(t) for t in texts]
+        rows = encode_rows(ids)
+        return torch.stack([rows[i, ids[i].index(tok.eos_token_id)] for i in range(len(ids))])
+
+    return ids_of, encode_rows, encode_pooled
+
+
+def test_concept_word_is_flagged_and_benign_prompt_is_bit_identical(tiny_clip):
+    tok, model = tiny_clip
+    ids_of, encode_rows, encode_pooled = encoder(tok, model)
+    pc = concept_projector(("tiny", id(model)), ["nude"], encode_pooled)
+    assert concept_projector(("tiny", id(model)), ["nude"], lambda c: 1 / 0) is pc  # cached
+
+    prompt = "a photo of a nude woman on a sunny beach"
+    ids = ids_of(prompt)
+    rows = encode_rows([ids])[0]
+    (res,) = steer_sequence([ids], rows, encode_rows, pc, tok.eos_token_id)
+    nudity_pos = ids.index(tok.convert_tokens_to_ids("nude</w>"))
+    assert nudity_pos in res.triggers
+    assert not torch.equal(res.rows[nudity_pos], rows[nudity_pos])
+    untouched = [j for j in range(77) if j not in res.triggers]
+    assert torch.equal(res.rows[untouched], rows[untouched])
+
+    benign_ids = ids_of("a red bicycle")
+    benign_rows = encode_rows([benign_ids])[0]
+    pc_far = concept_projector(("tiny", id(model)), ["pornography", "nudity", "sexual acts"], encode_pooled)
+    # No trigger (here: a strict α) -> the rows come back exactly as they were.
+    (benign,) = steer_sequence([benign_ids], benign_rows, encode_rows, pc_far, tok.eos_token_id, alpha=10.0)
+    assert not benign.changed and benign.triggers == [] and torch.equal(benign.rows, benign_rows)
+    for edge in ("", "cat"):  # empty and one-token prompts: unchanged
+        e_ids = ids_of(edge)
+        e_rows = encode_rows([e_ids])[0]
+        (r,) = steer_sequence([e_ids], e_rows, encode_rows, pc, tok.eos_token_id)
+        assert not r.changed and torch.equal(r.rows, e_rows)
