@@ -141,3 +141,87 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
             unet.forward = original
         if saved_processors is not None:
             unet.set_attn_processor(saved_processors)
+
+
+# --------------------------------------------------------------------------- prompt steering
+
+
+def _encoders(pipe):
+    """(tokenizer, text encoder, feature slice, hidden-state layer) per encoder, matching how
+    the pipeline builds ``prompt_embeds`` (SD: last hidden state; SDXL: penultimate of both)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        d1 = pipe.text_encoder.config.hidden_size
+        d2 = pipe.text_encoder_2.config.hidden_size
+        return [(pipe.tokenizer, pipe.text_encoder, slice(0, d1), -2),
+                (pipe.tokenizer_2, pipe.text_encoder_2, slice(d1, d1 + d2), -2)]
+    return [(pipe.tokenizer, pipe.text_encoder, slice(None), None)]
+
+
+def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alpha: float = 0.01,
+                 order: str = "code", self_validating: bool = True):
+    """SAFREE-style steered ``prompt_embeds`` for an SD or SDXL pipeline.
+
+    Returns ``(steered, original, fraction, report)``; ``pipe(**steering_kwargs(steered,
+    original, fraction), ...)`` uses the steered rows for the self-validated window and the
+    original ones afterwards (SDXL: pass ``pooled_prompt_embeds`` from ``pipe.encode_prompt``,
+    unchanged).
+    """
+    from .steering import SVF_PRESETS, concept_projector, load_concepts, steer_sequence  # noqa: PLC0415
+
+    svf_name = "nudity"
+    if isinstance(concepts, str):
+        concepts, svf_name = load_concepts(concepts)
+    device = pipe.text_encoder.device
+    parts, report, fraction = [], [], 0.0
+    for tok, enc, _sl, layer in _encoders(pipe):
+        def rows_of(id_lists, enc=enc, layer=layer):
+            with torch.no_grad():
+                out = enc(torch.tensor(id_lists, device=device), output_hidden_states=layer is not None)
+            return out.hidden_states[layer] if layer is not None else out[0]
+
+        def ids_of(text, tok=tok):
+            return tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+
+        eos = tok.eos_token_id
+
+        def pooled(texts, ids_of=ids_of, rows_of=rows_of, eos=eos):
+            ids = [ids_of(t) for t in texts]
+            rows = rows_of(ids)
+            return torch.stack([rows[i, ids[i].index(eos)] for i in range(len(ids))])
+
+        p_c = concept_projector((id(enc), layer), concepts, pooled)
+        ids = ids_of(prompt)
+        rows = rows_of([ids])[0]
+        res = steer_sequence([ids], rows, rows_of, p_c, eos, alpha=alpha, order=order,
+                             svf=SVF_PRESETS[svf_name] if self_validating else None)[0]
+        parts.append((rows, res.rows))
+        fraction = max(fraction, res.fraction)
+        report.append({"triggers": res.triggers, "beta": round(res.beta, 4), "t_prime": res.t_prime})
+    original = torch.cat([o for o, _ in parts], dim=-1)[None]
+    steered = torch.cat([s for _, s in parts], dim=-1)[None]
+    return steered, original, fraction, report
+
+
+def switch_after(fraction: float, original: torch.Tensor):
+    """``callback_on_step_end`` that swaps the steered prompt rows for ``original`` once
+    ``fraction`` of the steps are done (the negative half of the CFG batch is kept)."""
+    def callback(pipe, step, timestep, kwargs):
+        total = pipe.num_timesteps if hasattr(pipe, "num_timesteps") else None
+        if total and (step + 1) >= round(fraction * total) and "prompt_embeds" in kwargs:
+            emb = kwargs["prompt_embeds"]
+            b = original.shape[0]
+            kwargs["prompt_embeds"] = torch.cat([emb[:-b], original.to(emb)]) if emb.shape[0] > b else original.to(emb)
+        return kwargs
+    return callback
+
+
+def steering_kwargs(steered: torch.Tensor, original: torch.Tensor, fraction: float) -> dict:
+    """Keyword arguments for ``pipe(...)`` that apply steered rows for the self-validated
+    window and the original rows afterwards."""
+    kw = {"prompt_embeds": steered}
+    if 0.0 < fraction < 1.0:
+        kw["callback_on_step_end"] = switch_after(fraction, original)
+        kw["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
+    elif fraction == 0.0:
+        kw["prompt_embeds"] = original
+    return kw

@@ -35,7 +35,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   test|demo|setup) ;;
-  -h|--help|help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help|help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) usage ;;
 esac
 
@@ -87,7 +87,7 @@ install_torch() {
       # (b) PyTorch's own CPU index, with a short time limit.
       local tmo=()
       command -v timeout >/dev/null 2>&1 && tmo=(timeout 900)
-      if ! "${tmo[@]}" "$PY" -m pip install -q --disable-pip-version-check --timeout 15 --retries 1 \
+      if ! ${tmo[@]+"${tmo[@]}"} "$PY" -m pip install -q --disable-pip-version-check --timeout 15 --retries 1 \
            torch --index-url https://download.pytorch.org/whl/cpu; then
         # (c) nothing worked.
         die "could not install a CPU build of torch: no local wheel (pip find-links) and
@@ -175,6 +175,6 @@ case "$cmd" in
     [ "$code" -le 1 ] || die "the filter failed (exit status $code)"
     step "results: filtered copies in $OUT/filtered"
     step "         report: $OUT/report.json and $OUT/report.html"
-    exit "$code"
+    exit 0
     ;;
 esac

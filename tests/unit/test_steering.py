@@ -179,3 +179,31 @@ def test_concept_word_is_flagged_and_benign_prompt_is_bit_identical(tiny_clip):
         e_rows = encode_rows([e_ids])[0]
         (r,) = steer_sequence([e_ids], e_rows, encode_rows, pc, tok.eos_token_id)
         assert not r.changed and torch.equal(r.rows, e_rows)
+
+
+def test_diffusers_prompt_steering_sd_and_sdxl(tmp_path):
+    pytest.importorskip("diffusers")
+    from safet2i.diffusers_adapter import steer_prompt, steering_kwargs
+    from tiny_diffusers import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "sd")
+    prompt = "a photo of a nude person"
+    ref, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    same, original, frac, rep = steer_prompt(pipe, prompt, ["nude"], alpha=10.0)
+    assert frac == 0.0 and rep[0]["triggers"] == []
+    torch.testing.assert_close(original, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(same, ref, rtol=0, atol=1e-6)  # no trigger: the pipeline's own embeddings
+    steered, original, frac, rep = steer_prompt(pipe, prompt, ["nude"], self_validating=False)
+    assert frac == 1.0 and rep[0]["triggers"] and not torch.equal(steered, original)
+    kw = dict(num_inference_steps=4, guidance_scale=6.0, height=32, width=32, output_type="np")
+    a = pipe(prompt_embeds=steered, generator=torch.Generator().manual_seed(0), **kw).images
+    b = pipe(prompt_embeds=original, generator=torch.Generator().manual_seed(0), **kw).images
+    c = pipe(generator=torch.Generator().manual_seed(0), **kw, **steering_kwargs(steered, original, 0.5)).images
+    assert steering_kwargs(steered, original, 0.0)["prompt_embeds"] is original
+    assert np.abs(a - b).max() > 1e-4 and np.abs(c - a).max() > 0 and np.abs(c - b).max() > 0
+
+    xl = tiny_sdxl_pipeline(tmp_path / "xl")
+    ref_xl = xl.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    steered, original, frac, rep = steer_prompt(xl, prompt, ["nude"], self_validating=False)
+    assert steered.shape == ref_xl.shape == (1, 77, 64) and len(rep) == 2
+    torch.testing.assert_close(original, ref_xl, rtol=0, atol=1e-5)
