@@ -107,10 +107,10 @@ def _target(out_dir: Path, rel: Path, fmt: str, sources: set[Path]) -> Path:
     target = (out_dir / rel).resolve()
     if out_dir.resolve() not in target.parents:
         raise ImageInputError(f"refusing to write outside --out: {rel}")
-    if target in sources:
-        raise ImageInputError(f"refusing to overwrite the original {target}")
     if fmt not in WRITE_FORMATS:
         target = target.with_suffix(".png")
+    if target in sources:
+        raise ImageInputError(f"refusing to overwrite the original {target}")
     return target
 
 
@@ -166,6 +166,7 @@ def run_filter(args) -> int:
         bar = None
 
     pending: list = []  # (entry, loaded, target)
+    claimed: set[Path] = set()  # targets of earlier inputs in this run (not yet written)
 
     def flush():
         nonlocal status
@@ -204,7 +205,7 @@ def run_filter(args) -> int:
                         _save(outs, ld, target)
                     entry["verdict"] = "safe"
                 entry["output"] = str(target)
-                if args.html:
+                if args.html and not (unsafe and flt.action == "pass"):  # never embed an unsafe original
                     thumbs[entry["path"]] = thumbnail_data_uri(outs[0])
             except OSError as exc:
                 entry.update(verdict="error", output=None, error=f"cannot write {target}: {exc}")
@@ -217,8 +218,11 @@ def run_filter(args) -> int:
         try:
             loaded = load_image_file(path)
             target = _target(out_dir, rel, loaded.format, sources)
+            if target in claimed:
+                raise ImageInputError(f"{target} is already the output of another input in this run")
             if target.exists() and not args.overwrite:
                 raise ImageInputError(f"{target} exists; pass --overwrite to replace it")
+            claimed.add(target)
             pending.append((entry, loaded, target))
             if sum(len(ld.frames) for _, ld, _ in pending) >= args.batch_size:
                 flush()
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "samples":
             return run_samples(args)
         return run_models(args)
-    except (SafeT2IError, ValueError) as exc:
+    except (SafeT2IError, ValueError, OSError) as exc:  # a crash must not read as exit 1 "unsafe"
         print(f"safet2i: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
 

@@ -192,7 +192,7 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
         p_c = concept_projector((id(enc), layer), concepts, pooled)
         ids = ids_of(prompt)
         rows = rows_of([ids])[0]
-        res = steer_sequence([ids], rows, rows_of, p_c, eos, alpha=alpha, order=order,
+        res = steer_sequence([ids], rows, rows_of, p_c, eos, truncate=True, alpha=alpha, order=order,
                              svf=SVF_PRESETS[svf_name] if self_validating else None)[0]
         parts.append((rows, res.rows))
         fraction = max(fraction, res.fraction)

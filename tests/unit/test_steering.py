@@ -207,3 +207,15 @@ def test_diffusers_prompt_steering_sd_and_sdxl(tmp_path):
     steered, original, frac, rep = steer_prompt(xl, prompt, ["nude"], self_validating=False)
     assert steered.shape == ref_xl.shape == (1, 77, 64) and len(rep) == 2
     torch.testing.assert_close(original, ref_xl, rtol=0, atol=1e-5)
+
+
+def test_truncated_leave_one_out_gives_the_same_result(tiny_clip):
+    tok, model = tiny_clip
+    ids_of, encode_rows, encode_pooled = encoder(tok, model)
+    pc = concept_projector(("tiny", id(model)), ["nude"], encode_pooled)
+    ids = ids_of("a photo of a nude woman on a sunny beach")
+    rows = encode_rows([ids])[0]
+    full = steer_sequence([ids], rows, encode_rows, pc, tok.eos_token_id)[0]
+    short = steer_sequence([ids], rows, encode_rows, pc, tok.eos_token_id, truncate=True)[0]
+    assert full.triggers == short.triggers and full.t_prime == short.t_prime
+    torch.testing.assert_close(full.rows, short.rows, rtol=0, atol=1e-5)
