@@ -192,4 +192,6 @@ def load_image_file(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Lo
         raise ImageInputError(f"{path}: refused as a decompression bomb ({exc}).") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageInputError(f"{path}: truncated or corrupt image ({exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow decoders raise struct.error, IndexError, ...
+        raise ImageInputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc}).") from exc
     return LoadedImage(path, frames, fmt, mode, durations, loop)
