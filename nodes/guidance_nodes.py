@@ -21,6 +21,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
+from .batching import calc_with_extra, check_no_other_batch_function
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
     SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised, token_attention,
@@ -52,24 +53,12 @@ class GuidanceRun:
         return idx, len(sigmas) - 1
 
     def calc(self, args):
-        import comfy.samplers  # noqa: PLC0415
-        import comfy.sampler_helpers  # noqa: PLC0415
-
-        conds, x, sigma = args["conds"], args["input"], args["sigma"]
-        model, mo = args["model"], args["model_options"]
-        if conds[1] is None:
-            raise SafeT2IError(
-                f"SafeT2I {self.method.name} needs classifier-free guidance: set cfg above 1.0 and connect "
-                "a negative conditioning (the safety guidance is not applied without it)."
-            )
-        idx, total = self._step_index(sigma, mo)
+        idx, total = self._step_index(args["sigma"], args["model_options"])
         if self.last_index is None or idx == 0 or idx <= self.last_index:
             self.method.reset(total or None)
             self.runs += 1
         self.last_index = idx
-        concept = comfy.sampler_helpers.convert_cond(self.concept)
-        concept = comfy.samplers.encode_model_conds(model.extra_conds, [c.copy() for c in concept], x, x.device, "negative")
-        cond_d, uncond_d, concept_d = comfy.samplers.calc_cond_batch(model, [conds[0], conds[1], concept], x, sigma, mo)
+        cond_d, uncond_d, concept_d = calc_with_extra(args, self.concept, self.method.name)
         self.pending = concept_d
         return [cond_d, uncond_d]
 
@@ -130,12 +119,7 @@ def transformer_blocks(model):
 
 
 def patch_model(model, method, concept, token_index: list[int] | None = None):
-    mo = model.model_options
-    if "sampler_calc_cond_batch_function" in mo:
-        raise SafeT2IError(
-            "Another node already replaced this model's cond-batch function (only one can): apply only "
-            "one SafeT2I guidance node per model, or put SafeT2I before the other node and remove it."
-        )
+    check_no_other_batch_function(model, f"{method.name} guidance")
     m = model.clone()
     run = GuidanceRun(method, concept)
     # Plain closures, not bound methods: ModelPatcher.clone() deep-copies model_options,
@@ -146,7 +130,7 @@ def patch_model(model, method, concept, token_index: list[int] | None = None):
     m.model_options[STATE_KEY] = lambda: run
     if token_index is not None:
         run.token_index = token_index
-        replaced = mo.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = transformer_blocks(m)
         if not blocks:
             raise SafeT2IError("Detect-and-Guide-style guidance needs a UNet with cross-attention blocks.")
