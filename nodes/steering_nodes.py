@@ -16,6 +16,8 @@ from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.steering import CONCEPT_PRESETS, SVF_PRESETS, concept_projector, load_concepts, steer_sequence
+from ..safet2i.steering.reattention import fourier_reattention, stage_scales
+from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
 EOS = 49407
 #: Feature layout of ComfyUI's concatenated conditioning per tokenizer key set.
@@ -158,4 +160,72 @@ class SafeT2IPromptSteer(io.ComfyNode):
         return io.NodeOutput(positive, negative, json.dumps(rep), ui=ui.PreviewText("\n".join(lines)))
 
 
-NODES = [SafeT2IPromptSteer]
+class SafeT2ILatentReattention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2ILatentReattention",
+            display_name="SafeT2I SAFREE Latent Re-attention",
+            category="SafeT2I/prompt",
+            description=(
+                "SAFREE's adaptive latent re-attention (paper version): the original, unsteered prompt runs in the "
+                "same UNet batch as a reference; at the two FreeU decoder stages the steered branch's skip features "
+                "are damped in a low-frequency Fourier window where they exceed the reference's."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("original", tooltip="The unsteered prompt (a plain text encode of the same text)."),
+                io.Float.Input("s1", default=0.9, min=0.0, max=1.0, step=0.01, tooltip="Scale at the deepest stage."),
+                io.Float.Input("s2", default=0.2, min=0.0, max=1.0, step=0.01, tooltip="Scale at the next stage."),
+                io.Int.Input("window", default=1, min=1, max=64, tooltip="Half-size of the low-frequency window."),
+                io.String.Input("channels", default="auto",
+                                tooltip="auto: FreeU's stages (4x and 2x model channels); or 'C:scale, C:scale'."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, original, s1=0.9, s2=0.2, window=1, channels="auto") -> io.NodeOutput:
+        check_no_other_batch_function(model, "latent re-attention")
+        if channels.strip() == "auto":
+            mc = model.model.model_config.unet_config.get("model_channels")
+            if not mc:
+                raise SafeT2IError("Latent re-attention needs a UNet model (model_channels unknown).")
+            scales = stage_scales(mc, s1, s2)
+        else:
+            try:
+                scales = {int(c.split(":")[0]): float(c.split(":")[1]) for c in channels.split(",") if c.strip()}
+            except (ValueError, IndexError) as exc:
+                raise SafeT2IError(f"channels must be 'auto' or 'C:scale, C:scale', not {channels!r}") from exc
+        m = model.clone()
+
+        def calc(args):
+            cond_d, uncond_d, _reference = calc_with_extra(args, original, "latent re-attention")
+            return [cond_d, uncond_d]
+
+        def output_patch(h, hsp, transformer_options):
+            order = list(transformer_options.get("cond_or_uncond", []))
+            scale = scales.get(int(h.shape[1]))  # keyed on the backbone, as FreeU
+            if scale is None or 0 not in order:
+                return h, hsp
+            if order.count(0) != 1 or order.count(EXTRA) != 1:
+                # Fail closed: ComfyUI split [cond, original] over two UNet calls (low memory) or
+                # several conditioning entries are active at once; the filter cannot pair them.
+                raise SafeT2IError(
+                    "Latent re-attention needs exactly one active positive entry and the original prompt in the "
+                    f"same UNet batch (got {order}): use one conditioning entry each, or a smaller batch/resolution "
+                    "so ComfyUI does not split the batch."
+                )
+            chunk = hsp.shape[0] // len(order)
+            safe = slice(order.index(0) * chunk, (order.index(0) + 1) * chunk)
+            ref = slice(order.index(EXTRA) * chunk, (order.index(EXTRA) + 1) * chunk)
+            out = hsp.clone()
+            out[safe] = fourier_reattention(hsp[safe], hsp[ref], scale, window)
+            return h, out
+
+        m.set_model_sampler_calc_cond_batch_function(calc)
+        m.set_model_output_block_patch(output_patch)
+        return io.NodeOutput(m)
+
+
+NODES = [SafeT2IPromptSteer, SafeT2ILatentReattention]

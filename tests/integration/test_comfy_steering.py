@@ -56,3 +56,24 @@ def test_long_prompts_are_steered_per_chunk(comfy, tiny_checkpoint):
 def test_concepts_as_negative_runs(comfy, tiny_checkpoint):
     entry = run_ok(comfy, steer_graph(tiny_checkpoint, "a cat", as_negative=True))
     assert report(entry)["concepts"] == 17
+
+
+def test_latent_reattention_patch(comfy, tiny_checkpoint):
+    text = "a photo of a nude woman on a sunny beach, erotic art"
+
+    def with_lra(channels, s=0.2):
+        g = steer_graph(tiny_checkpoint, text, self_validating=False)
+        g["12"] = {"class_type": "SafeT2ILatentReattention", "inputs": {
+            "model": ["1", 0], "original": ["3", 0], "s1": s, "s2": s, "window": 1, "channels": channels}}
+        g["7"]["inputs"]["model"] = ["12", 0]
+        return g
+
+    base = images(comfy, run_ok(comfy, steer_graph(tiny_checkpoint, text, self_validating=False)))[0]
+    # The tiny UNet has only 320-channel skips (no FreeU stages): 'auto' changes nothing ...
+    auto = images(comfy, run_ok(comfy, with_lra("auto")))[0]
+    assert np.abs(auto - base).max() <= 1
+    # ... filtering its 320-channel skips does; s = 1 is the identity.
+    filtered = images(comfy, run_ok(comfy, with_lra("320:0.2")))[0]
+    assert np.abs(filtered - base).max() > 3
+    identity = images(comfy, run_ok(comfy, with_lra("320:1.0", s=1.0)))[0]
+    assert np.abs(identity - base).max() <= 1

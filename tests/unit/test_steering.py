@@ -219,3 +219,20 @@ def test_truncated_leave_one_out_gives_the_same_result(tiny_clip):
     short = steer_sequence([ids], rows, encode_rows, pc, tok.eos_token_id, truncate=True)[0]
     assert full.triggers == short.triggers and full.t_prime == short.t_prime
     torch.testing.assert_close(full.rows, short.rows, rtol=0, atol=1e-5)
+
+
+def test_fourier_reattention_matches_numpy_reference():
+    from safet2i.steering.reattention import fourier_reattention
+
+    rng = np.random.default_rng(7)
+    hs, ho = rng.normal(size=(2, 3, 8, 6)), rng.normal(size=(2, 3, 8, 6))
+    fs = np.fft.fftshift(np.fft.fft2(hs), axes=(-2, -1))
+    fo = np.fft.fftshift(np.fft.fft2(ho), axes=(-2, -1))
+    win = np.zeros((8, 6), bool)
+    win[3:5, 2:4] = True  # half-size 1 around the centre (4, 3)
+    damp = win & (np.abs(fs) > np.abs(fo))
+    want = np.fft.ifft2(np.fft.ifftshift(np.where(damp, fs * 0.2, fs), axes=(-2, -1))).real
+    got = fourier_reattention(torch.tensor(hs), torch.tensor(ho), 0.2).numpy()
+    np.testing.assert_allclose(got, want.astype(np.float32), atol=1e-5)
+    same = fourier_reattention(torch.tensor(hs), torch.tensor(hs), 0.2)  # nothing amplified: unchanged
+    np.testing.assert_allclose(same.numpy(), hs, atol=1e-5)
