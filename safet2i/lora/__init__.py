@@ -1,0 +1,148 @@
+"""Model layer: safety LoRAs and full safety weights, any key format, with proof of coverage.
+
+* :func:`load_lora` reads a LoRA (safetensors only), recognises its key layout and base
+  architecture, converts it to canonical :class:`~safet2i.lora.keys.Target` objects
+  (scale = alpha/rank, 1.0 without alpha; ``adapter_config.json``'s ``lora_alpha`` when present)
+  and looks it up in ``models/safety_models.toml``.
+* :func:`load_full_weights` does the same for full UNet / text-encoder releases (ESD, SafeGen,
+  AdvUnlearn).
+* Hosts resolve each target to their own weight and call :func:`coverage.check` +
+  :func:`coverage.require_full`: a file that patches nothing, only part of what it contains, or
+  another architecture is an error naming the unmatched keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from . import manifest
+from .coverage import Coverage, CoverageError, check, detect_architectures, merged, require_full, resolver_for
+from .files import PICKLE_SUFFIXES, WeightsFile, convert_pickle, read_safetensors
+from .keys import LoraFormatError, Target, detect_format, parse, to_diffusers_naming, to_kohya
+
+__all__ = [
+    "Coverage", "CoverageError", "FullWeights", "LoraFile", "LoraFormatError", "PICKLE_SUFFIXES", "Target",
+    "check", "convert_pickle", "detect_architectures", "detect_format", "inspect_lora", "load_full_weights",
+    "load_lora", "merged", "read_safetensors", "require_full", "resolver_for", "to_kohya",
+]
+
+
+@dataclass
+class LoraFile:
+    path: Path
+    sha256: str
+    formats: list[str]
+    targets: list[Target]
+    architectures: list[str]             # known bases it fits completely
+    entry: manifest.Entry | None = None
+    metadata: dict = field(default_factory=dict)
+    alpha_source: str = "file"
+
+    @property
+    def components(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.targets:
+            out[t.component] = out.get(t.component, 0) + 1
+        return out
+
+    @property
+    def ranks(self) -> set[int]:
+        return {t.rank for t in self.targets}
+
+    def verify_manifest(self) -> str:
+        return manifest.verify(self.entry, self.sha256, self.components, [t.module for t in self.targets], self.ranks)
+
+
+def load_lora(path: str | os.PathLike) -> LoraFile:
+    wf: WeightsFile = read_safetensors(path)
+    alpha, source = None, "file"
+    if wf.adapter_config and "lora_alpha" in wf.adapter_config:
+        alpha, source = float(wf.adapter_config["lora_alpha"]), "adapter_config.json"
+    try:
+        targets = parse(wf.tensors, alpha_override=alpha)
+    except LoraFormatError as exc:
+        raise LoraFormatError(f"{wf.path.name}: {exc}") from exc
+    if not any(t.alpha is not None for t in targets):
+        source = "none (scale 1.0)" if source == "file" else source
+    archs = [a for a, c in detect_architectures(targets).items() if not c.unmatched]
+    if archs:
+        to_diffusers_naming(targets, archs[0])
+    lf = LoraFile(wf.path, wf.sha256, detect_format(wf.tensors), targets, archs,
+                  manifest.find(wf.path.name, wf.sha256), wf.metadata, source)
+    return lf
+
+
+def inspect_lora(path: str | os.PathLike, base: str | None = None) -> dict:
+    """Everything ``safet2i lora inspect`` prints, as a dict."""
+    lf = load_lora(path)
+    archs = detect_architectures(lf.targets)
+    info = {
+        "file": str(lf.path), "sha256": lf.sha256, "formats": lf.formats,
+        "components": lf.components, "targets": len(lf.targets), "ranks": sorted(lf.ranks),
+        "scales": sorted({round(t.scale, 6) for t in lf.targets}), "alpha_from": lf.alpha_source,
+        "dora": any(t.dora_scale is not None for t in lf.targets),
+        "architectures": lf.architectures or ["unknown (no known base fits every target)"],
+        "fit": {a: f"{len(c.matched)}/{len(c.statuses)}" for a, c in archs.items()},
+        "manifest": lf.entry.name if lf.entry else None,
+        "manifest_check": lf.verify_manifest(),
+        "modules": sorted({_pattern(t.module) for t in lf.targets}),
+    }
+    if base:
+        if base not in archs:
+            raise ModelLoadError(f"unknown base {base!r}; choose one of {sorted(archs)}")
+        info["coverage"] = archs[base].as_dict()
+    return info
+
+
+def _pattern(module: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".N", module)
+
+
+# --------------------------------------------------------------------------- full weights
+
+@dataclass
+class FullWeights:
+    path: Path
+    sha256: str
+    component: str                # unet | text_encoder
+    naming: str                   # diffusers | ldm | hf
+    tensors: dict[str, torch.Tensor]
+    entry: manifest.Entry | None = None
+
+
+_UNET_DIFFUSERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+_UNET_LDM = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")
+
+
+def load_full_weights(path: str | os.PathLike) -> FullWeights:
+    """A full safety UNet or text encoder (safetensors), its naming recognised."""
+    wf = read_safetensors(path)
+    keys = list(wf.tensors)
+    for k, v in wf.tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ModelLoadError(f"{wf.path.name}: tensor {k} contains NaN or infinite values.")
+    if any(".lora" in k or "lora_" in k for k in keys):
+        raise ModelLoadError(f"{wf.path.name} is a LoRA, not full weights: use SafeT2I Load Safety LoRA.")
+    tensors = dict(wf.tensors)
+    for prefix in ("model.diffusion_model.", "diffusion_model.", "unet.", "text_encoder."):
+        if all(k.startswith(prefix) for k in keys):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+            break
+    ks = list(tensors)
+    if all(k.startswith(_UNET_DIFFUSERS) or k.startswith(("add_embedding.", "conv_norm_out.")) for k in ks):
+        comp, naming = "unet", "diffusers"
+    elif all(k.startswith(_UNET_LDM) or k.startswith("label_emb.") for k in ks):
+        comp, naming = "unet", "ldm"
+    elif all(k.startswith("text_model.") or k.startswith("text_projection") or k == "logit_scale" for k in ks):
+        comp, naming = "text_encoder", "hf"
+    else:
+        odd = [k for k in ks if not k.startswith(_UNET_DIFFUSERS + _UNET_LDM + ("text_model.",))][:3]
+        raise ModelLoadError(f"{wf.path.name}: not a UNet or CLIP text-encoder state dict (e.g. keys {odd}); "
+                             "checkpoints combining several models are loaded with ComfyUI's checkpoint loader.")
+    return FullWeights(wf.path, wf.sha256, comp, naming, tensors, manifest.find(wf.path.name, wf.sha256))

@@ -1,0 +1,271 @@
+"""LoRA key formats → one canonical form, and back out as kohya keys.
+
+Recognised layouts (per key; a file may mix components):
+
+==================  ===========================================================================
+kohya               ``lora_unet_<flat path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
+                    (``lora_te_``, ``lora_te1_``, ``lora_te2_`` for text encoders; DoRA ``.dora_scale``)
+diffusers           ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` (``save_lora_weights``
+                    after ``convert_state_dict_to_diffusers``; DUO's release)
+diffusers-PEFT      ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also ``.lora_A.default.weight``,
+                    ``base_model.model.<path>`` and no prefix; DoRA ``.lora_magnitude_vector``)
+attn-processor      ``unet.<path>.processor.to_q_lora.down.weight`` (old diffusers),
+                    ``….to_q.lora_linear_layer.down.weight``
+LDM / ComfyUI       ``diffusion_model.input_blocks.1.1.….lora_A.weight`` / ``lora_unet_input_blocks_1_1_…``
+text encoders       ``text_encoder.`` / ``text_encoder_2.`` + any of the suffixes above
+==================  ===========================================================================
+
+Canonical form: one :class:`Target` per patched module, with its component (``unet``, ``te1``,
+``te2``), its module path (diffusers/HF naming where known, else LDM or kohya-flat naming), the
+down (A, [r, in, …]) and up (B, [out, r, …]) tensors, alpha and scale = alpha / rank (1.0 when
+there is no alpha, as in DUO's files; ``adapter_config.json``'s ``lora_alpha`` when given).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SafeT2IError
+from .arch import ARCHITECTURES, inventory
+
+
+class LoraFormatError(SafeT2IError):
+    """A LoRA file whose keys or tensors cannot be understood."""
+
+
+@dataclass
+class Target:
+    component: str                 # unet | te1 | te2
+    module: str                    # path in `naming`
+    naming: str                    # diffusers | ldm | flat
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    mid: torch.Tensor | None = None
+    alpha: float | None = None
+    dora_scale: torch.Tensor | None = None  # PEFT magnitude as [out, 1] or kohya/LyCORIS dora_scale
+    dora_kind: str | None = None            # "peft" (‖W + ΔW‖ per output row) or "kohya" (ComfyUI's rule)
+    source_keys: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the weight this target patches (Linear: [out, in]; Conv: [out, in, kh, kw])."""
+        if self.down.dim() == 4:
+            if self.mid is not None:
+                return (self.out_features, self.in_features, *self.mid.shape[2:])
+            return (self.out_features, self.in_features, *self.down.shape[2:])
+        return (self.out_features, self.in_features)
+
+    def delta(self, dtype=torch.float64) -> torch.Tensor:
+        """scale · B·A as a weight-shaped tensor (no DoRA normalisation)."""
+        up, down = self.up.to(dtype), self.down.to(dtype)
+        if self.mid is not None:
+            raise LoraFormatError(f"{self.name}: LoCon/Tucker mid tensors are loaded by hosts, not merged here.")
+        if down.dim() == 4:  # conv: up [out, r, 1, 1] · down [r, in, kh, kw]
+            d = (up.flatten(1) @ down.flatten(1)).reshape(self.weight_shape)
+        else:
+            d = up @ down
+        return d * self.scale
+
+    @property
+    def name(self) -> str:
+        return f"{self.component}:{self.module}"
+
+
+_SUFFIXES = [  # (regex on the key's tail, part)
+    (r"\.lora_down\.weight$", "down"), (r"\.lora_up\.weight$", "up"), (r"\.lora_mid\.weight$", "mid"),
+    (r"\.lora\.down\.weight$", "down"), (r"\.lora\.up\.weight$", "up"),
+    (r"\.lora_linear_layer\.down\.weight$", "down"), (r"\.lora_linear_layer\.up\.weight$", "up"),
+    (r"\.lora_A(\.default)?\.weight$", "down"), (r"\.lora_B(\.default)?\.weight$", "up"),
+    (r"_lora\.down\.weight$", "down"), (r"_lora\.up\.weight$", "up"),
+    (r"\.lora_magnitude_vector(\.default)?(\.weight)?$", "magnitude"),
+    (r"\.dora_scale$", "dora_scale"), (r"\.alpha$", "alpha"),
+]
+_SUFFIX_RES = [(re.compile(p), part) for p, part in _SUFFIXES]
+
+_FLAT_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
+_DOTTED_PREFIXES = [
+    ("model.diffusion_model.", "unet", "ldm"), ("diffusion_model.", "unet", "ldm"),
+    ("base_model.model.", "unet", None), ("unet.", "unet", None),
+    ("text_encoder_2.", "te2", "diffusers"), ("text_encoder.", "te1", "diffusers"),
+    ("te2.", "te2", "diffusers"), ("te1.", "te1", "diffusers"),
+]
+_LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
+_DIFFUSERS_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    for rx, part in _SUFFIX_RES:
+        m = rx.search(key)
+        if m:
+            return key[: m.start()], part
+    raise LoraFormatError(f"unrecognised LoRA key {key!r} (not a LoRA down/up/alpha/DoRA tensor)")
+
+
+def _module_of(stem: str) -> tuple[str, str, str]:
+    """(component, module path, naming) of a key stem."""
+    for prefix, comp in _FLAT_PREFIXES.items():
+        if stem.startswith(prefix):
+            return comp, stem[len(prefix):], "flat"
+    for prefix, comp, naming in _DOTTED_PREFIXES:
+        if stem.startswith(prefix):
+            rest = stem[len(prefix):]
+            break
+    else:
+        comp, rest, naming = None, stem, None
+    if comp in (None, "unet"):
+        if rest.startswith(_LDM_ROOTS):
+            comp, naming = "unet", "ldm"
+        elif rest.startswith(_DIFFUSERS_ROOTS):
+            comp, naming = "unet", "diffusers"
+        elif comp is None and rest.startswith("text_model."):
+            comp, naming = "te1", "diffusers"
+    if comp is None or naming is None:
+        raise LoraFormatError(f"cannot tell which model part LoRA key {stem!r} belongs to")
+    # Old attention-processor names: ….attn1.processor.to_q_lora → ….attn1.to_q
+    rest = re.sub(r"\.processor\.(to_q|to_k|to_v)$", r".\1", rest)
+    rest = re.sub(r"\.processor\.to_out$", ".to_out.0", rest)
+    return comp, rest, naming
+
+
+def _flat_tables() -> dict[tuple[str, str], tuple[str, str]]:
+    """kohya flat name → (diffusers path) for every known architecture's modules, both namings."""
+    table: dict[tuple[str, str], tuple[str, str]] = {}
+    for arch in ARCHITECTURES:
+        for comp, mods in inventory(arch).items():
+            for m in mods.values():
+                table[(comp, m.diffusers.replace(".", "_"))] = (m.diffusers, "diffusers")
+                table.setdefault((comp, m.ldm.replace(".", "_")), (m.ldm, "ldm"))
+    return table
+
+
+_FLAT: dict | None = None
+
+
+def parse(state: dict[str, torch.Tensor], alpha_override: float | None = None) -> list[Target]:
+    """Canonical targets of a LoRA state dict; raises :class:`LoraFormatError` on anything odd."""
+    global _FLAT  # noqa: PLW0603
+    if not state:
+        raise LoraFormatError("the file contains no tensors")
+    targets: dict[tuple[str, str, str], Target] = {}
+    for key, tensor in state.items():
+        stem, part = _split_key(key)
+        comp, module, naming = _module_of(stem)
+        if naming == "flat":
+            _FLAT = _FLAT or _flat_tables()
+            found = _FLAT.get((comp, module))
+            if found:
+                module, naming = found
+        t = targets.setdefault((comp, module, naming), Target(comp, module, naming))
+        t.source_keys.append(key)
+        if part == "alpha":
+            t.alpha = float(tensor.float().reshape(-1)[0]) if tensor.numel() else None
+        elif part == "magnitude":
+            t.dora_scale, t.dora_kind = tensor.reshape(tensor.shape[0], 1), "peft"
+        elif part == "dora_scale":
+            t.dora_scale, t.dora_kind = tensor, "kohya"
+        else:
+            if getattr(t, part) is not None:
+                raise LoraFormatError(f"{t.name}: two {part} tensors ({t.source_keys})")
+            setattr(t, part, tensor)
+    out = []
+    for t in targets.values():
+        if t.down is None or t.up is None:
+            raise LoraFormatError(f"{t.name}: has {'up' if t.up is not None else 'down'} but no "
+                                  f"{'down' if t.up is not None else 'up'} tensor ({t.source_keys})")
+        if t.down.dim() not in (2, 4) or t.up.dim() != t.down.dim() or t.up.shape[1] != t.down.shape[0]:
+            raise LoraFormatError(f"{t.name}: inconsistent shapes down {tuple(t.down.shape)} up {tuple(t.up.shape)}")
+        if alpha_override is not None and t.alpha is None:
+            t.alpha = float(alpha_override)
+        for name in ("down", "up", "mid", "dora_scale"):
+            v = getattr(t, name)
+            if v is not None and not torch.isfinite(v).all():
+                raise LoraFormatError(f"{t.name}: {name} tensor contains NaN or infinite values")
+        out.append(t)
+    return out
+
+
+def detect_format(state: dict) -> list[str]:
+    """Human names of the key layouts present."""
+    kinds = set()
+    for key in state:
+        if key.startswith(("lora_unet_", "lora_te")):
+            kinds.add("kohya")
+        elif re.search(r"\.lora_[AB](\.default)?\.weight$|lora_magnitude_vector", key):
+            kinds.add("diffusers-PEFT")
+        elif "_lora.down" in key or "_lora.up" in key or ".processor." in key:
+            kinds.add("diffusers attn-processor (old)")
+        elif ".lora_linear_layer." in key:
+            kinds.add("diffusers attn-processor")
+        elif ".lora.down" in key or ".lora.up" in key:
+            kinds.add("diffusers")
+        if key.startswith(("diffusion_model.", "model.diffusion_model.")) or "_input_blocks_" in key \
+                or "_output_blocks_" in key or "_middle_block_" in key:
+            kinds.add("LDM/ComfyUI names")
+        if ".dora_scale" in key or "lora_magnitude_vector" in key:
+            kinds.add("DoRA")
+    return sorted(kinds)
+
+
+def to_diffusers_naming(targets: list[Target], arch: str | None) -> None:
+    """Rename LDM-named UNet targets to diffusers paths using ``arch``'s inventory, in place."""
+    if arch is None:
+        return
+    back = {m.ldm: m.diffusers for m in inventory(arch)["unet"].values()}
+    for t in targets:
+        if t.component == "unet" and t.naming == "ldm" and t.module in back:
+            t.module, t.naming = back[t.module], "diffusers"
+
+
+_KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+
+
+def kohya_name(t: Target, single_text_encoder: bool = True) -> str:
+    prefix = "lora_te_" if (t.component == "te1" and single_text_encoder) else _KOHYA_PREFIX[t.component]
+    return prefix + t.module.replace(".", "_")
+
+
+def to_kohya(targets: list[Target], single_text_encoder: bool | None = None) -> dict[str, torch.Tensor]:
+    """Kohya state dict (``lora_down``/``lora_up``/``alpha``[/``dora_scale``]) with the same effect.
+
+    ``alpha`` is always written: rank when the source had none (scale 1), so readers that
+    default to another scale cannot change the strength.
+    """
+    if single_text_encoder is None:
+        single_text_encoder = not any(t.component == "te2" for t in targets)
+    out: dict[str, torch.Tensor] = {}
+    for t in targets:
+        if t.dora_kind == "peft":
+            raise LoraFormatError(
+                f"{t.name}: PEFT DoRA normalises by the norm of the *patched* weight, which kohya-format loaders "
+                "(ComfyUI, A1111) do not reproduce; load this file with SafeT2I's loader instead of converting it."
+            )
+        k = kohya_name(t, single_text_encoder)
+        if k + ".lora_down.weight" in out:
+            raise LoraFormatError(f"two targets map to the same kohya name {k}")
+        out[k + ".lora_down.weight"] = t.down.contiguous()
+        out[k + ".lora_up.weight"] = t.up.contiguous()
+        if t.mid is not None:
+            out[k + ".lora_mid.weight"] = t.mid.contiguous()
+        out[k + ".alpha"] = torch.tensor(float(t.alpha if t.alpha is not None else t.rank))
+        if t.dora_scale is not None:
+            out[k + ".dora_scale"] = t.dora_scale.contiguous()
+    return out
