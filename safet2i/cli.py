@@ -3,6 +3,9 @@
 ``safet2i filter PATHS... --out DIR``   check images and write filtered copies
 ``safet2i samples DIR``                 export benign sample pictures (for demos)
 ``safet2i models``                      list the built-in filter models and their status
+``safet2i lora inspect FILE [--base B]``  key format, architecture, rank, targets, coverage
+``safet2i lora convert FILE --to kohya``  write a file stock ComfyUI and A1111 load fully
+``safet2i convert FILE``                pickled checkpoint → .safetensors (weights_only load)
 
 Exit status of ``filter`` (bit flags): 0 all safe, 1 something unsafe, 2 something could
 not be read, 3 both; 4 the filter itself could not run; 64 bad command line.
@@ -79,7 +82,79 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
 
     sub.add_parser("models", help="list built-in filter models and whether they are installed")
+
+    lo = sub.add_parser("lora", help="inspect or convert safety LoRA files")
+    lsub = lo.add_subparsers(dest="lora_command", required=True, parser_class=_Parser)
+    li = lsub.add_parser("inspect", help="key format, base architecture, rank, targets and coverage")
+    li.add_argument("file")
+    li.add_argument("--base", choices=["sd1", "sd2", "sdxl"], help="also list coverage against this base")
+    li.add_argument("--json", action="store_true", help="print JSON")
+    lc = lsub.add_parser("convert", help="rewrite a LoRA with kohya keys (alpha written explicitly)")
+    lc.add_argument("file")
+    lc.add_argument("--to", choices=["kohya"], required=True)
+    lc.add_argument("--out", help="output file (default: FILE with a .kohya.safetensors suffix)")
+    lc.add_argument("--overwrite", action="store_true")
+
+    cv = sub.add_parser("convert", help="convert a pickled .ckpt/.pt/.bin to .safetensors without running its code")
+    cv.add_argument("file")
+    cv.add_argument("--out", help="output file (default: FILE with a .safetensors suffix)")
+    cv.add_argument("--overwrite", action="store_true")
     return p
+
+
+# --------------------------------------------------------------------------- lora / convert
+
+def run_lora(args) -> int:
+    import json  # noqa: PLC0415
+
+    from .lora import inspect_lora, load_lora  # noqa: PLC0415
+    from .lora.keys import to_kohya  # noqa: PLC0415
+
+    if args.lora_command == "inspect":
+        info = inspect_lora(args.file, args.base)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        for k in ("file", "sha256", "formats", "architectures", "fit", "components", "targets", "ranks", "scales",
+                  "alpha_from", "dora", "manifest", "manifest_check", "modules"):
+            v = info[k]
+            if isinstance(v, list):
+                v = ", ".join(map(str, v))
+            elif isinstance(v, dict):
+                v = ", ".join(f"{a}: {b}" for a, b in v.items())
+            print(f"{k:15s} {v}")
+        if "coverage" in info:
+            c = info["coverage"]
+            print(f"{'coverage':15s} {c['matched']}/{c['targets']} on {c['host']}")
+            for u in c["unmatched"][:20]:
+                print(f"{'':15s} unmatched {u['key']}: {u['reason']}")
+        return 0
+    lf = load_lora(args.file)
+    out = Path(args.out) if args.out else lf.path.with_name(lf.path.name.removesuffix(".safetensors") + ".kohya.safetensors")
+    if out.resolve() == lf.path.resolve():
+        raise SafeT2IError("the output would replace the input; choose another --out.")
+    if out.exists() and not args.overwrite:
+        raise SafeT2IError(f"{out} exists; pass --overwrite to replace it.")
+    state = to_kohya(lf.targets)
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    tmp = out.with_name(out.name + ".part")
+    save_file(state, str(tmp), metadata={"converted_from": lf.path.name, "converted_by": "safet2i lora convert",
+                                         "source_sha256": lf.sha256})
+    os.replace(tmp, out)
+    check = load_lora(out)  # round trip: same targets, same tensors
+    if len(check.targets) != len(lf.targets):
+        raise SafeT2IError(f"conversion check failed: {len(check.targets)} targets written, {len(lf.targets)} read.")
+    print(f"wrote {out} ({len(lf.targets)} target weights, kohya keys, alpha explicit)")
+    return 0
+
+
+def run_convert(args) -> int:
+    from .lora.files import convert_pickle  # noqa: PLC0415
+
+    out = convert_pickle(args.file, args.out, overwrite=args.overwrite)
+    print(f"wrote {out} (tensors only; loaded with torch.load(weights_only=True))")
+    return 0
 
 
 # --------------------------------------------------------------------------- filter
@@ -303,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_filter(args)
         if args.command == "samples":
             return run_samples(args)
+        if args.command == "lora":
+            return run_lora(args)
+        if args.command == "convert":
+            return run_convert(args)
         return run_models(args)
     except (SafeT2IError, ValueError, OSError) as exc:  # a crash must not read as exit 1 "unsafe"
         print(f"safet2i: error: {exc}", file=sys.stderr)
