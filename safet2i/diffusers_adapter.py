@@ -225,3 +225,73 @@ def steering_kwargs(steered: torch.Tensor, original: torch.Tensor, fraction: flo
     elif fraction == 0.0:
         kw["prompt_embeds"] = original
     return kw
+
+
+# --------------------------------------------------------------------------- model layer
+
+class SafetyLoRAHandle:
+    """What :func:`load_safety_lora` changed: its coverage report, and ``undo()``."""
+
+    def __init__(self, lora, coverage, originals: dict):
+        self.lora, self.coverage, self._originals = lora, coverage, originals
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for param, value in self._originals.values():
+                param.copy_(value)
+        self._originals.clear()
+
+
+def _components(pipe) -> dict:
+    comps = {"unet": getattr(pipe, "unet", None), "te1": getattr(pipe, "text_encoder", None),
+             "te2": getattr(pipe, "text_encoder_2", None)}
+    return {k: v for k, v in comps.items() if v is not None}
+
+
+def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = False) -> SafetyLoRAHandle:
+    """Merge a safety LoRA (any key format) into the pipeline's weights, after proving coverage.
+
+    Every target is resolved to a module of ``pipe.unet`` / ``pipe.text_encoder`` /
+    ``pipe.text_encoder_2`` by name and shape first; nothing is changed unless all of them
+    match (or ``allow_partial``). Weights become ``W + strength·scale·B·A`` (DoRA per
+    :func:`safet2i.lora.merged`). ``handle.undo()`` restores the originals.
+    """
+    from .lora import check, load_lora, merged, require_full  # noqa: PLC0415
+    from .lora.arch import UNetConfig, unet_modules  # noqa: PLC0415
+
+    lora = load_lora(path)
+    comps = _components(pipe)
+    params: dict[str, dict[str, torch.nn.Parameter]] = {}
+    flat: dict[str, dict[str, str]] = {}
+    for comp, mod in comps.items():
+        params[comp] = {n: m.weight for n, m in mod.named_modules()
+                        if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
+        flat[comp] = {n.replace(".", "_"): n for n in params[comp]}
+    ldm = {}
+    if "unet" in comps:
+        try:
+            ldm = {m.ldm: m.diffusers for m in unet_modules(UNetConfig.from_diffusers(comps["unet"].config))}
+        except (TypeError, KeyError, AttributeError):  # not a UNet2DConditionModel layout
+            ldm = {}
+    ldm_flat = {k.replace(".", "_"): v for k, v in ldm.items()}
+
+    def resolve(t):
+        names = params.get(t.component, {})
+        name = {"diffusers": t.module, "ldm": ldm.get(t.module), "flat": flat.get(t.component, {}).get(t.module)}[t.naming]
+        if name is None and t.naming == "flat" and t.component == "unet":
+            name = ldm_flat.get(t.module)  # kohya flat LDM names of a model we could not name otherwise
+        w = names.get(name) if name else None
+        return (f"{t.component}.{name}", tuple(w.shape)) if w is not None else (None, None)
+
+    cov = check(lora.targets, resolve, host=type(pipe).__name__)
+    require_full(cov, f"Safety LoRA {lora.path.name}", allow_partial)
+    originals = {}
+    by_name = {t.name: t for t in lora.targets}
+    with torch.no_grad():
+        for s in cov.matched:
+            comp, name = s.host_key.split(".", 1)
+            param = params[comp][name]
+            originals[s.host_key] = (param, param.detach().clone())
+            param.copy_(merged(param, by_name[s.target], strength))
+            cov.applied.append(s.host_key)
+    return SafetyLoRAHandle(lora, cov, originals)

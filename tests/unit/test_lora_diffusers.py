@@ -1,0 +1,89 @@
+"""Model layer through the diffusers host: tiny SD and SDXL-layout pipelines, real release layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safet2i.errors import SafeT2IError
+from safet2i.lora.arch import UNetConfig, unet_modules
+
+from tiny_diffusers import tiny_sd_pipeline as tiny_pipeline, tiny_sdxl_pipeline
+
+
+def _weights(pipe):
+    return {f"{c}.{n}": p.detach().clone() for c, mod in (("unet", pipe.unet), ("te1", pipe.text_encoder))
+            for n, p in mod.named_parameters()}
+
+
+def _lora(pipe, layout: str, rank=4, alpha=None, seed=0):
+    """(state dict, {(component, module): (B, A, scale)}) in one of the release layouts."""
+    g = torch.Generator().manual_seed(seed)
+    mods = unet_modules(UNetConfig.from_diffusers(pipe.unet.config))
+    sd, want = {}, {}
+    for m in mods:
+        if ".attn1." not in m.diffusers and ".attn2.to_k" not in m.diffusers:
+            continue
+        a = torch.randn(rank, m.shape[1], generator=g) * 0.2
+        b = torch.randn(m.shape[0], rank, generator=g) * 0.2
+        if layout == "duo":
+            stem = f"unet.{m.diffusers}"
+            sd[stem + ".lora.down.weight"], sd[stem + ".lora.up.weight"] = a, b
+        elif layout == "peft":
+            stem = f"base_model.model.{m.diffusers}"
+            sd[stem + ".lora_A.weight"], sd[stem + ".lora_B.weight"] = a, b
+        elif layout == "kohya-ldm":
+            stem = "lora_unet_" + m.ldm.replace(".", "_")
+            sd[stem + ".lora_down.weight"], sd[stem + ".lora_up.weight"] = a, b
+            if alpha is not None:
+                sd[stem + ".alpha"] = torch.tensor(float(alpha))
+        want[("unet", m.diffusers)] = (b, a, (alpha / rank) if alpha is not None else 1.0)
+    return sd, want
+
+
+@pytest.mark.parametrize("layout,alpha", [("duo", None), ("peft", None), ("kohya-ldm", 2.0)])
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_every_target_weight_is_base_plus_scaled_BA_and_nothing_else_changes(tmp_path, layout, alpha, xl):
+    from safet2i.diffusers_adapter import load_safety_lora
+
+    pipe = (tiny_sdxl_pipeline if xl else tiny_pipeline)(tmp_path)
+    before = _weights(pipe)
+    sd, want = _lora(pipe, layout, alpha=alpha)
+    save_file(sd, str(tmp_path / "l.safetensors"))
+    handle = load_safety_lora(pipe, tmp_path / "l.safetensors", strength=0.7)
+    assert len(handle.coverage.applied) == len(want) and not handle.coverage.unmatched
+    after = _weights(pipe)
+    expected_changed = {f"unet.{mod}.weight" for (_, mod) in want}
+    for k, v in after.items():
+        if k in expected_changed:
+            b, a, scale = want[("unet", k[len("unet."):-len(".weight")])]
+            ref = before[k].double() + 0.7 * scale * (b.double() @ a.double())
+            torch.testing.assert_close(v.double(), ref, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(v, before[k]), k
+    handle.undo()
+    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+
+
+def test_wrong_architecture_and_partial_files_change_nothing(tmp_path):
+    from safet2i.diffusers_adapter import load_safety_lora
+
+    pipe = tiny_pipeline(tmp_path)
+    before = _weights(pipe)
+    xl = tiny_sdxl_pipeline(tmp_path / "xl")
+    sd, _ = _lora(xl, "duo")
+    sd = {k: v for k, v in sd.items() if "attn2.to_k" in k}  # SDXL context width: fits no SD weight
+    save_file(sd, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(SafeT2IError, match="NOTHING|only"):
+        load_safety_lora(pipe, tmp_path / "xl.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+    sd, want = _lora(pipe, "duo")
+    sd["unet.up_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight"] = torch.ones(4, 8)
+    sd["unet.up_blocks.9.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight"] = torch.ones(8, 4)
+    save_file(sd, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(SafeT2IError, match=r"up_blocks\.9"):
+        load_safety_lora(pipe, tmp_path / "partial.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+    handle = load_safety_lora(pipe, tmp_path / "partial.safetensors", allow_partial=True)
+    assert len(handle.coverage.applied) == len(want) and len(handle.coverage.unmatched) == 1
