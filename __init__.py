@@ -22,7 +22,7 @@ if ComfyExtension is not None:
     class SafeT2IExtension(ComfyExtension):
         async def get_node_list(self):
             nodes = []
-            for module in ("filter_nodes", "guidance_nodes", "steering_nodes"):  # one module per layer
+            for module in ("filter_nodes", "guidance_nodes", "steering_nodes", "lora_nodes"):  # one module per layer
                 try:
                     nodes += importlib.import_module(f".nodes.{module}", __name__).NODES
                 except Exception as exc:  # noqa: BLE001 - one broken layer must not hide the others

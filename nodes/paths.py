@@ -16,6 +16,10 @@ from ..safet2i.filter import BUILTIN
 
 FOLDER = "safet2i_filters"
 PACK_MODELS = Path(__file__).resolve().parent.parent / "models" / "filters"
+SAFETY_FOLDER = "safety_models"
+PACK_SAFETY = Path(__file__).resolve().parent.parent / "models" / "safety_models"
+# Our own set object (pickles listed so that choosing one explains how to convert it).
+SAFETY_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 
 
 def register_folders() -> None:
@@ -26,6 +30,37 @@ def register_folders() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = ([default, str(PACK_MODELS)], {".json"})
     else:
         folder_paths.add_model_folder_path(FOLDER, default)
+    safety = os.path.join(folder_paths.models_dir, SAFETY_FOLDER)
+    if SAFETY_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[SAFETY_FOLDER] = ([safety, str(PACK_SAFETY)], set(SAFETY_EXTENSIONS))
+    else:
+        folder_paths.add_model_folder_path(SAFETY_FOLDER, safety)
+
+
+def _folders(lora: bool) -> tuple[str, ...]:
+    return (SAFETY_FOLDER, "loras") if lora else (SAFETY_FOLDER,)
+
+
+def safety_weight_names(lora: bool) -> list[str]:
+    names: list[str] = []
+    for folder in _folders(lora):
+        try:
+            names += [n for n in folder_paths.get_filename_list(folder) if n not in names]
+        except Exception:  # noqa: BLE001 - listing is cosmetic; loading re-checks
+            pass
+    return names
+
+
+def safety_weight_path(name: str, lora: bool) -> str:
+    """Only names ComfyUI lists are accepted (no ``../`` tricks from workflow JSON)."""
+    for folder in _folders(lora):
+        try:
+            if name in folder_paths.get_filename_list(folder):
+                return folder_paths.get_full_path_or_raise(folder, name)
+        except Exception:  # noqa: BLE001
+            continue
+    where = "models/safety_models or models/loras" if lora else "models/safety_models"
+    raise ModelLoadError(f"Safety weights {name!r} not found in {where}; put the .safetensors file there and refresh.")
 
 
 def filter_model_names() -> list[str]:

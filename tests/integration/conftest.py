@@ -87,7 +87,7 @@ def _comfy_env() -> tuple[str, str]:
 def start_server(base: Path, extra_env: dict | None = None):
     """Start ComfyUI on a free loopback port with this pack in a fresh folder tree."""
     path, python = _comfy_env()
-    for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models"):
+    for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models", "safety_models"):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "safet2i_test_counter.py").write_text(COUNTER_PACK)
@@ -98,6 +98,7 @@ def start_server(base: Path, extra_env: dict | None = None):
         f"  checkpoints: {base / 'checkpoints'}\n"
         f"  loras: {base / 'loras'}\n"
         f"  safet2i_filters: {base / 'models'}\n"
+        f"  safety_models: {base / 'safety_models'}\n"
     )
     port = _free_port()
     log = base / "server.log"
@@ -195,7 +196,39 @@ class SafeT2ITestCalls:
         import json
         return {"ui": {"text": [json.dumps(CALLS)]}}
 
-NODE_CLASS_MAPPINGS = {"SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls}
+class SafeT2ITestDumpPatches:
+    """Writes output/<name>.safetensors: for every patched weight of MODEL and CLIP, the base
+    weight and the weight ComfyUI computes from its patches (comfy.lora.calculate_weight)."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "name": ("STRING", {"default": "patches"})}}
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def run(self, model, clip, name):
+        import json, os
+        import comfy.lora, folder_paths
+        from safetensors.torch import save_file
+        out = {}
+        for tag, patcher in (("unet", model), ("clip", clip.patcher)):
+            sd = patcher.model.state_dict()
+            for key, patches in patcher.patches.items():
+                base = sd[key].detach().float().clone()
+                out[f"{tag}/base/{key}"] = base.clone().contiguous()
+                out[f"{tag}/patched/{key}"] = comfy.lora.calculate_weight(patches, base, key).contiguous()
+        if out:
+            save_file(out, os.path.join(folder_paths.get_output_directory(), name + ".safetensors"))
+        keys = {"unet": sorted(model.patches), "clip": sorted(clip.patcher.patches)}
+        return {"ui": {"text": [json.dumps(keys)]}}
+
+NODE_CLASS_MAPPINGS = {"SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls,
+                       "SafeT2ITestDumpPatches": SafeT2ITestDumpPatches}
 '''
 
 

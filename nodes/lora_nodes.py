@@ -1,0 +1,248 @@
+"""Model layer nodes: safety LoRAs and full safety weights, with proof that every weight was patched.
+
+ComfyUI's stock LoraLoader silently skips keys it does not know (DUO's diffusers keys among
+them: "lora key not loaded"). These nodes convert the file to names ComfyUI's own key map
+knows, check every target against the model (name *and* shape) before loading, load through
+``comfy.sd.load_lora_for_models``, then verify that each expected weight carries a patch.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..safet2i.errors import SafeT2IError
+from ..safet2i.lora import Coverage, Target, check, load_full_weights, load_lora, merged, require_full
+from ..safet2i.lora.coverage import TargetStatus
+from ..safet2i.lora.manifest import verify
+from .paths import safety_weight_names, safety_weight_path
+
+_CLIP_PREFIXES = {"te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
+
+
+def _candidates(t: Target) -> list[str]:
+    if t.component == "unet":
+        return [f"lora_unet_{t.module.replace('.', '_')}", f"diffusion_model.{t.module}"]
+    flat = t.module.replace(".", "_")
+    return [p + flat for p in _CLIP_PREFIXES[t.component]]
+
+
+def _resolver(key_map: dict, unet_sd: dict, clip_sd: dict):
+    chosen: dict[str, str] = {}
+
+    def resolve(t: Target):
+        for cand in _candidates(t):
+            host = key_map.get(cand)
+            if isinstance(host, tuple):  # split-qkv models (not SD): no plain shape to compare
+                host = None
+            if host is None:
+                continue
+            sd = unet_sd if t.component == "unet" else clip_sd
+            w = sd.get(host)
+            if w is None:
+                continue
+            chosen[t.name] = cand
+            return host, tuple(w.shape)
+        return None, None
+
+    return resolve, chosen
+
+
+def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, allow_partial: bool):
+    """(model, clip, Coverage): LoRA targets checked, loaded through ComfyUI, patches verified."""
+    import comfy.lora  # noqa: PLC0415
+    import comfy.sd  # noqa: PLC0415
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    clip_sd = {}
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        clip_sd = clip.cond_stage_model.state_dict()
+    unet_sd = model.model.state_dict()
+    resolve, chosen = _resolver(key_map, unet_sd, clip_sd)
+    cov = check(lora.targets, resolve, host="this model" + ("" if clip is not None else " (no CLIP connected)"))
+    require_full(cov, f"Safety LoRA {lora.path.name}", allow_partial)
+
+    plain: dict[str, torch.Tensor] = {}
+    dora_diffs: dict[str, tuple[str, torch.Tensor]] = {}  # PEFT DoRA: exact merged diff
+    host_of = {s.target: s.host_key for s in cov.matched}
+    for t in lora.targets:
+        if t.name not in chosen:
+            continue
+        if t.dora_kind == "peft":
+            host = host_of[t.name]
+            base = (unet_sd if t.component == "unet" else clip_sd)[host]
+            dora_diffs[t.name] = (host, merged(base.float(), t, 1.0) - base.float())
+            continue
+        name = chosen[t.name]
+        plain[f"{name}.lora_down.weight"] = t.down
+        plain[f"{name}.lora_up.weight"] = t.up
+        if t.mid is not None:
+            plain[f"{name}.lora_mid.weight"] = t.mid
+        plain[f"{name}.alpha"] = torch.tensor(float(t.alpha if t.alpha is not None else t.rank))
+        if t.dora_scale is not None:
+            plain[f"{name}.dora_scale"] = t.dora_scale
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, plain, strength_model, strength_clip)
+    if dora_diffs:
+        u = {h: ("diff", (d,)) for n, (h, d) in dora_diffs.items() if n.startswith("unet:")}
+        c = {h: ("diff", (d,)) for n, (h, d) in dora_diffs.items() if not n.startswith("unet:")}
+        if u:
+            new_model.add_patches(u, strength_model)
+        if c and new_clip is not None:
+            new_clip.add_patches(c, strength_clip)
+    # Proof: every matched target's host weight now carries a patch in the returned objects.
+    unet_patched = set(new_model.patches)
+    clip_patched = set(new_clip.patcher.patches) if new_clip is not None else set()
+    missing = []
+    for s in cov.matched:
+        patched = unet_patched if s.target.startswith("unet:") else clip_patched
+        (cov.applied if s.host_key in patched else missing).append(s.host_key)
+    if missing:
+        raise SafeT2IError(f"ComfyUI did not register patches for {len(missing)} weights of {lora.path.name} "
+                           f"(e.g. {missing[:3]}); the model is NOT protected, so nothing is returned.")
+    return new_model, new_clip, cov
+
+
+def _report(path, sha, entry, check_state, extra: dict) -> dict:
+    rep = {"file": path.name, "sha256": sha, "manifest": entry.name if entry else None, "manifest_check": check_state}
+    if entry:
+        rep.update({"title": entry.title, "paper": entry.paper, "licence": entry.licence})
+    rep.update(extra)
+    return rep
+
+
+class SafeT2ILoadSafetyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2ILoadSafetyLoRA",
+            display_name="SafeT2I Load Safety LoRA",
+            category="SafeT2I/model",
+            description=(
+                "Loads a safety LoRA (DUO, SC-DPO-style, ...) in any key format (kohya, diffusers, PEFT, old "
+                "attn-processor, LDM names, DoRA) through ComfyUI's own LoRA patching, and proves every target "
+                "weight was patched: a file that would patch nothing or only part of itself is an error."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Combo.Input("lora_name", options=safety_weight_names(lora=True),
+                               tooltip="From models/loras or models/safety_models (.safetensors)."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Boolean.Input("allow_partial", default=False,
+                                 tooltip="Load even if some target weights do not exist in this model (reported)."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.String.Output(display_name="coverage_report")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, lora_name, strength_model=1.0, strength_clip=1.0, allow_partial=False):
+        path = safety_weight_path(lora_name, lora=True)
+        lora = load_lora(path)
+        state = lora.verify_manifest()
+        new_model, new_clip, cov = apply_lora(model, clip, lora, strength_model, strength_clip, allow_partial)
+        rep = _report(lora.path, lora.sha256, lora.entry, state, {
+            "formats": lora.formats, "architectures": lora.architectures, "ranks": sorted(lora.ranks),
+            "scales": sorted({round(t.scale, 6) for t in lora.targets}), "alpha_from": lora.alpha_source,
+            "strength_model": strength_model, "strength_clip": strength_clip, "allow_partial": allow_partial,
+            **cov.as_dict(),
+        })
+        text = f"{lora.path.name}: {cov.summary()}; {len(cov.applied)} patched"
+        if cov.unmatched:
+            text += f"; PARTIAL: {len(cov.unmatched)} not loaded (allow_partial)"
+        return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
+
+
+def _unet_host_keys(model, fw) -> dict[str, str]:
+    import comfy.utils  # noqa: PLC0415
+
+    if fw.naming == "ldm":
+        return {k: f"diffusion_model.{k}" for k in fw.tensors}
+    d2l = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+    return {k: f"diffusion_model.{d2l[k]}" for k in fw.tensors if k in d2l}
+
+
+def _clip_host_keys(clip_sd: dict, fw) -> dict[str, str]:
+    """HF text-encoder keys → the CLIP object's keys (one encoder prefix, e.g. ``clip_l.transformer.``)."""
+    best: dict[str, str] = {}
+    prefixes = {k[: -len("text_model.embeddings.token_embedding.weight")] for k in clip_sd
+                if k.endswith("text_model.embeddings.token_embedding.weight")}
+    for p in sorted(prefixes):
+        found = {k: p + k for k in fw.tensors if p + k in clip_sd and tuple(clip_sd[p + k].shape) == tuple(fw.tensors[k].shape)}
+        if len(found) > len(best):
+            best = found
+    return best
+
+
+class SafeT2ILoadSafetyWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeT2ILoadSafetyWeights",
+            display_name="SafeT2I Load Safety Weights (full UNet / text encoder)",
+            category="SafeT2I/model",
+            description=(
+                "Replaces the model's UNet (ESD-u, SafeGen) or text encoder (AdvUnlearn) weights with a released "
+                "safety version (diffusers, LDM or transformers key names), checking that every tensor in the file "
+                "matches a weight of the same shape and reporting how much of the model was replaced."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Combo.Input("weights_name", options=safety_weight_names(lora=False),
+                               tooltip="A .safetensors UNet or text encoder in models/safety_models."),
+                io.Boolean.Input("allow_partial", default=False),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.String.Output(display_name="coverage_report")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, weights_name, allow_partial=False):
+        fw = load_full_weights(safety_weight_path(weights_name, lora=False))
+        if fw.component == "unet":
+            host_sd = model.model.state_dict()
+            mapping = _unet_host_keys(model, fw)
+        else:
+            host_sd = clip.cond_stage_model.state_dict()
+            mapping = _clip_host_keys(host_sd, fw)
+        cov = Coverage("this model")
+        for k, v in fw.tensors.items():
+            host = mapping.get(k)
+            shape = tuple(host_sd[host].shape) if host in host_sd else None
+            cov.statuses.append(TargetStatus(f"{fw.component}:{k}", k, host if shape else None, tuple(v.shape), shape, 0, 1.0))
+        require_full(cov, f"Safety weights {fw.path.name}", allow_partial)
+        patches = {s.host_key: ("set", (fw.tensors[s.source_key],)) for s in cov.matched}
+        prefix = "diffusion_model." if fw.component == "unet" else None
+        total = [k for k in host_sd if (prefix is None or k.startswith(prefix))]
+        if fw.component == "text_encoder":
+            enc = sorted({h.split("text_model.")[0] for h in patches})
+            total = [k for k in host_sd if any(k.startswith(e) for e in enc)]
+        fraction = len(patches) / max(1, len(total))
+        comp = "unet" if fw.component == "unet" else "te1"
+        state = verify(fw.entry, fw.sha256, {comp: len(fw.tensors)}, [], set(), {comp: fraction})
+        if fw.component == "unet":
+            new_model, new_clip = model.clone(), clip
+            new_model.add_patches(patches, 1.0)
+            patched = set(new_model.patches)
+        else:
+            new_model, new_clip = model, clip.clone()
+            new_clip.add_patches(patches, 1.0)
+            patched = set(new_clip.patcher.patches)
+        cov.applied = [k for k in patches if k in patched]
+        if len(cov.applied) != len(patches):
+            raise SafeT2IError(f"ComfyUI did not register {len(patches) - len(cov.applied)} weight replacements of "
+                               f"{fw.path.name}; the model is NOT protected.")
+        rep = _report(fw.path, fw.sha256, fw.entry, state, {
+            "component": fw.component, "naming": fw.naming, "replaced_fraction": round(fraction, 4),
+            "host_weights": len(total), **cov.as_dict(),
+        })
+        text = f"{fw.path.name}: {cov.summary()}; replaced {fraction:.1%} of the {fw.component} weights"
+        return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
+
+
+NODES = [SafeT2ILoadSafetyLoRA, SafeT2ILoadSafetyWeights]
