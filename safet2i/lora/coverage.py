@@ -59,7 +59,7 @@ class Coverage:
     def unmatched(self) -> list[TargetStatus]:
         return [s for s in self.statuses if not s.matched]
 
-    def as_dict(self) -> dict:
+    def as_dict(self, weights: bool = True) -> dict:
         by_comp: dict[str, list[int]] = {}
         for s in self.statuses:
             c = by_comp.setdefault(s.target.split(":")[0], [0, 0])
@@ -70,6 +70,8 @@ class Coverage:
             "unmatched": [{"key": s.source_key, "target": s.target, "reason": s.reason} for s in self.unmatched],
             "by_component": {k: {"matched": v[0], "targets": v[1]} for k, v in by_comp.items()},
             "applied": len(self.applied),
+            **({"weights": [{"key": s.source_key, "target": s.target, "host": s.host_key, "status": s.reason,
+                             "rank": s.rank, "scale": s.scale} for s in self.statuses]} if weights else {}),
         }
 
     def summary(self) -> str:

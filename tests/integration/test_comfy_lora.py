@@ -92,6 +92,7 @@ def test_duo_layout_is_fully_patched_where_the_stock_loader_patches_nothing(comf
     rep = report(entry)
     assert rep["matched"] == rep["targets"] == rep["applied"] == 16 and rep["unmatched"] == []
     assert rep["formats"] == ["diffusers"] and rep["scales"] == [1.0]
+    assert sorted(w["host"] for w in rep["weights"]) == expected and {w["status"] for w in rep["weights"]} == {"matched"}
 
     dump = load_file(str(comfy.output_dir / "ours.safetensors"))
     for m in ATTN1:
