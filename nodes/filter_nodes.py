@@ -83,8 +83,8 @@ class SafeT2IImageFilter(io.ComfyNode):
                 "run, the workflow stops with an error and no image goes on."
             ),
             inputs=[
-                io.Image.Input("images"),
-                FilterModels.Input("filter_models"),
+                io.Image.Input("images", tooltip="Images to check; every image of the batch is checked."),
+                FilterModels.Input("filter_models", tooltip="From SafeT2I Load Filter Model (chain several)."),
                 io.Combo.Input("policy", options=POLICIES, default="strict-5",
                                tooltip="strict-5: I2P/SLD exposed classes. broad-9: adds male breast, belly, "
                                        "feet, armpits (RECE/UnlearnDiffAtk). face-only: faces, for tests. "
@@ -96,7 +96,7 @@ class SafeT2IImageFilter(io.ComfyNode):
                                 tooltip="Per-label overrides, e.g. FEET_EXPOSED=0.8, one per line or comma-separated."),
                 io.Float.Input("expand", default=0.1, min=0.0, max=2.0, step=0.01,
                                tooltip="Grow each flagged box by this fraction of its size on every side."),
-                io.Combo.Input("mask_shape", options=MASK_SHAPES, default="rect"),
+                io.Combo.Input("mask_shape", options=MASK_SHAPES, default="rect", tooltip="Shape of each censored region."),
                 io.Float.Input("feather", default=0.0, min=0.0, max=256.0, step=0.5,
                                tooltip="Soften mask edges outwards by this many pixels."),
                 io.Float.Input("strength", default=0.0, min=0.0, max=512.0, step=1.0,

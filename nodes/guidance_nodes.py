@@ -167,8 +167,9 @@ class SafeT2IConceptEncode(io.ComfyNode):
             category="SafeT2I/guidance",
             description="Encodes the unsafe concept to steer away from (default: the SLD safety concept).",
             inputs=[
-                io.Clip.Input("clip"),
-                io.String.Input("concept", default=DEFAULT_CONCEPT, multiline=True),
+                io.Clip.Input("clip", tooltip="The model's text encoder (the same CLIP as the prompt's)."),
+                io.String.Input("concept", default=DEFAULT_CONCEPT, multiline=True,
+                                tooltip="What to steer away from: SLD's concept text by default."),
             ],
             outputs=[io.Conditioning.Output(display_name="concept")],
         )
@@ -193,10 +194,11 @@ class SafeT2ISLD(io.ComfyNode):
                 "model card; 'custom' uses the values below. Warm-up is defined for 50 steps and scaled."
             ),
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to patch."),
                 io.Conditioning.Input("concept", tooltip="From SafeT2I Safety Concept or any text encode."),
                 io.Combo.Input("preset", options=["WEAK", "MEDIUM", "STRONG", "MAX", "WEAK-DIFFUSERS", "custom"],
-                               default="MEDIUM"),
+                               default="MEDIUM", tooltip="SLD model-card presets (WEAK-DIFFUSERS: diffusers' "
+                                                         "WEAK, s_S = 20); 'custom' uses the values below."),
                 io.Float.Input("guidance_scale", default=1000.0, min=0.0, max=100000.0, step=1.0,
                                tooltip="s_S (custom only); 1 or less turns SLD off."),
                 io.Int.Input("warmup_steps", default=10, min=0, max=1000, tooltip="δ in 50-step units (custom only)."),
@@ -228,15 +230,17 @@ class SafeT2ISPGuard(io.ComfyNode):
                 "prompts) and a per-step spatial mask, so only unsafe regions are guided."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("concept"),
-                io.Float.Input("max_scale", default=2.0, min=0.0, max=20.0, step=0.05),
+                io.Model.Input("model", tooltip="The model to patch."),
+                io.Conditioning.Input("concept", tooltip="The unsafe concept (SafeT2I Safety Concept)."),
+                io.Float.Input("max_scale", default=2.0, min=0.0, max=20.0, step=0.05,
+                               tooltip="Safety-guidance strength for the most harmful prompts."),
                 io.Float.Input("harm_threshold", default=0.45, min=-1.0, max=0.99, step=0.01,
                                tooltip="τ_h: cosine below which a prompt counts as benign (no guidance)."),
                 io.Float.Input("mask_threshold", default=0.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="τ_m: per-pixel channel cosine above which a region is guided."),
-                io.Float.Input("ema", default=0.5, min=0.0, max=0.99, step=0.01),
-                io.Int.Input("start_step", default=0, min=0, max=1000),
+                io.Float.Input("ema", default=0.5, min=0.0, max=0.99, step=0.01,
+                               tooltip="Smoothing of the spatial mask over steps."),
+                io.Int.Input("start_step", default=0, min=0, max=1000, tooltip="First step that is guided."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
@@ -282,13 +286,15 @@ class SafeT2IDetectGuide(io.ComfyNode):
                 "embeddings when given, the raw concept tokens otherwise."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.String.Input("concept", default=SEXUAL_CONCEPT, multiline=True),
+                io.Model.Input("model", tooltip="The model to patch."),
+                io.Clip.Input("clip", tooltip="The text encoder: it finds the concept's tokens."),
+                io.String.Input("concept", default=SEXUAL_CONCEPT, multiline=True,
+                                tooltip="Concept words whose cross-attention locates the unsafe region."),
                 io.Float.Input("scale", default=0.2, min=0.0, max=10.0, step=0.01, tooltip="s_s"),
                 io.Float.Input("high", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="highlighted region threshold"),
                 io.Float.Input("low", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="editing region threshold"),
-                io.Float.Input("skip_coverage", default=0.8, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("skip_coverage", default=0.8, min=0.0, max=1.0, step=0.01,
+                               tooltip="No guidance when the detected region covers more of the image than this."),
                 io.Combo.Input("sld_gate", options=["none", "WEAK", "MEDIUM", "STRONG", "MAX"], default="none",
                                tooltip="Also apply SLD's elementwise gate (the paper's 'DAG + SLD')."),
                 io.Combo.Input("guideline_embeddings", options=["none"] + files, default="none",
@@ -326,7 +332,8 @@ class SafeT2IGuidanceReport(io.ComfyNode):
             category="SafeT2I/guidance",
             description="Per-step diagnostics of the last sampling run of a guided model: connect the "
                         "guided MODEL and the sampler's LATENT output (which makes it run afterwards).",
-            inputs=[io.Model.Input("model"), io.Latent.Input("samples")],
+            inputs=[io.Model.Input("model", tooltip="The guided model (after the SafeT2I guidance node)."),
+                    io.Latent.Input("samples", tooltip="The sampler's output; orders the report after sampling.")],
             outputs=[io.String.Output(display_name="report"),
                      io.Image.Output(display_name="mask_preview", tooltip="Guided region at the last step (white).")],
             is_output_node=True,

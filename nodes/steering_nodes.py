@@ -118,9 +118,10 @@ class SafeT2IPromptSteer(io.ComfyNode):
                 "for a self-validated number of early steps. Prompts with no trigger token are unchanged."
             ),
             inputs=[
-                io.Clip.Input("clip"),
-                io.String.Input("text", multiline=True, dynamic_prompts=True),
-                io.Combo.Input("concepts", options=list(CONCEPT_PRESETS) + ["custom"], default="nudity"),
+                io.Clip.Input("clip", tooltip="The text encoder (SD1.x, SD2.x or SDXL)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt to encode and steer."),
+                io.Combo.Input("concepts", options=list(CONCEPT_PRESETS) + ["custom"], default="nudity",
+                               tooltip="Toxic-concept list: a preset or 'custom' (below)."),
                 io.String.Input("custom_concepts", default="", multiline=True,
                                 tooltip="With concepts = custom: one concept per line or comma-separated."),
                 io.Float.Input("alpha", default=0.01, min=0.0, max=10.0, step=0.001,
@@ -132,7 +133,8 @@ class SafeT2IPromptSteer(io.ComfyNode):
                                  tooltip="Steer only the first t' of 50 steps (β rule); off: every step."),
                 io.Boolean.Input("concepts_as_negative", default=False,
                                  tooltip="Also output the concept list as the negative prompt, as SAFREE's runs do."),
-                io.Conditioning.Input("negative", optional=True),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Passed through as 'negative' unless concepts_as_negative is on."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive"),
@@ -173,7 +175,7 @@ class SafeT2ILatentReattention(io.ComfyNode):
                 "are damped in a low-frequency Fourier window where they exceed the reference's."
             ),
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to patch."),
                 io.Conditioning.Input("original", tooltip="The unsteered prompt (a plain text encode of the same text)."),
                 io.Float.Input("s1", default=0.9, min=0.0, max=1.0, step=0.01, tooltip="Scale at the deepest stage."),
                 io.Float.Input("s2", default=0.2, min=0.0, max=1.0, step=0.01, tooltip="Scale at the next stage."),
