@@ -28,8 +28,15 @@ def test_the_required_example_workflows_exist():
     assert REQUIRED <= {p.stem for p in EXAMPLES}
 
 
-def test_server_lists_them_as_templates(comfy):
+def test_server_lists_them_as_templates_with_thumbnails(comfy):
+    import urllib.request
+
     assert sorted(comfy.get("/workflow_templates")["safet2i"]) == sorted(p.stem for p in EXAMPLES)
+    for p in EXAMPLES:  # the frontend's template browser loads <name>.jpg next to the json
+        thumb = p.with_suffix(".jpg")
+        assert thumb.is_file() and thumb.stat().st_size < 200_000, thumb
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/safet2i/{thumb.name}", timeout=10) as r:
+            assert r.status == 200 and r.read() == thumb.read_bytes()
 
 
 @pytest.fixture(scope="module")
