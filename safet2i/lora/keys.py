@@ -23,6 +23,7 @@ there is no alpha, as in DUO's files; ``adapter_config.json``'s ``lora_alpha`` w
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -178,8 +179,11 @@ def parse(state: dict[str, torch.Tensor], alpha_override: float | None = None) -
         t.source_keys.append(key)
         if part == "alpha":
             t.alpha = float(tensor.float().reshape(-1)[0]) if tensor.numel() else None
+            if t.alpha is not None and not math.isfinite(t.alpha):
+                raise LoraFormatError(f"{t.name}: alpha is {t.alpha} (must be a finite number)")
         elif part == "magnitude":
-            t.dora_scale, t.dora_kind = tensor.reshape(tensor.shape[0], 1), "peft"
+            # PEFT stores (out,) for Linear and (1, out, 1, 1) for Conv2d: one value per output row
+            t.dora_scale, t.dora_kind = tensor.reshape(-1, 1), "peft"
         elif part == "dora_scale":
             t.dora_scale, t.dora_kind = tensor, "kohya"
         else:
