@@ -1,0 +1,40 @@
+"""Extras tab: the output filter on upscaled / post-processed images."""
+
+from __future__ import annotations
+
+from modules import scripts_postprocessing
+
+from .config import FILTER_ACTIONS, POLICIES, JobConfig
+from .filtering import filter_image
+
+
+class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
+    name = "SafeT2I output filter"
+    order = 100000  # last: after upscaling and face restoration
+
+    def ui(self):
+        import gradio as gr  # noqa: PLC0415
+
+        from modules.ui_components import InputAccordion  # noqa: PLC0415
+
+        with InputAccordion(True, label="SafeT2I output filter") as enabled:
+            policy = gr.Dropdown(list(POLICIES), value="strict-5", label="Policy")
+            action = gr.Dropdown(list(FILTER_ACTIONS), value="blur", label="Action")
+        return {"enabled": enabled, "policy": policy, "action": action}
+
+    def process(self, pp, enabled=True, policy="strict-5", action="blur"):
+        from .script import enforcement  # noqa: PLC0415
+
+        enforce = enforcement()
+        try:
+            cfg = JobConfig.from_args([False, "SLD", "MEDIUM", "", bool(enabled), policy, action], enforce)
+        except ValueError:
+            cfg = JobConfig.from_args([], enforce)
+            cfg.filter_action = "placeholder"
+        if not cfg.filter_enabled:
+            return
+        o = filter_image(pp.image, cfg.filter_policy, cfg.filter_action)
+        pp.image = o.image
+        info = getattr(pp, "info", None)
+        if isinstance(info, dict):
+            info["SafeT2I verdict"] = o.verdict

@@ -1,0 +1,80 @@
+"""Output filter for the webui: PIL images in, checked and censored PIL images out, failing closed.
+
+Filters are built once per (policy, action) and share the process-wide model cache of the
+core, so a model is loaded once per webui process. Any error (missing model, broken image,
+a bug) yields a black placeholder image and an error verdict instead of the unchecked image.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from safet2i.errors import UnsafeContentError
+from safet2i.filter import SafetyFilter
+from safet2i.filter.censor import placeholder
+
+log = logging.getLogger("safet2i")
+_LOCK = threading.Lock()
+_FILTERS: dict[tuple, SafetyFilter] = {}
+MARK = "safet2i"   # PIL Image.info key set on images this extension produced
+
+
+@dataclass
+class Outcome:
+    image: Image.Image
+    verdict: str          # "safe", "censored", "blocked", "error: ..."
+    cost: float | None
+    labels: list[str]
+
+
+def get_filter(policy: str, action: str) -> SafetyFilter:
+    key = (policy, action)
+    with _LOCK:
+        if key not in _FILTERS:
+            _FILTERS[key] = SafetyFilter(["nudenet"], policy=policy, action=action)
+        return _FILTERS[key]
+
+
+def _blocked(size, reason: str) -> Image.Image:
+    w, h = size
+    img = Image.fromarray((placeholder(h, w) * 255).astype(np.uint8))
+    img.info[MARK] = reason
+    return img
+
+
+def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
+    """Check one image; never raises, never returns the original when something went wrong."""
+    size = getattr(image, "size", (64, 64))
+    try:
+        flt = get_filter(policy, action)
+        rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        try:
+            out = flt.run([rgb])
+        except UnsafeContentError:
+            return Outcome(_blocked(size, "blocked"), "blocked", None, [])
+        verdict = out.verdicts[0]
+        labels = sorted({f.detection.label for f in verdict.flagged})
+        if not verdict.unsafe:
+            result = image.copy()
+            result.info = dict(image.info)
+            result.info[MARK] = "safe"
+            return Outcome(result, "safe", verdict.cost, labels)
+        arr = (np.clip(out.images[0], 0, 1) * 255 + 0.5).astype(np.uint8)
+        result = Image.fromarray(arr)
+        result.info = {k: v for k, v in image.info.items() if k != MARK}
+        result.info[MARK] = "censored" if action != "pass" else "flagged"
+        return Outcome(result, "censored" if action != "pass" else "flagged", verdict.cost, labels)
+    except Exception as exc:  # noqa: BLE001 - fail closed on anything
+        log.error("SafeT2I: output filter failed, image blocked: %s", exc, exc_info=True)
+        return Outcome(_blocked(size, f"error: {exc}"), f"error: {type(exc).__name__}: {exc}", None, [])
+
+
+def verdict_text(o: Outcome) -> str:
+    if o.verdict in ("safe", "blocked") or o.verdict.startswith("error"):
+        return o.verdict.split(":")[0]
+    return f"{o.verdict} ({', '.join(o.labels)}; cost {o.cost:.2f})" if o.cost is not None else o.verdict

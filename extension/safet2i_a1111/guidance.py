@@ -1,0 +1,153 @@
+"""Safety guidance inside A1111's CFG denoiser (batched rows, a1111.md §1.6–1.7 design A).
+
+``on_cfg_denoiser`` receives the batched model input: the cond rows of every image first,
+then one uncond row per image. We insert one safety-concept row per image *between* them
+(uncond stays last, so the webui's own combine and uncond skipping are unaffected), i.e. one
+UNet batch of R + 2B rows instead of R + B. ``on_cfg_denoised`` then reads the three
+predictions per image, asks the core method for the guided direction d_p (ε space; x0
+outputs of k-diffusion samplers are converted with σ) and rewrites each image's cond row
+*in place* so that the webui's ``uncond + s·(cond − uncond)`` yields ``ε_u + s·d_p``, exactly
+as in the ComfyUI and diffusers hosts.
+
+Every failure is recorded on the job (``state.error``); the output filter then blocks the
+image instead of letting an unguided image through (A1111 swallows callback exceptions).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from safet2i.guidance import DAGConfig, SLDGuidance, SPGuardConfig, SPGuardGuidance
+
+log = logging.getLogger("safet2i")
+
+
+class GuidanceError(RuntimeError):
+    pass
+
+
+def make_method(name: str, preset: str):
+    if name == "SLD":
+        return SLDGuidance(preset)
+    if name == "SP-Guard-style":
+        return SPGuardGuidance(SPGuardConfig())
+    raise GuidanceError(f"{name} guidance is not available in the web UI yet (needs cross-attention capture)")
+
+
+def _rows(value, n: int):
+    """First ``n`` rows of a tensor or of every tensor in an SDXL cond dict."""
+    if isinstance(value, dict):
+        return {k: v[:n] for k, v in value.items()}
+    return value[:n]
+
+
+def _fit_tokens(concept: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Concept embedding [T, D] padded (repeating its last row, as padding tokens are) or cut to ``tokens``."""
+    if concept.shape[0] >= tokens:
+        return concept[:tokens]
+    pad = concept[-1:].expand(tokens - concept.shape[0], -1)
+    return torch.cat([concept, pad])
+
+
+def insert_safety_rows(x, sigma, image_cond, text_cond, concept, batch: int):
+    """New (x, sigma, image_cond, text_cond) with ``batch`` safety rows before the uncond rows.
+
+    ``concept``: tensor [T, D] or SDXL dict {'crossattn': [T, D], 'vector': [V]}. Inputs are
+    never modified (the webui caches conds across jobs).
+    """
+    r = x.shape[0] - batch
+    if r < batch:
+        raise GuidanceError(f"unexpected denoiser batch: {x.shape[0]} rows for {batch} images")
+
+    def ins(t):
+        if t is None:
+            return None
+        return torch.cat([t[:r], t[r:], t[r:]]) if t.shape[0] == x.shape[0] else t
+
+    # Safety rows are copies of the per-image uncond inputs (same latent, σ, image cond).
+    x2 = torch.cat([x[:r], x[r:], x[r:]])
+    s2 = torch.cat([sigma[:r], sigma[r:], sigma[r:]])
+    ic2 = ins(image_cond)
+    if isinstance(text_cond, dict):
+        out = {}
+        for k, v in text_cond.items():
+            c = concept[k].to(v.device, v.dtype)
+            if v.dim() == 3:
+                c = _fit_tokens(c, v.shape[1])
+            out[k] = torch.cat([v, c.unsqueeze(0).expand(batch, *c.shape)])
+        return x2, s2, ic2, out
+    c = _fit_tokens(concept.to(text_cond.device, text_cond.dtype), text_cond.shape[1])
+    return x2, s2, ic2, torch.cat([text_cond, c.unsqueeze(0).expand(batch, *c.shape)])
+
+
+class GuidanceHook:
+    """State of one job's guidance across its sampling steps."""
+
+    def __init__(self, method, concept, eps_prediction: bool):
+        self.method = method
+        self.concept = concept
+        self.eps_prediction = eps_prediction     # DDIM/PLMS/UniPC: outputs are ε, "sigma" is t
+        self.x = self.sigma = None
+        self.batch = 0
+        self.error: str | None = None
+        self.steps_guided = 0
+        self.last_step = None
+
+    # -- on_cfg_denoiser ---------------------------------------------------
+    def before(self, params) -> None:
+        if self.error:
+            return
+        try:
+            tu = params.text_uncond
+            b = (tu["crossattn"] if isinstance(tu, dict) else tu).shape[0]
+            step, total = params.sampling_step, params.total_sampling_steps
+            if self.last_step is None or step <= self.last_step:
+                self.method.reset(total)
+            self.last_step = step
+            x, s, ic, tc = insert_safety_rows(params.x, params.sigma, params.image_cond, params.text_cond,
+                                              self.concept, b)
+            self.x, self.sigma, self.batch = x, s, b
+            params.x, params.sigma, params.image_cond, params.text_cond = x, s, ic, tc
+        except Exception as exc:  # noqa: BLE001 - recorded, then the image is blocked
+            self.fail(exc)
+
+    # -- on_cfg_denoised ---------------------------------------------------
+    def after(self, params) -> None:
+        if self.error or self.x is None:
+            return
+        try:
+            out, b = params.x, self.batch
+            if out.shape[0] != self.x.shape[0]:
+                raise GuidanceError(f"the denoiser returned {out.shape[0]} rows, expected {self.x.shape[0]} "
+                                    "(another extension changed the batch, or uncond skipping is on)")
+            r = out.shape[0] - 2 * b
+            if r != b:
+                raise GuidanceError("AND / composable prompts are not supported with SafeT2I guidance yet "
+                                    f"({r} cond rows for {b} images)")
+            xin, sig = self.x, self.sigma
+            cond, safe, unc = out[:r], out[r:r + b], out[r + b:]
+            if self.eps_prediction:
+                ec, es, eu = cond, safe, unc
+            else:
+                sg = sig.reshape(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+                ec = (xin[:r] - cond) / sg[:r]
+                es = (xin[r:r + b] - safe) / sg[r:r + b]
+                eu = (xin[r + b:] - unc) / sg[r + b:]
+            d_p = self.method.direction(eu, ec, es)
+            guided = eu + d_p
+            new_cond = guided if self.eps_prediction else xin[:r] - sg[:r] * guided
+            out[:r] = new_cond.to(out.dtype)        # in place: the webui keeps its own reference
+            self.steps_guided += 1
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc)
+        finally:
+            self.x = self.sigma = None
+
+    def fail(self, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.error("SafeT2I guidance failed; the image will be blocked: %s", self.error, exc_info=exc)
+
+
+__all__ = ["DAGConfig", "GuidanceError", "GuidanceHook", "insert_safety_rows", "make_method"]

@@ -1,0 +1,350 @@
+"""The webui script: one always-visible SafeT2I accordion, its hooks, settings, API route, Extras.
+
+Hook map (a1111.md §1.3/§1.5): ``setup`` (job state, live-preview filter), ``process``
+(infotext), ``process_batch`` (guidance callbacks armed for this batch), the CFG callbacks
+(guidance rows), ``postprocess_image_after_composite`` (or ``postprocess_image`` on older
+webuis: the output filter on the full composited image), ``on_before_image_saved`` (every
+file written while a job runs, and everything when enforced: intermediate saves, grids,
+Extras), ``postprocess`` (clean-up). The webui swallows exceptions raised in hooks, so every
+hook catches its own and the job is marked failed: images of a failed job are blocked.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+import modules.scripts as scripts
+from modules import script_callbacks, shared
+
+from . import TITLE
+from .config import (
+    DEFAULT_CONCEPT, ENFORCE_ACTIONS, FILTER_ACTIONS, GUIDANCE_METHODS, POLICIES, SLD_PRESET_NAMES, JobConfig,
+    parse_infotext,
+)
+from .filtering import MARK, filter_image, verdict_text
+from .guidance import GuidanceHook, make_method
+
+log = logging.getLogger("safet2i")
+SECTION = ("safet2i", "SafeT2I")
+
+
+# --------------------------------------------------------------------------- operator settings
+
+def enforcement() -> dict | None:
+    """``--safet2i-enforce`` (preload.py): cannot be changed from the UI, the API or override_settings."""
+    opts = getattr(shared, "cmd_opts", None)
+    if not getattr(opts, "safet2i_enforce", False):
+        return None
+    policy = getattr(opts, "safet2i_enforce_policy", "strict-5") or "strict-5"
+    action = getattr(opts, "safet2i_enforce_action", "blur") or "blur"
+    if policy not in POLICIES or action not in ENFORCE_ACTIONS:
+        # A bad flag must not disable enforcement: fall back to the strictest sensible values.
+        log.error("SafeT2I: invalid enforcement flags (%s, %s); using strict-5 / placeholder", policy, action)
+        policy, action = "strict-5", "placeholder"
+    return {"policy": policy, "action": action}
+
+
+def _opt(key: str, default):
+    return getattr(shared.opts, key, default) if hasattr(shared, "opts") else default
+
+
+def on_ui_settings():
+    section = SECTION
+    add = shared.opts.add_option
+    OptionInfo = shared.OptionInfo
+    add("safet2i_filter_default", OptionInfo(True, "Output filter on by default", section=section, restrict_api=True))
+    add("safet2i_filter_policy", OptionInfo("strict-5", "Default filter policy", section=section, restrict_api=True))
+    add("safet2i_filter_action", OptionInfo("blur", "Default filter action", section=section, restrict_api=True))
+    add("safet2i_previews", OptionInfo("filter", "Live previews: 'filter' (check each preview) or 'hide'",
+                                       section=section, restrict_api=True))
+    add("safet2i_guidance_method", OptionInfo("SLD", "Default guidance method", section=section))
+    add("safet2i_guidance_preset", OptionInfo("MEDIUM", "Default SLD preset", section=section))
+
+
+# --------------------------------------------------------------------------- job state
+
+@dataclass
+class Job:
+    cfg: JobConfig
+    p: object = None
+    hook: GuidanceHook | None = None
+    error: str | None = None
+    verdicts: dict[int, str] = field(default_factory=dict)
+    restore: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> str | None:
+        return self.error or (self.hook.error if self.hook else None)
+
+
+_ACTIVE: list[Job] = []   # the job being generated (the webui runs one at a time)
+
+
+def current_job() -> Job | None:
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def _job(p) -> Job | None:
+    return getattr(p, "_safet2i_job", None)
+
+
+def _encode_concept(p, text: str):
+    """Concept embedding rows with the job's model: tensor [T, D], or SDXL dict."""
+    from modules import prompt_parser  # noqa: PLC0415
+
+    model = p.sd_model
+    if getattr(model, "is_sdxl", False):
+        cond = model.get_learned_conditioning(prompt_parser.SdConditioning([text], width=p.width, height=p.height))
+        return {k: v[0].detach().clone() for k, v in cond.items()}
+    cond = model.get_learned_conditioning([text])
+    if isinstance(cond, dict):
+        return {k: v[0].detach().clone() for k, v in cond.items()}
+    return cond[0].detach().clone()
+
+
+def _is_eps_sampler(p, params=None) -> bool:
+    denoiser = getattr(params, "denoiser", None) if params is not None else None
+    names = [type(denoiser).__name__ if denoiser is not None else "", type(getattr(p, "sampler", None)).__name__]
+    return any("Timesteps" in n or "CompVis" in n for n in names)
+
+
+# --------------------------------------------------------------------------- CFG callbacks (global)
+
+def _on_cfg_denoiser(params):
+    job = current_job()
+    if not (job and job.hook):
+        return
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    if p is not None and _job(p) is not job:
+        return
+    job.hook.eps_prediction = _is_eps_sampler(p if p is not None else job.p, params)
+    job.hook.before(params)
+
+
+def _on_cfg_denoised(params):
+    job = current_job()
+    if job and job.hook:
+        job.hook.after(params)
+
+
+def _on_before_image_saved(params):
+    """Every image file the webui writes passes here (samples, intermediates, grids, Extras)."""
+    try:
+        img = params.image
+        if img is None or img.info.get(MARK):
+            return
+        job = current_job()
+        enforce = enforcement()
+        if job is None and not enforce:
+            return
+        cfg = job.cfg if job else JobConfig.from_args([], enforce)
+        if job and job.failed:
+            params.image = filter_image(img, cfg.filter_policy, "placeholder").image
+            return
+        if not cfg.filter_enabled:
+            return
+        params.image = filter_image(img, cfg.filter_policy, cfg.filter_action).image
+    except Exception as exc:  # noqa: BLE001 - never let an unchecked image be written
+        log.error("SafeT2I: save hook failed, writing a placeholder: %s", exc)
+        from .filtering import _blocked  # noqa: PLC0415
+
+        params.image = _blocked(params.image.size, "error")
+
+
+def _on_app_started(demo, app):
+    def filter_route(payload: dict):
+        """POST /safet2i/filter {"image": base64 PNG/JPEG, "policy"?, "action"?} → censored image + verdict."""
+        enforce = enforcement()
+        cfg = JobConfig.from_args([], enforce)
+        policy = payload.get("policy", cfg.filter_policy)
+        action = payload.get("action", cfg.filter_action)
+        if enforce:
+            forced = JobConfig(filter_policy=policy if policy in POLICIES else cfg.filter_policy,
+                               filter_action=action if action in FILTER_ACTIONS else cfg.filter_action)
+            forced = JobConfig.from_args([getattr(forced, n) for n in JobConfig.arg_names()], enforce)
+            policy, action = forced.filter_policy, forced.filter_action
+        if policy not in POLICIES or action not in FILTER_ACTIONS:
+            return {"error": f"policy must be one of {POLICIES} and action one of {FILTER_ACTIONS}"}
+        raw = payload.get("image", "")
+        if "," in raw[:100]:
+            raw = raw.split(",", 1)[1]
+        try:
+            img = Image.open(io.BytesIO(base64.b64decode(raw)))
+            img.load()
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"not a readable image: {exc}"}
+        o = filter_image(img, policy, action)
+        buf = io.BytesIO()
+        o.image.save(buf, "PNG")
+        return {"image": base64.b64encode(buf.getvalue()).decode(), "verdict": o.verdict, "cost": o.cost,
+                "labels": o.labels, "policy": policy, "action": action}
+
+    app.add_api_route("/safet2i/filter", filter_route, methods=["POST"])
+
+
+_REGISTERED = []
+
+
+def register_callbacks() -> None:
+    if _REGISTERED:
+        return
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
+    if hasattr(script_callbacks, "on_cfg_denoised"):
+        script_callbacks.on_cfg_denoised(_on_cfg_denoised)
+    script_callbacks.on_before_image_saved(_on_before_image_saved)
+    script_callbacks.on_app_started(_on_app_started)
+    _REGISTERED.append(True)
+
+
+register_callbacks()
+
+
+# --------------------------------------------------------------------------- the script
+
+HAS_AFTER_COMPOSITE = hasattr(scripts.Script, "postprocess_image_after_composite")
+
+
+class SafeT2IScript(scripts.Script):
+    sorting_priority = 99  # Forge: late, so that the filter sees the final image
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr  # noqa: PLC0415
+
+        from modules.ui_components import InputAccordion  # noqa: PLC0415
+
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Group(elem_id=f"safet2i_{tab}"):
+            with gr.Accordion("SafeT2I safety", open=False):
+                with InputAccordion(False, label="Safety guidance (sampler)") as guidance_enabled:
+                    method = gr.Dropdown(list(GUIDANCE_METHODS), value=_opt("safet2i_guidance_method", "SLD"),
+                                         label="Method")
+                    preset = gr.Dropdown(list(SLD_PRESET_NAMES), value=_opt("safet2i_guidance_preset", "MEDIUM"),
+                                         label="SLD preset")
+                    concept = gr.Textbox(DEFAULT_CONCEPT, label="Unsafe concept", lines=2)
+                with InputAccordion(bool(_opt("safet2i_filter_default", True)), label="Output filter") as filter_enabled:
+                    policy = gr.Dropdown(list(POLICIES), value=_opt("safet2i_filter_policy", "strict-5"), label="Policy")
+                    action = gr.Dropdown(list(FILTER_ACTIONS), value=_opt("safet2i_filter_action", "blur"),
+                                         label="Action")
+                    if enforcement():
+                        gr.Markdown("The operator enforces the output filter on this server.")
+        components = [guidance_enabled, method, preset, concept, filter_enabled, policy, action]
+        names = JobConfig.arg_names()
+        assert len(components) == len(names)
+        self.infotext_fields = [(c, (lambda key: (lambda params: parse_infotext(params).get(key, None)))(n))
+                                for c, n in zip(components, names)]
+        self.paste_field_names = ["SafeT2I guidance", "SafeT2I concept", "SafeT2I filter"]
+        return components
+
+    # -- lifecycle -------------------------------------------------------------
+    def setup(self, p, *args):
+        try:
+            job = Job(JobConfig.from_args(args, enforcement()), p)
+        except Exception as exc:  # noqa: BLE001 - bad arguments: fail closed
+            job = Job(JobConfig.from_args([], enforcement()), p, error=f"bad SafeT2I arguments: {exc}")
+            log.error("SafeT2I: %s", job.error)
+        p._safet2i_job = job
+        _ACTIVE.append(job)
+        self._wrap_previews(job)
+        original_close = p.close
+
+        def close(*a, **k):
+            self._finish(p)
+            return original_close(*a, **k)
+
+        p.close = close
+
+    def _wrap_previews(self, job: Job) -> None:
+        state = getattr(shared, "state", None)
+        assign = getattr(state, "assign_current_image", None)
+        if not callable(assign) or not (job.cfg.filter_enabled or job.cfg.enforced):
+            return
+
+        def safe_assign(image, *a, **k):
+            try:
+                if image is not None and not job.failed and _opt("safet2i_previews", "filter") == "filter":
+                    image = filter_image(image, job.cfg.filter_policy, job.cfg.filter_action).image
+                elif image is not None:
+                    image = filter_image(image, job.cfg.filter_policy, "placeholder").image
+            except Exception:  # noqa: BLE001 - no unchecked preview
+                image = None
+            return assign(image, *a, **k)
+
+        state.assign_current_image = safe_assign
+        job.restore.append(lambda: setattr(state, "assign_current_image", assign))
+
+    def _finish(self, p) -> None:
+        job = _job(p)
+        if job is None:
+            return
+        for undo in reversed(job.restore):
+            undo()
+        job.restore.clear()
+        if job in _ACTIVE:
+            _ACTIVE.remove(job)
+
+    def process(self, p, *args):
+        job = _job(p)
+        if job is None:
+            return
+        p.extra_generation_params.update(job.cfg.infotext())
+
+    def process_batch(self, p, *args, **kwargs):
+        job = _job(p)
+        if job is None or not job.cfg.guidance_active or job.failed:
+            return
+        try:
+            if hasattr(p.sd_model, "forge_objects"):
+                raise RuntimeError("SafeT2I guidance is not available on Forge/reForge yet")
+            concept = _encode_concept(p, job.cfg.guidance_concept)
+            job.hook = GuidanceHook(make_method(job.cfg.guidance_method, job.cfg.guidance_preset), concept,
+                                    eps_prediction=_is_eps_sampler(p))
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"guidance could not start: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    # -- the output filter -----------------------------------------------------
+    def _filter(self, p, pp) -> None:
+        job = _job(p)
+        if job is None:
+            return
+        index = getattr(pp, "index", len(job.verdicts))
+        try:
+            if job.failed:
+                o = filter_image(pp.image, job.cfg.filter_policy, "placeholder")
+                pp.image = o.image
+                text = f"blocked ({job.failed})"
+            elif job.cfg.filter_enabled:
+                o = filter_image(pp.image, job.cfg.filter_policy, job.cfg.filter_action)
+                pp.image = o.image
+                text = verdict_text(o)
+            else:
+                return
+        except Exception as exc:  # noqa: BLE001
+            from .filtering import _blocked  # noqa: PLC0415
+
+            pp.image = _blocked(pp.image.size, "error")
+            text = f"blocked (error: {exc})"
+        job.verdicts[index] = text
+        p.extra_generation_params["SafeT2I verdict"] = text   # infotext of the image saved next
+
+    def postprocess_image(self, p, pp, *args):
+        if not HAS_AFTER_COMPOSITE:
+            self._filter(p, pp)
+
+    def postprocess_image_after_composite(self, p, pp, *args):
+        self._filter(p, pp)
+
+    def postprocess(self, p, processed, *args):
+        self._finish(p)
