@@ -62,10 +62,29 @@ def main(argv=None) -> int:
         comfy.sample.sample(model, noise, args.steps, 7.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=0)
 
     def steered():
-        pos = SafeT2IPromptSteer.execute(clip, text, "nudity").args[0]
+        pos = SafeT2IPromptSteer.execute(clip, text, "nudity", negative=neg).args[0]
         comfy.sample.sample(model, noise, args.steps, 7.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=0)
 
-    fns = {"unsteered": plain, "SAFREE-style steered": steered}
+    def encode_plain():
+        clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+    def encode_steered():
+        SafeT2IPromptSteer.execute(clip, text, "nudity", negative=neg)
+
+    pos_plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    pos_steered = SafeT2IPromptSteer.execute(clip, text, "nudity", negative=neg).args[0]
+
+    def sample_plain():
+        comfy.sample.sample(model, noise, args.steps, 7.0, "euler", "normal", pos_plain, neg, latent, disable_pbar=True,
+                            seed=0)
+
+    def sample_steered():
+        comfy.sample.sample(model, noise, args.steps, 7.0, "euler", "normal", pos_steered, neg, latent,
+                            disable_pbar=True, seed=0)
+
+    fns = {"unsteered": plain, "SAFREE-style steered": steered,
+           "prompt encode only": encode_plain, "steered encode only": encode_steered,
+           "sampling only, plain conditioning": sample_plain, "sampling only, steered conditioning": sample_steered}
     runs = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -77,8 +96,14 @@ def main(argv=None) -> int:
     times = {name: statistics.median(r) for name, r in runs.items()}
     base = times["unsteered"]
     print(f"tiny SD1.x, {args.size}px, {args.steps} steps, CPU, median of {args.repeats}; concept subspace cached")
-    for name, t in times.items():
+    for name in ("unsteered", "SAFREE-style steered"):
+        t = times[name]
         print(f"{name:22s} {t:7.3f} s   {t / base:5.2f}x {'(target <= 1.05x)' if name != 'unsteered' else ''}")
+    for name in ("sampling only, plain conditioning", "sampling only, steered conditioning"):
+        print(f"{name:36s} {times[name]:7.3f} s")
+    extra = times["steered encode only"] - times["prompt encode only"]
+    print(f"text side: plain encode {times['prompt encode only']:.3f} s, steered encode "
+          f"{times['steered encode only']:.3f} s (+{extra:.3f} s = {extra / base:.1%} of an unsteered run)")
     return 0
 
 

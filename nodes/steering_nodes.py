@@ -10,12 +10,14 @@ afterwards. A prompt with no trigger token comes back as its plain encoding.
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.steering import CONCEPT_PRESETS, SVF_PRESETS, concept_projector, load_concepts, steer_sequence
+from ..safet2i.steering.safree import first_index
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
@@ -33,6 +35,52 @@ def _splits(tokens: dict, dim: int):
 
 def _ids(chunk) -> list[int]:
     return [int(t[0]) for t in chunk]
+
+
+log = logging.getLogger("safet2i")
+#: Sub-models (by id) whose truncated encode did not reproduce ComfyUI's own: full-length encodes only.
+_NO_TRUNCATION: set[int] = set()
+
+
+def _truncated_encoder(clip, key: str):
+    """Encoder of short token-id lists through ComfyUI's own CLIP modules, or None.
+
+    ComfyUI's CLIP forward adds all 77 position embeddings, so it only takes 77-token inputs.
+    The leave-one-out pass needs only each variant's EOS row, and CLIP text encoders are
+    causal: that row depends on the tokens up to the EOS only. This runs the same modules
+    (token embedding, the first L position embeddings, the encoder layers with a causal mask,
+    the final layer norm, the same layer selection as ``SDClipModel.forward``) on the ids cut
+    after the EOS. Every call is checked against ComfyUI's own encode (see ``steer_text``).
+    """
+    sub = getattr(clip.cond_stage_model, f"clip_{key}", None)
+    text_model = getattr(getattr(sub, "transformer", None), "text_model", None)
+    needed = ("embeddings", "encoder", "final_layer_norm")
+    if text_model is None or id(sub) in _NO_TRUNCATION or not all(hasattr(text_model, n) for n in needed):
+        return None
+    # The same layer options and loaded weights as clip.encode_from_tokens uses.
+    clip.cond_stage_model.reset_clip_options()
+    if getattr(clip, "layer_idx", None) is not None:
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+    if getattr(sub, "enable_attention_masks", False) or getattr(sub, "layer", None) not in ("last", "hidden"):
+        return None
+    import comfy.ops
+
+    def encode(id_lists: list[list[int]]) -> torch.Tensor:
+        clip.load_model()
+        length = len(id_lists[0])
+        emb = text_model.embeddings
+        device = emb.token_embedding.weight.device
+        ids = torch.tensor(id_lists, dtype=torch.long, device=device)
+        pos = comfy.ops.cast_to(emb.position_embedding.weight[:length], dtype=torch.float32, device=device)
+        x = emb.token_embedding(ids, out_dtype=torch.float32) + pos
+        mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=device).triu_(1)
+        hidden = sub.layer == "hidden"
+        x, inter = text_model.encoder(x, mask=mask, intermediate_output=sub.layer_idx if hidden else None)
+        if not hidden:
+            return text_model.final_layer_norm(x).float()
+        return (text_model.final_layer_norm(inter) if sub.layer_norm_hidden_state else inter).float()
+
+    return sub, encode
 
 
 def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float, order: str, svf: bool):
@@ -78,11 +126,33 @@ def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float
             return encode_variants(variants)[:, :, lo:hi]
 
         chunk_ids = [_ids(c) for c in tokens[key]]
+        fast = _truncated_encoder(clip, key)
         for chunk_index in range(n_chunks):
             rows = cond[0, :, lo:hi]
             length = rows.shape[0] // n_chunks
+            chunk_rows = rows[chunk_index * length:(chunk_index + 1) * length]
+            full_ids = chunk_ids[chunk_index]
+            eos = first_index(full_ids, EOS)
+
+            def encode_short(id_lists, key=key, chunk_rows=chunk_rows, full_ids=full_ids, eos=eos):
+                # The prompt itself rides along: its EOS row must equal ComfyUI's own encode,
+                # otherwise this sub-model gets full-length encodes from now on.
+                nonlocal fast
+                if fast is not None:
+                    out = fast[1](list(id_lists) + [full_ids[:eos + 1]])
+                    ref = chunk_rows[eos].to(out)
+                    tol = 1e-4 * max(1.0, float(ref.abs().max()))
+                    if torch.allclose(out[-1, eos], ref, rtol=1e-4, atol=tol):
+                        return out[:-1]
+                    _NO_TRUNCATION.add(id(fast[0]))
+                    log.warning("SafeT2I: the short leave-one-out encode of the %s text encoder differs from "
+                                "ComfyUI's (max %.3g); using full-length encodes", key,
+                                float((out[-1, eos] - ref).abs().max()))
+                    fast = None
+                return encode_rows([list(ids) + full_ids[len(ids):] for ids in id_lists])
+
             res = steer_sequence(
-                [chunk_ids[chunk_index]], rows[chunk_index * length:(chunk_index + 1) * length], encode_rows, p_c, EOS,
+                [full_ids], chunk_rows, encode_short, p_c, EOS, truncate=fast is not None,
                 alpha=alpha, order=order, svf=SVF_PRESETS[svf_name] if svf else None,
             )[0]
             if res.changed:

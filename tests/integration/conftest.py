@@ -231,8 +231,55 @@ class SafeT2ITestDumpPatches:
         keys = {"unet": sorted(model.patches), "clip": sorted(clip.patcher.patches)}
         return {"ui": {"text": [json.dumps(keys)]}}
 
+class SafeT2ITestSteerPaths:
+    """Steers one prompt twice with the pack's steer_text: with the short (cut after EOS)
+    leave-one-out encodes and with ComfyUI's full-length encodes; reports both."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "text": ("STRING", {"default": ""}),
+                             "last_layer": ("INT", {"default": -1, "min": -24, "max": -1})}}
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def run(self, clip, text, last_layer):
+        import json, sys
+        mod = next(m for n, m in list(sys.modules.items())
+                   if n.endswith("nodes.steering_nodes") and hasattr(m, "_truncated_encoder"))
+        c = clip.clone()
+        if last_layer != -1:
+            c.clip_layer(last_layer)
+        items, _ = mod.load_concepts("nudity", "")
+        real, lengths = mod._truncated_encoder, []
+
+        def spy(*a):
+            got = real(*a)
+            if got is None:
+                return None
+            sub, enc = got
+            def counted(ids):
+                lengths.append(len(ids[0]))
+                return enc(ids)
+            return sub, counted
+        try:
+            mod._truncated_encoder = spy
+            short, rep_short = mod.steer_text(c, text, items, "nudity", 0.01, "code", False)
+            mod._truncated_encoder = lambda *a: None
+            full, rep_full = mod.steer_text(c, text, items, "nudity", 0.01, "code", False)
+        finally:
+            mod._truncated_encoder = real
+        diff = max(float((a[0] - b[0]).abs().max()) for a, b in zip(short, full))
+        scale = max(float(b[0].abs().max()) for b in full)
+        return {"ui": {"text": [json.dumps({"short_lengths": lengths, "max_diff": diff, "scale": scale,
+                                            "report_short": rep_short, "report_full": rep_full})]}}
+
 NODE_CLASS_MAPPINGS = {"SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls,
-                       "SafeT2ITestDumpPatches": SafeT2ITestDumpPatches}
+                       "SafeT2ITestDumpPatches": SafeT2ITestDumpPatches, "SafeT2ITestSteerPaths": SafeT2ITestSteerPaths}
 '''
 
 

@@ -77,3 +77,21 @@ def test_latent_reattention_patch(comfy, tiny_checkpoint):
     assert np.abs(filtered - base).max() > 3
     identity = images(comfy, run_ok(comfy, with_lra("320:1.0", s=1.0)))[0]
     assert np.abs(identity - base).max() <= 1
+
+
+@pytest.mark.parametrize("last_layer", [-1, -2], ids=["last", "penultimate"])
+def test_short_leave_one_out_encodes_match_comfyui(comfy, tiny_checkpoint, last_layer):
+    """The leave-one-out pass encodes each variant only up to its EOS token (CLIP is causal);
+    the steered conditioning must equal the one from ComfyUI's own full-length encodes."""
+    text = "a photo of a nude woman on a sunny beach, erotic art"
+    entry = run_ok(comfy, {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint}},
+        "2": {"class_type": "SafeT2ITestSteerPaths", "inputs": {"clip": ["1", 1], "text": text,
+                                                                "last_layer": last_layer}},
+    })
+    out = json.loads(entry["outputs"]["2"]["text"][0])
+    assert out["short_lengths"], "the short encode path was not used"
+    assert all(n < 77 for n in out["short_lengths"])
+    assert out["report_short"] == out["report_full"]
+    assert any(c["triggers"] for c in out["report_full"]["chunks"])
+    assert out["max_diff"] <= 1e-4 * max(1.0, out["scale"])
