@@ -73,6 +73,12 @@ class GuidanceRun:
         es = denoised_to_eps(x, concept_d, sigma)
         if self.token_index is not None:
             maps, self.maps = self.maps, []
+            if self.token_index and not maps:
+                # Our attn2 replacement never saw the concept rows: another patch overrode it.
+                raise SafeT2IError(
+                    "Detect-and-Guide-style guidance could not read the concept's cross-attention this step: "
+                    "another node replaced cross-attention after SafeT2I. Apply SafeT2I guidance last or "
+                    "remove the other attention patch.")
             attn = aggregate_attention(maps, tuple(x.shape[-2:])) if maps else None
             d_p = self.method.direction(eu, ec, es, attn)
         else:
@@ -239,7 +245,7 @@ class SafeT2ISPGuard(io.ComfyNode):
                 io.Float.Input("mask_threshold", default=0.0, min=-1.0, max=1.0, step=0.01,
                                tooltip="τ_m: per-pixel channel cosine above which a region is guided."),
                 io.Float.Input("ema", default=0.5, min=0.0, max=0.99, step=0.01,
-                               tooltip="Smoothing of the spatial mask over steps."),
+                               tooltip="Smoothing β of the harmfulness estimate over steps (h ← β·h + (1 − β)·c_t); the mask is recomputed every step."),
                 io.Int.Input("start_step", default=0, min=0, max=1000, tooltip="First step that is guided."),
             ],
             outputs=[io.Model.Output(display_name="model")],

@@ -278,7 +278,30 @@ class SafeT2ITestSteerPaths:
         return {"ui": {"text": [json.dumps({"short_lengths": lengths, "max_diff": diff, "scale": scale,
                                             "report_short": rep_short, "report_full": rep_full})]}}
 
-NODE_CLASS_MAPPINGS = {"SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls,
+class SafeT2ITestReplaceAttn2:
+    """Replaces cross-attention in every transformer block with plain attention (as other
+    attention-patching node packs do)."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "_for_testing"
+
+    def run(self, model):
+        import comfy.ldm.modules.attention as attention
+        m = model.clone()
+        dm = m.model.diffusion_model
+        def plain(q, k, v, extra_options):
+            return attention.optimized_attention(q, k, v, extra_options["n_heads"])
+        for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+            for number, block in enumerate(blocks):
+                for layer in block:
+                    for t_idx, _ in enumerate(getattr(layer, "transformer_blocks", [])):
+                        m.set_model_attn2_replace(plain, name, number, t_idx)
+        return (m,)
+
+NODE_CLASS_MAPPINGS = {"SafeT2ITestReplaceAttn2": SafeT2ITestReplaceAttn2, "SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls,
                        "SafeT2ITestDumpPatches": SafeT2ITestDumpPatches, "SafeT2ITestSteerPaths": SafeT2ITestSteerPaths}
 '''
 

@@ -175,3 +175,21 @@ def test_detect_and_guide_style_uses_cross_attention(comfy, tiny_checkpoint):
     # diffuse maps (the random model attends everywhere) are skipped at the default 80 %
     skipped = run_ok(comfy, dag_graph(tiny_checkpoint, skip_coverage=0.8))
     assert f"0/{STEPS} steps guided" in "\n".join(skipped["outputs"]["11"]["text"])
+
+
+def test_detect_and_guide_style_fails_closed_when_attention_is_overridden(comfy, tiny_checkpoint):
+    """Another pack replacing cross-attention AFTER our node hides the concept's attention:
+    sampling must stop with an error (no image), never run unguided."""
+    before = dag_graph(tiny_checkpoint)
+    before["30"] = {"class_type": "SafeT2ITestReplaceAttn2", "inputs": {"model": ["1", 0]}}
+    before["6"]["inputs"]["model"] = ["30", 0]
+    entry = comfy.run(before)
+    assert entry["status"]["status_str"] == "error"
+    assert "already replaced cross-attention" in json.dumps(entry["status"]["messages"])
+    after = dag_graph(tiny_checkpoint)
+    after["30"] = {"class_type": "SafeT2ITestReplaceAttn2", "inputs": {"model": ["6", 0]}}
+    after["7"]["inputs"]["model"] = ["30", 0]
+    entry = comfy.run(after)
+    assert entry["status"]["status_str"] == "error"
+    assert "could not read the concept's cross-attention" in json.dumps(entry["status"]["messages"])
+    assert not entry.get("outputs", {}).get("10")
