@@ -10,6 +10,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import ModelLoadError
+from ..safet2i.runtime import host_providers
 from ..safet2i.filter import ACTIONS, BUILTIN, PRESETS, SafetyFilter, get_policy, load_model
 from . import paths
 
@@ -62,9 +63,7 @@ class SafeT2IFilterModelLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, providers="auto", chain=None) -> io.NodeOutput:
         path = model if model in BUILTIN else paths.sidecar_path(model)
-        if paths.comfy_cpu_only() and providers == "auto":
-            providers = "cpu"
-        loaded = load_model(path, providers=providers)
+        loaded = load_model(path, providers=host_providers(providers, paths.comfy_cpu_only()))
         return io.NodeOutput(tuple(chain or ()) + (loaded,))
 
 

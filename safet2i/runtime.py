@@ -105,6 +105,18 @@ def resolve_providers(requested: str | list[str] | None = None) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def host_providers(choice: str, cpu_only: bool = False) -> str | None:
+    """Provider request for a host's "providers" widget: an explicit choice is kept; "auto"
+    defers to ``SAFET2I_ORT_PROVIDERS`` when the operator set it (returns None, so
+    :func:`resolve_providers` reads it), else means CPU when the host runs on the CPU only
+    (ComfyUI's ``--cpu``), else the automatic order."""
+    if choice != "auto":
+        return choice
+    if os.environ.get(ENV_PROVIDERS, "").strip():
+        return None
+    return "cpu" if cpu_only else "auto"
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -182,3 +182,14 @@ def test_concurrent_first_use_loads_one_session(monkeypatch, fresh_cache):
     for t in threads:
         t.join()
     assert len(made) == 1 and len({id(m) for m in got}) == 1
+
+
+def test_host_widget_auto_defers_to_the_operator_variable(monkeypatch):
+    monkeypatch.delenv(runtime.ENV_PROVIDERS, raising=False)
+    assert runtime.host_providers("auto") == "auto"
+    assert runtime.host_providers("auto", cpu_only=True) == "cpu"
+    assert runtime.host_providers("cuda", cpu_only=True) == "cuda"
+    monkeypatch.setenv(runtime.ENV_PROVIDERS, "cpu")
+    assert runtime.host_providers("auto", cpu_only=True) is None
+    assert runtime.resolve_providers(runtime.host_providers("auto")) == ["CPUExecutionProvider"]
+    assert runtime.host_providers("tensorrt") == "tensorrt"
