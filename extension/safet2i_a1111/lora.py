@@ -1,0 +1,372 @@
+"""Safety LoRAs (DUO, SC-DPO-style, ...) through the webui's built-in networks mechanism.
+
+Why the built-in mechanism and not our own weight merge: the webui's Lora extension (A1111
+``extensions-builtin/Lora``, Forge ``sd_forge_lora``) already owns the model weights (A1111
+patches them lazily in the layers' forward and restores them from its own backups; Forge
+clones the UNet/CLIP patchers and caches the result per LoRA set). A second mechanism
+writing into the same weights would fight it. So SafeT2I:
+
+1. ``process`` — :func:`prepare`: resolves the user's choice inside the allowed folders only
+   (webui ``models/Lora``, webui ``models/safety_models``, the pack's ``models/safety_models``;
+   ``..``, absolute paths and symlinks leaving the folder are refused), inspects the file with
+   the core (:func:`safet2i.lora.load_lora`: safetensors only, key layout, architecture) and
+   checks its coverage against the loaded model's architecture (SD1/SD2/SDXL inventories):
+   another architecture or a partial match is refused unless "allow partial" is on.
+   A kohya file inside ``models/Lora`` is used as it is; anything else (DUO's diffusers keys,
+   PEFT, LDM names, files outside ``models/Lora``) is converted to kohya keys
+   (:func:`safet2i.lora.to_kohya`, alpha written explicitly) into
+   ``models/Lora/safet2i-converted/`` under a name derived from the source's sha256; the file
+   is read back and compared tensor by tensor. User files are never overwritten: an existing
+   file there that SafeT2I did not write is an error.
+2. ``before_process_batch`` — :func:`add_tag`: appends ``<lora:NAME:STRENGTH>`` to the batch's
+   prompts in place (the documented way extensions add extra networks; the infotext's
+   "Prompt" is built from ``p.all_prompts`` and does not show it); the hires pass gets the same
+   entry in ``p.hr_extra_network_data`` (:func:`add_hires`, from ``process_batch``).
+3. ``after_extra_networks_activate`` — :func:`verify_loaded`: after the webui loaded its
+   networks, proves that ours is among them with every target weight matched (A1111:
+   ``networks.loaded_networks[...].modules``; Forge: the LoRA patches recorded on the
+   patched UNet and CLIP). A network the webui did not load, or loaded partially, is an
+   error: the job's images are blocked.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safet2i.errors import SafeT2IError
+from safet2i.lora import check, load_lora, read_safetensors, require_full, resolver_for, to_kohya
+from safet2i.lora.arch import ARCHITECTURES
+from safet2i.lora.keys import parse
+
+CACHE_DIRNAME = "safet2i-converted"
+SAFETY_DIRNAME = "safety_models"
+PACK_SAFETY = Path(__file__).resolve().parents[2] / "models" / "safety_models"
+NONE = "None"
+MARK = "safet2i"           # metadata converted_by of the files we write
+_KOHYA_FORMATS = {"kohya", "LDM/ComfyUI names", "DoRA"}
+
+
+class LoraLayerError(SafeT2IError):
+    """The safety LoRA cannot be (fully) applied; the job's images are blocked."""
+
+
+# --------------------------------------------------------------------------- folders and choices
+
+def _webui_models() -> Path | None:
+    try:
+        from modules import paths  # noqa: PLC0415
+        return Path(paths.models_path)
+    except Exception:  # noqa: BLE001 - outside the webui
+        return None
+
+
+def _lora_dir() -> Path | None:
+    try:
+        from modules import shared  # noqa: PLC0415
+        d = getattr(shared.cmd_opts, "lora_dir", None)
+        if d:
+            return Path(d)
+    except Exception:  # noqa: BLE001
+        pass
+    models = _webui_models()
+    return models / "Lora" if models else None
+
+
+def roots() -> dict[str, Path]:
+    """Folders a safety LoRA may be chosen from, by label."""
+    out: dict[str, Path] = {}
+    lora = _lora_dir()
+    if lora:
+        out["Lora"] = lora
+    models = _webui_models()
+    if models:
+        out[SAFETY_DIRNAME] = models / SAFETY_DIRNAME
+    out["pack"] = PACK_SAFETY
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def list_choices(folders: dict[str, Path] | None = None) -> list[str]:
+    """``["None", "Lora/duo.safetensors", "safety_models/x.safetensors", ...]`` (our own cache excluded)."""
+    folders = roots() if folders is None else folders
+    out = [NONE]
+    for label, root in folders.items():
+        if not root.is_dir():
+            continue
+        cache = root / CACHE_DIRNAME
+        for f in sorted(root.rglob("*.safetensors")):
+            if f.is_file() and _inside(f, root) and not (label == "Lora" and _inside(f, cache)):
+                out.append(f"{label}/{f.relative_to(root).as_posix()}")
+    return out
+
+
+def resolve_choice(choice: str, folders: dict[str, Path] | None = None) -> Path:
+    """The file a choice names, only inside its folder (UI and API values alike)."""
+    folders = roots() if folders is None else folders
+    if not isinstance(choice, str) or "/" not in choice or "\x00" in choice or "\\" in choice:
+        raise LoraLayerError(f"safety LoRA {choice!r}: not a choice of the list (label/relative path)")
+    label, rel = choice.split("/", 1)
+    root = folders.get(label)
+    parts = Path(rel).parts
+    if root is None or not rel or Path(rel).is_absolute() or any(p in ("..", ".", "") for p in rel.split("/")) \
+            or not parts:
+        raise LoraLayerError(f"safety LoRA {choice!r}: refused (unknown folder or a path outside it)")
+    if not rel.lower().endswith(".safetensors"):
+        raise LoraLayerError(f"safety LoRA {choice!r}: only .safetensors files are loaded "
+                             "(convert a pickle once with: safet2i convert FILE)")
+    path = root / rel
+    if not _inside(path, root):
+        raise LoraLayerError(f"safety LoRA {choice!r}: refused (it leads outside {label}/)")
+    if label == "Lora" and _inside(path, root / CACHE_DIRNAME):
+        raise LoraLayerError(f"safety LoRA {choice!r}: choose the original file, not SafeT2I's converted copy")
+    if not path.is_file():
+        raise LoraLayerError(f"safety LoRA {choice!r}: no such file")
+    return path
+
+
+# --------------------------------------------------------------------------- the loaded model
+
+def model_architecture(sd_model) -> str:
+    """``sd1`` / ``sd2`` / ``sdxl`` from the webui's own flags (A1111 1.6+, Forge)."""
+    kind = type(sd_model).__name__
+    if getattr(sd_model, "is_sdxl", False):
+        conditioner = getattr(sd_model, "conditioner", None)
+        texts = [e for e in getattr(conditioner, "embedders", []) if hasattr(e, "tokenize_line")]
+        if "Refiner" in kind or (conditioner is not None and len(texts) == 1):
+            raise LoraLayerError("safety LoRAs are made for base models; the loaded model is an SDXL refiner")
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    raise LoraLayerError(f"SafeT2I safety LoRAs support SD1.x, SD2.x and SDXL; the loaded model ({kind}) is none "
+                         "of them")
+
+
+# --------------------------------------------------------------------------- preparing the file
+
+@dataclass
+class SafetyLora:
+    choice: str
+    source: Path
+    sha256: str
+    arch: str
+    name: str                      # the network name the webui resolves
+    filename: Path                 # the file the webui loads
+    targets: int                   # target weights the webui must load
+    total: int                     # target weights in the source file
+    strength: float = 1.0
+    converted: bool = False
+    formats: list[str] = field(default_factory=list)
+    pending: bool = False          # tag added for this batch, not verified yet
+    loaded: str = ""               # last verification summary
+
+    @property
+    def tag(self) -> str:
+        return f"<lora:{self.name}:{self.strength:g}>"
+
+    def infotext(self) -> str:
+        how = "converted to kohya" if self.converted else "as is"
+        return f"{self.targets}/{self.total} {self.arch} sha256 {self.sha256[:12]} {how}"
+
+
+def _is_kohya(lf) -> bool:
+    return "kohya" in lf.formats and set(lf.formats) <= _KOHYA_FORMATS and \
+        all(k.startswith(("lora_unet_", "lora_te")) for t in lf.targets for k in t.source_keys)
+
+
+def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = False,
+            folders: dict[str, Path] | None = None, networks=None) -> SafetyLora:
+    """Inspect, check coverage, convert if needed, and make the file known to the webui."""
+    folders = roots() if folders is None else folders
+    path = resolve_choice(choice, folders)
+    lora_dir = folders.get("Lora")
+    if lora_dir is None:
+        raise LoraLayerError("the webui's Lora folder is unknown; the safety LoRA cannot be activated")
+    lf = load_lora(path)
+    arch = model_architecture(sd_model)
+    if lf.architectures and arch not in lf.architectures:
+        made = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
+        raise LoraLayerError(f"safety LoRA {path.name} is made for {made}; the loaded model is "
+                             f"{ARCHITECTURES[arch].title} (refused even with allow partial: some shapes coincide "
+                             "across architectures, so a partial load would be meaningless)")
+    cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch].title)
+    require_full(cov, f"Safety LoRA {path.name}", allow_partial)
+    matched = {s.target for s in cov.matched}
+    targets = [t for t in lf.targets if t.name in matched]
+    partial = len(targets) < len(lf.targets)
+    networks = networks if networks is not None else sys.modules.get("networks")
+    direct = _is_kohya(lf) and not partial and _inside(path, lora_dir) and not _inside(path, lora_dir / CACHE_DIRNAME) \
+        and _alias_free(path.stem, path, networks)
+    if direct:
+        filename, name = path, path.stem
+    else:
+        filename = write_kohya_cache(lf, targets, arch, lora_dir, partial)
+        name = filename.stem
+    register(name, filename, networks)
+    return SafetyLora(choice, path, lf.sha256, arch, name, filename, len(targets), len(lf.targets), float(strength),
+                      not direct, list(lf.formats))
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _alias_free(name: str, path: Path, networks) -> bool:
+    """The webui resolves ``name`` to this very file (not another file with the same stem or alias)."""
+    if networks is None:
+        return True
+    entry = getattr(networks, "available_network_aliases", {}).get(name)
+    return entry is None or _same_file(getattr(entry, "filename", ""), path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:48] or "lora"
+
+
+def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = False) -> Path:
+    """Write (or reuse) the kohya-key copy of ``lf`` in ``<lora_dir>/safet2i-converted/``."""
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    cache = lora_dir / CACHE_DIRNAME
+    if cache.is_symlink() or (cache.exists() and not cache.is_dir()):
+        raise LoraLayerError(f"{cache} is not a plain folder; SafeT2I will not write there")
+    cache.mkdir(parents=True, exist_ok=True)
+    if not _inside(cache, lora_dir):
+        raise LoraLayerError(f"{cache} leads outside the Lora folder; SafeT2I will not write there")
+    out = cache / f"safet2i-{_slug(lf.path.stem)}-{lf.sha256[:12]}-{arch}{'-partial' if partial else ''}.safetensors"
+    state = to_kohya(targets, single_text_encoder=arch != "sdxl")
+    meta = {"converted_by": MARK, "source": lf.path.name, "source_sha256": lf.sha256, "architecture": arch,
+            "targets": str(len(targets))}
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise LoraLayerError(f"{out} is not a plain file; SafeT2I will not overwrite it")
+    if out.exists():
+        try:
+            with safe_open(str(out), framework="pt", device="cpu") as f:
+                existing = dict(f.metadata() or {})
+        except Exception:  # noqa: BLE001 - unreadable: not known to be ours
+            existing = {}
+        if existing.get("converted_by") != MARK:
+            raise LoraLayerError(f"{out} exists and was not written by SafeT2I; it will not be overwritten "
+                                 "(move it away)")
+        if existing == meta and _written_ok(out, state):
+            return out
+    tmp = cache / f".{out.name}.{os.getpid()}.part"
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if not _written_ok(out, state):
+        raise LoraLayerError(f"{out}: the converted file does not read back as written")
+    return out
+
+
+def _written_ok(path: Path, state: dict) -> bool:
+    """Same keys and bit-identical tensors, and the core parses every target back."""
+    import torch  # noqa: PLC0415
+
+    try:
+        wf = read_safetensors(path, hash_file=False)
+        if set(wf.tensors) != set(state) or not all(torch.equal(wf.tensors[k], state[k]) for k in state):
+            return False
+        return len(parse(wf.tensors)) == sum(k.endswith(".lora_down.weight") for k in state)
+    except SafeT2IError:
+        return False
+
+
+def register(name: str, filename: Path, networks=None) -> None:
+    """Make ``name`` resolve to ``filename`` in the built-in Lora extension right away (a later
+    rescan of the Lora folder finds the same file under the same name)."""
+    networks = networks if networks is not None else sys.modules.get("networks")
+    if networks is None:
+        return          # verify_loaded fails closed if the Lora extension is missing
+    aliases = getattr(networks, "available_network_aliases", None)
+    entry = aliases.get(name) if aliases is not None else None
+    if entry is not None and _same_file(getattr(entry, "filename", ""), filename):
+        return
+    network = sys.modules.get("network")
+    if network is None or aliases is None:
+        return
+    entry = network.NetworkOnDisk(name, str(filename))
+    networks.available_networks[name] = entry
+    aliases[name] = entry
+
+
+# --------------------------------------------------------------------------- activation and proof
+
+def add_tag(prompts: list[str], lora: SafetyLora) -> None:
+    """Append our ``<lora:...>`` tag to every prompt, in place (a tag of the same name the user
+    wrote is replaced, so the safety strength is the one in effect)."""
+    pattern = re.compile(r"<lora:" + re.escape(lora.name) + r"(?::[^>]*)?>")
+    for i, prompt in enumerate(prompts):
+        prompts[i] = f"{pattern.sub('', prompt).rstrip()} {lora.tag}"
+    lora.pending = True
+
+
+def add_hires(p, lora: SafetyLora) -> None:
+    """The hires pass activates ``p.hr_extra_network_data`` (parsed from the hires prompts):
+    give it our entry too, built by the webui's own tag parser."""
+    data = getattr(p, "hr_extra_network_data", None)
+    if not getattr(p, "enable_hr", False) or data is None:
+        return
+    from modules import extra_networks  # noqa: PLC0415
+
+    _, ours = extra_networks.parse_prompts([lora.tag])
+    entries = [e for e in data.get("lora", []) if not (getattr(e, "positional", None) or [None])[0] == lora.name]
+    data["lora"] = entries + list(ours.get("lora", []))
+
+
+def verify_loaded(p, lora: SafetyLora, networks=None) -> str:
+    """Proof that the webui loaded every target weight of our network (see the module doc)."""
+    sd_model = p.sd_model
+    fo = getattr(sd_model, "forge_objects_after_applying_lora", None)
+    if fo is not None:   # Forge: LoRA patches recorded on the patched UNet and CLIP
+        count = 0
+        for patcher in (getattr(fo, "unet", None), getattr(getattr(fo, "clip", None), "patcher", None)):
+            for ident, patches in (getattr(patcher, "lora_patches", None) or {}).items():
+                if _same_file(ident[0], lora.filename) and math.isclose(float(ident[1]), lora.strength):
+                    count += len(patches)
+        where = "Forge's patched UNet/CLIP"
+    else:
+        networks = networks if networks is not None else sys.modules.get("networks")
+        if networks is None:
+            raise LoraLayerError("the webui's built-in Lora extension is not loaded; the safety LoRA cannot be applied")
+        nets = [n for n in getattr(networks, "loaded_networks", []) if getattr(n, "name", None) == lora.name]
+        if not nets:
+            raise LoraLayerError(f"the webui did not load the safety LoRA {lora.name} (extra networks disabled, "
+                                 "or 'Lora not found' in the console)")
+        net = nets[-1]
+        for attr in ("te_multiplier", "unet_multiplier"):
+            if not math.isclose(float(getattr(net, attr, lora.strength)), lora.strength):
+                raise LoraLayerError(f"the safety LoRA {lora.name} was loaded with {attr} {getattr(net, attr)}, "
+                                     f"not {lora.strength:g}")
+        count = len(getattr(net, "modules", {}) or {})
+        where = "networks.loaded_networks"
+    if count < lora.targets:
+        raise LoraLayerError(f"the webui matched only {count} of the {lora.targets} target weights of the safety LoRA "
+                             f"{lora.name} ({where}); the images are blocked")
+    lora.pending = False
+    lora.loaded = f"{count}/{lora.targets}"
+    return lora.loaded
+
+
+__all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "list_choices", "model_architecture", "prepare",
+           "register", "resolve_choice", "roots", "verify_loaded", "write_kohya_cache"]
