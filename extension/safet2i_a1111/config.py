@@ -36,6 +36,18 @@ class JobConfig:
     filter_policy: str = "strict-5"
     filter_action: str = "blur"
     enforced: bool = False      # not a UI argument: set from the command line
+    # Prompt layer (steering.py), appended after the arguments above.
+    steering_enabled: bool = False
+    steering_concepts: str = "nudity"
+    steering_custom: str = ""
+    steering_alpha: float = 0.01
+    steering_order: str = "code"
+    steering_self_validating: bool = True
+    # Model layer (lora.py): a safety LoRA through the webui's built-in networks.
+    lora_enabled: bool = False
+    lora_file: str = "None"
+    lora_strength: float = 1.0
+    lora_allow_partial: bool = False
 
     @classmethod
     def arg_names(cls) -> list[str]:
@@ -65,6 +77,7 @@ class JobConfig:
             raise ValueError(f"SafeT2I: unknown filter policy {self.filter_policy!r}; use one of {POLICIES}")
         if self.filter_action not in FILTER_ACTIONS:
             raise ValueError(f"SafeT2I: unknown filter action {self.filter_action!r}; use one of {FILTER_ACTIONS}")
+        validate_layers(self)
 
     @property
     def guidance_active(self) -> bool:
@@ -78,6 +91,7 @@ class JobConfig:
                 out["SafeT2I concept"] = self.guidance_concept
         if self.filter_enabled:
             out["SafeT2I filter"] = f"{self.filter_policy} {self.filter_action}" + (" enforced" if self.enforced else "")
+        out.update(layers_infotext(self))
         return out
 
     def as_dict(self) -> dict:
@@ -100,4 +114,81 @@ def parse_infotext(params: dict) -> dict:
     f = params.get("SafeT2I filter", "").split()
     if len(f) >= 2 and f[0] in POLICIES and f[1] in FILTER_ACTIONS:
         out["filter_policy"], out["filter_action"] = f[0], f[1]
+    out.update(parse_layers_infotext(params))
+    return out
+
+
+# --------------------------------------------------------------------------- steering and LoRA arguments
+
+STEERING_ORDERS = ("code", "paper")
+LORA_STRENGTH = (0.0, 2.0)      # exclusive, inclusive: a safety LoRA is never turned off or inverted here
+
+
+def steering_presets() -> tuple[str, ...]:
+    from safet2i.steering import CONCEPT_PRESETS  # noqa: PLC0415
+
+    return tuple(CONCEPT_PRESETS) + ("custom",)
+
+
+def validate_layers(cfg: JobConfig) -> None:
+    import math  # noqa: PLC0415
+
+    cfg.steering_enabled, cfg.lora_enabled = bool(cfg.steering_enabled), bool(cfg.lora_enabled)
+    cfg.steering_self_validating, cfg.lora_allow_partial = bool(cfg.steering_self_validating), bool(cfg.lora_allow_partial)
+    cfg.steering_alpha, cfg.lora_strength = float(cfg.steering_alpha), float(cfg.lora_strength)
+    cfg.steering_custom, cfg.lora_file = str(cfg.steering_custom or ""), str(cfg.lora_file or "None")
+    if cfg.steering_concepts not in steering_presets():
+        raise ValueError(f"SafeT2I: unknown steering concepts {cfg.steering_concepts!r}; use one of {steering_presets()}")
+    if cfg.steering_order not in STEERING_ORDERS:
+        raise ValueError(f"SafeT2I: unknown steering order {cfg.steering_order!r}; use one of {STEERING_ORDERS}")
+    if not (math.isfinite(cfg.steering_alpha) and 0.0 <= cfg.steering_alpha <= 10.0):
+        raise ValueError(f"SafeT2I: steering alpha must be in [0, 10], not {cfg.steering_alpha}")
+    lo, hi = LORA_STRENGTH
+    if not (math.isfinite(cfg.lora_strength) and lo < cfg.lora_strength <= hi):
+        raise ValueError(f"SafeT2I: safety LoRA strength must be in ({lo:g}, {hi:g}], not {cfg.lora_strength}")
+    if cfg.lora_enabled and cfg.lora_file == "None":
+        raise ValueError("SafeT2I: the safety LoRA is enabled but no file is chosen")
+
+
+def layers_infotext(cfg: JobConfig) -> dict[str, str]:
+    out = {}
+    if cfg.steering_enabled:
+        out["SafeT2I steering"] = (f"{cfg.steering_concepts} alpha={cfg.steering_alpha:g} order={cfg.steering_order} "
+                                   f"svf={'on' if cfg.steering_self_validating else 'off'}")
+        if cfg.steering_concepts == "custom":
+            out["SafeT2I steering concepts"] = cfg.steering_custom
+    if cfg.lora_enabled:
+        out["SafeT2I LoRA"] = cfg.lora_file
+        out["SafeT2I LoRA strength"] = f"{cfg.lora_strength:g}"
+        if cfg.lora_allow_partial:
+            out["SafeT2I LoRA partial"] = "allowed"
+    return out
+
+
+def parse_layers_infotext(params: dict) -> dict:
+    out: dict = {"steering_enabled": "SafeT2I steering" in params, "lora_enabled": "SafeT2I LoRA" in params}
+    words = str(params.get("SafeT2I steering", "")).split()
+    if words:
+        if words[0] in steering_presets():
+            out["steering_concepts"] = words[0]
+        for w in words[1:]:
+            key, _, value = w.partition("=")
+            if key == "alpha":
+                try:
+                    out["steering_alpha"] = float(value)
+                except ValueError:
+                    pass
+            elif key == "order" and value in STEERING_ORDERS:
+                out["steering_order"] = value
+            elif key == "svf" and value in ("on", "off"):
+                out["steering_self_validating"] = value == "on"
+    if "SafeT2I steering concepts" in params:
+        out["steering_custom"] = params["SafeT2I steering concepts"]
+    if "SafeT2I LoRA" in params:
+        out["lora_file"] = params["SafeT2I LoRA"]
+        out["lora_allow_partial"] = "SafeT2I LoRA partial" in params
+        try:
+            out["lora_strength"] = float(params.get("SafeT2I LoRA strength", 1.0))
+        except ValueError:
+            pass
     return out

@@ -26,6 +26,9 @@ from .config import (
     DEFAULT_CONCEPT, ENFORCE_ACTIONS, FILTER_ACTIONS, GUIDANCE_METHODS, POLICIES, SLD_PRESET_NAMES, JobConfig,
     parse_infotext,
 )
+from .config import LORA_STRENGTH, STEERING_ORDERS, steering_presets
+from . import lora as lora_layer
+from .steering import SteeringHook, candidate_texts
 from .filtering import MARK, filter_image, verdict_text
 from .guidance import GuidanceHook, make_method
 
@@ -53,6 +56,15 @@ def _opt(key: str, default):
     return getattr(shared.opts, key, default) if hasattr(shared, "opts") else default
 
 
+def _refresh_button(component, refresh, tab: str):
+    """The webui's own refresh button (``modules.ui_common.create_refresh_button``) when present."""
+    try:
+        from modules.ui_common import create_refresh_button  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - older webuis / stand-ins: no button
+        return None
+    return create_refresh_button(component, lambda: None, refresh, f"safet2i_lora_refresh_{tab}")
+
+
 def on_ui_settings():
     section = SECTION
     add = shared.opts.add_option
@@ -76,6 +88,9 @@ class Job:
     error: str | None = None
     verdicts: dict[int, str] = field(default_factory=dict)
     restore: list = field(default_factory=list)
+    steering: SteeringHook | None = None          # prompt layer (steering.py)
+    lora: lora_layer.SafetyLora | None = None     # model layer (lora.py)
+    steering_texts: list = field(default_factory=list)   # the texts of the current batch (report)
 
     @property
     def failed(self) -> str | None:
@@ -124,6 +139,26 @@ def _on_cfg_denoiser(params):
         return
     job.hook.eps_prediction = _is_eps_sampler(p if p is not None else job.p, params)
     job.hook.before(params)
+
+
+def _on_cfg_denoiser_steering(params):
+    """``on_cfg_denoiser``, registered before the guidance callback so that it sees the
+    webui's own cond rows: ``params.text_cond`` holds the cond rows only (all images, ``AND``
+    sub-prompts in order; uncond rows are ``params.text_uncond``), already picked for this
+    step from the prompt schedule. The steered rows go into a new tensor assigned to
+    ``params.text_cond``, which the webui reads back after the callback (A1111 and Forge)."""
+    job = current_job()
+    if not (job and job.steering) or job.failed:
+        return
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    if p is not None and _job(p) is not job:
+        return
+    try:
+        job.steering.apply(params)
+        (p or job.p).extra_generation_params["SafeT2I steering report"] = job.steering.report(job.steering_texts)
+    except Exception as exc:  # noqa: BLE001 - recorded: the images are blocked
+        job.error = f"steering failed: {exc}"
+        log.error("SafeT2I: %s; images of this job will be blocked", job.error)
 
 
 def _on_cfg_denoised(params):
@@ -194,6 +229,7 @@ def register_callbacks() -> None:
     if _REGISTERED:
         return
     script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_cfg_denoiser(_on_cfg_denoiser_steering)   # first: the webui's own cond rows
     script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
     if hasattr(script_callbacks, "on_cfg_denoised"):
         script_callbacks.on_cfg_denoised(_on_cfg_denoised)
@@ -227,6 +263,20 @@ class SafeT2IScript(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         with gr.Group(elem_id=f"safet2i_{tab}"):
             with gr.Accordion("SafeT2I safety", open=False):
+                with InputAccordion(False, label="Safety LoRA (model weights)") as lora_enabled:
+                    with gr.Row():
+                        lora_file = gr.Dropdown(lora_layer.list_choices(), value=lora_layer.NONE,
+                                                label="Safety LoRA (models/Lora, models/safety_models)")
+                        _refresh_button(lora_file, lambda: {"choices": lora_layer.list_choices()}, tab)
+                    lora_strength = gr.Slider(0.05, LORA_STRENGTH[1], value=1.0, step=0.05, label="Strength")
+                    lora_partial = gr.Checkbox(False, label="Allow partial coverage (load the matching weights only)")
+                with InputAccordion(False, label="Concept steering (prompt, SAFREE-style)") as steering_enabled:
+                    steer_concepts = gr.Dropdown(list(steering_presets()), value="nudity", label="Concepts")
+                    steer_custom = gr.Textbox("", label="Custom concepts (one per line or comma-separated)", lines=2)
+                    with gr.Row():
+                        steer_alpha = gr.Number(0.01, label="Trigger margin α (0-10)")
+                        steer_order = gr.Dropdown(list(STEERING_ORDERS), value="code", label="Projection order")
+                        steer_svf = gr.Checkbox(True, label="Self-validating window (steer the first t' of 50 steps)")
                 with InputAccordion(False, label="Safety guidance (sampler)") as guidance_enabled:
                     method = gr.Dropdown(list(GUIDANCE_METHODS), value=_opt("safet2i_guidance_method", "SLD"),
                                          label="Method")
@@ -239,12 +289,16 @@ class SafeT2IScript(scripts.Script):
                                          label="Action")
                     if enforcement():
                         gr.Markdown("The operator enforces the output filter on this server.")
-        components = [guidance_enabled, method, preset, concept, filter_enabled, policy, action]
+        components = [guidance_enabled, method, preset, concept, filter_enabled, policy, action,
+                      steering_enabled, steer_concepts, steer_custom, steer_alpha, steer_order, steer_svf,
+                      lora_enabled, lora_file, lora_strength, lora_partial]
         names = JobConfig.arg_names()
         assert len(components) == len(names)
         self.infotext_fields = [(c, (lambda key: (lambda params: parse_infotext(params).get(key, None)))(n))
                                 for c, n in zip(components, names)]
-        self.paste_field_names = ["SafeT2I guidance", "SafeT2I concept", "SafeT2I filter"]
+        self.paste_field_names = ["SafeT2I guidance", "SafeT2I concept", "SafeT2I filter", "SafeT2I steering",
+                                  "SafeT2I steering concepts", "SafeT2I LoRA", "SafeT2I LoRA strength",
+                                  "SafeT2I LoRA partial"]
         return components
 
     # -- lifecycle -------------------------------------------------------------
@@ -299,9 +353,73 @@ class SafeT2IScript(scripts.Script):
         if job is None:
             return
         p.extra_generation_params.update(job.cfg.infotext())
+        if job.cfg.lora_enabled and not job.failed:
+            try:
+                job.lora = lora_layer.prepare(job.cfg.lora_file, p.sd_model, job.cfg.lora_strength,
+                                              job.cfg.lora_allow_partial)
+                p.extra_generation_params["SafeT2I LoRA coverage"] = job.lora.infotext()
+            except Exception as exc:  # noqa: BLE001
+                job.error = f"safety LoRA: {exc}"
+                log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    def before_process_batch(self, p, *args, **kwargs):
+        """Before the webui parses the batch's extra-network tags (``kwargs['prompts']`` is
+        ``p.prompts``; edits in place are what the webui then parses)."""
+        job = _job(p)
+        if job is None or job.lora is None or job.failed:
+            return
+        try:
+            lora_layer.add_tag(kwargs.get("prompts", p.prompts), job.lora)
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"safety LoRA: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    def after_extra_networks_activate(self, p, *args, **kwargs):
+        """A1111 ≥ 1.7 / Forge, after ``extra_networks.activate`` (first pass and hires pass):
+        the networks are loaded now, so prove ours is, with every target weight."""
+        job = _job(p)
+        if job is None or job.lora is None or job.failed:
+            return
+        try:
+            loaded = lora_layer.verify_loaded(p, job.lora)
+            p.extra_generation_params["SafeT2I LoRA coverage"] = f"{job.lora.infotext()} loaded {loaded}"
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"safety LoRA: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    def _layers_batch(self, p, job: Job) -> None:
+        """``process_batch`` part of the LoRA and steering layers (after extra networks are
+        active, before ``p.setup_conds`` encodes the prompts)."""
+        if job.lora is not None:
+            try:
+                if job.lora.pending:
+                    raise lora_layer.LoraLayerError("the webui did not activate extra networks for this batch "
+                                                    "(disabled?); the safety LoRA is not applied")
+                lora_layer.add_hires(p, job.lora)
+            except Exception as exc:  # noqa: BLE001
+                job.error = f"safety LoRA: {exc}"
+                log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+                return
+        if not job.cfg.steering_enabled:
+            return
+        try:
+            if job.steering is None:
+                job.steering = SteeringHook.for_model(
+                    p.sd_model, job.cfg.steering_concepts, job.cfg.steering_custom, alpha=job.cfg.steering_alpha,
+                    order=job.cfg.steering_order, self_validating=job.cfg.steering_self_validating)
+            hires = list(getattr(p, "hr_prompts", None) or []) if getattr(p, "enable_hr", False) else []
+            steps = [p.steps, getattr(p, "hr_second_pass_steps", 0) or p.steps]
+            job.steering_texts = candidate_texts(list(p.prompts) + hires, steps)
+            job.steering.prepare(job.steering_texts)
+            p.extra_generation_params["SafeT2I steering report"] = job.steering.report(job.steering_texts)
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"steering: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
 
     def process_batch(self, p, *args, **kwargs):
         job = _job(p)
+        if job is not None and not job.failed and (job.lora is not None or job.cfg.steering_enabled):
+            self._layers_batch(p, job)
         if job is None or not job.cfg.guidance_active or job.failed:
             return
         try:

@@ -1,0 +1,40 @@
+"""JobConfig of the A1111 extension: the steering and LoRA arguments are appended after the
+existing ones (the API passes script arguments by position), validated, and round-trip
+through the infotext."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "extension"))
+
+from safet2i_a1111.config import JobConfig, parse_infotext  # noqa: E402
+
+
+def test_job_config_arguments_and_infotext_round_trip():
+    names = JobConfig.arg_names()
+    assert names[:7] == ["guidance_enabled", "guidance_method", "guidance_preset", "guidance_concept",
+                         "filter_enabled", "filter_policy", "filter_action"]           # older API calls still line up
+    assert names[7:] == ["steering_enabled", "steering_concepts", "steering_custom", "steering_alpha", "steering_order",
+                         "steering_self_validating", "lora_enabled", "lora_file", "lora_strength", "lora_allow_partial"]
+    old = JobConfig.from_args([False, "SLD", "MEDIUM", "x", True, "strict-5", "blur"])
+    assert not old.steering_enabled and not old.lora_enabled
+    args = [False, "SLD", "MEDIUM", "x", True, "strict-5", "blur",
+            True, "custom", "nude, naked", 0.02, "paper", False, True, "safety_models/duo.safetensors", 0.8, True]
+    cfg = JobConfig.from_args(args)
+    info = cfg.infotext()
+    assert info["SafeT2I steering"] == "custom alpha=0.02 order=paper svf=off"
+    assert info["SafeT2I LoRA"] == "safety_models/duo.safetensors" and info["SafeT2I LoRA partial"] == "allowed"
+    parsed = parse_infotext(info)
+    for k in names[7:]:
+        assert parsed[k] == getattr(cfg, k), k
+    assert parse_infotext({})["steering_enabled"] is False and parse_infotext({})["lora_enabled"] is False
+    for bad in ({13: True, 14: "None"}, {15: 0.0}, {15: 3.0}, {10: -1.0}, {8: "unknown"}, {11: "sideways"}):
+        a = list(args)
+        for i, v in bad.items():
+            a[i] = v
+        with pytest.raises(ValueError):
+            JobConfig.from_args(a)
