@@ -222,11 +222,15 @@ def candidate_texts(prompts: list[str], steps: list[int]) -> list[str]:
     try:
         from modules import prompt_parser  # noqa: PLC0415
     except ImportError:
-        return list(dict.fromkeys(prompts))
-    _, flat, _ = prompt_parser.get_multicond_prompt_list(list(prompts))
+        prompt_parser = None
+    split = getattr(prompt_parser, "get_multicond_prompt_list", None)
+    schedules = getattr(prompt_parser, "get_learned_conditioning_prompt_schedules", None)
+    flat = list(split(list(prompts))[1]) if split else list(prompts)
+    if schedules is None:
+        return list(dict.fromkeys(flat))
     out: list[str] = []
     for n in sorted({s for s in steps if s}) or [1]:
-        for schedule in prompt_parser.get_learned_conditioning_prompt_schedules(list(flat), n):
+        for schedule in schedules(flat, n):
             out += [text for _, text in schedule]
     return list(dict.fromkeys(out))
 

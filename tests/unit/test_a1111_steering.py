@@ -257,3 +257,27 @@ def test_unprepared_hook_and_candidate_texts_outside_the_webui(clips):
     with pytest.raises(SteeringError, match="not prepared"):
         hook.apply(params_for(torch.zeros(1, 77, 64)))
     assert candidate_texts(["a", "b", "a"], [20]) == ["a", "b"]
+
+
+def test_candidate_texts_use_the_webui_prompt_parser(monkeypatch):
+    """AND sub-prompts and schedule variants come from the webui's own parser (stubbed here)."""
+    import types
+
+    calls = []
+    parser = types.ModuleType("modules.prompt_parser")
+    parser.get_multicond_prompt_list = lambda prompts: (None, [t.strip() for p in prompts for t in p.split(" AND ")],
+                                                        None)
+    modules = types.ModuleType("modules")
+    modules.prompt_parser = parser
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.prompt_parser", parser)
+    assert candidate_texts(["a [cat:dog:0.5] AND b"], [20]) == ["a [cat:dog:0.5]", "b"]   # no schedule parser
+
+    def schedules(prompts, steps):
+        calls.append(steps)
+        return [[[steps // 2, p.replace("[cat:dog:0.5]", "cat")], [steps, p.replace("[cat:dog:0.5]", "dog")]]
+                for p in prompts]
+
+    parser.get_learned_conditioning_prompt_schedules = schedules
+    assert candidate_texts(["a [cat:dog:0.5] AND b"], [20, 20]) == ["a cat", "a dog", "b"]
+    assert calls == [20]
