@@ -17,7 +17,7 @@ from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.steering import CONCEPT_PRESETS, SVF_PRESETS, concept_projector, load_concepts, steer_sequence
-from ..safet2i.steering.safree import first_index
+from ..safet2i.steering.safree import first_index, packed_layout
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
@@ -43,14 +43,17 @@ _NO_TRUNCATION: set[int] = set()
 
 
 def _truncated_encoder(clip, key: str):
-    """Encoder of short token-id lists through ComfyUI's own CLIP modules, or None.
+    """Leave-one-out EOS rows through ComfyUI's own CLIP modules with shared prefixes, or None.
 
     ComfyUI's CLIP forward adds all 77 position embeddings, so it only takes 77-token inputs.
     The leave-one-out pass needs only each variant's EOS row, and CLIP text encoders are
-    causal: that row depends on the tokens up to the EOS only. This runs the same modules
-    (token embedding, the first L position embeddings, the encoder layers with a causal mask,
-    the final layer norm, the same layer selection as ``SDClipModel.forward``) on the ids cut
-    after the EOS. Every call is checked against ComfyUI's own encode (see ``steer_text``).
+    causal: that row depends on the tokens up to the EOS only, and a variant's rows before
+    its masked token equal the prompt's. So the prompt (cut after its EOS) and every
+    variant's suffix are encoded as ONE packed sequence (:func:`packed_layout`) by the same
+    modules (token embedding, position embeddings by position, the encoder layers with the
+    packed causal mask, the final layer norm, the layer selection of ``SDClipModel.forward``):
+    about half the token rows of encoding every variant. Every call is checked against
+    ComfyUI's own encode of the prompt (see ``steer_text``).
     """
     sub = getattr(clip.cond_stage_model, f"clip_{key}", None)
     text_model = getattr(getattr(sub, "transformer", None), "text_model", None)
@@ -65,20 +68,25 @@ def _truncated_encoder(clip, key: str):
         return None
     import comfy.ops
 
-    def encode(id_lists: list[list[int]]) -> torch.Tensor:
+    def encode(original: list[int], variants: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt rows [L, d], each variant's last row [N, d])."""
         clip.load_model()
-        length = len(id_lists[0])
         emb = text_model.embeddings
         device = emb.token_embedding.weight.device
-        ids = torch.tensor(id_lists, dtype=torch.long, device=device)
-        pos = comfy.ops.cast_to(emb.position_embedding.weight[:length], dtype=torch.float32, device=device)
-        x = emb.token_embedding(ids, out_dtype=torch.float32) + pos
-        mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=device).triu_(1)
+        ids, pos, allowed, last = packed_layout(original, variants)
+        ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+        table = comfy.ops.cast_to(emb.position_embedding.weight, dtype=torch.float32, device=device)
+        x = emb.token_embedding(ids_t, out_dtype=torch.float32) + table[torch.tensor(pos, device=device)][None]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
+        mask.masked_fill_(~allowed.to(device), -torch.finfo(x.dtype).max)
         hidden = sub.layer == "hidden"
         x, inter = text_model.encoder(x, mask=mask, intermediate_output=sub.layer_idx if hidden else None)
         if not hidden:
-            return text_model.final_layer_norm(x).float()
-        return (text_model.final_layer_norm(inter) if sub.layer_norm_hidden_state else inter).float()
+            out = text_model.final_layer_norm(x)
+        else:
+            out = text_model.final_layer_norm(inter) if sub.layer_norm_hidden_state else inter
+        out = out[0].float()
+        return out[:len(original)], out[last.to(device)]
 
     return sub, encode
 
@@ -139,15 +147,19 @@ def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float
                 # otherwise this sub-model gets full-length encodes from now on.
                 nonlocal fast
                 if fast is not None:
-                    out = fast[1](list(id_lists) + [full_ids[:eos + 1]])
-                    ref = chunk_rows[eos].to(out)
+                    prompt_rows, last_rows = fast[1](full_ids[:eos + 1], [list(v) for v in id_lists])
+                    ref = chunk_rows[eos].to(prompt_rows)
                     tol = 1e-4 * max(1.0, float(ref.abs().max()))
-                    if torch.allclose(out[-1, eos], ref, rtol=1e-4, atol=tol):
-                        return out[:-1]
+                    if torch.allclose(prompt_rows[eos], ref, rtol=1e-4, atol=tol):
+                        # steer_sequence reads only the EOS (last) row of each variant.
+                        out = torch.zeros((len(id_lists), eos + 1, last_rows.shape[-1]), dtype=last_rows.dtype,
+                                          device=last_rows.device)
+                        out[:, eos] = last_rows
+                        return out
                     _NO_TRUNCATION.add(id(fast[0]))
                     log.warning("SafeT2I: the short leave-one-out encode of the %s text encoder differs from "
                                 "ComfyUI's (max %.3g); using full-length encodes", key,
-                                float((out[-1, eos] - ref).abs().max()))
+                                float((prompt_rows[eos] - ref).abs().max()))
                     fast = None
                 return encode_rows([list(ids) + full_ids[len(ids):] for ids in id_lists])
 

@@ -44,20 +44,21 @@ def trigger_tokens(loo_pooled: torch.Tensor, p_concept: torch.Tensor, alpha: flo
     n = loo_pooled.shape[0]
     if n < 2:
         return []
-    eye = torch.eye(p_concept.shape[0], dtype=torch.float64)
-    dist = ((eye - p_concept) @ loo_pooled.to(torch.float64).T).norm(dim=0)  # [n]
+    eye = torch.eye(p_concept.shape[0], dtype=torch.float64, device=p_concept.device)
+    dist = ((eye - p_concept) @ loo_pooled.to(device=p_concept.device, dtype=torch.float64).T).norm(dim=0)  # [n]
     others = (dist.sum() - dist) / (n - 1)
     return [i for i in range(n) if dist[i] >= (1.0 + alpha) * others[i]]
 
 
 def project_rows(rows: torch.Tensor, p_concept: torch.Tensor, p_input: torch.Tensor, order: str = "code") -> torch.Tensor:
     """h' for every row of ``rows`` [L, d] (float64 result)."""
-    eye = torch.eye(p_concept.shape[0], dtype=torch.float64)
-    h = rows.to(torch.float64).T
+    eye = torch.eye(p_concept.shape[0], dtype=torch.float64, device=p_concept.device)
+    h = rows.to(device=p_concept.device, dtype=torch.float64).T
     if order == "code":
+        p_input = p_input.to(p_concept.device)
         out = (eye - p_concept) @ (p_input @ h)
     elif order == "paper":
-        out = p_input @ ((eye - p_concept) @ h)
+        out = p_input.to(p_concept.device) @ ((eye - p_concept) @ h)
     else:
         raise ValueError(f"order must be one of {ORDERS}")
     return out.T
@@ -98,6 +99,8 @@ def steer_chunk(
     ``svf=None`` steers every step (t' = 50)."""
     if n_tokens < 1 or loo_pooled.shape[0] != n_tokens:
         return SteerResult(rows)
+    p_concept = p_concept.to(rows.device)  # all float64 work on the rows' device
+    loo_pooled = loo_pooled.to(rows.device)
     trig = trigger_tokens(loo_pooled, p_concept, alpha)
     if not trig:
         return SteerResult(rows)
@@ -179,3 +182,30 @@ def steer_sequence(
         loo = encode_rows(variants)[:, min(eos, length - 1)]  # pooled = the EOS row
         results.append(steer_chunk(chunk_rows, loo, p_concept, n, **kw))
     return results
+
+
+def packed_layout(original: list[int], variants: list[list[int]]):
+    """One packed sequence for a prompt and its same-length variants (CLIP is causal).
+
+    Variant v shares the hidden states of the prompt before its first changed token k_v, so
+    only its suffix v[k_v:] is computed: the packed sequence is the prompt followed by every
+    suffix. Returns (ids, positions, allowed [T, T] bool, index of each variant's last row):
+    a prompt row attends to prompt rows at or before its position; a suffix row to prompt
+    rows before k_v and to its own suffix rows at or before its position.
+    """
+    length = len(original)
+    ids, pos, seq, first = list(original), list(range(length)), [-1] * length, []
+    for j, v in enumerate(variants):
+        if len(v) != length:
+            raise ValueError("variants must have the prompt's length")
+        k = next((i for i in range(length) if v[i] != original[i]), length - 1)
+        first.append(k)
+        ids += v[k:]
+        pos += list(range(k, length))
+        seq += [j] * (length - k)
+    pos_t, seq_t = torch.tensor(pos), torch.tensor(seq)
+    k_of = torch.tensor([0] + first)[seq_t + 1]  # k_v of each query row's sequence (0 for the prompt)
+    own = (seq_t[:, None] == seq_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])
+    shared = (seq_t[None, :] == -1) & (pos_t[None, :] < k_of[:, None])
+    last = torch.cumsum(torch.tensor([length] + [length - k for k in first]), 0)[1:] - 1
+    return ids, pos, own | shared, last

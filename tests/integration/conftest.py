@@ -262,9 +262,9 @@ class SafeT2ITestSteerPaths:
             if got is None:
                 return None
             sub, enc = got
-            def counted(ids):
-                lengths.append(len(ids[0]))
-                return enc(ids)
+            def counted(original, variants):
+                lengths.append(len(original))
+                return enc(original, variants)
             return sub, counted
         try:
             mod._truncated_encoder = spy

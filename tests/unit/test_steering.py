@@ -236,3 +236,59 @@ def test_fourier_reattention_matches_numpy_reference():
     np.testing.assert_allclose(got, want.astype(np.float32), atol=1e-5)
     same = fourier_reattention(torch.tensor(hs), torch.tensor(hs), 0.2)  # nothing amplified: unchanged
     np.testing.assert_allclose(same.numpy(), hs, atol=1e-5)
+
+
+def _causal_model(seed=0, vocab=50, positions=16, dim=8, layers=2):
+    """A tiny pre-norm causal transformer in float64 (independent of any library's CLIP)."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"tok": torch.randn(vocab, dim, generator=g, dtype=torch.float64),
+         "pos": torch.randn(positions, dim, generator=g, dtype=torch.float64),
+         "layers": [[torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim ** 0.5 for _ in range(5)]
+                    for _ in range(layers)]}
+
+    def run(ids, pos, allowed):
+        x = w["tok"][torch.tensor(ids)] + w["pos"][torch.tensor(pos)]
+        for q, k, v, o, m in w["layers"]:
+            h = torch.nn.functional.layer_norm(x, (dim,))
+            att = (h @ q) @ (h @ k).T / dim ** 0.5
+            att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+            x = x + (att @ (h @ v)) @ o
+            x = x + torch.tanh(torch.nn.functional.layer_norm(x, (dim,)) @ m)
+        return x
+    return run
+
+
+def test_packed_leave_one_out_equals_separate_causal_encodes():
+    from safet2i.steering.safree import packed_layout
+
+    run = _causal_model()
+    original = [1, 7, 9, 4, 11, 2]
+    variants = []
+    for i in range(1, 5):
+        v = list(original)
+        v[i] = 0
+        variants.append(v)
+    variants.append(list(original))  # unchanged variant: only its last row is recomputed
+    ids, pos, allowed, last = packed_layout(original, variants)
+    assert len(ids) == len(original) + sum(len(original) - i for i in (1, 2, 3, 4)) + 1
+    packed = run(ids, pos, allowed)
+    n = len(original)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    ref_prompt = run(original, list(range(n)), causal)
+    torch.testing.assert_close(packed[:n], ref_prompt, rtol=1e-12, atol=1e-12)
+    for j, v in enumerate(variants):
+        ref = run(v, list(range(n)), causal)[-1]
+        torch.testing.assert_close(packed[last[j]], ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError):
+        packed_layout(original, [original[:-1]])
+
+
+def test_projection_stays_on_the_projectors_device():
+    """GPU pipelines keep the projector on the accelerator: no CPU-only intermediate (the meta
+    device stands in for a GPU here: any cross-device op raises)."""
+    from safet2i.steering.safree import project_rows
+
+    p_c = torch.zeros(6, 6, dtype=torch.float64, device="meta")
+    p_m = torch.zeros(6, 6, dtype=torch.float64, device="meta")
+    out = project_rows(torch.zeros(4, 6, device="meta"), p_c, p_m)
+    assert out.device.type == "meta" and out.shape == (4, 6)
