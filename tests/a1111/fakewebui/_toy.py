@@ -1,0 +1,267 @@
+"""A small deterministic text-to-image "model" for the stand-in (not an upstream module).
+
+* Text encoder: each word of a prompt gets a fixed pseudo-random vector (SHA-256 seeded);
+  77 token rows (BOS, words, EOS padding), ``D`` features; SDXL adds a pooled ``vector``.
+* Denoiser ("UNet"): in k-diffusion terms x = x0 + σ·ε; the model's x0 estimate is
+  ``target(text) + 0.1·tanh(c_in·x + b(text))`` (+ a small inpainting-concat term), a
+  nonlinear, channel- and position-dependent function, so guidance masks are not trivial.
+  ε = (x − x0)/σ. Timestep models see x_t = c_in·x with ᾱ(t) = 1/(1 + σ(t)²).
+* VAE: the decoder turns a latent into a *picture registered for a prompt* when the latent
+  points (cosine > 0.5, relative to the empty prompt's target) at that prompt's target, so a
+  prompt like "astronaut" yields skimage's astronaut photograph: the real NudeNet filter can
+  then flag (face-only policy) or pass (benign pictures) generated images. Other latents
+  decode to a smooth colour field.
+
+Everything is float64 so the guidance math can be compared exactly with a reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+DTYPE = torch.float64
+TOKENS = 77
+SIGMA_MIN, SIGMA_MAX = 0.03, 14.6
+
+
+def _vec(word: str, dim: int, salt: str) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(f"{salt}:{word}".encode()).digest()[:8], "little")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, generator=g, dtype=DTYPE)
+
+
+def sigma_of_t(t):
+    t = torch.as_tensor(t, dtype=DTYPE)
+    return torch.exp(math.log(SIGMA_MIN) + t / 999.0 * (math.log(SIGMA_MAX) - math.log(SIGMA_MIN)))
+
+
+def t_of_sigma(sigma):
+    s = torch.as_tensor(sigma, dtype=DTYPE)
+    return (torch.log(s) - math.log(SIGMA_MIN)) / (math.log(SIGMA_MAX) - math.log(SIGMA_MIN)) * 999.0
+
+
+class ToyMath:
+    """The denoiser's math, shared by every host flavour."""
+
+    def __init__(self, dim: int = 16, vector_dim: int | None = None):
+        self.dim = dim
+        self.vector_dim = vector_dim
+        self._basis: dict[tuple, torch.Tensor] = {}
+
+    # -- text ------------------------------------------------------------------
+    def encode(self, prompts) -> torch.Tensor | dict:
+        rows = []
+        pooled = []
+        for prompt in prompts:
+            words = str(prompt).lower().replace(",", " ").split()[:TOKENS - 2]
+            toks = [_vec("<bos>", self.dim, "tok")] + [_vec(w, self.dim, "tok") for w in words]
+            toks += [_vec("<eos>", self.dim, "tok")] * (TOKENS - len(toks))
+            rows.append(torch.stack(toks))
+            if self.vector_dim:
+                v = torch.zeros(self.vector_dim, dtype=DTYPE)
+                for w in words:
+                    v = v + _vec(w, self.vector_dim, "pool")
+                pooled.append(v / max(1, len(words)))
+        cross = torch.stack(rows)
+        if self.vector_dim:
+            return {"crossattn": cross, "vector": torch.stack(pooled)}
+        return cross
+
+    # -- denoiser --------------------------------------------------------------
+    def basis(self, h: int, w: int) -> torch.Tensor:
+        key = (h, w)
+        if key not in self._basis:
+            g = torch.Generator().manual_seed(1234 + 7 * h + w)
+            self._basis[key] = torch.randn(self.dim + (self.vector_dim or 0), 4, h, w, generator=g, dtype=DTYPE)
+        return self._basis[key]
+
+    def target(self, ctx: torch.Tensor, y: torch.Tensor | None, h: int, w: int) -> torch.Tensor:
+        pooled = ctx.to(DTYPE)[:, 1:9].sum(dim=1) / 2.0      # the first words dominate
+        if self.vector_dim:
+            pooled = torch.cat([pooled, y.to(DTYPE) if y is not None else torch.zeros(pooled.shape[0], self.vector_dim,
+                                                                                 dtype=DTYPE)], dim=1)
+        return torch.einsum("bd,dchw->bchw", pooled, self.basis(h, w)) / math.sqrt(pooled.shape[1])
+
+    def x0(self, x, sigma, ctx, y=None, concat=None) -> torch.Tensor:
+        """x0 estimate for k-diffusion input x (x = x0 + σ·ε), σ per row."""
+        x = x.to(DTYPE)
+        s = torch.as_tensor(sigma, dtype=DTYPE).reshape(-1, 1, 1, 1)
+        if s.shape[0] == 1 and x.shape[0] > 1:
+            s = s.expand(x.shape[0], 1, 1, 1)
+        c_in = 1.0 / torch.sqrt(s ** 2 + 1.0)
+        ctx = ctx.to(DTYPE)
+        b = ctx[:, 1:5, :4].mean(dim=1).reshape(-1, 4, 1, 1)
+        out = self.target(ctx, y, x.shape[2], x.shape[3]) + 0.1 * torch.tanh(c_in * x * 3.0 + b)
+        if concat is not None:
+            out = out + 0.01 * concat.to(DTYPE).mean(dim=1, keepdim=True)
+        return out
+
+    def eps(self, x, sigma, ctx, y=None, concat=None) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=DTYPE).reshape(-1, 1, 1, 1)
+        return (x.to(DTYPE) - self.x0(x, sigma, ctx, y, concat)) / s
+
+
+class ToyVAE:
+    """Latent ↔ pixels; decodes to registered pictures (see the module docstring)."""
+
+    def __init__(self, math_: ToyMath, encode_text):
+        self.math = math_
+        self.encode_text = encode_text
+        self.pictures: dict[str, np.ndarray] = {}
+
+    def register(self, prompt: str, picture: np.ndarray) -> None:
+        self.pictures[prompt] = np.asarray(picture)
+
+    def _target(self, prompt: str, h: int, w: int) -> torch.Tensor:
+        c = self.encode_text([prompt])
+        if isinstance(c, dict):
+            return self.math.target(c["crossattn"], c["vector"], h, w)[0]
+        return self.math.target(c, None, h, w)[0]
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, 4, h, w] → [B, 3, 8h, 8w] in [-1, 1]."""
+        out = []
+        for lat in latent.to(DTYPE):
+            h, w = lat.shape[-2:]
+            base = self._target("", h, w)
+            best, best_cos = None, 0.5
+            for prompt, pic in self.pictures.items():
+                d = self._target(prompt, h, w) - base
+                cos = float(torch.nn.functional.cosine_similarity((lat - base).flatten(), d.flatten(), dim=0))
+                if cos > best_cos:
+                    best, best_cos = pic, cos
+            if best is not None:
+                img = Image.fromarray(best).convert("RGB").resize((8 * w, 8 * h), Image.LANCZOS)
+                arr = torch.from_numpy(np.asarray(img, dtype=np.float64) / 127.5 - 1.0).permute(2, 0, 1)
+            else:
+                arr = torch.tanh(0.3 * lat[:3]).repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
+            out.append(arr)
+        return torch.stack(out)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] → [B, 4, H/8, W/8]."""
+        image = image.to(DTYPE)
+        small = torch.nn.functional.avg_pool2d(image, 8)
+        return torch.cat([small, small.mean(dim=1, keepdim=True)], dim=1)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    return 1.0 / (sigma_of_t(torch.arange(1000, dtype=DTYPE)) ** 2 + 1.0)
+
+
+class _Info:
+    name_for_extra = "toy"
+    title = "toy.safetensors [0123456789]"
+    short_title = "toy"
+
+
+class _Predictor:
+    """Forge ``KModel.predictor`` / reForge ``model_sampling``: the σ table."""
+
+    def __init__(self):
+        self.sigmas = sigma_of_t(torch.arange(1000))
+
+    def timestep(self, sigma):
+        return t_of_sigma(sigma)
+
+
+class ToyKModel:
+    """Forge's ``KModel`` / reForge's ``BaseModel`` role: ``apply_model(x, σ, **conds)`` → x0."""
+
+    def __init__(self, math_: ToyMath):
+        self.math = math_
+        self.predictor = _Predictor()
+        self.model_sampling = self.predictor
+        self.device = "cpu"
+        self.rows = 0          # UNet rows evaluated (cost checks)
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, y=None, control=None, transformer_options=None,
+                    **kwargs):
+        self.rows += x.shape[0]
+        return self.math.x0(x, t, c_crossattn, y, c_concat)
+
+    def memory_required(self, input_shape, **kwargs):
+        return 0
+
+
+class ToySdModel:
+    """``shared.sd_model``: A1111's LatentDiffusion role (plus ``forge_objects`` on Forge/reForge)."""
+
+    def __init__(self, kind: str = "sd1"):
+        self.kind = kind
+        self.math = ToyMath(24, 12) if kind == "sdxl" else ToyMath(16)
+        self.vae = ToyVAE(self.math, self._encode_plain)
+        self.is_sdxl = kind == "sdxl"
+        self.is_sd1 = kind == "sd1"
+        self.is_sd2 = False
+        self.is_sd3 = kind == "sd3"
+        self.model = type("DiffusionWrapper", (), {"conditioning_key": "crossattn"})()
+        self.cond_stage_key = "txt"
+        self.parameterization = "eps"
+        self.sd_checkpoint_info = _Info()
+        self.sd_model_hash = "0123456789"
+        self.latent_channels = 4
+        self.alphas_cumprod = alphas_cumprod()
+        self.first_stage_model = type("VAE", (), {"dtype": DTYPE})()
+        empty = self._encode_plain([""])
+        self.cond_stage_model_empty_prompt = (empty["crossattn"] if isinstance(empty, dict) else empty)[0:1]
+        self.encoded: list[list[str]] = []     # every get_learned_conditioning call
+        self.rows = 0                           # UNet rows evaluated (A1111 path)
+        self.kmodel = ToyKModel(self.math)
+
+    def _encode_plain(self, prompts):
+        return self.math.encode(list(prompts))
+
+    def get_learned_conditioning(self, prompts):
+        self.encoded.append(list(prompts))
+        return self._encode_plain(prompts)
+
+    def apply_model(self, x_noisy, t, cond):
+        """A1111 LDM: ε for timestep t (float; σ(t) from the toy schedule)."""
+        self.rows += x_noisy.shape[0]
+        sigma = sigma_of_t(t).to(DTYPE)
+        x_k = x_noisy.to(DTYPE) * torch.sqrt(sigma ** 2 + 1.0).reshape(-1, 1, 1, 1)
+        if "crossattn" in cond:
+            ctx, y = cond["crossattn"], cond["vector"]
+        else:
+            ctx, y = cond["c_crossattn"][0], None
+        concat = cond.get("c_concat", [None])[0]
+        return self.math.eps(x_k, sigma, ctx, y, concat)
+
+    def decode_first_stage(self, x):
+        return self.vae.decode(x)
+
+    def encode_first_stage(self, x):
+        return self.vae.encode(x)
+
+    def get_first_stage_encoding(self, x):
+        return x
+
+    def attach_forge(self, variant: str) -> None:
+        """Forge: ``backend`` UnetPatcher + ForgeObjects; reForge: ``modules_forge``/``ldm_patched``."""
+        if variant == "forge":
+            from backend.diffusion_engine.base import ForgeObjects
+            from backend.patcher.unet import UnetPatcher
+            unet = UnetPatcher(self.kmodel, load_device="cpu", offload_device="cpu")
+            objects = ForgeObjects(unet, None, None, None)
+        else:
+            from modules_forge.forge_loader import ForgeSD
+            from modules_forge.unet_patcher import UnetPatcher
+            unet = UnetPatcher(self.kmodel, load_device="cpu", offload_device="cpu")
+            objects = ForgeSD(unet, None, None, None)
+        self.forge_objects = objects
+        self.forge_objects_original = objects.shallow_copy()
+        self.forge_objects_after_applying_lora = objects.shallow_copy()
+
+
+def make_sd_model(kind: str = "sd1") -> ToySdModel:
+    from _variant import VARIANT
+    m = ToySdModel(kind)
+    if VARIANT in ("forge", "reforge"):
+        m.attach_forge(VARIANT)
+    return m

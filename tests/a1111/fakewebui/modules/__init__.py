@@ -1,0 +1,1 @@
+"""Stand-in for the webui's ``modules`` package (written from a reading of upstream; no upstream code)."""

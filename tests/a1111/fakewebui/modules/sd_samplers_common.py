@@ -1,0 +1,109 @@
+"""Stand-in for ``modules/sd_samplers_common.py``: latent → preview image, ``store_latent``
+(live previews), the ``Sampler`` base with its step bookkeeping (``state.sampling_step``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules import shared
+from modules.shared import opts
+
+approximation_indexes = {"Full": 0, "Approx NN": 1, "Approx cheap": 2, "TAESD": 3}
+
+
+def samples_to_images_tensor(sample, approximation=None, model=None):
+    model = model or shared.sd_model
+    return model.decode_first_stage(sample)
+
+
+def single_sample_to_image(sample, approximation=None):
+    x = samples_to_images_tensor(sample.unsqueeze(0), approximation)[0] * 0.5 + 0.5
+    x = torch.clamp(x, 0.0, 1.0)
+    x = (255. * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8)
+    return Image.fromarray(x)
+
+
+def decode_first_stage(model, x):
+    return samples_to_images_tensor(x, 0, model)
+
+
+def sample_to_image(samples, index=0, approximation=None):
+    return single_sample_to_image(samples[index], approximation)
+
+
+def samples_to_image_grid(samples, approximation=None):
+    from modules import images
+    return images.image_grid([single_sample_to_image(sample, approximation) for sample in samples])
+
+
+def images_tensor_to_samples(image, approximation=None, model=None):
+    model = model or shared.sd_model
+    return model.get_first_stage_encoding(model.encode_first_stage(image * 2 - 1))
+
+
+def store_latent(decoded):
+    shared.state.current_latent = decoded
+    if opts.live_previews_enable and opts.show_progress_every_n_steps > 0 \
+            and shared.state.sampling_step % opts.show_progress_every_n_steps == 0:
+        if not shared.parallel_processing_allowed:
+            shared.state.assign_current_image(sample_to_image(decoded))
+
+
+class InterruptedException(BaseException):
+    pass
+
+
+def setup_img2img_steps(p, steps=None):
+    if steps is not None:
+        requested_steps = steps or p.steps
+        steps = int(requested_steps / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+        t_enc = requested_steps - 1
+    else:
+        steps = p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+    return steps, t_enc
+
+
+def apply_refiner(cfg_denoiser):
+    return False
+
+
+class Sampler:
+    def __init__(self, funcname):
+        self.funcname = funcname
+        self.func = funcname
+        self.config = None
+        self.last_latent = None
+        self.s_min_uncond = None
+        self.p = None
+        self.model_wrap_cfg = None
+        self.sampler_extra_args = None
+
+    def callback_state(self, d):
+        shared.state.sampling_step = d['i']
+
+    def launch_sampling(self, steps, func):
+        self.model_wrap_cfg.steps = steps
+        self.model_wrap_cfg.total_steps = steps
+        shared.state.sampling_steps = steps
+        shared.state.sampling_step = 0
+        try:
+            return func()
+        except InterruptedException:
+            return self.last_latent
+
+    def initialize(self, p) -> dict:
+        self.p = p
+        self.model_wrap_cfg.p = p
+        self.model_wrap_cfg.mask = p.mask if hasattr(p, 'mask') else None
+        self.model_wrap_cfg.nmask = p.nmask if hasattr(p, 'nmask') else None
+        self.model_wrap_cfg.step = 0
+        self.model_wrap_cfg.image_cfg_scale = getattr(p, 'image_cfg_scale', None)
+        self.s_min_uncond = getattr(p, 's_min_uncond', 0.0) or 0.0
+        return {}
+
+    def _extra_args(self, p, conditioning, unconditional_conditioning, image_conditioning):
+        return {'cond': conditioning, 'image_cond': image_conditioning, 'uncond': unconditional_conditioning,
+                'cond_scale': p.cfg_scale, 's_min_uncond': self.s_min_uncond}

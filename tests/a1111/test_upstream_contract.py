@@ -1,0 +1,404 @@
+"""Contract: every name the webui stand-in (``fakewebui/``) provides exists upstream.
+
+Set ``WEBUI_PATH`` to a checkout of AUTOMATIC1111/stable-diffusion-webui (1.7 or ≥ 1.8),
+lllyasviel/stable-diffusion-webui-forge or Panchovix/stable-diffusion-webui-reForge; the
+variant is inferred from the tree (``backend/`` → Forge, ``ldm_patched/`` +
+``modules_forge/`` → reForge, else A1111, 1.10-style when ``modules/scripts.py`` has
+``postprocess_image_after_composite``). Upstream files are only parsed with ``ast``; nothing
+upstream is imported or executed.
+
+Checked, for each stand-in module that exists in that variant: the module exists upstream;
+every public module-level name (functions, classes, constants, aliases) exists there;
+functions and methods take no parameter upstream lacks, positional ones in the same order;
+classes have every public method, class attribute, property and ``self.x`` attribute the
+stand-in gives them (also looked up in upstream base classes); the settings the stand-in
+defines are upstream settings; the callback categories are upstream's. Names starting with
+``_`` are the stand-in's own machinery and are not checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import inspect
+import os
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kit import FAKE, STANDIN, purge  # noqa: E402
+
+WEBUI = os.environ.get("WEBUI_PATH")
+needs_webui = pytest.mark.skipif(
+    not WEBUI, reason="set WEBUI_PATH to a checkout of A1111 / Forge / reForge to check the stand-in against it")
+
+PACKAGES = {"a1111-1.10": ("modules",), "a1111-1.7": ("modules",), "forge": ("modules", "backend"),
+            "reforge": ("modules", "modules_forge", "ldm_patched")}
+
+
+def infer_variant(root: Path) -> str:
+    if (root / "backend").is_dir() and (root / "modules_forge").is_dir():
+        return "forge"
+    if (root / "ldm_patched").is_dir() and (root / "modules_forge").is_dir():
+        return "reforge"
+    text = (root / "modules" / "scripts.py").read_text(encoding="utf8")
+    return "a1111-1.10" if "postprocess_image_after_composite" in text else "a1111-1.7"
+
+
+# ---------------------------------------------------------------------- upstream, by ast
+
+class UpstreamModule:
+    @classmethod
+    def empty(cls, path: Path) -> UpstreamModule:
+        m = cls.__new__(cls)
+        m.path, m.tree, m.names, m.functions, m.classes, m.assigned_attrs, m.strings = \
+            path, ast.Module(body=[], type_ignores=[]), set(), {}, {}, set(), set()
+        return m
+
+    def __init__(self, path: Path):
+        self.path = path
+        with warnings.catch_warnings():      # upstream's own invalid escapes
+            warnings.simplefilter("ignore")
+            self.tree = ast.parse(path.read_text(encoding="utf8"))
+        self.names: set[str] = set()
+        self.functions: dict[str, ast.FunctionDef] = {}
+        self.classes: dict[str, ast.ClassDef] = {}
+        self.assigned_attrs: set[str] = set()       # any `x.attr = ...` in the module
+        self.strings: set[str] = set()
+        self._top(self.tree.body)
+        for node in ast.walk(self.tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    for sub in ast.walk(t):
+                        if isinstance(sub, ast.Attribute):
+                            self.assigned_attrs.add(sub.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                self.strings.add(node.value)
+            elif isinstance(node, ast.keyword) and node.arg:     # dict(callbacks_x=[], ...)
+                self.strings.add(node.arg)
+
+    def _top(self, body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self.names.add(node.name)
+                self.functions.setdefault(node.name, node)
+            elif isinstance(node, ast.ClassDef):
+                self.names.add(node.name)
+                self.classes.setdefault(node.name, node)
+            elif isinstance(node, ast.Assign):
+                for t in node.targets:
+                    for sub in ast.walk(t):
+                        if isinstance(sub, ast.Name):
+                            self.names.add(sub.id)
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                self.names.add(node.target.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                for a in node.names:
+                    self.names.add((a.asname or a.name).split(".")[0])
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                self._top(node.body)
+                self._top(getattr(node, "orelse", []))
+                for h in getattr(node, "handlers", []):
+                    self._top(h.body)
+                self._top(getattr(node, "finalbody", []))
+
+
+def class_members(cls: ast.ClassDef) -> tuple[dict[str, ast.FunctionDef], set[str]]:
+    methods: dict[str, ast.FunctionDef] = {}
+    attrs: set[str] = set()
+    for node in ast.walk(cls):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node in cls.body:
+            methods.setdefault(node.name, node)
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    attrs.add(t.id)
+                elif isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    attrs.add(t.attr)
+        elif isinstance(node, ast.AnnAssign):
+            if isinstance(node.target, ast.Name):
+                attrs.add(node.target.id)
+            elif isinstance(node.target, ast.Attribute) and isinstance(node.target.value, ast.Name) \
+                    and node.target.value.id == "self":
+                attrs.add(node.target.attr)
+    return methods, attrs
+
+
+class Upstream:
+    def __init__(self, root: Path):
+        self.root = root
+        self._modules: dict[str, UpstreamModule | None] = {}
+
+    def module(self, dotted: str) -> UpstreamModule | None:
+        if dotted not in self._modules:
+            base = self.root.joinpath(*dotted.split("."))
+            path = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+            if path.is_file():
+                self._modules[dotted] = UpstreamModule(path)
+            elif base.is_dir():      # a namespace package (A1111's modules/ has no __init__.py)
+                self._modules[dotted] = UpstreamModule.empty(base)
+            else:
+                self._modules[dotted] = None
+        return self._modules[dotted]
+
+    def find_class(self, name: str, near: UpstreamModule):
+        """A class by name: in ``near``, else anywhere among the parsed modules."""
+        if name in near.classes:
+            return near.classes[name]
+        for m in self._modules.values():
+            if m is not None and name in m.classes:
+                return m.classes[name]
+        return None
+
+    def members_with_bases(self, cls: ast.ClassDef, near: UpstreamModule, depth=0):
+        methods, attrs = class_members(cls)
+        if depth < 5:
+            for b in cls.bases:
+                bname = b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", None)
+                base = self.find_class(bname, near) if bname else None
+                if base is not None and base is not cls:
+                    m2, a2 = self.members_with_bases(base, near, depth + 1)
+                    methods = {**m2, **methods}
+                    attrs |= a2
+        return methods, attrs
+
+
+# ---------------------------------------------------------------------- signatures
+
+def upstream_params(fn: ast.FunctionDef) -> tuple[list[str], set[str], bool]:
+    a = fn.args
+    positional = [x.arg for x in a.posonlyargs + a.args]
+    return positional, {x.arg for x in a.kwonlyargs}, a.kwarg is not None
+
+
+def check_signature(obj, up: ast.FunctionDef, where: str, problems: list[str], method=False) -> None:
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return
+    positional, kwonly, has_kwargs = upstream_params(up)
+    if method and positional[:1] in (["self"], ["cls"]):
+        positional = positional[1:]
+    ours_pos = [p.name for p in sig.parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if method and ours_pos[:1] in (["self"], ["cls"]):
+        ours_pos = ours_pos[1:]
+    ours_kw = [p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY]
+    for i, name in enumerate(ours_pos):
+        if i >= len(positional) or positional[i] != name:
+            if not (name in kwonly or has_kwargs) or i < len(positional):
+                problems.append(f"{where}: parameter {i} is {name!r} here, upstream {positional[i:i + 1] or 'none'}")
+                return
+    for name in ours_kw:
+        if name not in positional and name not in kwonly and not has_kwargs:
+            problems.append(f"{where}: keyword parameter {name!r} does not exist upstream")
+
+
+def standin_class_node(cls) -> tuple[ast.ClassDef | None, dict]:
+    """The stand-in's ClassDef for ``cls`` (the right one when a class is defined per variant in
+    if/else branches: the one containing its methods' code) and the module globals."""
+    module = sys.modules.get(cls.__module__)
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError):
+        return None, {}
+    lines = {f.__code__.co_firstlineno for f in vars(cls).values() if inspect.isfunction(f)}
+    candidates = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__]
+    for node in candidates:
+        if not lines or any(node.lineno <= ln <= node.end_lineno for ln in lines):
+            return node, vars(module)
+    return (candidates[0] if candidates else None), vars(module)
+
+
+def _active(nodes, env):
+    """Statements of the variant that is running: ``if`` tests on the stand-in's variant flags
+    are evaluated (both branches when a test cannot be evaluated statically)."""
+    for node in nodes:
+        if isinstance(node, ast.If):
+            try:
+                taken = bool(eval(compile(ast.Expression(node.test), "<if>", "eval"), dict(env)))  # noqa: S307
+                yield from _active(node.body if taken else node.orelse, env)
+            except Exception:  # noqa: BLE001 - depends on runtime values: look at both
+                yield from _active(node.body, env)
+                yield from _active(node.orelse, env)
+        else:
+            yield node
+            for field in ("body", "orelse", "finalbody"):
+                if isinstance(getattr(node, field, None), list) and not isinstance(node, ast.ClassDef):
+                    yield from _active(getattr(node, field), env)
+            for h in getattr(node, "handlers", []) or []:
+                yield from _active(h.body, env)
+
+
+def standin_self_attrs(cls) -> set[str]:
+    node, env = standin_class_node(cls)
+    if node is None:
+        return set()
+    out = set()
+    for stmt in _active(node.body, env):
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for t in targets:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                    out.add(t.attr)
+    return out
+
+
+def is_standin(obj) -> bool:
+    mod = getattr(obj, "__module__", None) or ""
+    return mod.split(".")[0] in STANDIN
+
+
+# ---------------------------------------------------------------------- the test
+
+def standin_modules(variant: str) -> list[str]:
+    names = []
+    for pkg in PACKAGES[variant]:
+        for path in sorted((FAKE / pkg).rglob("*.py")):
+            rel = path.relative_to(FAKE).with_suffix("")
+            parts = list(rel.parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if any(p.startswith("_") for p in parts):
+                continue
+            names.append(".".join(parts))
+    return names
+
+
+@contextlib.contextmanager
+def standin_for(root: Path, variant: str):
+    saved_path, saved_env = list(sys.path), os.environ.get("FAKEWEBUI_VARIANT")
+    purge()
+    os.environ["FAKEWEBUI_VARIANT"] = variant
+    sys.path.insert(0, str(FAKE))
+    try:
+        yield variant, Upstream(root)
+    finally:
+        purge()
+        sys.path[:] = saved_path
+        if saved_env is None:
+            os.environ.pop("FAKEWEBUI_VARIANT", None)
+        else:
+            os.environ["FAKEWEBUI_VARIANT"] = saved_env
+
+
+@pytest.fixture(scope="module")
+def standin():
+    root = Path(WEBUI).expanduser().resolve()
+    with standin_for(root, infer_variant(root)) as pair:
+        yield pair
+
+
+def check_module(dotted: str, variant: str, upstream: Upstream) -> list[str]:
+    problems: list[str] = []
+    try:
+        mod = importlib.import_module(dotted)
+    except ImportError as exc:
+        if dotted.split(".")[0] != "modules" or "does not exist" in str(exc) or "only exists" in str(exc):
+            return []     # the stand-in says this module is absent in this variant
+        raise
+    up = upstream.module(dotted)
+    if up is None:
+        return [f"{dotted}: no such module upstream ({variant})"]
+    for name, obj in vars(mod).items():
+        if name.startswith("_") or isinstance(obj, types.ModuleType) and not is_standin(obj):
+            continue
+        if isinstance(obj, types.ModuleType):
+            if name not in up.names:
+                problems.append(f"{dotted}.{name}: module alias missing upstream")
+            continue
+        if callable(obj) and not is_standin(obj):
+            continue        # imported from the standard library / torch / PIL
+        if not callable(obj) and not isinstance(obj, (str, int, float, bool, dict, list, tuple, set, type(None))) \
+                and not is_standin(type(obj)):
+            continue
+        if name not in up.names:
+            problems.append(f"{dotted}.{name}: missing upstream")
+            continue
+        if inspect.isclass(obj) and getattr(obj, "__module__", "") == dotted and name in up.classes:
+            check_class(obj, up.classes[name], up, upstream, f"{dotted}.{name}", problems)
+        elif inspect.isfunction(obj) and name in up.functions:
+            check_signature(obj, up.functions[name], f"{dotted}.{name}()", problems)
+    return problems
+
+
+def check_class(cls, up_cls: ast.ClassDef, up_mod: UpstreamModule, upstream: Upstream, where: str,
+                problems: list[str]) -> None:
+    methods, attrs = upstream.members_with_bases(up_cls, up_mod)
+    for name, member in vars(cls).items():
+        if name.startswith("_") and name != "__init__":
+            continue
+        if name == "__init__":
+            if "__init__" in methods and inspect.isfunction(member):
+                check_signature(member, methods["__init__"], f"{where}.__init__()", problems, method=True)
+            continue
+        if name in methods:
+            if inspect.isfunction(member):
+                check_signature(member, methods[name], f"{where}.{name}()", problems, method=True)
+            continue
+        if name in attrs or name in up_mod.assigned_attrs:
+            continue
+        if name in getattr(cls, "__dataclass_fields__", {}) and name in attrs:
+            continue
+        problems.append(f"{where}.{name}: no such method or attribute upstream")
+    for attr in sorted(standin_self_attrs(cls)):
+        if attr.startswith("_"):
+            continue
+        if attr not in attrs and attr not in methods and attr not in up_mod.assigned_attrs:
+            problems.append(f"{where}: instance attribute {attr!r} not set upstream")
+
+
+@needs_webui
+def test_every_standin_name_exists_upstream(standin):
+    variant, upstream = standin
+    problems = []
+    for dotted in standin_modules(variant):
+        problems += check_module(dotted, variant, upstream)
+    assert not problems, f"stand-in ({variant}) differs from {WEBUI}:\n" + "\n".join(problems)
+
+
+@needs_webui
+def test_settings_and_callback_categories_are_upstreams(standin):
+    variant, upstream = standin
+    from modules import script_callbacks, shared_options
+    opts_mod = upstream.module("modules.shared_options")
+    missing = sorted(k for k in shared_options.options_templates if k not in opts_mod.strings)
+    assert not missing, f"settings not defined upstream ({variant}): {missing}"
+    cb_mod = upstream.module("modules.script_callbacks")
+    cats = sorted(k for k in script_callbacks.callback_map if k not in cb_mod.strings)
+    assert not cats, f"callback categories not upstream ({variant}): {cats}"
+
+
+@needs_webui
+def test_variant_inference_matches_the_checkout(standin):
+    variant, upstream = standin
+    assert variant in PACKAGES
+    if variant.startswith("a1111"):
+        assert upstream.module("modules.scripts") is not None
+
+
+def test_the_checker_reports_what_upstream_lacks(tmp_path):
+    """Runs without a checkout: an "upstream" tree written here lacks names the stand-in has."""
+    mods = tmp_path / "modules"
+    mods.mkdir()
+    (mods / "scripts.py").write_text("postprocess_image_after_composite = 1\n")
+    (mods / "errors.py").write_text("def report(message):\n    pass\n")
+    (mods / "script_callbacks.py").write_text(
+        "class CFGDenoiserParams:\n    def __init__(self, x, sigma, image_cond):\n        self.x = x\n")
+    with standin_for(tmp_path, infer_variant(tmp_path)) as (variant, upstream):
+        assert variant == "a1111-1.10"
+        errors = check_module("modules.errors", variant, upstream)
+        assert "modules.errors.record_exception: missing upstream" in errors
+        assert any("report()" in e and "exc_info" in e for e in errors)
+        cb = check_module("modules.script_callbacks", variant, upstream)
+        assert any("CFGDenoiserParams.__init__()" in e and "'image_cond'" in e for e in cb)
+        assert any("instance attribute 'text_cond'" in e for e in cb)
+        assert "modules.shared: no such module upstream (a1111-1.10)" in check_module("modules.shared", variant,
+                                                                                      upstream)
