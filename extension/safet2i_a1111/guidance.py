@@ -15,6 +15,7 @@ image instead of letting an unguided image through (A1111 swallows callback exce
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -43,12 +44,26 @@ def _rows(value, n: int):
     return value[:n]
 
 
-def _fit_tokens(concept: torch.Tensor, tokens: int) -> torch.Tensor:
+def fit_tokens(concept: torch.Tensor, tokens: int) -> torch.Tensor:
     """Concept embedding [T, D] padded (repeating its last row, as padding tokens are) or cut to ``tokens``."""
     if concept.shape[0] >= tokens:
         return concept[:tokens]
     pad = concept[-1:].expand(tokens - concept.shape[0], -1)
     return torch.cat([concept, pad])
+
+
+def _same_kind(template: dict, items: dict) -> dict:
+    """A dict of the webui's own class (SDXL conds are ``prompt_parser.DictWithShape``, whose
+    ``shape`` the denoiser reads after the callback); a plain dict would break it."""
+    if type(template) is dict:
+        return items
+    try:
+        return type(template)(items)
+    except TypeError:                     # A1111 1.7: DictWithShape(x, shape) needs the shape
+        new = copy.copy(template)
+        new.clear()
+        new.update(items)
+        return new
 
 
 def insert_safety_rows(x, sigma, image_cond, text_cond, concept, batch: int):
@@ -75,10 +90,10 @@ def insert_safety_rows(x, sigma, image_cond, text_cond, concept, batch: int):
         for k, v in text_cond.items():
             c = concept[k].to(v.device, v.dtype)
             if v.dim() == 3:
-                c = _fit_tokens(c, v.shape[1])
+                c = fit_tokens(c, v.shape[1])
             out[k] = torch.cat([v, c.unsqueeze(0).expand(batch, *c.shape)])
-        return x2, s2, ic2, out
-    c = _fit_tokens(concept.to(text_cond.device, text_cond.dtype), text_cond.shape[1])
+        return x2, s2, ic2, _same_kind(text_cond, out)
+    c = fit_tokens(concept.to(text_cond.device, text_cond.dtype), text_cond.shape[1])
     return x2, s2, ic2, torch.cat([text_cond, c.unsqueeze(0).expand(batch, *c.shape)])
 
 
@@ -94,18 +109,30 @@ class GuidanceHook:
         self.error: str | None = None
         self.steps_guided = 0
         self.last_step = None
+        self.run_key = None
+        self.total_hint = None      # model calls of the pass, when the host knows (A1111 1.7: from p.sampler)
 
     # -- on_cfg_denoiser ---------------------------------------------------
     def before(self, params) -> None:
         if self.error:
             return
         try:
-            tu = params.text_uncond
+            tu, tc = params.text_uncond, params.text_cond
             b = (tu["crossattn"] if isinstance(tu, dict) else tu).shape[0]
-            step, total = params.sampling_step, params.total_sampling_steps
-            if self.last_step is None or step <= self.last_step:
-                self.method.reset(total)
-            self.last_step = step
+            rows = (tc["crossattn"] if isinstance(tc, dict) else tc).shape[0]
+            if rows != b:
+                raise GuidanceError("AND / composable prompts are not supported with SafeT2I guidance yet "
+                                    f"({rows} cond rows for {b} images)")
+            # A new run starts when the step counter goes back or the denoiser changes (hires
+            # pass, next batch). Second-order samplers call the model twice per step with the
+            # same counter: that is not a new run.
+            step = params.sampling_step
+            denoiser = getattr(params, "denoiser", None)
+            key = (id(denoiser) if denoiser is not None else None, params.total_sampling_steps)
+            if self.last_step is None or step < self.last_step or key != self.run_key:
+                calls = getattr(denoiser, "total_steps", None) or self.total_hint or params.total_sampling_steps
+                self.method.reset(calls)
+            self.last_step, self.run_key = step, key
             x, s, ic, tc = insert_safety_rows(params.x, params.sigma, params.image_cond, params.text_cond,
                                               self.concept, b)
             self.x, self.sigma, self.batch = x, s, b
@@ -150,4 +177,6 @@ class GuidanceHook:
         log.error("SafeT2I guidance failed; the image will be blocked: %s", self.error, exc_info=exc)
 
 
-__all__ = ["DAGConfig", "GuidanceError", "GuidanceHook", "insert_safety_rows", "make_method"]
+_fit_tokens = fit_tokens   # former name
+
+__all__ = ["DAGConfig", "GuidanceError", "GuidanceHook", "fit_tokens", "insert_safety_rows", "make_method"]
