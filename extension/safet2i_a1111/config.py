@@ -69,6 +69,8 @@ class JobConfig:
         return cfg
 
     def validate(self) -> None:
+        # API callers send JSON: "false" must not read as True (bool("false") is True).
+        self.guidance_enabled, self.filter_enabled = as_bool(self.guidance_enabled), as_bool(self.filter_enabled)
         if self.guidance_method not in GUIDANCE_METHODS:
             raise ValueError(f"SafeT2I: unknown guidance method {self.guidance_method!r}; use one of {GUIDANCE_METHODS}")
         if self.guidance_preset not in SLD_PRESET_NAMES:
@@ -91,6 +93,8 @@ class JobConfig:
                 out["SafeT2I concept"] = self.guidance_concept
         if self.filter_enabled:
             out["SafeT2I filter"] = f"{self.filter_policy} {self.filter_action}" + (" enforced" if self.enforced else "")
+        else:
+            out["SafeT2I filter"] = "off"     # explicit: pasting an image without the key leaves the filter as is
         out.update(layers_infotext(self))
         return out
 
@@ -98,9 +102,22 @@ class JobConfig:
         return asdict(self)
 
 
+def as_bool(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def parse_infotext(params: dict) -> dict:
-    """Values for the UI from pasted generation parameters (keys absent → feature off)."""
-    out: dict = {"guidance_enabled": "SafeT2I guidance" in params, "filter_enabled": "SafeT2I filter" in params}
+    """Values for the UI from pasted generation parameters. A safety layer is switched on when
+    its key is present and the filter off only by an explicit ``SafeT2I filter: off``; a
+    missing key leaves the UI as it is (pasting any other image's parameters must not turn
+    protection off)."""
+    out: dict = {}
+    if "SafeT2I guidance" in params:
+        out["guidance_enabled"] = True
+    if "SafeT2I filter" in params:
+        out["filter_enabled"] = str(params["SafeT2I filter"]).strip() != "off"
     g = params.get("SafeT2I guidance", "")
     if g:
         for method in GUIDANCE_METHODS[1:]:

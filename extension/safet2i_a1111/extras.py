@@ -5,7 +5,7 @@ from __future__ import annotations
 from modules import scripts_postprocessing
 
 from .config import FILTER_ACTIONS, POLICIES, JobConfig
-from .filtering import filter_image
+from .filtering import blocked_image, filter_image
 
 
 class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
@@ -23,18 +23,23 @@ class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
         return {"enabled": enabled, "policy": policy, "action": action}
 
     def process(self, pp, enabled=True, policy="strict-5", action="blur"):
-        from .script import enforcement  # noqa: PLC0415
-
-        enforce = enforcement()
         try:
-            cfg = JobConfig.from_args([False, "SLD", "MEDIUM", "", bool(enabled), policy, action], enforce)
-        except ValueError:
-            cfg = JobConfig.from_args([], enforce)
-            cfg.filter_action = "placeholder"
-        if not cfg.filter_enabled:
-            return
-        o = filter_image(pp.image, cfg.filter_policy, cfg.filter_action)
-        pp.image = o.image
+            from .script import default_config, enforcement  # noqa: PLC0415
+
+            enforce = enforcement()
+            try:
+                cfg = JobConfig.from_args([False, "SLD", "MEDIUM", "", enabled, policy, action], enforce)
+            except ValueError:                      # unknown policy / action: the strictest handling
+                cfg = default_config(enforce)
+                cfg.filter_action = "placeholder"
+            if not cfg.filter_enabled:
+                return
+            o = filter_image(pp.image, cfg.filter_policy, cfg.filter_action)
+            pp.image = o.image
+            verdict = o.verdict
+        except Exception as exc:  # noqa: BLE001 - the webui would log it and pass the image on unchecked
+            pp.image = blocked_image(getattr(pp.image, "size", (64, 64)), "error")
+            verdict = f"error: {type(exc).__name__}: {exc}"
         info = getattr(pp, "info", None)
         if isinstance(info, dict):
-            info["SafeT2I verdict"] = o.verdict
+            info["SafeT2I verdict"] = verdict

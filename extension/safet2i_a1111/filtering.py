@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,30 @@ from safet2i.filter.censor import placeholder
 log = logging.getLogger("safet2i")
 _LOCK = threading.Lock()
 _FILTERS: dict[tuple, SafetyFilter] = {}
-MARK = "safet2i"   # PIL Image.info key set on images this extension produced
+MARK = "safet2i"   # PIL Image.info key set on images this extension produced (informative only)
+_CHECKED: dict[int, weakref.ref] = {}
+
+
+def mark_checked(image: Image.Image) -> Image.Image:
+    """Remember this very image object as produced by the filter. Identity, not ``info``: a
+    file's text chunks become ``Image.info`` when it is opened, so an ``info`` key could be
+    forged by an uploaded PNG (Extras copies the input's info onto its output)."""
+    key = id(image)
+
+    def gone(ref, key=key):
+        with _LOCK:
+            if _CHECKED.get(key) is ref:
+                del _CHECKED[key]
+
+    with _LOCK:
+        _CHECKED[key] = weakref.ref(image, gone)
+    return image
+
+
+def was_checked(image) -> bool:
+    with _LOCK:
+        ref = _CHECKED.get(id(image))
+    return ref is not None and ref() is image
 
 
 @dataclass
@@ -44,7 +68,12 @@ def _blocked(size, reason: str) -> Image.Image:
     w, h = size
     img = Image.fromarray((placeholder(h, w) * 255).astype(np.uint8))
     img.info[MARK] = reason
-    return img
+    return mark_checked(img)
+
+
+def blocked_image(size, reason: str = "blocked") -> Image.Image:
+    """The placeholder that replaces an image that may not be shown (a checked image)."""
+    return _blocked(size, reason)
 
 
 def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
@@ -63,12 +92,13 @@ def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
             result = image.copy()
             result.info = dict(image.info)
             result.info[MARK] = "safe"
-            return Outcome(result, "safe", verdict.cost, labels)
+            return Outcome(mark_checked(result), "safe", verdict.cost, labels)
         arr = (np.clip(out.images[0], 0, 1) * 255 + 0.5).astype(np.uint8)
         result = Image.fromarray(arr)
         result.info = {k: v for k, v in image.info.items() if k != MARK}
         result.info[MARK] = "censored" if action != "pass" else "flagged"
-        return Outcome(result, "censored" if action != "pass" else "flagged", verdict.cost, labels)
+        verdict_name = "censored" if action != "pass" else "flagged"
+        return Outcome(mark_checked(result), verdict_name, verdict.cost, labels)
     except Exception as exc:  # noqa: BLE001 - fail closed on anything
         log.error("SafeT2I: output filter failed, image blocked: %s", exc, exc_info=True)
         return Outcome(_blocked(size, f"error: {exc}"), f"error: {type(exc).__name__}: {exc}", None, [])

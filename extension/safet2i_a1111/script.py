@@ -12,6 +12,7 @@ hook catches its own and the job is marked failed: images of a failed job are bl
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from .config import (
 from .config import LORA_STRENGTH, STEERING_ORDERS, steering_presets
 from . import lora as lora_layer
 from .steering import SteeringHook, candidate_texts
-from .filtering import MARK, filter_image, verdict_text
+from . import forge_guidance
+from .filtering import blocked_image, filter_image, verdict_text, was_checked
 from .guidance import GuidanceHook, make_method
 
 log = logging.getLogger("safet2i")
@@ -50,6 +52,15 @@ def enforcement() -> dict | None:
         log.error("SafeT2I: invalid enforcement flags (%s, %s); using strict-5 / placeholder", policy, action)
         policy, action = "strict-5", "placeholder"
     return {"policy": policy, "action": action}
+
+
+def default_config(enforce: dict | None = None) -> JobConfig:
+    """Settings for a check no job asked for (a save outside a job, the Extras safety net, the
+    API route's defaults): the operator's policy and action when enforced."""
+    if not enforce:
+        return JobConfig()
+    return JobConfig(filter_enabled=True, filter_policy=enforce["policy"], filter_action=enforce["action"],
+                     enforced=True)
 
 
 def _opt(key: str, default):
@@ -91,10 +102,29 @@ class Job:
     steering: SteeringHook | None = None          # prompt layer (steering.py)
     lora: lora_layer.SafetyLora | None = None     # model layer (lora.py)
     steering_texts: list = field(default_factory=list)   # the texts of the current batch (report)
+    concept: object = None                        # Forge/reForge: the concept embedding of the batch
+    runs: list = field(default_factory=list)      # guidance hooks / UNet-patch runs (steps_guided each)
+    guided_mark: int = 0                          # guided steps counted at the last check
 
     @property
     def failed(self) -> str | None:
         return self.error or (self.hook.error if self.hook else None)
+
+    def guided_steps(self) -> int:
+        return sum(getattr(r, "steps_guided", 0) for r in self.runs)
+
+    def check_guided(self, where: str) -> None:
+        """Guidance must have guided at least one step since the last check; else (callbacks
+        removed, a sampler or extension that bypasses them, an interrupted pass) the images
+        are blocked rather than passed unguided."""
+        if not self.cfg.guidance_active or self.failed:
+            return
+        now = self.guided_steps()
+        if now <= self.guided_mark:
+            self.error = (f"safety guidance did not run in the {where} (no guided step: another extension or the "
+                          "sampler bypassed it)")
+            log.error("SafeT2I: %s; images of this job will be blocked", self.error)
+        self.guided_mark = now
 
 
 _ACTIVE: list[Job] = []   # the job being generated (the webui runs one at a time)
@@ -122,6 +152,17 @@ def _encode_concept(p, text: str):
     return cond[0].detach().clone()
 
 
+def _guidance_model_error(model) -> str | None:
+    """Guidance assumes x = x0 + σ·ε (ε- and v-prediction SD1.x / SD2.x / SDXL); flow models
+    (SD3, Flux) would be guided wrongly, so they are refused (the images are then blocked)."""
+    if getattr(model, "is_sd3", False):
+        return "SafeT2I guidance supports SD1.x, SD2.x and SDXL models, not SD3"
+    kinds = [a for a in ("is_sd1", "is_sd2", "is_sdxl") if hasattr(model, a)]
+    if kinds and not any(getattr(model, a) for a in kinds):
+        return f"SafeT2I guidance supports SD1.x, SD2.x and SDXL models, not {type(model).__name__}"
+    return None
+
+
 def _is_eps_sampler(p, params=None) -> bool:
     denoiser = getattr(params, "denoiser", None) if params is not None else None
     names = [type(denoiser).__name__ if denoiser is not None else "", type(getattr(p, "sampler", None)).__name__]
@@ -137,7 +178,9 @@ def _on_cfg_denoiser(params):
     p = getattr(getattr(params, "denoiser", None), "p", None)
     if p is not None and _job(p) is not job:
         return
-    job.hook.eps_prediction = _is_eps_sampler(p if p is not None else job.p, params)
+    host_p = p if p is not None else job.p
+    job.hook.eps_prediction = _is_eps_sampler(host_p, params)
+    job.hook.total_hint = getattr(getattr(getattr(host_p, "sampler", None), "model_wrap_cfg", None), "total_steps", None)
     job.hook.before(params)
 
 
@@ -171,31 +214,29 @@ def _on_before_image_saved(params):
     """Every image file the webui writes passes here (samples, intermediates, grids, Extras)."""
     try:
         img = params.image
-        if img is None or img.info.get(MARK):
+        if img is None or was_checked(img):
             return
         job = current_job()
         enforce = enforcement()
         if job is None and not enforce:
             return
-        cfg = job.cfg if job else JobConfig.from_args([], enforce)
+        cfg = job.cfg if job else default_config(enforce)
         if job and job.failed:
-            params.image = filter_image(img, cfg.filter_policy, "placeholder").image
+            params.image = blocked_image(img.size, "blocked")    # whatever a detector would say
             return
         if not cfg.filter_enabled:
             return
         params.image = filter_image(img, cfg.filter_policy, cfg.filter_action).image
     except Exception as exc:  # noqa: BLE001 - never let an unchecked image be written
         log.error("SafeT2I: save hook failed, writing a placeholder: %s", exc)
-        from .filtering import _blocked  # noqa: PLC0415
-
-        params.image = _blocked(params.image.size, "error")
+        params.image = blocked_image(getattr(params.image, "size", (64, 64)), "error")
 
 
 def _on_app_started(demo, app):
     def filter_route(payload: dict):
         """POST /safet2i/filter {"image": base64 PNG/JPEG, "policy"?, "action"?} → censored image + verdict."""
         enforce = enforcement()
-        cfg = JobConfig.from_args([], enforce)
+        cfg = default_config(enforce)
         policy = payload.get("policy", cfg.filter_policy)
         action = payload.get("action", cfg.filter_action)
         if enforce:
@@ -222,11 +263,65 @@ def _on_app_started(demo, app):
     app.add_api_route("/safet2i/filter", filter_route, methods=["POST"])
 
 
+def _guard_callback(fn):
+    """CFG callbacks: an error outside the hook's own handling still fails the job (the webui
+    would log it and sample on unguided)."""
+    @functools.wraps(fn)
+    def callback(params):
+        try:
+            return fn(params)
+        except Exception as exc:  # noqa: BLE001
+            job = current_job()
+            if job is not None and job.error is None:
+                job.error = f"{fn.__name__.strip('_')} failed: {type(exc).__name__}: {exc}"
+                log.error("SafeT2I: %s; images of this job will be blocked", job.error, exc_info=exc)
+    return callback
+
+
+_on_cfg_denoiser = _guard_callback(_on_cfg_denoiser)
+_on_cfg_denoised = _guard_callback(_on_cfg_denoised)
 _REGISTERED = []
 
 
+def _registered(fn, category: str) -> bool:
+    cmap = getattr(script_callbacks, "callback_map", None)
+    if isinstance(cmap, dict) and f"callbacks_{category}" in cmap:
+        return any(getattr(c, "callback", None) is fn for c in cmap[f"callbacks_{category}"])
+    return bool(_REGISTERED)
+
+
+def _enforce_extras() -> None:
+    """With ``--safet2i-enforce``: every image the Extras tab produces is checked after its
+    scripts ran, also when our Extras script is switched off in the settings
+    (``postprocessing_disable_in_extras``) or an earlier script added copies it marked
+    ``disable_processing`` (which the webui's runner never passes to later scripts)."""
+    if not enforcement():
+        return
+    try:
+        from modules import scripts_postprocessing  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - no Extras tab
+        return
+    runner = scripts_postprocessing.ScriptPostprocessingRunner
+    if getattr(runner.run, "_safet2i", False):
+        return
+    original = runner.run
+
+    def run(self, pp, args):
+        original(self, pp, args)
+        cfg = default_config(enforcement())
+        for item in [pp, *(getattr(pp, "extra_images", None) or [])]:
+            image = getattr(item, "image", None)
+            if image is not None and not was_checked(image):
+                item.image = filter_image(image, cfg.filter_policy, cfg.filter_action).image
+
+    run._safet2i = True
+    runner.run = run
+
+
 def register_callbacks() -> None:
-    if _REGISTERED:
+    """Idempotent; also after the webui cleared every callback: "Reload UI" re-runs the root
+    ``scripts/safet2i.py`` (which calls this) while this module stays imported."""
+    if _registered(_on_before_image_saved, "before_image_saved"):
         return
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_cfg_denoiser(_on_cfg_denoiser_steering)   # first: the webui's own cond rows
@@ -235,6 +330,7 @@ def register_callbacks() -> None:
         script_callbacks.on_cfg_denoised(_on_cfg_denoised)
     script_callbacks.on_before_image_saved(_on_before_image_saved)
     script_callbacks.on_app_started(_on_app_started)
+    _enforce_extras()
     _REGISTERED.append(True)
 
 
@@ -247,7 +343,7 @@ HAS_AFTER_COMPOSITE = hasattr(scripts.Script, "postprocess_image_after_composite
 
 
 class SafeT2IScript(scripts.Script):
-    sorting_priority = 99  # Forge: late, so that the filter sees the final image
+    sorting_priority = 99  # Forge/reForge: place in the UI only (hook order is the script load order)
 
     def title(self):
         return TITLE
@@ -306,11 +402,10 @@ class SafeT2IScript(scripts.Script):
         try:
             job = Job(JobConfig.from_args(args, enforcement()), p)
         except Exception as exc:  # noqa: BLE001 - bad arguments: fail closed
-            job = Job(JobConfig.from_args([], enforcement()), p, error=f"bad SafeT2I arguments: {exc}")
+            job = Job(_fallback_config(), p, error=f"bad SafeT2I arguments: {exc}")
             log.error("SafeT2I: %s", job.error)
         p._safet2i_job = job
-        _ACTIVE.append(job)
-        self._wrap_previews(job)
+        self._activate(job)
         original_close = p.close
 
         def close(*a, **k):
@@ -319,34 +414,67 @@ class SafeT2IScript(scripts.Script):
 
         p.close = close
 
+    def _activate(self, job: Job) -> None:
+        """This job is the one being generated: callbacks and previews act for it. Called at
+        ``setup`` and again at every ``before_process`` (scripts such as X/Y/Z plot run
+        ``process_images`` on copies of ``p``, which share the job)."""
+        for stale in [j for j in _ACTIVE if j is not job]:    # left behind by a job that raised
+            self._finish_job(stale)
+        if job not in _ACTIVE:
+            _ACTIVE.append(job)
+        if not job.restore:
+            self._wrap_previews(job)
+
     def _wrap_previews(self, job: Job) -> None:
         state = getattr(shared, "state", None)
         assign = getattr(state, "assign_current_image", None)
-        if not callable(assign) or not (job.cfg.filter_enabled or job.cfg.enforced):
+        cfg = job.cfg
+        layers = cfg.guidance_active or cfg.steering_enabled or cfg.lora_enabled
+        if not callable(assign) or not (cfg.filter_enabled or cfg.enforced or layers or job.failed):
             return
+
+        own = "assign_current_image" in vars(state)
+        done = []
 
         def safe_assign(image, *a, **k):
             try:
-                if image is not None and not job.failed and _opt("safet2i_previews", "filter") == "filter":
-                    image = filter_image(image, job.cfg.filter_policy, job.cfg.filter_action).image
-                elif image is not None:
-                    image = filter_image(image, job.cfg.filter_policy, "placeholder").image
-            except Exception:  # noqa: BLE001 - no unchecked preview
-                image = None
+                if image is None or done:       # done: another wrapper kept us after the job
+                    pass
+                elif job.failed or _opt("safet2i_previews", "filter") != "filter":
+                    image = blocked_image(image.size, "preview")
+                elif cfg.filter_enabled:
+                    image = filter_image(image, cfg.filter_policy, cfg.filter_action).image
+            except Exception:  # noqa: BLE001 - no unchecked preview; the webui cannot show None
+                image = blocked_image(getattr(image, "size", (64, 64)), "preview")
             return assign(image, *a, **k)
 
+        def restore():
+            done.append(True)
+            if vars(state).get("assign_current_image") is safe_assign:
+                if own:
+                    state.assign_current_image = assign
+                else:
+                    del state.assign_current_image
+
         state.assign_current_image = safe_assign
-        job.restore.append(lambda: setattr(state, "assign_current_image", assign))
+        job.restore.append(restore)
 
     def _finish(self, p) -> None:
         job = _job(p)
-        if job is None:
-            return
+        if job is not None:
+            self._finish_job(job)
+
+    def _finish_job(self, job: Job) -> None:
         for undo in reversed(job.restore):
             undo()
         job.restore.clear()
         if job in _ACTIVE:
             _ACTIVE.remove(job)
+
+    def before_process(self, p, *args):
+        job = _job(p)
+        if job is not None:
+            self._activate(job)
 
     def process(self, p, *args):
         job = _job(p)
@@ -423,14 +551,48 @@ class SafeT2IScript(scripts.Script):
         if job is None or not job.cfg.guidance_active or job.failed:
             return
         try:
-            if hasattr(p.sd_model, "forge_objects"):
-                raise RuntimeError("SafeT2I guidance is not available on Forge/reForge yet")
+            unsupported = _guidance_model_error(p.sd_model)
+            if unsupported:
+                raise RuntimeError(unsupported)
             concept = _encode_concept(p, job.cfg.guidance_concept)
-            job.hook = GuidanceHook(make_method(job.cfg.guidance_method, job.cfg.guidance_preset), concept,
-                                    eps_prediction=_is_eps_sampler(p))
+            make_method(job.cfg.guidance_method, job.cfg.guidance_preset)   # refuses unavailable methods now
+            job.guided_mark = job.guided_steps()
+            if hasattr(p.sd_model, "forge_objects"):
+                job.concept = concept       # Forge/reForge: patched in process_before_every_sampling
+            else:
+                job.hook = GuidanceHook(make_method(job.cfg.guidance_method, job.cfg.guidance_preset), concept,
+                                        eps_prediction=_is_eps_sampler(p))
+                job.runs.append(job.hook)
         except Exception as exc:  # noqa: BLE001
             job.error = f"guidance could not start: {exc}"
             log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        """Forge / reForge (and called, unused, by A1111 1.10): right before each sampling pass,
+        after the webui rebuilt ``forge_objects``; the guidance goes into a UNet clone."""
+        job = _job(p)
+        if job is None or not job.cfg.guidance_active or job.failed or job.concept is None:
+            return
+        if not hasattr(p.sd_model, "forge_objects"):
+            return
+        try:
+            run = forge_guidance.patch_unet(p, make_method(job.cfg.guidance_method, job.cfg.guidance_preset),
+                                            job.concept, job)
+            if run is not None:
+                job.runs.append(run)
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"guidance could not start: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    def before_hr(self, p, *args):
+        job = _job(p)
+        if job is not None and getattr(p, "firstpass_image", None) is None:
+            job.check_guided("first pass")
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        job = _job(p)
+        if job is not None:
+            job.check_guided("hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
 
     # -- the output filter -----------------------------------------------------
     def _filter(self, p, pp) -> None:
@@ -440,8 +602,9 @@ class SafeT2IScript(scripts.Script):
         index = getattr(pp, "index", len(job.verdicts))
         try:
             if job.failed:
-                o = filter_image(pp.image, job.cfg.filter_policy, "placeholder")
-                pp.image = o.image
+                # The job failed (guidance, steering, LoRA, a hook): the image is replaced whatever
+                # a detector would say of it ("placeholder" would only replace unsafe images).
+                pp.image = blocked_image(pp.image.size, "blocked")
                 text = f"blocked ({job.failed})"
             elif job.cfg.filter_enabled:
                 o = filter_image(pp.image, job.cfg.filter_policy, job.cfg.filter_action)
@@ -450,9 +613,7 @@ class SafeT2IScript(scripts.Script):
             else:
                 return
         except Exception as exc:  # noqa: BLE001
-            from .filtering import _blocked  # noqa: PLC0415
-
-            pp.image = _blocked(pp.image.size, "error")
+            pp.image = blocked_image(getattr(pp.image, "size", (64, 64)), "error")
             text = f"blocked (error: {exc})"
         job.verdicts[index] = text
         p.extra_generation_params["SafeT2I verdict"] = text   # infotext of the image saved next
@@ -465,4 +626,90 @@ class SafeT2IScript(scripts.Script):
         self._filter(p, pp)
 
     def postprocess(self, p, processed, *args):
-        self._finish(p)
+        """Last hook: every image the job returns (gallery, API) must have been checked. An image
+        another extension replaced after our filter, a grid, or on A1111 1.7 the composite of
+        "inpaint only masked" (the filter saw the crop) is checked here."""
+        job = _job(p)
+        try:
+            images = getattr(processed, "images", None)
+            if job is not None and images and (job.cfg.filter_enabled or job.failed):
+                for i, image in enumerate(images):
+                    if image is None or not hasattr(image, "size") or was_checked(image):
+                        continue
+                    if job.failed:
+                        new = blocked_image(image.size, "blocked")
+                    else:
+                        new = filter_image(image, job.cfg.filter_policy, job.cfg.filter_action).image
+                    if "parameters" in getattr(image, "info", {}):
+                        new.info["parameters"] = image.info["parameters"]
+                    images[i] = new
+        except Exception as exc:  # noqa: BLE001
+            log.error("SafeT2I: final check failed, images replaced by placeholders: %s", exc)
+            if job is not None and job.error is None:
+                job.error = f"final check failed: {type(exc).__name__}: {exc}"
+            for i, image in enumerate(getattr(processed, "images", None) or []):
+                processed.images[i] = blocked_image(getattr(image, "size", (64, 64)), "error")
+        finally:
+            self._finish(p)
+
+
+# --------------------------------------------------------------------------- fail closed
+
+#: Script hooks the webui calls and whose exceptions it only logs.
+HOOKS = ("setup", "before_process", "process", "before_process_batch", "after_extra_networks_activate",
+         "process_batch", "process_before_every_sampling", "before_hr", "postprocess_batch",
+         "postprocess_batch_list", "postprocess_image", "postprocess_image_after_composite", "postprocess")
+
+
+def _fallback_config() -> JobConfig:
+    """Defaults (filter on) for a job whose own arguments could not be used; built without
+    ``from_args`` in case that is what failed."""
+    cfg = JobConfig()
+    try:
+        enforce = enforcement()
+    except Exception:  # noqa: BLE001
+        enforce = {"policy": "strict-5", "action": "placeholder"}
+    if enforce:
+        cfg.enforced, cfg.filter_enabled = True, True
+        cfg.filter_policy, cfg.filter_action = enforce["policy"], enforce["action"]
+    return cfg
+
+
+def _hook_failed(script, name: str, p, args, exc: Exception) -> None:
+    message = f"{name} failed: {type(exc).__name__}: {exc}"
+    log.error("SafeT2I: %s; images of this job will be blocked", message, exc_info=exc)
+    job = _job(p)
+    if job is None:                       # setup itself failed: a failed job in its place
+        job = Job(_fallback_config(), p)
+        try:
+            p._safet2i_job = job
+        except Exception:  # noqa: BLE001
+            pass
+        _ACTIVE.append(job)
+    if job.error is None:
+        job.error = message
+    if name in ("postprocess_image", "postprocess_image_after_composite") and args:
+        pp = args[0]
+        pp.image = blocked_image(getattr(pp.image, "size", (64, 64)), "error")
+        p.extra_generation_params["SafeT2I verdict"] = f"blocked ({message})"
+    elif name == "postprocess" and args:
+        processed = args[0]
+        for i, image in enumerate(getattr(processed, "images", None) or []):
+            processed.images[i] = blocked_image(getattr(image, "size", (64, 64)), "error")
+        script._finish(p)
+
+
+def _fail_closed(name: str, fn):
+    @functools.wraps(fn)
+    def hook(self, p, *args, **kwargs):
+        try:
+            return fn(self, p, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the webui would log it and carry on unprotected
+            _hook_failed(self, name, p, args, exc)
+            return None
+    return hook
+
+
+for _name in HOOKS:
+    if _name in SafeT2IScript.__dict__:
+        setattr(SafeT2IScript, _name, _fail_closed(_name, SafeT2IScript.__dict__[_name]))
