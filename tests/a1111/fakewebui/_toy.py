@@ -3,8 +3,9 @@
 * Text encoder: each word of a prompt gets a fixed pseudo-random vector (SHA-256 seeded);
   77 token rows (BOS, words, EOS padding), ``D`` features; SDXL adds a pooled ``vector``.
 * Denoiser ("UNet"): in k-diffusion terms x = x0 + σ·ε; the model's x0 estimate is
-  ``target(text) + 0.1·tanh(c_in·x + b(text))`` (+ a small inpainting-concat term), a
-  nonlinear, channel- and position-dependent function, so guidance masks are not trivial.
+  ``target(text) + 0.1·tanh(c_in·x + b(text))``, a
+  nonlinear, channel- and position-dependent function, so guidance masks are not trivial
+  (the inpainting ``c_concat`` is ignored, as by non-inpainting checkpoints).
   ε = (x − x0)/σ. Timestep models see x_t = c_in·x with ᾱ(t) = 1/(1 + σ(t)²).
 * VAE: the decoder turns a latent into a *picture registered for a prompt* when the latent
   points (cosine > 0.5, relative to the empty prompt's target) at that prompt's target, so a
@@ -96,10 +97,8 @@ class ToyMath:
         c_in = 1.0 / torch.sqrt(s ** 2 + 1.0)
         ctx = ctx.to(DTYPE)
         b = ctx[:, 1:5, :4].mean(dim=1).reshape(-1, 4, 1, 1)
-        out = self.target(ctx, y, x.shape[2], x.shape[3]) + 0.1 * torch.tanh(c_in * x * 3.0 + b)
-        if concat is not None:
-            out = out + 0.01 * concat.to(DTYPE).mean(dim=1, keepdim=True)
-        return out
+        # ``concat`` (the inpainting image condition) is ignored, as non-inpainting UNets do.
+        return self.target(ctx, y, x.shape[2], x.shape[3]) + 0.1 * torch.tanh(c_in * x * 3.0 + b)
 
     def eps(self, x, sigma, ctx, y=None, concat=None) -> torch.Tensor:
         s = torch.as_tensor(sigma, dtype=DTYPE).reshape(-1, 1, 1, 1)

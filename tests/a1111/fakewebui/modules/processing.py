@@ -76,8 +76,15 @@ def create_binary_mask(image):
     return image.point(lambda x: 255 if x > 128 else 0)
 
 
+class DecodedSamples(list):
+    already_decoded = True
+
+
 def decode_latent_batch(model, batch, target_device=None, check_for_nans=False):
-    return [decode_first_stage(model, batch[i:i + 1])[0] for i in range(batch.shape[0])]
+    samples = DecodedSamples()
+    for i in range(batch.shape[0]):
+        samples.append(decode_first_stage(model, batch[i:i + 1])[0])
+    return samples
 
 
 def get_fixed_seed(seed):
@@ -637,8 +644,10 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             self.hr_prompt = self.prompt
         if self.hr_negative_prompt == '':
             self.hr_negative_prompt = self.negative_prompt
-        self.all_hr_prompts = self.batch_size * self.n_iter * [self.hr_prompt]
-        self.all_hr_negative_prompts = self.batch_size * self.n_iter * [self.hr_negative_prompt]
+        self.all_hr_prompts = self.hr_prompt if isinstance(self.hr_prompt, list) \
+            else self.batch_size * self.n_iter * [self.hr_prompt]
+        self.all_hr_negative_prompts = self.hr_negative_prompt if isinstance(self.hr_negative_prompt, list) \
+            else self.batch_size * self.n_iter * [self.hr_negative_prompt]
 
     def calculate_hr_conds(self):
         if self.hr_c is not None:
@@ -721,6 +730,9 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
                 self.mask_for_overlay = image_mask
             self.overlay_images = []
 
+        add_color_corrections = opts.img2img_color_correction and self.color_corrections is None
+        if add_color_corrections:
+            self.color_corrections = []
         imgs = []
         for img in self.init_images:
             image = img.convert("RGB")
@@ -737,6 +749,8 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             if crop_region is not None:
                 image = image.crop(crop_region)
                 image = images.resize_image(2, image, self.width, self.height)
+            if add_color_corrections:
+                self.color_corrections.append(np.asarray(image))
             image = np.moveaxis(np.array(image).astype(np.float64) / 255.0, 2, 0)
             imgs.append(image)
 
@@ -744,6 +758,8 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
             batch_images = np.expand_dims(imgs[0], axis=0).repeat(self.batch_size, axis=0)
             if self.overlay_images is not None:
                 self.overlay_images = self.overlay_images * self.batch_size
+            if self.color_corrections is not None and len(self.color_corrections) == 1:
+                self.color_corrections = self.color_corrections * self.batch_size
         else:
             self.batch_size = len(imgs)
             batch_images = np.array(imgs)

@@ -9,6 +9,8 @@ from collections import namedtuple
 
 import torch
 
+from modules import _variant
+
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
 
 
@@ -85,6 +87,11 @@ class DictWithShape(dict):
         super().__init__()
         self.update(x)
 
+    if _variant.is_17():          # 1.7: the shape argument is required
+        def __init__(self, x, shape):  # noqa: F811
+            super().__init__()
+            self.update(x)
+
     @property
     def shape(self):
         return self["crossattn"].shape
@@ -100,7 +107,8 @@ def _pick(schedules, current_step):
 def reconstruct_cond_batch(c, current_step):
     picked = [cond_schedule[_pick(cond_schedule, current_step)].cond for cond_schedule in c]
     if isinstance(picked[0], dict):
-        return DictWithShape({k: torch.stack([x[k] for x in picked]) for k in picked[0]})
+        stacked = {k: torch.stack([x[k] for x in picked]) for k in picked[0]}
+        return DictWithShape(stacked, stacked["crossattn"].shape)
     return torch.stack(picked)
 
 
@@ -127,7 +135,8 @@ def reconstruct_multicond_batch(c, current_step):
             tensors.append(schedules[_pick(schedules, current_step)].cond)
         conds_list.append(conds_for_batch)
     if isinstance(tensors[0], dict):
-        stacked = DictWithShape({k: stack_conds([x[k] for x in tensors]) for k in tensors[0]})
+        stacked = {k: stack_conds([x[k] for x in tensors]) for k in tensors[0]}
+        stacked = DictWithShape(stacked, stacked["crossattn"].shape)
     else:
         stacked = stack_conds(tensors)
     return conds_list, stacked

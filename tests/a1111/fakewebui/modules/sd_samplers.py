@@ -8,6 +8,8 @@ def create_sampler(name, model):
     from modules import sd_samplers_kdiffusion, sd_samplers_timesteps
     if name in (None, "Euler"):
         return sd_samplers_kdiffusion.KDiffusionSampler("sample_euler", model)
+    if name == "Heun":        # second order: two model calls per step but the last
+        return sd_samplers_kdiffusion.KDiffusionSampler("sample_heun", model)
     if name == "DDIM":
         return sd_samplers_timesteps.CompVisSampler("ddim", model)
     raise ValueError(f"stand-in has no sampler {name!r}")

@@ -86,7 +86,7 @@ class Sampler:
 
     def launch_sampling(self, steps, func):
         self.model_wrap_cfg.steps = steps
-        self.model_wrap_cfg.total_steps = steps
+        self.model_wrap_cfg.total_steps = steps * 2 - 1 if self.funcname == "sample_heun" else steps
         shared.state.sampling_steps = steps
         shared.state.sampling_step = 0
         try:

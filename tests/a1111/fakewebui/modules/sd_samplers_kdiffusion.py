@@ -68,6 +68,27 @@ def _sample_euler(model, x, sigmas, extra_args, callback):
     return x
 
 
+def _sample_heun(model, x, sigmas, extra_args, callback):
+    for i in range(len(sigmas) - 1):
+        s_in = x.new_ones([x.shape[0]])
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = (x - denoised) / sigmas[i]
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'denoised': denoised})
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = (x_2 - denoised_2) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+_FUNCS = {"sample_euler": _sample_euler, "sample_heun": _sample_heun}
+
+
 class KDiffusionSampler(sd_samplers_common.Sampler):
     def __init__(self, funcname, sd_model, options=None):
         super().__init__(funcname)
@@ -84,8 +105,8 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         self.initialize(p)
         self.last_latent = x
         self.sampler_extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(steps, lambda: _sample_euler(self.model_wrap_cfg, x, sigmas,
-                                                                 self.sampler_extra_args, self.callback_state))
+        return self.launch_sampling(steps, lambda: _FUNCS[self.funcname](self.model_wrap_cfg, x, sigmas,
+                                                                          self.sampler_extra_args, self.callback_state))
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
                        image_conditioning=None):
@@ -97,5 +118,5 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x
         self.sampler_extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(t_enc + 1, lambda: _sample_euler(self.model_wrap_cfg, xi, sigma_sched,
-                                                                     self.sampler_extra_args, self.callback_state))
+        return self.launch_sampling(t_enc + 1, lambda: _FUNCS[self.funcname](
+            self.model_wrap_cfg, xi, sigma_sched, self.sampler_extra_args, self.callback_state))

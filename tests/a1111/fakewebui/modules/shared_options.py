@@ -74,6 +74,7 @@ options_templates.update(options_section(('infotext', "Infotext"), {
 }))
 
 options_templates.update(options_section(('img2img', "img2img"), {
+    "img2img_color_correction": OptionInfo(False, "Apply color correction to img2img results to match original colors."),
     "return_mask": OptionInfo(False, "For inpainting, include the greyscale mask in results for web"),
     "return_mask_composite": OptionInfo(False, "For inpainting, include masked composite in results for web"),
     "return_grid": OptionInfo(True, "Show grid in gallery"),
