@@ -263,3 +263,15 @@ def test_forge_guidance_composes_with_another_post_cfg_function(start, monkeypat
     want, _, _ = expected_outputs(webui, calls, PROMPTS, "MAX")
     for call, w in zip(calls, want):
         np.testing.assert_allclose(call["out"].numpy(), w + 0.25, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["a1111-1.10", "a1111-1.7", "forge", "reforge"])
+def test_sp_guard_style_guidance_runs_and_detect_and_guide_is_refused(start, monkeypatch, variant):
+    webui = start(variant)
+    calls = record_denoiser(monkeypatch)
+    args = webui.ui_args(guidance_enabled=True, guidance_method="SP-Guard-style", filter_enabled=False)
+    p, _ = webui.txt2img(PROMPTS, batch_size=2, steps=4, args=args)
+    assert p._safet2i_job.failed is None and p._safet2i_job.guided_steps() == len(calls) == 4
+    args = webui.ui_args(guidance_enabled=True, guidance_method="Detect-and-Guide-style")
+    p, processed = webui.txt2img("a", steps=2, args=args)
+    assert "cross-attention" in p._safet2i_job.failed and "blocked" in processed.infotexts[0]
