@@ -19,6 +19,9 @@ DDIM is converted to that space by the webui before it reaches us.
   replaced) and adds the safety correction −σ·s·(d_p − (ε_c − ε_u)) to the result: exactly
   x − σ·(ε_u + s·d_p) when nothing else changed the result, and composable with other
   post-cfg functions (PAG) and a custom cfg function (dynamic thresholding).
+  Old Forge (Feb–Jul 2024, continued as "Forge Classic": ``ldm_patched`` with Forge's own
+  tuple-style pre-cfg functions) gets the same functions, with ``ldm_patched``'s
+  ``calc_cond_uncond_batch``.
 * reForge (``ldm_patched``, ComfyUI semantics): a pre-cfg function receives both predictions
   and the cond lists, evaluates the concept with ``ldm_patched.modules.samplers.calc_cond_batch``
   and folds the guidance into the cond prediction (as the ComfyUI nodes do), so the ordinary
@@ -54,7 +57,7 @@ class ForgeGuidanceRun:
         self.method = method
         self.concept = concept
         self.job = job
-        self.flavour = flavour          # "forge" or "reforge"
+        self.flavour = flavour          # "forge", "forge-classic" or "reforge"
         self.total_steps = total_steps  # callable → expected model calls of the pass
         self.cond_scale = None
         self.steps_guided = 0
@@ -114,7 +117,10 @@ class ForgeGuidanceRun:
         if self.error:
             return denoised
         try:
-            from backend.sampling.sampling_function import calc_cond_uncond_batch  # noqa: PLC0415
+            if self.flavour == "forge":
+                from backend.sampling.sampling_function import calc_cond_uncond_batch  # noqa: PLC0415
+            else:
+                from ldm_patched.modules.samplers import calc_cond_uncond_batch  # noqa: PLC0415
 
             self._start()
             x, sigma = args["input"], args["sigma"]
@@ -164,22 +170,28 @@ class ForgeGuidanceRun:
 
 
 def flavour_of(unet) -> str:
-    """``forge`` (backend/), ``reforge`` (ldm_patched) — or an error for anything else."""
+    """``forge`` (backend/), ``reforge`` (ldm_patched with ComfyUI's dict-style pre-cfg
+    functions and ``calc_cond_batch``), ``forge-classic`` (ldm_patched with Forge's own
+    sampling function) — or an error for anything else."""
     import importlib.util  # noqa: PLC0415
 
-    if importlib.util.find_spec("backend") is not None and hasattr(unet, "add_conditioning_modifier") \
-            and hasattr(unet, "set_model_sampler_post_cfg_function"):
+    post_cfg = hasattr(unet, "add_conditioning_modifier") and hasattr(unet, "set_model_sampler_post_cfg_function")
+    if importlib.util.find_spec("backend") is not None and post_cfg:
         try:
             import backend.sampling.sampling_function  # noqa: F401,PLC0415
             return "forge"
         except ImportError:
             pass
-    if importlib.util.find_spec("ldm_patched") is not None and hasattr(unet, "set_model_sampler_pre_cfg_function"):
+    if importlib.util.find_spec("ldm_patched") is not None:
         try:
-            import ldm_patched.modules.samplers  # noqa: F401,PLC0415
-            return "reforge"
+            import ldm_patched.modules.samplers as samplers  # noqa: PLC0415
         except ImportError:
-            pass
+            samplers = None
+        if samplers is not None and hasattr(samplers, "calc_cond_batch") \
+                and hasattr(unet, "set_model_sampler_pre_cfg_function"):
+            return "reforge"
+        if samplers is not None and hasattr(samplers, "calc_cond_uncond_batch") and post_cfg:
+            return "forge-classic"
     raise GuidanceError(f"unknown UNet patcher {type(unet).__module__}.{type(unet).__name__}: SafeT2I guidance "
                         "supports Forge (backend/) and reForge (ldm_patched)")
 
@@ -202,7 +214,7 @@ def patch_unet(p, method, concept, job) -> ForgeGuidanceRun | None:
 
     run = ForgeGuidanceRun(method, concept, job, flavour, total_steps)
     clone = unet.clone()
-    if flavour == "forge":
+    if flavour in ("forge", "forge-classic"):
         clone.add_conditioning_modifier(lambda *a: run.forge_modifier(*a))
         clone.set_model_sampler_post_cfg_function(lambda args: run.forge_post_cfg(args),
                                                   disable_cfg1_optimization=True)

@@ -275,3 +275,19 @@ def test_sp_guard_style_guidance_runs_and_detect_and_guide_is_refused(start, mon
     args = webui.ui_args(guidance_enabled=True, guidance_method="Detect-and-Guide-style")
     p, processed = webui.txt2img("a", steps=2, args=args)
     assert "cross-attention" in p._safet2i_job.failed and "blocked" in processed.infotexts[0]
+
+
+def test_forge_classic_flavour_post_cfg_with_ldm_patched(start, monkeypatch):
+    """Old Forge / Forge Classic (ldm_patched with Forge's sampling function) gets the Forge
+    functions with ldm_patched's ``calc_cond_uncond_batch``; run here on reForge's sampling
+    function, whose post-cfg arguments are a superset, against the same reference."""
+    webui = start("reforge")
+    import safet2i_a1111.forge_guidance as fg
+    monkeypatch.setattr(fg, "flavour_of", lambda unet: "forge-classic")
+    calls = record_denoiser(monkeypatch)
+    args = webui.ui_args(guidance_enabled=True, guidance_preset="MAX", filter_enabled=False)
+    p, _ = webui.txt2img(PROMPTS, batch_size=2, steps=4, args=args)
+    assert p._safet2i_job.failed is None and p._safet2i_job.runs[0].flavour == "forge-classic"
+    want, _, _ = expected_outputs(webui, calls, PROMPTS, "MAX")
+    for call, w in zip(calls, want):
+        np.testing.assert_allclose(call["out"].numpy(), w, rtol=1e-9, atol=1e-9)
