@@ -39,6 +39,7 @@ class GuidanceRun:
         self.concept = concept
         self.pending: torch.Tensor | None = None
         self.last_index: int | None = None
+        self.schedule: tuple | None = None
         self.runs = 0
         self.token_index: list[int] | None = None   # concept tokens whose attention is captured
         self.maps: list[torch.Tensor] = []
@@ -52,9 +53,19 @@ class GuidanceRun:
         idx = int((sigmas.to(torch.float64).cpu() - s).abs().argmin())
         return idx, len(sigmas) - 1
 
+    def _new_run(self, idx: int, model_options: dict) -> bool:
+        """A new sampling run starts when the schedule changes or the step index goes back.
+        The index may repeat within a run: second-order samplers (Heun, DPM-2, ...) evaluate
+        a step's end point and then start the next step at the same sigma."""
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        key = None if sigmas is None else tuple(sigmas.detach().flatten().to(torch.float64).cpu().tolist())
+        changed = key != self.schedule
+        self.schedule = key
+        return self.last_index is None or changed or idx < self.last_index
+
     def calc(self, args):
         idx, total = self._step_index(args["sigma"], args["model_options"])
-        if self.last_index is None or idx == 0 or idx <= self.last_index:
+        if self._new_run(idx, args["model_options"]):
             self.method.reset(total or None)
             self.runs += 1
         self.last_index = idx

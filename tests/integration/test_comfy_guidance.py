@@ -12,7 +12,8 @@ pytestmark = pytest.mark.integration
 STEPS = 6
 
 
-def graph(ckpt, guidance=None, sampler="KSampler", cfg=7.0, batch=1, count=False, hires=False, extra_patch=None):
+def graph(ckpt, guidance=None, sampler="KSampler", cfg=7.0, batch=1, count=False, hires=False, extra_patch=None,
+          sampler_name="euler"):
     g = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a nude woman on a beach"}},
@@ -36,7 +37,8 @@ def graph(ckpt, guidance=None, sampler="KSampler", cfg=7.0, batch=1, count=False
     common = {"model": sampled_model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0]}
     if sampler == "KSampler":
         g["7"] = {"class_type": "KSampler", "inputs": {**common, "seed": 5, "steps": STEPS, "cfg": cfg,
-                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+                                                       "sampler_name": sampler_name, "scheduler": "normal",
+                                                       "denoise": 1.0}}
     elif sampler == "KSamplerAdvanced":
         g["7"] = {"class_type": "KSamplerAdvanced", "inputs": {
             **common, "add_noise": "enable", "noise_seed": 5, "steps": STEPS, "cfg": cfg, "sampler_name": "euler",
@@ -136,6 +138,18 @@ def test_other_samplers(comfy, tiny_checkpoint, sampler):
     entry = run_ok(comfy, graph(tiny_checkpoint, SLD_MAX, sampler=sampler))
     assert np.abs(images(comfy, entry)[0] - plain).max() > 3
     assert f"{STEPS}/{STEPS} steps guided" in "\n".join(entry["outputs"]["11"]["text"])
+
+
+def test_second_order_sampler_is_one_run(comfy, tiny_checkpoint):
+    """Heun evaluates each step's end point, then starts the next step at the same sigma: that
+    repeat must not restart the guidance (SLD's warm-up would never end)."""
+    entry = run_ok(comfy, graph(tiny_checkpoint, sld("STRONG"), sampler_name="heun", count=True))
+    calls = len(json.loads(entry["outputs"]["13"]["text"][0]))
+    assert calls == 2 * STEPS - 1  # ComfyUI's Heun: last step is an Euler step
+    text = "\n".join(entry["outputs"]["11"]["text"])
+    import re
+    guided = re.search(rf"(\d+)/{calls} steps guided", text)
+    assert guided and int(guided.group(1)) >= calls - 2, text  # only the scaled warm-up is unguided
 
 
 def test_state_resets_for_a_hires_pass(comfy, tiny_checkpoint):
