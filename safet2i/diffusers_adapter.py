@@ -157,6 +157,15 @@ def _encoders(pipe):
     return [(pipe.tokenizer, pipe.text_encoder, slice(None), None)]
 
 
+def weights_fingerprint(module) -> tuple:
+    """A cheap fingerprint of ``module``'s weights: the float64 sum of every parameter.
+    In-place merges (``fuse_lora``, :func:`load_safety_lora`) change it, so a cached concept
+    subspace keyed on it is recomputed after them."""
+    with torch.no_grad():
+        sums = [p.detach().sum(dtype=torch.float64) for p in module.parameters()]
+    return tuple(torch.stack(sums).cpu().tolist()) if sums else ()
+
+
 def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alpha: float = 0.01,
                  order: str = "code", self_validating: bool = True):
     """SAFREE-style steered ``prompt_embeds`` for an SD or SDXL pipeline.
@@ -164,7 +173,10 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     Returns ``(steered, original, fraction, report)``; ``pipe(**steering_kwargs(steered,
     original, fraction), ...)`` uses the steered rows for the self-validated window and the
     original ones afterwards (SDXL: pass ``pooled_prompt_embeds`` from ``pipe.encode_prompt``,
-    unchanged).
+    unchanged). ``original`` is the pipeline's own ``encode_prompt`` output; with no trigger
+    token ``steered`` is that very tensor. The concept subspace is cached per text encoder
+    (weakly referenced) and a fingerprint of its weights, so merging a LoRA into the encoder
+    in place gives a new subspace. Single-token prompts are never steered (SAFREE's rule).
     """
     from .steering import SVF_PRESETS, concept_projector, load_concepts, steer_sequence  # noqa: PLC0415
 
@@ -172,8 +184,11 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     if isinstance(concepts, str):
         concepts, svf_name = load_concepts(concepts)
     device = pipe.text_encoder.device
-    parts, report, fraction = [], [], 0.0
-    for tok, enc, _sl, layer in _encoders(pipe):
+    with torch.no_grad():
+        original = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)[0]
+    steered, report, fraction = original, [], 0.0
+    for tok, enc, sl, layer in _encoders(pipe):
         def rows_of(id_lists, enc=enc, layer=layer):
             with torch.no_grad():
                 out = enc(torch.tensor(id_lists, device=device), output_hidden_states=layer is not None)
@@ -189,28 +204,46 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
             rows = rows_of(ids)
             return torch.stack([rows[i, ids[i].index(eos)] for i in range(len(ids))])
 
-        p_c = concept_projector((id(enc), layer), concepts, pooled)
+        p_c = concept_projector((id(enc), layer, weights_fingerprint(enc)), concepts, pooled, owner=enc)
         ids = ids_of(prompt)
-        rows = rows_of([ids])[0]
+        rows = original[0, :, sl]
         res = steer_sequence([ids], rows, rows_of, p_c, eos, truncate=True, alpha=alpha, order=order,
                              svf=SVF_PRESETS[svf_name] if self_validating else None)[0]
-        parts.append((rows, res.rows))
+        if res.changed:
+            if steered is original:
+                steered = original.clone()
+            steered[0, :, sl] = res.rows
         fraction = max(fraction, res.fraction)
-        report.append({"triggers": res.triggers, "beta": round(res.beta, 4), "t_prime": res.t_prime})
-    original = torch.cat([o for o, _ in parts], dim=-1)[None]
-    steered = torch.cat([s for _, s in parts], dim=-1)[None]
+        entry = {"triggers": res.triggers, "trigger_words": [tok.convert_ids_to_tokens(ids[t]).replace("</w>", "")
+                                                                for t in res.triggers],
+                 "beta": round(res.beta, 4), "t_prime": res.t_prime}
+        n_tokens = max(0, min(ids.index(eos) if eos in ids else len(ids), len(ids)) - 1)
+        if n_tokens < 2:
+            entry["note"] = f"prompt too short to steer ({n_tokens} token{'' if n_tokens == 1 else 's'})"
+        report.append(entry)
     return steered, original, fraction, report
 
 
 def switch_after(fraction: float, original: torch.Tensor):
     """``callback_on_step_end`` that swaps the steered prompt rows for ``original`` once
-    ``fraction`` of the steps are done (the negative half of the CFG batch is kept)."""
+    ``max(1, round(fraction · steps))`` steps are done.
+
+    ``prompt_embeds`` in the callback is the pipeline's batch: ``[negatives; positives]`` with
+    classifier-free guidance (every prompt repeated ``num_images_per_prompt`` times), only the
+    positives without it. Every positive row is swapped (``original`` repeated to their
+    number, in the pipeline's order); the negative half is kept."""
     def callback(pipe, step, timestep, kwargs):
         total = pipe.num_timesteps if hasattr(pipe, "num_timesteps") else None
         if total and (step + 1) >= round(fraction * total) and "prompt_embeds" in kwargs:
             emb = kwargs["prompt_embeds"]
-            b = original.shape[0]
-            kwargs["prompt_embeds"] = torch.cat([emb[:-b], original.to(emb)]) if emb.shape[0] > b else original.to(emb)
+            cfg = bool(getattr(pipe, "do_classifier_free_guidance", emb.shape[0] > original.shape[0]))
+            n_neg = emb.shape[0] // 2 if cfg else 0
+            n_pos = emb.shape[0] - n_neg
+            if n_pos % original.shape[0]:
+                raise SafeT2IError(f"steering: {n_pos} positive prompt rows do not repeat the "
+                                   f"{original.shape[0]} original prompt(s)")
+            positives = original.to(emb).repeat_interleave(n_pos // original.shape[0], dim=0)
+            kwargs["prompt_embeds"] = torch.cat([emb[:n_neg], positives]) if n_neg else positives
         return kwargs
     return callback
 

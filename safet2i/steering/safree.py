@@ -21,6 +21,7 @@ A prompt with no trigger token is returned unchanged (the very same tensor).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -123,7 +124,7 @@ def steer_chunk(
 #: the official code uses id 0, not the padding or end token).
 MASK_TOKEN = 0
 
-_SUBSPACES: dict[tuple, torch.Tensor] = {}
+_SUBSPACES: dict[tuple, tuple] = {}
 
 
 def first_index(ids: list[int], value: int) -> int:
@@ -133,18 +134,30 @@ def first_index(ids: list[int], value: int) -> int:
         return len(ids)
 
 
-def concept_projector(key, concepts: list[str], encode_pooled) -> torch.Tensor:
+def concept_projector(key, concepts: list[str], encode_pooled, owner=None) -> torch.Tensor:
     """P_C for ``concepts``, cached per (encoder ``key``, concept list): a second prompt
     with the same encoder and concepts pays nothing for it. ``encode_pooled(concepts)`` ->
-    [K, d] pooled vectors."""
+    [K, d] pooled vectors.
+
+    ``owner``: the object the key describes (e.g. the text encoder module). The entry holds
+    only a weak reference to it; an entry whose owner has died or is a different object
+    (``id()`` values are reused after garbage collection) is a miss. The key must also
+    change whenever the owner's weights change (hosts add a patch id or a weights
+    fingerprint): the cache cannot see in-place edits.
+    """
     cache_key = (key, tuple(concepts))
     hit = _SUBSPACES.get(cache_key)
-    if hit is None:
-        hit = projector(encode_pooled(list(concepts)))
-        if len(_SUBSPACES) > 32:
-            _SUBSPACES.pop(next(iter(_SUBSPACES)))
-        _SUBSPACES[cache_key] = hit
-    return hit
+    if hit is not None:
+        ref, p_c = hit
+        same_owner = ref is None if owner is None else (ref is not None and ref() is owner)
+        if same_owner:
+            return p_c
+        del _SUBSPACES[cache_key]
+    p_c = projector(encode_pooled(list(concepts)))
+    if len(_SUBSPACES) > 32:
+        _SUBSPACES.pop(next(iter(_SUBSPACES)))
+    _SUBSPACES[cache_key] = (weakref.ref(owner) if owner is not None else None, p_c)
+    return p_c
 
 
 def steer_sequence(

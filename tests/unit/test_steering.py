@@ -292,3 +292,197 @@ def test_projection_stays_on_the_projectors_device():
     p_m = torch.zeros(6, 6, dtype=torch.float64, device="meta")
     out = project_rows(torch.zeros(4, 6, device="meta"), p_c, p_m)
     assert out.device.type == "meta" and out.shape == (4, 6)
+
+
+# --------------------------------------------------------------------------- issue 4 audit
+
+def test_concept_cache_holds_a_weak_owner_and_misses_for_another_owner():
+    import gc
+    import weakref
+
+    class Owner:  # stands in for a text encoder module
+        pass
+
+    calls = []
+
+    def enc(concepts):
+        calls.append(list(concepts))
+        return torch.randn(len(concepts), 5, dtype=torch.float64)
+
+    key = ("owner-test", 1)
+    a = Owner()
+    p1 = concept_projector(key, ["x", "y"], enc, owner=a)
+    assert concept_projector(key, ["x", "y"], lambda c: 1 / 0, owner=a) is p1  # same owner: hit
+    b = Owner()
+    p2 = concept_projector(key, ["x", "y"], enc, owner=b)  # same key, another object: miss
+    assert len(calls) == 2 and not torch.equal(p1, p2)
+    ref = weakref.ref(b)
+    del b
+    gc.collect()
+    assert ref() is None  # the cache does not keep its owner alive
+    c = Owner()  # may well get b's id
+    p3 = concept_projector(key, ["x", "y"], enc, owner=c)  # dead owner: miss
+    assert len(calls) == 3 and concept_projector(key, ["x", "y"], lambda c: 1 / 0, owner=c) is p3
+    np.testing.assert_allclose(p3.numpy() @ p3.numpy(), p3.numpy(), atol=1e-10)
+
+
+def test_multi_chunk_prompt_against_float64_reference_per_chunk(tiny_clip):
+    tok, model = tiny_clip
+    _, encode_rows, encode_pooled = encoder(tok, model)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    words = tok(", ".join(["a nude figure drawing in a quiet museum hall"] * 9), add_special_tokens=False).input_ids
+    assert len(words) > 75
+    chunks = [[bos] + words[:75] + [eos]]
+    rest = words[75:]
+    chunks.append([bos] + rest + [eos] * (77 - 1 - len(rest)))
+    rows = encode_rows(chunks).reshape(2 * 77, -1)
+    pc = concept_projector(("tiny-multi", id(model)), ["nude"], encode_pooled, owner=model)
+    results = steer_sequence(chunks, rows, encode_rows, pc, eos)
+    assert len(results) == 2
+
+    c_vec = encode_pooled(["nude"]).double().numpy()
+    pc64 = proj64(c_vec)
+    d = pc64.shape[0]
+    for c, (ids, res) in enumerate(zip(chunks, results)):
+        e = ids.index(eos)
+        n = e - 1
+        variants = []
+        for i in range(1, n + 1):
+            v = list(ids)
+            v[i] = 0
+            variants.append(v)
+        loo = encode_rows(variants)[:, e].double().numpy()  # [n, d]
+        dist = np.linalg.norm((np.eye(d) - pc64) @ loo.T, axis=0)
+        want = [i + 1 for i in range(n) if dist[i] >= 1.01 * np.mean(np.delete(dist, i))]
+        assert res.triggers == want, c
+        assert want, f"chunk {c}: no trigger in the reference (test prompt too weak)"
+        h = rows[c * 77:(c + 1) * 77].double().numpy()
+        proj = ((np.eye(d) - pc64) @ proj64(loo) @ h.T).T
+        expected = h.copy()
+        expected[want] = proj[want]
+        np.testing.assert_allclose(res.rows.double().numpy(), expected, atol=2e-5)
+        cos = (h[: n + 2] * proj[: n + 2]).sum(1) / (np.linalg.norm(h[: n + 2], axis=1) * np.linalg.norm(proj[: n + 2], axis=1))
+        assert res.beta == pytest.approx(1 - cos.mean(), abs=1e-5)
+        assert res.t_prime == svf_steps(res.beta)
+
+
+def test_violence_and_user_presets_and_a_broken_user_file(tmp_path):
+    from safet2i.errors import PolicyError
+    from safet2i.steering import concepts as cmod
+
+    packaged = json.loads((cmod.PACKAGE_DIR / "violence.json").read_text(encoding="utf-8"))
+    items, svf = load_concepts("violence")
+    assert items == packaged["concepts"] and "Gore" in items and svf == "nudity"
+    (tmp_path / "mine.json").write_text(json.dumps({"name": "my artists", "svf": "artist",
+                                                    "concepts": ["Van Gogh", "Kelly McKernan"]}))
+    (tmp_path / "broken.json").write_text('{"concepts": ["a", ')  # malformed JSON
+    (tmp_path / "empty.json").write_text('{"concepts": []}')
+    try:
+        presets, errors = cmod.read_presets((cmod.PACKAGE_DIR, tmp_path))  # does not raise
+        assert set(errors) == {"broken", "empty"} and "my artists" in presets
+        cmod.refresh((cmod.PACKAGE_DIR, tmp_path))
+        assert load_concepts("my artists") == (["Van Gogh", "Kelly McKernan"], "artist")
+        assert load_concepts("nudity")[0][2] == "Nudity"  # the packaged presets are still there
+        with pytest.raises(PolicyError, match=r"broken\.json.*not valid JSON"):
+            load_concepts("broken")
+        with pytest.raises(PolicyError, match=r"empty\.json.*non-empty list"):
+            load_concepts("empty")
+    finally:
+        cmod.refresh()
+    assert "my artists" not in cmod.CONCEPT_PRESETS and not cmod.PRESET_ERRORS
+
+
+def _spy_projector(monkeypatch):
+    import safet2i.steering as steering
+
+    real, seen = steering.concept_projector, []
+
+    def spy(key, concepts, encode_pooled, owner=None):
+        missed = []
+
+        def counted(c):
+            missed.append(True)
+            return encode_pooled(c)
+        out = real(key, concepts, counted, owner=owner)
+        seen.append((out, bool(missed)))
+        return out
+    monkeypatch.setattr(steering, "concept_projector", spy)
+    return seen
+
+
+def test_diffusers_in_place_merge_gives_a_new_subspace(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from safet2i.diffusers_adapter import steer_prompt
+    from tiny_diffusers import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "sd")
+    seen = _spy_projector(monkeypatch)
+    concepts = ["nude", "naked"]
+    steer_prompt(pipe, "a photo of a nude person", concepts)
+    steer_prompt(pipe, "a nude statue", concepts)
+    assert seen[1][1] is False and seen[1][0] is seen[0][0]  # unchanged weights: cached
+    # An in-place LoRA merge (what fuse_lora and load_safety_lora do): W += B·A.
+    q = dict(pipe.text_encoder.named_parameters())["encoder.layers.0.self_attn.q_proj.weight"]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        q += torch.randn(q.shape[0], 2, generator=g) @ torch.randn(2, q.shape[1], generator=g)
+    steer_prompt(pipe, "a photo of a nude person", concepts)
+    p_new, missed = seen[2]
+    assert missed and not torch.allclose(p_new, seen[0][0], atol=1e-6)
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    ids = [tok(c, padding="max_length", max_length=77, truncation=True).input_ids for c in concepts]
+    with torch.no_grad():
+        last = enc(torch.tensor(ids)).last_hidden_state
+    pooled = np.stack([last[i, ids[i].index(tok.eos_token_id)].double().numpy() for i in range(2)])
+    np.testing.assert_allclose(p_new.numpy(), proj64(pooled), atol=1e-6)  # the merged encoder's P_C
+
+
+def test_diffusers_no_trigger_is_bit_identical_and_one_token_is_reported(tmp_path):
+    pytest.importorskip("diffusers")
+    from safet2i.diffusers_adapter import steer_prompt
+    from tiny_diffusers import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "sd")
+    prompt = "a photo of a nude person"
+    ref, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    same, original, frac, rep = steer_prompt(pipe, prompt, ["nude"], alpha=10.0)
+    assert frac == 0.0 and rep[0]["triggers"] == []
+    assert torch.equal(same, ref) and torch.equal(original, ref)
+    one, original, frac, rep = steer_prompt(pipe, "x", ["x"])  # the tiny tokenizer: one character, one token
+    assert frac == 0.0 and rep[0]["note"] == "prompt too short to steer (1 token)"
+    assert torch.equal(one, pipe.encode_prompt("x", "cpu", 1, False)[0])
+
+
+@pytest.mark.parametrize("guidance_scale", [6.0, 1.0], ids=["cfg", "no-cfg"])
+def test_switch_after_swaps_every_image_of_the_batch(tmp_path, guidance_scale):
+    pytest.importorskip("diffusers")
+    from safet2i.diffusers_adapter import steer_prompt, steering_kwargs
+    from tiny_diffusers import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "sd")
+    prompt = "a photo of a nude person"
+    steered, original, frac, rep = steer_prompt(pipe, prompt, ["nude"], self_validating=False)
+    assert frac == 1.0 and not torch.equal(steered, original)
+    negative = pipe.encode_prompt("", "cpu", 1, False)[0]
+    seen = []
+    real = pipe.unet.forward
+
+    def recording(sample, timestep, encoder_hidden_states, *a, **kw):
+        seen.append(encoder_hidden_states.detach().clone())
+        return real(sample, timestep, encoder_hidden_states, *a, **kw)
+    pipe.unet.forward = recording
+    steps, fraction = 5, 0.4  # round(0.4 · 5) = 2 steered steps, then 3 original ones
+    pipe(num_inference_steps=steps, guidance_scale=guidance_scale, height=32, width=32, output_type="np",
+         num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+         **steering_kwargs(steered, original, fraction))
+    assert len(seen) == steps
+    cfg = guidance_scale > 1.0
+    for step, emb in enumerate(seen):
+        assert emb.shape[0] == (4 if cfg else 2)
+        positives = emb[2:] if cfg else emb
+        want = steered[0] if step < 2 else original[0]
+        for image in range(2):
+            assert torch.equal(positives[image], want), (step, image)
+        if cfg:
+            for image in range(2):
+                assert torch.equal(emb[image], negative[0]), (step, image)
