@@ -40,6 +40,7 @@ class WeightsFile:
     metadata: dict[str, str] = field(default_factory=dict)
     adapter_config: dict | None = None
     sha256: str = ""
+    adapter_config_path: Path | None = None  # which config file was used (None: none)
 
 
 def read_safetensors(path: str | os.PathLike, hash_file: bool = True) -> WeightsFile:
@@ -68,16 +69,36 @@ def read_safetensors(path: str | os.PathLike, hash_file: bool = True) -> Weights
                 tensors[key] = f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc}).") from exc
-    cfg = None
-    for name in ("adapter_config.json", path.stem + ".adapter_config.json"):
-        p = path.parent / name
-        if p.is_file():
-            try:
-                cfg = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"{p}: unreadable adapter_config.json ({exc}).") from exc
-            break
-    return WeightsFile(path, tensors, metadata, cfg, file_sha256(path) if hash_file else "")
+    cfg, cfg_path = None, adapter_config_path(path)
+    if cfg_path is not None:
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{cfg_path}: unreadable adapter config ({exc}).") from exc
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"{cfg_path}: an adapter config must be a JSON object.")
+    return WeightsFile(path, tensors, metadata, cfg, file_sha256(path) if hash_file else "", cfg_path)
+
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_config_path(path: str | os.PathLike) -> Path | None:
+    """The PEFT config that belongs to ``path``, or None.
+
+    ``<stem>.adapter_config.json`` (a renamed adapter keeps its own config) comes first; the
+    folder's generic ``adapter_config.json`` belongs only to PEFT's own layout, a file named
+    ``adapter_model.safetensors`` (``save_pretrained``). A stray ``adapter_config.json`` next to
+    any other file is never used: it would silently change that file's scale.
+    """
+    path = Path(path)
+    own = path.parent / (path.stem + ".adapter_config.json")
+    if own.is_file():
+        return own
+    generic = path.parent / "adapter_config.json"
+    if path.name == PEFT_WEIGHTS_NAME and generic.is_file():
+        return generic
+    return None
 
 
 def convert_pickle(src: str | os.PathLike, dst: str | os.PathLike | None = None, overwrite: bool = False) -> Path:

@@ -49,6 +49,7 @@ class Target:
     dora_scale: torch.Tensor | None = None  # PEFT magnitude as [out, 1] or kohya/LyCORIS dora_scale
     dora_kind: str | None = None            # "peft" (‖W + ΔW‖ per output row) or "kohya" (ComfyUI's rule)
     source_keys: list[str] = field(default_factory=list)
+    rslora: bool = False                    # PEFT use_rslora: scale = alpha / sqrt(rank)
 
     @property
     def rank(self) -> int:
@@ -56,7 +57,16 @@ class Target:
 
     @property
     def scale(self) -> float:
-        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+        if self.alpha is None:
+            return 1.0
+        return float(self.alpha) / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @property
+    def kohya_alpha(self) -> float:
+        """The alpha a kohya-format loader (scale = alpha / rank) needs for the same scale."""
+        if self.alpha is None:
+            return float(self.rank)
+        return self.scale * self.rank if self.rslora else float(self.alpha)
 
     @property
     def out_features(self) -> int:
@@ -105,7 +115,7 @@ _SUFFIX_RES = [(re.compile(p), part) for p, part in _SUFFIXES]
 _FLAT_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
 _DOTTED_PREFIXES = [
     ("model.diffusion_model.", "unet", "ldm"), ("diffusion_model.", "unet", "ldm"),
-    ("base_model.model.", "unet", None), ("unet.", "unet", None),
+    ("base_model.model.", None, None), ("unet.", "unet", None),
     ("text_encoder_2.", "te2", "diffusers"), ("text_encoder.", "te1", "diffusers"),
     ("te2.", "te2", "diffusers"), ("te1.", "te1", "diffusers"),
 ]
@@ -269,7 +279,54 @@ def to_kohya(targets: list[Target], single_text_encoder: bool | None = None) -> 
         out[k + ".lora_up.weight"] = t.up.contiguous()
         if t.mid is not None:
             out[k + ".lora_mid.weight"] = t.mid.contiguous()
-        out[k + ".alpha"] = torch.tensor(float(t.alpha if t.alpha is not None else t.rank))
+        out[k + ".alpha"] = torch.tensor(t.kohya_alpha)
         if t.dora_scale is not None:
             out[k + ".dora_scale"] = t.dora_scale.contiguous()
     return out
+
+
+def _pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's rule (peft.utils.other.get_pattern_key): a key matches a module name as a regex
+    suffix at a dot boundary, ``re.match(rf"(.*\\.)?({key})$", name)``; the first matching key wins."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def apply_peft_config(targets: list[Target], cfg: dict, where: str = "adapter_config.json") -> bool:
+    """Apply a PEFT ``LoraConfig`` (``adapter_config.json``) to targets whose file has no alpha.
+
+    Per module, as PEFT builds it: rank ``rank_pattern[key]`` or ``r``, alpha ``alpha_pattern[key]``
+    or ``lora_alpha`` (``key`` the first pattern matching the module name), scale alpha / r, or
+    alpha / sqrt(r) with ``use_rslora``. The config's rank must equal the tensors' rank: a
+    mismatch means the config belongs to another adapter and is an error naming the module.
+    Returns whether any alpha came from the config.
+    """
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
+        raise LoraFormatError(f"{where}: rank_pattern and alpha_pattern must be JSON objects")
+    rslora = bool(cfg.get("use_rslora", False))
+    used = False
+    for t in targets:
+        rkey = _pattern_key(rank_pattern, t.module)
+        r = rank_pattern[rkey] if rkey is not None else cfg.get("r")
+        if r is not None:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r:
+                raise LoraFormatError(f"{where}: rank {r!r} for {t.module} is not an integer")
+            if int(r) != t.rank:
+                src = f"rank_pattern[{rkey!r}]" if rkey is not None else "r"
+                raise LoraFormatError(
+                    f"{where}: {src} = {int(r)} for module {t.module}, but the file's tensors for it have rank "
+                    f"{t.rank} ({t.source_keys[0]}): the config belongs to another adapter")
+        if t.alpha is not None:  # the file's own alpha tensor wins
+            continue
+        akey = _pattern_key(alpha_pattern, t.module)
+        alpha = alpha_pattern[akey] if akey is not None else cfg.get("lora_alpha")
+        if alpha is None:
+            continue
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise LoraFormatError(f"{where}: lora_alpha {alpha!r} for {t.module} is not a finite number")
+        t.alpha, t.rslora, used = float(alpha), rslora, True
+    return used

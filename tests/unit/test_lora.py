@@ -739,3 +739,121 @@ def test_adapter_config_is_read(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="adapter_config.json"):
         read_safetensors(p)
+
+
+# ---------------------------------------------------------------------------- which adapter config, PEFT rules
+
+def _attn1_file(path, rank=4, seed=0):
+    sd = write_layout(make_specs(_inv("sd1", lambda n: ".attn1." in n), rank=rank, seed=seed), "peft-base")
+    save_file(sd, str(path))
+    return sd
+
+
+def test_a_stray_adapter_config_never_changes_another_files_scale(tmp_path):
+    from safet2i.lora import inspect_lora
+
+    duo = tmp_path / "duo_nudity_beta500.safetensors"
+    _attn1_file(duo, rank=32)
+    # a PEFT config of some other adapter in the same folder: must not touch the DUO file (scale 1)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 32, "lora_alpha": 8, "peft_type": "LORA"}))
+    assert read_safetensors(duo).adapter_config is None and read_safetensors(duo).adapter_config_path is None
+    lf = load_lora(duo)
+    assert {t.scale for t in lf.targets} == {1.0} and lf.alpha_source == "none (scale 1.0)" and lf.adapter_config is None
+    info = inspect_lora(duo)
+    assert info["adapter_config"] is None and info["scales"] == [1.0]
+    # PEFT's own layout (adapter_model.safetensors) does use the folder's adapter_config.json
+    peft = tmp_path / "adapter_model.safetensors"
+    _attn1_file(peft, rank=32)
+    lf = load_lora(peft)
+    assert {t.scale for t in lf.targets} == {0.25} and lf.alpha_source == "adapter_config.json"
+    assert inspect_lora(peft)["adapter_config"] == str(tmp_path / "adapter_config.json")
+    # the file's own <stem>.adapter_config.json wins over the generic one, for both files
+    (tmp_path / "duo_nudity_beta500.adapter_config.json").write_text(json.dumps({"r": 32, "lora_alpha": 64}))
+    (tmp_path / "adapter_model.adapter_config.json").write_text(json.dumps({"r": 32, "lora_alpha": 16}))
+    assert {t.scale for t in load_lora(duo).targets} == {2.0}
+    lf = load_lora(peft)
+    assert {t.scale for t in lf.targets} == {0.5} and lf.alpha_source == "adapter_model.adapter_config.json"
+    assert lf.entry is None and load_lora(duo).entry.name == "duo-nudity-b500"
+    assert inspect_lora(duo)["adapter_config"] == str(tmp_path / "duo_nudity_beta500.adapter_config.json")
+
+
+def _peft_expected_scale(module: str, cfg: dict) -> float:
+    """PEFT's rule written out independently: first pattern key whose regex matches the module name as a
+    dot-bounded suffix; alpha / r, or alpha / sqrt(r) with use_rslora."""
+    def pick(patterns, default):
+        for key, value in patterns.items():
+            if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
+                return value
+        return default
+    r = pick(cfg.get("rank_pattern", {}), cfg["r"])
+    alpha = pick(cfg.get("alpha_pattern", {}), cfg["lora_alpha"])
+    return alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+
+
+def test_peft_config_rslora_rank_and_alpha_patterns(tmp_path):
+    mods = _inv("sd1", lambda n: n.startswith("down_blocks.0.attentions.0.") and (".attn1." in n or ".attn2." in n))
+    cfg = {"r": 4, "lora_alpha": 8, "use_rslora": True,
+           # first matching key wins: attn1.to_q → 2 (not 8); "q" matches no module (dot boundary)
+           "rank_pattern": {"attn1.to_q": 2, "to_q": 8, "q": 16},
+           "alpha_pattern": {r"attn2\.to_(k|v)": 3, "to_out.0": 5}}
+    specs = []
+    for m in mods:
+        r = 2 if m.diffusers.endswith("attn1.to_q") else 8 if m.diffusers.endswith("to_q") else 4
+        specs += make_specs([m], rank=r, seed=len(specs))
+    p = tmp_path / "adapter_model.safetensors"
+    save_file(write_layout(specs, "peft-base"), str(p))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    lf = load_lora(p)
+    assert "use_rslora" in lf.alpha_source and len(lf.targets) == len(mods) == 8
+    seen = set()
+    for t in lf.targets:
+        want = _peft_expected_scale(t.module, cfg)
+        assert t.scale == pytest.approx(want, rel=1e-12), t.module
+        seen.add(round(want, 6))
+        w = torch.randn(t.weight_shape, dtype=torch.float64)
+        torch.testing.assert_close(merged(w, t, 1.0), w + want * (t.up.double() @ t.down.double()))
+    assert len(seen) >= 4  # 8/√2, 8/√8, 3/√4, 5/√4, 8/√4: the patterns really differ
+    # kohya conversion keeps the rsLoRA scale (alpha written = scale · rank)
+    back = {(t.component, t.module): t.scale for t in parse(to_kohya(lf.targets))}
+    to_diffusers_naming(lf.targets, "sd1")
+    for t in lf.targets:
+        assert back[("unet", t.module)] == pytest.approx(t.scale, rel=1e-6)  # alpha stored as float32
+
+
+def test_peft_config_rank_must_match_the_tensors(tmp_path):
+    p = tmp_path / "adapter_model.safetensors"
+    _attn1_file(p, rank=4)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 8}))
+    with pytest.raises(LoraFormatError, match=r"adapter_model\.safetensors: adapter_config\.json: r = 8 for module "
+                                              r"\S+attn1\.to_[qkv].*have rank 4"):
+        load_lora(p)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {"to_v": 2}}))
+    with pytest.raises(LoraFormatError, match=r"rank_pattern\['to_v'\] = 2 for module \S+attn1\.to_v"):
+        load_lora(p)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {"attn9.to_v": 2}}))
+    assert {t.scale for t in load_lora(p).targets} == {2.0}
+
+
+def test_real_peft_adapter_with_rslora_and_patterns(tiny, tmp_path):
+    """PEFT itself builds the adapter (use_rslora, rank_pattern, alpha_pattern) and saves it; our merge of the
+    saved file equals PEFT's own delta and scaling for every layer."""
+    from peft import LoraConfig, get_peft_model
+
+    unet = copy.deepcopy(tiny[0])
+    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=r".*attn[12]\.(to_q|to_k|to_v)",
+                     rank_pattern={"attn2.to_k": 4}, alpha_pattern={"to_v": 6})
+    pm = get_peft_model(unet, cfg)
+    _randomise_lora(pm, seed=11)
+    layers = _peft_layers(pm.base_model.model)
+    pm.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["rank_pattern"] == {"attn2.to_k": 4}
+    lf = load_lora(tmp_path / "adapter_model.safetensors")
+    assert {t.module for t in lf.targets} == set(layers) and {t.rank for t in lf.targets} == {4, 8}
+    for t in lf.targets:
+        layer = layers[t.module]
+        assert t.scale == pytest.approx(layer.scaling["default"], rel=1e-12), t.module
+        assert t.scale == pytest.approx(_peft_expected_scale(t.module, saved), rel=1e-12)
+        w = layer.base_layer.weight.detach()
+        torch.testing.assert_close(merged(w, t, 1.0), w + layer.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
+    assert {round(t.scale, 6) for t in lf.targets} == {round(16 / 8 ** 0.5, 6), round(16 / 2, 6), round(6 / 8 ** 0.5, 6)}
