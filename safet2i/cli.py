@@ -116,7 +116,10 @@ def run_lora(args) -> int:
             print(json.dumps(info, indent=2))
             return 0
         for k in ("file", "sha256", "formats", "architectures", "fit", "components", "targets", "ranks", "scales",
-                  "alpha_from", "dora", "manifest", "manifest_check", "modules"):
+                  "alpha_from", "adapter_config", "dora", "manifest", "manifest_check", "manifest_hint", "modules",
+                  "arch_check"):
+            if k not in info:
+                continue
             v = info[k]
             if isinstance(v, list):
                 v = ", ".join(map(str, v))

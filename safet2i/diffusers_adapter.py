@@ -281,18 +281,38 @@ def _components(pipe) -> dict:
     return {k: v for k, v in comps.items() if v is not None}
 
 
+def host_arch(pipe) -> str | None:
+    """``sd1`` / ``sd2`` / ``sdxl`` when ``pipe.unet`` has exactly that layout, else None (unknown)."""
+    from .lora.arch import ARCHITECTURES, UNetConfig  # noqa: PLC0415
+
+    unet = getattr(pipe, "unet", None)
+    try:
+        cfg = UNetConfig.from_diffusers(unet.config)
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None
+    return next((a for a, arch in ARCHITECTURES.items() if arch.unet == cfg), None)
+
+
 def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = False) -> SafetyLoRAHandle:
     """Merge a safety LoRA (any key format) into the pipeline's weights, after proving coverage.
 
     Every target is resolved to a module of ``pipe.unet`` / ``pipe.text_encoder`` /
     ``pipe.text_encoder_2`` by name and shape first; nothing is changed unless all of them
     match (or ``allow_partial``). Weights become ``W + strength·scale·B·A`` (DoRA per
-    :func:`safet2i.lora.merged`). ``handle.undo()`` restores the originals.
+    :func:`safet2i.lora.merged`). ``handle.undo()`` restores the originals. A file the manifest
+    knows must contain what its entry says and fit the pipeline's architecture (when it is
+    SD1/SD2/SDXL); ``strength`` must be positive (negative inverts a safety LoRA, 0 disables it).
     """
     from .lora import check, load_lora, merged, require_full  # noqa: PLC0415
     from .lora.arch import UNetConfig, unet_modules  # noqa: PLC0415
+    from .lora.coverage import check_strengths  # noqa: PLC0415
+    from .lora.manifest import check_arch  # noqa: PLC0415
 
     lora = load_lora(path)
+    what = f"Safety LoRA {lora.path.name}"
+    check_strengths(lora.components, strength, strength, what, ("strength", "strength"))
+    lora.verify_manifest()
+    check_arch(lora.entry, host_arch(pipe), what)
     comps = _components(pipe)
     params: dict[str, dict[str, torch.nn.Parameter]] = {}
     flat: dict[str, dict[str, str]] = {}

@@ -24,7 +24,7 @@ from ..errors import ModelLoadError
 from . import manifest
 from .coverage import Coverage, CoverageError, check, detect_architectures, merged, require_full, resolver_for
 from .files import PICKLE_SUFFIXES, WeightsFile, convert_pickle, read_safetensors
-from .keys import LoraFormatError, Target, detect_format, parse, to_diffusers_naming, to_kohya
+from .keys import LoraFormatError, Target, apply_peft_config, detect_format, parse, to_diffusers_naming, to_kohya
 
 __all__ = [
     "Coverage", "CoverageError", "FullWeights", "LoraFile", "LoraFormatError", "PICKLE_SUFFIXES", "Target",
@@ -43,6 +43,7 @@ class LoraFile:
     entry: manifest.Entry | None = None
     metadata: dict = field(default_factory=dict)
     alpha_source: str = "file"
+    adapter_config: str | None = None     # path of the PEFT config used (None: none)
 
     @property
     def components(self) -> dict[str, int]:
@@ -61,20 +62,25 @@ class LoraFile:
 
 def load_lora(path: str | os.PathLike) -> LoraFile:
     wf: WeightsFile = read_safetensors(path)
-    alpha, source = None, "file"
-    if wf.adapter_config and "lora_alpha" in wf.adapter_config:
-        alpha, source = float(wf.adapter_config["lora_alpha"]), "adapter_config.json"
     try:
-        targets = parse(wf.tensors, alpha_override=alpha)
+        targets = parse(wf.tensors)
+        from_config = False
+        if wf.adapter_config is not None:
+            from_config = apply_peft_config(targets, wf.adapter_config, wf.adapter_config_path.name)
     except LoraFormatError as exc:
         raise LoraFormatError(f"{wf.path.name}: {exc}") from exc
-    if not any(t.alpha is not None for t in targets):
-        source = "none (scale 1.0)" if source == "file" else source
+    if from_config:
+        source = wf.adapter_config_path.name + (" (use_rslora: alpha/sqrt(r))" if any(t.rslora for t in targets) else "")
+    elif any(t.alpha is not None for t in targets):
+        source = "file"
+    else:
+        source = "none (scale 1.0)"
     archs = [a for a, c in detect_architectures(targets).items() if not c.unmatched]
     if archs:
         to_diffusers_naming(targets, archs[0])
     lf = LoraFile(wf.path, wf.sha256, detect_format(wf.tensors), targets, archs,
-                  manifest.find(wf.path.name, wf.sha256), wf.metadata, source)
+                  manifest.find(wf.path.name, wf.sha256), wf.metadata, source,
+                  str(wf.adapter_config_path) if wf.adapter_config_path else None)
     return lf
 
 
@@ -86,6 +92,7 @@ def inspect_lora(path: str | os.PathLike, base: str | None = None) -> dict:
         "file": str(lf.path), "sha256": lf.sha256, "formats": lf.formats,
         "components": lf.components, "targets": len(lf.targets), "ranks": sorted(lf.ranks),
         "scales": sorted({round(t.scale, 6) for t in lf.targets}), "alpha_from": lf.alpha_source,
+        "adapter_config": lf.adapter_config,
         "dora": any(t.dora_scale is not None for t in lf.targets),
         "architectures": lf.architectures or ["unknown (no known base fits every target)"],
         "fit": {a: f"{len(c.matched)}/{len(c.statuses)}" for a, c in archs.items()},
@@ -93,10 +100,18 @@ def inspect_lora(path: str | os.PathLike, base: str | None = None) -> dict:
         "manifest_check": lf.verify_manifest(),
         "modules": sorted({_pattern(t.module) for t in lf.targets}),
     }
+    hint = manifest.rename_hint(lf.path.name) if lf.entry is None else None
+    if hint:
+        info["manifest_hint"] = hint
     if base:
         if base not in archs:
             raise ModelLoadError(f"unknown base {base!r}; choose one of {sorted(archs)}")
         info["coverage"] = archs[base].as_dict()
+        try:
+            manifest.check_arch(lf.entry, base, lf.path.name)
+            info["arch_check"] = "ok" if lf.entry else "not in the manifest"
+        except ModelLoadError as exc:
+            info["arch_check"] = f"REFUSED: {exc}"
     return info
 
 

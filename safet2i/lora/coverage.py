@@ -107,6 +107,44 @@ def require_full(cov: Coverage, what: str, allow_partial: bool = False, limit: i
         )
 
 
+def check_strengths(components: dict[str, int], strength_model: float, strength_clip: float, what: str,
+                    names: tuple[str, str] = ("strength_model", "strength_clip")) -> None:
+    """Refuse strengths that invert or switch off a safety LoRA while it would be reported as loaded.
+
+    A negative strength subtracts the safety patch (it *adds* what the LoRA removes); zero for a
+    part the file has targets in (UNet, text encoder) patches nothing there.
+    """
+    parts = [(names[0], "UNet", strength_model, components.get("unet", 0)),
+             (names[1], "text-encoder", strength_clip, components.get("te1", 0) + components.get("te2", 0))]
+    for name, part, value, n in parts:
+        if value < 0:
+            raise SafeT2IError(f"{what}: {name} = {value} is negative, which INVERTS a safety LoRA (it would add "
+                               "what the LoRA removes). Use a positive strength (1.0 = as trained).")
+        if value == 0 and n:
+            raise SafeT2IError(f"{what}: {name} = 0 switches off its {n} {part} patches, so this part would not be "
+                               "protected while the model is reported as patched. Use a positive strength "
+                               "(1.0 = as trained), or do not load the LoRA.")
+
+
+def patch_counts(patches: dict) -> dict[str, int]:
+    """Number of patches per weight key of a ComfyUI ``ModelPatcher.patches`` dict."""
+    return {k: len(v) for k, v in patches.items()}
+
+
+def patch_gain_problems(before: dict[str, int], after: dict[str, int], keys: list[str]) -> list[str]:
+    """Keys that did not gain exactly one patch between ``before`` and ``after``.
+
+    ``ModelPatcher.clone()`` copies the patches already on a model, so "the key has a patch" is
+    also true when an earlier LoRA patched the same weight and this one patched nothing.
+    """
+    out = []
+    for k in keys:
+        gained = after.get(k, 0) - before.get(k, 0)
+        if gained != 1:
+            out.append(f"{k} (+{gained} patches)")
+    return out
+
+
 def _list(statuses: list[TargetStatus], limit: int) -> str:
     s = "; ".join(f"{x.source_key} ({x.reason})" for x in statuses[:limit])
     return s + (f"; … and {len(statuses) - limit} more" if len(statuses) > limit else "")
