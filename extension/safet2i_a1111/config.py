@@ -150,8 +150,10 @@ def steering_presets() -> tuple[str, ...]:
 def validate_layers(cfg: JobConfig) -> None:
     import math  # noqa: PLC0415
 
-    cfg.steering_enabled, cfg.lora_enabled = bool(cfg.steering_enabled), bool(cfg.lora_enabled)
-    cfg.steering_self_validating, cfg.lora_allow_partial = bool(cfg.steering_self_validating), bool(cfg.lora_allow_partial)
+    # API callers send JSON: "false" must not read as True.
+    cfg.steering_enabled, cfg.lora_enabled = as_bool(cfg.steering_enabled), as_bool(cfg.lora_enabled)
+    cfg.steering_self_validating = as_bool(cfg.steering_self_validating)
+    cfg.lora_allow_partial = as_bool(cfg.lora_allow_partial)
     cfg.steering_alpha, cfg.lora_strength = float(cfg.steering_alpha), float(cfg.lora_strength)
     cfg.steering_custom, cfg.lora_file = str(cfg.steering_custom or ""), str(cfg.lora_file or "None")
     if cfg.steering_concepts not in steering_presets():
@@ -183,7 +185,14 @@ def layers_infotext(cfg: JobConfig) -> dict[str, str]:
 
 
 def parse_layers_infotext(params: dict) -> dict:
-    out: dict = {"steering_enabled": "SafeT2I steering" in params, "lora_enabled": "SafeT2I LoRA" in params}
+    """Like :func:`parse_infotext`: a present key switches its layer on; a missing key leaves
+    the UI as it is (pasting another image's parameters never switches steering or the
+    safety LoRA off)."""
+    out: dict = {}
+    if "SafeT2I steering" in params:
+        out["steering_enabled"] = True
+    if "SafeT2I LoRA" in params:
+        out["lora_enabled"] = True
     words = str(params.get("SafeT2I steering", "")).split()
     if words:
         if words[0] in steering_presets():

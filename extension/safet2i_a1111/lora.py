@@ -338,13 +338,18 @@ def verify_loaded(p, lora: SafetyLora, networks=None) -> str:
     """Proof that the webui loaded every target weight of our network (see the module doc)."""
     sd_model = p.sd_model
     fo = getattr(sd_model, "forge_objects_after_applying_lora", None)
-    if fo is not None:   # Forge: LoRA patches recorded on the patched UNet and CLIP
+    patchers = () if fo is None else (getattr(fo, "unet", None), getattr(getattr(fo, "clip", None), "patcher", None))
+    if fo is not None and any(hasattr(pt, "lora_patches") for pt in patchers):
+        # Forge: LoRA patches recorded per (file, strength) on the patched UNet and CLIP
         count = 0
-        for patcher in (getattr(fo, "unet", None), getattr(getattr(fo, "clip", None), "patcher", None)):
+        for patcher in patchers:
             for ident, patches in (getattr(patcher, "lora_patches", None) or {}).items():
                 if _same_file(ident[0], lora.filename) and math.isclose(float(ident[1]), lora.strength):
                     count += len(patches)
         where = "Forge's patched UNet/CLIP"
+    elif fo is not None:
+        count = _reforge_count(sd_model, fo, lora)
+        where = "reForge's patched UNet/CLIP"
     else:
         networks = networks if networks is not None else sys.modules.get("networks")
         if networks is None:
@@ -366,6 +371,37 @@ def verify_loaded(p, lora: SafetyLora, networks=None) -> str:
     lora.pending = False
     lora.loaded = f"{count}/{lora.targets}"
     return lora.loaded
+
+
+def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:
+    """reForge (``ldm_patched`` ModelPatcher): its Lora extension records the applied set as
+    ``current_lora_hash = str([[filename, unet_multiplier, te_multiplier], ...])`` and adds the
+    weight patches to clones of ``forge_objects_original``'s UNet and CLIP patchers. Proof: our
+    file is in that set at our strength, and the patched clones carry at least as many new
+    weight patches as our file has targets (counted against the originals, per weight)."""
+    import ast  # noqa: PLC0415
+
+    try:
+        applied = ast.literal_eval(str(getattr(sd_model, "current_lora_hash", "[]")))
+    except (ValueError, SyntaxError):
+        applied = []
+    ours = [e for e in applied if isinstance(e, (list, tuple)) and len(e) >= 3 and _same_file(e[0], lora.filename)]
+    if not ours:
+        raise LoraLayerError(f"reForge did not apply the safety LoRA {lora.name} (not in its applied LoRA set)")
+    for _, unet_m, te_m in (e[:3] for e in ours):
+        if not (math.isclose(float(unet_m), lora.strength) and math.isclose(float(te_m), lora.strength)):
+            raise LoraLayerError(f"reForge applied the safety LoRA {lora.name} at strengths {unet_m}/{te_m}, "
+                                 f"not {lora.strength:g}")
+    orig = getattr(sd_model, "forge_objects_original", None)
+    count = 0
+    for part in ("unet", "clip"):
+        after, before = getattr(fo, part, None), getattr(orig, part, None)
+        if part == "clip":
+            after, before = getattr(after, "patcher", None), getattr(before, "patcher", None)
+        old = getattr(before, "patches", None) or {}
+        for key, entries in (getattr(after, "patches", None) or {}).items():
+            count += max(0, len(entries) - len(old.get(key, ())))
+    return count
 
 
 __all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "list_choices", "model_architecture", "prepare",

@@ -105,6 +105,7 @@ class Job:
     concept: object = None                        # Forge/reForge: the concept embedding of the batch
     runs: list = field(default_factory=list)      # guidance hooks / UNet-patch runs (steps_guided each)
     guided_mark: int = 0                          # guided steps counted at the last check
+    steer_mark: int = 0                           # steering callback calls counted at the last check
 
     @property
     def failed(self) -> str | None:
@@ -125,6 +126,23 @@ class Job:
                           "sampler bypassed it)")
             log.error("SafeT2I: %s; images of this job will be blocked", self.error)
         self.guided_mark = now
+
+    def check_steered(self, where: str) -> None:
+        """Steering must have seen the conditioning at least once since the last check; else
+        (callback removed, a sampler that bypasses ``on_cfg_denoiser``) the images are
+        blocked rather than passed with an unsteered prompt."""
+        if not self.cfg.steering_enabled or self.failed:
+            return
+        now = self.steering.calls if self.steering is not None else 0
+        if now <= self.steer_mark:
+            self.error = (f"concept steering did not run in the {where} (its conditioning callback never fired: "
+                          "another extension or the sampler bypassed it)")
+            log.error("SafeT2I: %s; images of this job will be blocked", self.error)
+        self.steer_mark = now
+
+    def check_layers(self, where: str) -> None:
+        self.check_guided(where)
+        self.check_steered(where)
 
 
 _ACTIVE: list[Job] = []   # the job being generated (the webui runs one at a time)
@@ -587,12 +605,12 @@ class SafeT2IScript(scripts.Script):
     def before_hr(self, p, *args):
         job = _job(p)
         if job is not None and getattr(p, "firstpass_image", None) is None:
-            job.check_guided("first pass")
+            job.check_layers("first pass")
 
     def postprocess_batch(self, p, *args, **kwargs):
         job = _job(p)
         if job is not None:
-            job.check_guided("hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
+            job.check_layers("hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
 
     # -- the output filter -----------------------------------------------------
     def _filter(self, p, pp) -> None:

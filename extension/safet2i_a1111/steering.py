@@ -460,8 +460,15 @@ def _forge_load_text_encoders(sd_model) -> None:
     forge = getattr(sd_model, "forge_objects", None)
     if forge is None:
         return
-    from backend import memory_management  # noqa: PLC0415  (Forge only)
-
+    try:
+        from backend import memory_management  # noqa: PLC0415  (Forge)
+    except ImportError:
+        try:
+            from ldm_patched.modules import model_management as memory_management  # noqa: PLC0415  (reForge)
+        except ImportError as exc:
+            raise SteeringError("this webui has Forge objects but neither Forge's backend.memory_management nor "
+                                "reForge's ldm_patched.modules.model_management: cannot load its text encoders "
+                                "for steering") from exc
     memory_management.load_model_gpu(forge.clip.patcher)
 
 

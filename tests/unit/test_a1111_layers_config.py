@@ -31,7 +31,16 @@ def test_job_config_arguments_and_infotext_round_trip():
     parsed = parse_infotext(info)
     for k in names[7:]:
         assert parsed[k] == getattr(cfg, k), k
-    assert parse_infotext({})["steering_enabled"] is False and parse_infotext({})["lora_enabled"] is False
+    # Pasting another image's parameters (no SafeT2I keys) leaves every layer as the UI has it.
+    foreign = parse_infotext({"Steps": "20", "Sampler": "Euler a"})
+    assert not any(k in foreign for k in names), foreign
+    # API callers send JSON strings: "false" is false, "true" is true.
+    strings = list(args)
+    strings[7], strings[12], strings[13], strings[16] = "false", "true", "true", "false"
+    from_api = JobConfig.from_args(strings)
+    assert from_api.steering_enabled is False and from_api.lora_enabled is True
+    assert from_api.steering_self_validating is True
+    assert from_api.lora_allow_partial is False
     for bad in ({13: True, 14: "None"}, {15: 0.0}, {15: 3.0}, {10: -1.0}, {8: "unknown"}, {11: "sideways"}):
         a = list(args)
         for i, v in bad.items():

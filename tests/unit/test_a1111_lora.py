@@ -256,3 +256,36 @@ def test_register_makes_the_name_resolve(tmp_path, monkeypatch):
     L.register("safet2i-x", tmp_path / "f.safetensors", networks)
     assert networks.available_network_aliases["safet2i-x"].filename == str(tmp_path / "f.safetensors")
     assert networks.available_networks["safet2i-x"] is networks.available_network_aliases["safet2i-x"]
+
+
+def test_verify_loaded_reforge(tmp_path):
+    """reForge: ldm_patched ModelPatcher clones with ``.patches`` lists (no ``lora_patches``),
+    the applied set in ``current_lora_hash`` (reForge's extensions-builtin/Lora/networks.py)."""
+    lora = _lora(tmp_path, targets=4, strength=0.75)
+
+    def patcher(patches):
+        return SimpleNamespace(patches={k: list(v) for k, v in patches.items()})
+
+    base_unet = {"other.weight": [(1.0, "style", 1.0, None, None)]}
+    original = SimpleNamespace(unet=patcher(base_unet), clip=SimpleNamespace(patcher=patcher({})))
+    after_unet = {k: list(v) for k, v in base_unet.items()}
+    for k in ("a.weight", "b.weight", "c.weight"):
+        after_unet.setdefault(k, []).append((0.75, ("lora", ()), 1.0, None, None))
+    after = SimpleNamespace(unet=patcher(after_unet),
+                            clip=SimpleNamespace(patcher=patcher({"te.weight": [(0.75, ("lora", ()), 1.0, None, None)]})))
+    sd_model = SimpleNamespace(forge_objects_original=original, forge_objects_after_applying_lora=after,
+                               current_lora_hash=str([["/x/style.safetensors", 1.0, 1.0],
+                                                      [str(lora.filename), 0.75, 0.75]]))
+    p = SimpleNamespace(sd_model=sd_model)
+    assert L.verify_loaded(p, lora) == "4/4"
+    # A patch the original already had does not count as ours.
+    after.clip.patcher.patches = {}
+    with pytest.raises(L.LoraLayerError, match="only 3 of the 4"):
+        L.verify_loaded(p, lora)
+    after.clip.patcher.patches = {"te.weight": [(0.75, ("lora", ()), 1.0, None, None)]}
+    sd_model.current_lora_hash = str([["/x/style.safetensors", 1.0, 1.0]])
+    with pytest.raises(L.LoraLayerError, match="did not apply"):
+        L.verify_loaded(p, lora)
+    sd_model.current_lora_hash = str([[str(lora.filename), 0.3, 0.75]])
+    with pytest.raises(L.LoraLayerError, match="strengths"):
+        L.verify_loaded(p, lora)
