@@ -22,19 +22,34 @@ PACK_SAFETY = Path(__file__).resolve().parent.parent / "models" / "safety_models
 SAFETY_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
 
 
+def _register(name: str, paths: list[str], extensions: set[str]) -> None:
+    """Add ``paths`` to folder ``name`` with our own extension set; never mutates another set.
+
+    When ``extra_model_paths.yaml`` (or another pack) registered ``name`` first, its paths are
+    kept and ours appended; ComfyUI then gave the folder an empty set (= every file) or a shared
+    set such as ``supported_pt_extensions``: we replace the tuple's set by a *new* set (theirs ∪
+    ours) instead of adding to it, so ComfyUI's global sets and other folders stay unchanged.
+    """
+    fnp = folder_paths.folder_names_and_paths
+    if name not in fnp:
+        fnp[name] = (list(paths), set(extensions))
+    else:
+        for path in paths:
+            folder_paths.add_model_folder_path(name, path)
+        folder_list, exts = fnp[name]
+        fnp[name] = (folder_list, set(extensions) | set(exts or ()))
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(name, None)
+
+
 def register_folders() -> None:
-    """Make ``models/safet2i_filters`` (and the pack's ``models/filters``) a model folder
-    listing sidecar ``.json`` files; honours ``extra_model_paths.yaml``."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default, str(PACK_MODELS)], {".json"})
-    else:
-        folder_paths.add_model_folder_path(FOLDER, default)
-    safety = os.path.join(folder_paths.models_dir, SAFETY_FOLDER)
-    if SAFETY_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[SAFETY_FOLDER] = ([safety, str(PACK_SAFETY)], set(SAFETY_EXTENSIONS))
-    else:
-        folder_paths.add_model_folder_path(SAFETY_FOLDER, safety)
+    """``models/safet2i_filters`` (+ the pack's ``models/filters``: sidecar ``.json``) and
+    ``models/safety_models`` (+ the pack's ``models/safety_models``: weights), honouring
+    ``extra_model_paths.yaml``; the pack's own folders are added in every case."""
+    _register(FOLDER, [os.path.join(folder_paths.models_dir, FOLDER), str(PACK_MODELS)], {".json"})
+    _register(SAFETY_FOLDER, [os.path.join(folder_paths.models_dir, SAFETY_FOLDER), str(PACK_SAFETY)],
+              SAFETY_EXTENSIONS)
 
 
 def _folders(lora: bool) -> tuple[str, ...]:
