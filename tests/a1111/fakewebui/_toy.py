@@ -105,6 +105,64 @@ class ToyMath:
         return (x.to(DTYPE) - self.x0(x, sigma, ctx, y, concat)) / s
 
 
+class _Chunk:
+    def __init__(self, tokens, multipliers):
+        self.tokens, self.multipliers, self.fixes = tokens, multipliers, []
+
+
+class ToyTextEngine:
+    """A text engine with the webui's interface (A1111's hijacked ``cond_stage_model`` and
+    Forge's ``text_processing_engine``: ``tokenize_line``, ``encode_with_transformers``,
+    ``id_start``/``id_end``/``id_pad``), so the steering layer runs through the stand-in.
+
+    Token ids come from a vocabulary grown on the fly (0 is the mask token steering uses, 1
+    BOS, 2 EOS/padding); rows are causal like CLIP's: a token's vector plus half the running
+    mean of the vectors up to it, so removing a word moves the end-token rows."""
+
+    chunk_length = 75
+    id_start, id_end, id_pad = 1, 2, 2
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.words = ["<mask>", "<bos>", "<eos>"]
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.tokenizer = self        # the report's convert_ids_to_tokens
+
+    def convert_ids_to_tokens(self, token: int) -> str:
+        return self.words[int(token)]
+
+    def _id(self, word: str) -> int:
+        if word not in self.ids:
+            self.ids[word] = len(self.words)
+            self.words.append(word)
+        return self.ids[word]
+
+    def tokenize_line(self, line: str):
+        ids = [self._id(w) for w in str(line).lower().replace(",", " ").split()]
+        chunks = []
+        for start in range(0, max(1, len(ids)), self.chunk_length):
+            part = ids[start:start + self.chunk_length]
+            pad = self.chunk_length + 1 - len(part)
+            chunks.append(_Chunk([self.id_start] + part + [self.id_end] * pad, [1.0] * (self.chunk_length + 2)))
+        return chunks, len(ids)
+
+    def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = torch.stack([_vec(w, self.dim, "tok") for w in self.words])
+        v = table[tokens.long().cpu()]
+        steps = torch.arange(1, v.shape[1] + 1, dtype=DTYPE).reshape(1, -1, 1)
+        return v + 0.5 * v.cumsum(dim=1) / steps
+
+    def encode(self, prompts) -> torch.Tensor:
+        """The conditioning the webui builds: the chunks' rows side by side (no emphasis)."""
+        out = []
+        for prompt in prompts:
+            chunks, _ = self.tokenize_line(prompt)
+            out.append(torch.cat([self.encode_with_transformers(torch.tensor([c.tokens]))[0] for c in chunks]))
+        width = max(o.shape[0] for o in out)
+        return torch.stack([torch.cat([o, o[-TOKENS:].repeat(width // TOKENS - o.shape[0] // TOKENS, 1)])
+                            for o in out])
+
+
 class ToyVAE:
     """Latent ↔ pixels; decodes to registered pictures (see the module docstring)."""
 
@@ -192,6 +250,9 @@ class ToySdModel:
     """``shared.sd_model``: A1111's LatentDiffusion role (plus ``forge_objects`` on Forge/reForge)."""
 
     def __init__(self, kind: str = "sd1"):
+        # "sd1-text": SD1 whose text encoder is a ToyTextEngine (steering through the stand-in).
+        self.engine = ToyTextEngine(16) if kind == "sd1-text" else None
+        kind = "sd1" if kind == "sd1-text" else kind
         self.kind = kind
         self.math = ToyMath(24, 12) if kind == "sdxl" else ToyMath(16)
         self.vae = ToyVAE(self.math, self._encode_plain)
@@ -214,6 +275,8 @@ class ToySdModel:
         self.kmodel = ToyKModel(self.math)
 
     def _encode_plain(self, prompts):
+        if self.engine is not None:
+            return self.engine.encode(list(prompts))
         return self.math.encode(list(prompts))
 
     def get_learned_conditioning(self, prompts):
@@ -253,6 +316,11 @@ class ToySdModel:
             from modules_forge.unet_patcher import UnetPatcher
             unet = UnetPatcher(self.kmodel, load_device="cpu", offload_device="cpu")
             objects = ForgeSD(unet, None, None, None)
+        if self.engine is not None:
+            # Forge: the engine hangs off the model; both keep the text encoder's patcher in clip.
+            objects.clip = type("ToyClip", (), {"patcher": type("ToyClipPatcher", (), {})()})()
+            if variant == "forge":
+                self.text_processing_engine = self.engine
         self.forge_objects = objects
         self.forge_objects_original = objects.shallow_copy()
         self.forge_objects_after_applying_lora = objects.shallow_copy()
@@ -261,6 +329,8 @@ class ToySdModel:
 def make_sd_model(kind: str = "sd1") -> ToySdModel:
     from _variant import VARIANT
     m = ToySdModel(kind)
+    if m.engine is not None and VARIANT != "forge":
+        m.cond_stage_model = m.engine      # A1111 / reForge: the hijacked cond_stage_model
     if VARIANT in ("forge", "reforge"):
         m.attach_forge(VARIANT)
     return m

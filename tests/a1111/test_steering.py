@@ -1,0 +1,120 @@
+"""Concept steering through the stand-in webui (all four variants): the script's
+``on_cfg_denoiser`` callback replaces the cond rows the sampler sees by the core's steered
+rows for the self-validated window and leaves them alone afterwards; the images are blocked
+when steering never saw the conditioning.
+
+The toy model's text encoder (``kind="sd1-text"``) is a :class:`_toy.ToyTextEngine`, exposed
+as A1111's hijacked ``cond_stage_model`` (A1111, reForge) or Forge's
+``text_processing_engine``; the reference is ``safet2i.steering.steer_sequence`` with the
+same engine's rows, computed here independently of the extension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VARIANTS
+from safet2i.steering import projector, steer_sequence
+
+PROMPT = "a photo of a nude woman on a sunny beach"
+STEPS = 6
+
+
+def reference(engine, concepts, text, **kw):
+    def rows_of(id_lists):
+        return engine.encode_with_transformers(torch.tensor(id_lists))
+
+    cids = [engine.tokenize_line(c)[0][0].tokens for c in concepts]
+    crow = rows_of(cids)
+    pc = projector(torch.stack([crow[i, cids[i].index(engine.id_end)] for i in range(len(cids))]))
+    ids = engine.tokenize_line(text)[0][0].tokens
+    rows = rows_of([ids])[0]
+    return rows, steer_sequence([ids], rows, rows_of, pc, engine.id_end, **kw)[0]
+
+
+def capture(webui):
+    """The cond rows after every callback, per step (registered after the extension's)."""
+    seen = []
+
+    def cb(params):
+        tc = params.text_cond
+        den = getattr(params, "denoiser", None)
+        # The webui's own counters: the denoiser's model-call index where it has one (1.8+), else the step.
+        step, total = getattr(den, "step", None), getattr(den, "total_steps", None)
+        if not isinstance(step, int):
+            step, total = int(params.sampling_step), int(params.total_sampling_steps)
+        seen.append((step, total, (tc["crossattn"] if isinstance(tc, dict) else tc).clone()))
+
+    webui.callbacks.on_cfg_denoiser(cb)
+    return seen
+
+
+def args_for(webui, svf):
+    return webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom="nude",
+                         steering_self_validating=svf)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_steered_rows_reach_the_sampler_for_the_window_only(start, variant):
+    webui = start(variant, kind="sd1-text")
+    engine = webui.shared.sd_model.engine
+    original, res = reference(engine, ["nude"], PROMPT, svf=None)
+    assert res.changed and res.triggers, "the toy engine must flag the concept word"
+    nude = engine.tokenize_line(PROMPT)[0][0].tokens.index(engine.ids["nude"])
+    assert nude in res.triggers
+
+    seen = capture(webui)
+    p, processed = webui.txt2img(PROMPT, steps=STEPS, args=args_for(webui, svf=False))
+    job = p._safet2i_job
+    assert not job.failed, job.failed
+    assert "blocked" not in processed.infotexts[0]
+    assert "nude" in p.extra_generation_params["SafeT2I steering report"]
+    assert seen and len({s for s, _, _ in seen}) >= STEPS - 1   # the last Euler step may skip the model
+    for _, _, rows in seen:                    # svf off: every step, every image row
+        torch.testing.assert_close(rows[0, :77].double(), res.rows.double(), rtol=0, atol=1e-6)  # P_C is float32 in the extension
+    assert not torch.equal(res.rows, original)
+
+    # Self-validating window: the core's fraction of the steps steered, the original rows after.
+    webui2 = start(variant, kind="sd1-text")
+    engine2 = webui2.shared.sd_model.engine
+    from safet2i.steering import SVF_PRESETS
+    original2, res2 = reference(engine2, ["nude"], PROMPT, svf=SVF_PRESETS["nudity"])
+    seen2 = capture(webui2)
+    p2, _ = webui2.txt2img(PROMPT, steps=STEPS, args=args_for(webui2, svf=True))
+    assert not p2._safet2i_job.failed, p2._safet2i_job.failed
+    assert 0.0 < res2.fraction < 1.0
+    for step, total, rows in seen2:
+        expected = res2.rows if step < res2.fraction * total else original2
+        torch.testing.assert_close(rows[0, :77].double(), expected.double(), rtol=0, atol=1e-6)  # P_C is float32 in the extension
+    assert any(step < res2.fraction * total for step, total, _ in seen2)
+    assert any(step >= res2.fraction * total for step, total, _ in seen2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_without_a_trigger_reach_the_sampler_bit_identical(start, variant):
+    """With random toy vectors SAFREE's relative rule flags some token of almost any prompt at
+    α = 0.01, so a margin no token reaches (α = 10, checked against the core) makes the
+    no-trigger case: the sampler must see the webui's own rows, bit for bit."""
+    webui = start(variant, kind="sd1-text")
+    seen = capture(webui)
+    text = "a red bicycle leaning on a wall"
+    _, res = reference(webui.shared.sd_model.engine, ["nude"], text, svf=None, alpha=10.0)
+    assert not res.changed
+    args = webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom="nude",
+                         steering_alpha=10.0, steering_self_validating=False)
+    p, processed = webui.txt2img(text, steps=3, args=args)
+    assert not p._safet2i_job.failed, p._safet2i_job.failed
+    plain = webui.shared.sd_model.engine.encode([text])[0]
+    assert seen
+    for _, _, rows in seen:
+        assert torch.equal(rows[0], plain)
+
+
+def test_steering_that_never_ran_blocks_the_images(start):
+    """Another extension removed our conditioning callback: the prompt would go unsteered."""
+    webui = start("a1111-1.10", kind="sd1-text")
+    import safet2i_a1111.script as script
+    webui.callbacks.remove_callbacks_for_function(script._on_cfg_denoiser_steering)
+    p, processed = webui.txt2img(PROMPT, steps=2, args=args_for(webui, svf=False))
+    assert "concept steering did not run" in p._safet2i_job.failed
+    assert "blocked" in processed.infotexts[0]
