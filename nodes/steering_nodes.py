@@ -17,11 +17,21 @@ from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.steering import CONCEPT_PRESETS, SVF_PRESETS, concept_projector, load_concepts, steer_sequence
+from ..safet2i.steering.concepts import PRESET_ERRORS
 from ..safet2i.steering.safree import first_index, packed_layout
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
 EOS = 49407
+#: The steered and the original entry share one boundary, ``(t'+1)/50 - BOUNDARY_EPS`` as
+#: ComfyUI schedule percent. ComfyUI makes an entry active for ``timestep_end <= sigma <=
+#: timestep_start`` (both ends inclusive), so a sigma exactly at a shared boundary would make
+#: both entries active and averaged; ComfyUI's uniform schedulers (normal, sgm_uniform) do hit
+#: ``percent_to_sigma((t'+1)/50)`` exactly (e.g. sgm_uniform at 50 steps, step t'+1).
+#: Moving the shared boundary down by 1e-6 leaves no sigma without an active entry, gives the
+#: step at exactly (t'+1)/50 to the original entry as the DDIM-50 reference does, and no
+#: built-in scheduler at 1..400 steps samples the moved boundary (integration test).
+BOUNDARY_EPS = 1e-6
 #: Feature layout of ComfyUI's concatenated conditioning per tokenizer key set.
 SPLITS = {("l",): None, ("h",): None, ("g", "l"): (("l", 0, 768), ("g", 768, 2048))}
 
@@ -91,6 +101,24 @@ def _truncated_encoder(clip, key: str):
     return sub, encode
 
 
+def subspace_key(clip) -> tuple:
+    """Cache key of the concept subspace of ``clip``: ``CLIP.clone()`` shares
+    ``cond_stage_model``, so the patcher's ``patches_uuid`` (ComfyUI renews it whenever the
+    weight patches change, e.g. a LoRA) and the layer are part of the key; the cache also
+    holds a weak reference to the model (see :func:`concept_projector`)."""
+    patcher = getattr(clip, "patcher", None)
+    return (id(clip.cond_stage_model), getattr(clip, "layer_idx", None), getattr(patcher, "patches_uuid", None))
+
+
+def token_strings(clip, key: str, ids: list[int]) -> list[str]:
+    """Decoded tokens (CLIP BPE, without the ``</w>`` end-of-word marker) of ``ids``."""
+    sub = getattr(getattr(clip, "tokenizer", None), f"clip_{key}", None)
+    hf = getattr(sub, "tokenizer", None)
+    if hf is None or not hasattr(hf, "convert_ids_to_tokens"):
+        return [str(i) for i in ids]
+    return [t.replace("</w>", "") for t in hf.convert_ids_to_tokens(list(ids))]
+
+
 def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float, order: str, svf: bool):
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -110,7 +138,7 @@ def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float
             rows.append((tk, enc))
         return rows
 
-    cache_key = (id(clip.cond_stage_model), getattr(clip, "layer_idx", None))
+    cache_key = subspace_key(clip)
     steered = cond.clone()
     report = {"concepts": len(concepts), "order": order, "chunks": []}
     fraction, changed = 0.0, False
@@ -121,7 +149,7 @@ def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float
             encoded_concepts = encoded_concepts or concept_rows(texts)
             return torch.stack([enc[_ids(tk[key][0]).index(EOS), lo:hi] for tk, enc in encoded_concepts])
 
-        p_c = concept_projector((cache_key, key), concepts, pooled_of)
+        p_c = concept_projector((cache_key, key), concepts, pooled_of, owner=clip.cond_stage_model)
 
         def encode_rows(id_lists, key=key, lo=lo, hi=hi):
             # Leave-one-out variants, all encoders changed at the same position, one batch.
@@ -171,19 +199,26 @@ def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float
                 changed = True
                 fraction = max(fraction, res.fraction)
                 steered[0, chunk_index * length:(chunk_index + 1) * length, lo:hi] = res.rows
-            report["chunks"].append({
+            entry = {
                 "encoder": key, "chunk": chunk_index, "triggers": res.triggers,
                 "trigger_tokens": [chunk_ids[chunk_index][t] for t in res.triggers],
+                "trigger_words": token_strings(clip, key, [chunk_ids[chunk_index][t] for t in res.triggers]),
                 "beta": round(res.beta, 4), "t_prime": res.t_prime,
-            })
+            }
+            n_tokens = max(0, min(eos, length) - 1)
+            if n_tokens < 2:  # SAFREE's rule: the trigger test needs another token to compare with
+                entry["note"] = f"prompt too short to steer ({n_tokens} token{'' if n_tokens == 1 else 's'})"
+            report["chunks"].append(entry)
     report["steered_fraction"] = round(fraction, 4)
     if not changed:
         return [[cond, {"pooled_output": pooled}]], report
     if fraction >= 1.0:
         return [[steered, {"pooled_output": pooled}]], report
+    boundary = fraction - BOUNDARY_EPS
+    report["boundary_percent"] = boundary
     return [
-        [steered, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": fraction}],
-        [cond, {"pooled_output": pooled, "start_percent": fraction, "end_percent": 1.0}],
+        [steered, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": boundary}],
+        [cond, {"pooled_output": pooled, "start_percent": boundary, "end_percent": 1.0}],
     ], report
 
 
@@ -202,7 +237,7 @@ class SafeT2IPromptSteer(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder (SD1.x, SD2.x or SDXL)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt to encode and steer."),
-                io.Combo.Input("concepts", options=list(CONCEPT_PRESETS) + ["custom"], default="nudity",
+                io.Combo.Input("concepts", options=list(CONCEPT_PRESETS) + list(PRESET_ERRORS) + ["custom"], default="nudity",
                                tooltip="Toxic-concept list: a preset or 'custom' (below)."),
                 io.String.Input("custom_concepts", default="", multiline=True,
                                 tooltip="With concepts = custom: one concept per line or comma-separated."),
@@ -237,9 +272,12 @@ class SafeT2IPromptSteer(io.ComfyNode):
         lines = [f"SAFREE-style steering: {len(items)} concepts, steered for {rep['steered_fraction']:.0%} of the steps"]
         for c in rep["chunks"]:
             if c["triggers"]:
-                lines.append(f"{c['encoder']} chunk {c['chunk']}: trigger positions {c['triggers']}, "
+                words = ", ".join(repr(w) for w in c["trigger_words"])
+                lines.append(f"{c['encoder']} chunk {c['chunk']}: trigger tokens {words} at positions {c['triggers']}, "
                              f"β = {c['beta']}, t' = {c['t_prime']}")
-        if len(lines) == 1:
+            elif "note" in c:
+                lines.append(f"{c['encoder']} chunk {c['chunk']}: {c['note']}")
+        if not any(c["triggers"] for c in rep["chunks"]):
             lines.append("no trigger token: conditioning unchanged")
         return io.NodeOutput(positive, negative, json.dumps(rep), ui=ui.PreviewText("\n".join(lines)))
 
@@ -281,17 +319,35 @@ class SafeT2ILatentReattention(io.ComfyNode):
                 scales = {int(c.split(":")[0]): float(c.split(":")[1]) for c in channels.split(",") if c.strip()}
             except (ValueError, IndexError) as exc:
                 raise SafeT2IError(f"channels must be 'auto' or 'C:scale, C:scale', not {channels!r}") from exc
+            if not scales:
+                raise SafeT2IError("Latent re-attention: the channel list is empty; use 'auto' or 'C:scale, C:scale'.")
         m = model.clone()
+        # Per model call: the backbone channel counts seen with the positive entry, and how many matched.
+        seen = {"channels": set(), "matched": 0}
 
         def calc(args):
+            seen["channels"].clear()
+            seen["matched"] = 0
             cond_d, uncond_d, _reference = calc_with_extra(args, original, "latent re-attention")
+            if not seen["matched"]:
+                # Fail closed: a filter that touches nothing would silently sample unfiltered.
+                found = (f"backbone channels {sorted(seen['channels'])}" if seen["channels"]
+                         else "no UNet decoder skip connection with the positive prompt")
+                raise SafeT2IError(
+                    f"Latent re-attention matched no decoder stage of this model in this step (found {found}; "
+                    f"the filter is set for {sorted(scales)}, channels = {channels!r}). Set channels to "
+                    "'C:scale, C:scale' with this model's backbone channels."
+                )
             return [cond_d, uncond_d]
 
         def output_patch(h, hsp, transformer_options):
             order = list(transformer_options.get("cond_or_uncond", []))
+            if 0 in order:
+                seen["channels"].add(int(h.shape[1]))
             scale = scales.get(int(h.shape[1]))  # keyed on the backbone, as FreeU
             if scale is None or 0 not in order:
                 return h, hsp
+            seen["matched"] += 1
             if order.count(0) != 1 or order.count(EXTRA) != 1:
                 # Fail closed: ComfyUI split [cond, original] over two UNet calls (low memory) or
                 # several conditioning entries are active at once; the filter cannot pair them.

@@ -301,8 +301,148 @@ class SafeT2ITestReplaceAttn2:
                         m.set_model_attn2_replace(plain, name, number, t_idx)
         return (m,)
 
+def _steering_module():
+    import sys
+    return next(m for n, m in list(sys.modules.items())
+                if n.endswith("nodes.steering_nodes") and hasattr(m, "steer_text"))
+
+class SafeT2ITestDumpCond:
+    """Writes output/<name>.safetensors (entry i's tensor as "e<i>") and reports each entry's
+    start_percent / end_percent."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "name": ("STRING", {"default": "cond"})}}
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def run(self, conditioning, name):
+        import json, os
+        import folder_paths
+        from safetensors.torch import save_file
+        save_file({f"e{i}": c[0].float().contiguous() for i, c in enumerate(conditioning)},
+                  os.path.join(folder_paths.get_output_directory(), name + ".safetensors"))
+        info = [{k: c[1][k] for k in ("start_percent", "end_percent") if k in c[1]} for c in conditioning]
+        return {"ui": {"text": [json.dumps(info)]}}
+
+class SafeT2ITestSubspace:
+    """Steers one prompt with clip_a, then clip_b (a patched clone), spying on the concept
+    subspace cache; reports for each whether the cache missed, and the largest differences
+    between the two subspaces and between clip_b's and one computed fresh from clip_b."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_a": ("CLIP",), "clip_b": ("CLIP",), "text": ("STRING", {"default": ""})}}
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def run(self, clip_a, clip_b, text):
+        import json
+        import torch
+        mod = _steering_module()
+        real, seen = mod.concept_projector, []
+
+        def spy(key, concepts, encode_pooled, owner=None):
+            missed = []
+            def counted(c):
+                missed.append(True)
+                return encode_pooled(c)
+            out = real(key, concepts, counted, owner=owner)
+            seen.append((out, bool(missed)))
+            return out
+        mod.concept_projector = spy
+        try:
+            mod.steer_text(clip_a, text, ["nude"], "nudity", 0.01, "code", True)
+            mod.steer_text(clip_a, text, ["nude"], "nudity", 0.01, "code", True)
+            mod.steer_text(clip_b, text, ["nude"], "nudity", 0.01, "code", True)
+        finally:
+            mod.concept_projector = real
+        tk = clip_b.tokenize("nude")
+        rows = clip_b.encode_from_tokens(tk)[0]
+        eos = [int(t[0]) for t in tk["l"][0]].index(49407)
+        a = rows[eos].double()[:, None]
+        fresh = a @ torch.linalg.pinv(a.T @ a) @ a.T
+        return {"ui": {"text": [json.dumps({
+            "missed": [m for _, m in seen], "same_a": seen[1][0] is seen[0][0],
+            "diff_ab": float((seen[2][0] - seen[0][0]).abs().max()),
+            "diff_b_fresh": float((seen[2][0] - fresh.to(seen[2][0])).abs().max())})]}}
+
+class SafeT2ITestBoundary:
+    """For every built-in scheduler at 1..150 steps and every t', evaluates with ComfyUI's own
+    calculate_start_end_timesteps and get_area_and_mult's comparisons which of the node's two
+    entries (steered, original) is active at each sampled sigma."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "eps": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 1e-9})}}
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "_for_testing"
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return float("nan")
+
+    def run(self, model, eps):
+        import json, types
+        import torch
+        import comfy.samplers as S
+        mod = _steering_module()
+        eps = mod.BOUNDARY_EPS if eps < 0 else eps
+        ms = model.get_model_object("model_sampling")
+        stub = types.SimpleNamespace(model_sampling=ms)
+        both, none, exact_steered, checked = [], [], [], 0
+        bounds = []
+        for tp in range(49):
+            f = (tp + 1) / 50
+            conds = [{"start_percent": 0.0, "end_percent": f - eps}, {"start_percent": f - eps, "end_percent": 1.0}]
+            S.calculate_start_end_timesteps(stub, conds)
+            bounds.append((tp, conds, ms.percent_to_sigma(f)))
+        x = torch.zeros(1, 4, 8, 8)
+        for name in S.SCHEDULER_NAMES:
+            for steps in range(1, 151):
+                sigmas = S.calculate_sigmas(ms, name, steps)[:-1].float()
+                sigmas = sigmas[~torch.isnan(sigmas)]
+                for tp, conds, exact in bounds:
+                    act = []
+                    for c in conds:
+                        a = torch.ones_like(sigmas, dtype=torch.bool)
+                        if "timestep_start" in c:
+                            a &= ~(sigmas > c["timestep_start"])
+                        if "timestep_end" in c:
+                            a &= ~(sigmas < c["timestep_end"])
+                        act.append(a)
+                    checked += len(sigmas)
+                    if (act[0] & act[1]).any():
+                        both.append((name, steps, tp))
+                    if (~act[0] & ~act[1]).any():
+                        none.append((name, steps, tp))
+                    if (act[0] & (sigmas == exact)).any():
+                        exact_steered.append((name, steps, tp))
+        # The same answer from get_area_and_mult itself, at sgm_uniform / 50 steps.
+        direct = []
+        for tp, conds, _ in bounds:
+            for sigma in S.calculate_sigmas(ms, "sgm_uniform", 50)[:-1].float():
+                got = [S.get_area_and_mult(dict(c, model_conds={}, uuid=i), x, sigma[None]) is not None for i, c in enumerate(conds)]
+                direct.append(sum(got))
+        return {"ui": {"text": [json.dumps({"checked": checked, "both": both[:20], "n_both": len(both),
+                                            "none": none[:20], "exact_steered": exact_steered[:20],
+                                            "direct_active_counts": sorted(set(direct))})]}}
+
 NODE_CLASS_MAPPINGS = {"SafeT2ITestReplaceAttn2": SafeT2ITestReplaceAttn2, "SafeT2ITestCountUNet": SafeT2ITestCountUNet, "SafeT2ITestCalls": SafeT2ITestCalls,
-                       "SafeT2ITestDumpPatches": SafeT2ITestDumpPatches, "SafeT2ITestSteerPaths": SafeT2ITestSteerPaths}
+                       "SafeT2ITestDumpPatches": SafeT2ITestDumpPatches, "SafeT2ITestSteerPaths": SafeT2ITestSteerPaths,
+                       "SafeT2ITestDumpCond": SafeT2ITestDumpCond, "SafeT2ITestSubspace": SafeT2ITestSubspace,
+                       "SafeT2ITestBoundary": SafeT2ITestBoundary}
 '''
 
 
