@@ -15,8 +15,8 @@ from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.lora import Coverage, Target, check, load_full_weights, load_lora, merged, require_full
-from ..safet2i.lora.coverage import TargetStatus
-from ..safet2i.lora.manifest import verify
+from ..safet2i.lora.coverage import TargetStatus, check_strengths, patch_gain_problems, patch_counts
+from ..safet2i.lora.manifest import check_arch, rename_hint, verify
 from .paths import safety_weight_names, safety_weight_path
 
 _CLIP_PREFIXES = {"te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
@@ -50,11 +50,27 @@ def _resolver(key_map: dict, unet_sd: dict, clip_sd: dict):
     return resolve, chosen
 
 
+def host_arch(model) -> str | None:
+    """``sd1``, ``sd2``, ``sdxl`` (``sdxl-refiner``), another ComfyUI model class name, or None."""
+    try:
+        import comfy.supported_models as sm  # noqa: PLC0415
+
+        cfg = model.model.model_config
+    except Exception:  # noqa: BLE001 - not a ComfyUI ModelPatcher: unknown
+        return None
+    for cls, name in ((sm.SDXLRefiner, "sdxl-refiner"), (sm.SDXL, "sdxl"), (sm.SD20, "sd2"), (sm.SD15, "sd1")):
+        if isinstance(cfg, cls):
+            return name
+    return f"{type(cfg).__name__} (not SD1/SD2/SDXL)"
+
+
 def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, allow_partial: bool):
     """(model, clip, Coverage): LoRA targets checked, loaded through ComfyUI, patches verified."""
     import comfy.lora  # noqa: PLC0415
     import comfy.sd  # noqa: PLC0415
 
+    check_strengths(lora.components, strength_model, strength_clip, f"Safety LoRA {lora.path.name}")
+    check_arch(lora.entry, host_arch(model), f"Safety LoRA {lora.path.name}")
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     clip_sd = {}
     if clip is not None:
@@ -81,9 +97,13 @@ def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, a
         plain[f"{name}.lora_up.weight"] = t.up
         if t.mid is not None:
             plain[f"{name}.lora_mid.weight"] = t.mid
-        plain[f"{name}.alpha"] = torch.tensor(float(t.alpha if t.alpha is not None else t.rank))
+        plain[f"{name}.alpha"] = torch.tensor(t.kohya_alpha)  # ComfyUI: scale = alpha / rank
         if t.dora_scale is not None:
             plain[f"{name}.dora_scale"] = t.dora_scale
+    # Patches already on the inputs (an earlier LoRA on the same weights) are copied by clone():
+    # count per weight before and after, so only patches added here count as proof.
+    unet_before = patch_counts(model.patches)
+    clip_before = patch_counts(clip.patcher.patches) if clip is not None else {}
     new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, plain, strength_model, strength_clip)
     if dora_diffs:
         u = {h: ("diff", (d,)) for n, (h, d) in dora_diffs.items() if n.startswith("unet:")}
@@ -92,23 +112,27 @@ def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, a
             new_model.add_patches(u, strength_model)
         if c and new_clip is not None:
             new_clip.add_patches(c, strength_clip)
-    # Proof: every matched target's host weight now carries a patch in the returned objects.
-    unet_patched = set(new_model.patches)
-    clip_patched = set(new_clip.patcher.patches) if new_clip is not None else set()
-    missing = []
-    for s in cov.matched:
-        patched = unet_patched if s.target.startswith("unet:") else clip_patched
-        (cov.applied if s.host_key in patched else missing).append(s.host_key)
-    if missing:
-        raise SafeT2IError(f"ComfyUI did not register patches for {len(missing)} weights of {lora.path.name} "
-                           f"(e.g. {missing[:3]}); the model is NOT protected, so nothing is returned.")
+    # Proof: every matched target's host weight gained exactly one patch in the returned objects.
+    unet_keys = [s.host_key for s in cov.matched if s.target.startswith("unet:")]
+    clip_keys = [s.host_key for s in cov.matched if not s.target.startswith("unet:")]
+    problems = patch_gain_problems(unet_before, patch_counts(new_model.patches), unet_keys)
+    problems += patch_gain_problems(clip_before, patch_counts(new_clip.patcher.patches) if new_clip is not None else {},
+                                    clip_keys)
+    if problems:
+        raise SafeT2IError(f"ComfyUI did not register exactly one new patch for {len(problems)} weights of "
+                           f"{lora.path.name} (e.g. {problems[:3]}); the model is NOT protected, so nothing is returned.")
+    cov.applied = unet_keys + clip_keys
     return new_model, new_clip, cov
 
 
 def _report(path, sha, entry, check_state, extra: dict) -> dict:
     rep = {"file": path.name, "sha256": sha, "manifest": entry.name if entry else None, "manifest_check": check_state}
     if entry:
-        rep.update({"title": entry.title, "paper": entry.paper, "licence": entry.licence})
+        rep.update({"title": entry.title, "paper": entry.paper, "licence": entry.licence, "arch": entry.arch})
+    else:
+        hint = rename_hint(path.name)
+        if hint:
+            rep["manifest_hint"] = hint
     rep.update(extra)
     return rep
 
@@ -131,9 +155,11 @@ class SafeT2ILoadSafetyLoRA(io.ComfyNode):
                 io.Combo.Input("lora_name", options=safety_weight_names(lora=True),
                                tooltip="From models/loras or models/safety_models (.safetensors)."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Multiplier of the UNet patch (1.0 = as trained)."),
+                               tooltip="Multiplier of the UNet patch (1.0 = as trained). Negative values (they invert a "
+                                       "safety LoRA) and 0 for a file with UNet weights are refused."),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Multiplier of the text-encoder patch."),
+                               tooltip="Multiplier of the text-encoder patch. Negative values are refused, and 0 when "
+                                       "the file has text-encoder weights."),
                 io.Boolean.Input("allow_partial", default=False,
                                  tooltip="Load even if some target weights do not exist in this model (reported)."),
             ],
@@ -150,10 +176,11 @@ class SafeT2ILoadSafetyLoRA(io.ComfyNode):
         rep = _report(lora.path, lora.sha256, lora.entry, state, {
             "formats": lora.formats, "architectures": lora.architectures, "ranks": sorted(lora.ranks),
             "scales": sorted({round(t.scale, 6) for t in lora.targets}), "alpha_from": lora.alpha_source,
+            "adapter_config": lora.adapter_config, "host_arch": host_arch(model),
             "strength_model": strength_model, "strength_clip": strength_clip, "allow_partial": allow_partial,
             **cov.as_dict(),
         })
-        text = f"{lora.path.name}: {cov.summary()}; {len(cov.applied)} patched"
+        text = f"{lora.path.name}: {cov.summary()}; {len(cov.applied)} patched; scale from {lora.alpha_source}"
         if cov.unmatched:
             text += f"; PARTIAL: {len(cov.unmatched)} not loaded (allow_partial)"
         return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
@@ -207,6 +234,15 @@ class SafeT2ILoadSafetyWeights(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, weights_name, allow_partial=False):
         fw = load_full_weights(safety_weight_path(weights_name, lora=False))
+        check_arch(fw.entry, host_arch(model), f"Safety weights {fw.path.name}")
+        tensors = dict(fw.tensors)
+        ignored = []
+        if fw.component == "text_encoder":
+            # transformers' CLIPTextModel files (before transformers 4.31) carry the position_ids
+            # buffer: an index table, not a weight; ComfyUI's CLIP has no such tensor.
+            ignored = sorted(k for k, v in tensors.items() if k.endswith("position_ids") and not v.is_floating_point())
+            for k in ignored:
+                del tensors[k]
         if fw.component == "unet":
             host_sd = model.model.state_dict()
             mapping = _unet_host_keys(model, fw)
@@ -214,38 +250,61 @@ class SafeT2ILoadSafetyWeights(io.ComfyNode):
             host_sd = clip.cond_stage_model.state_dict()
             mapping = _clip_host_keys(host_sd, fw)
         cov = Coverage("this model")
-        for k, v in fw.tensors.items():
+        for k, v in tensors.items():
             host = mapping.get(k)
             shape = tuple(host_sd[host].shape) if host in host_sd else None
             cov.statuses.append(TargetStatus(f"{fw.component}:{k}", k, host if shape else None, tuple(v.shape), shape, 0, 1.0))
         require_full(cov, f"Safety weights {fw.path.name}", allow_partial)
-        patches = {s.host_key: ("set", (fw.tensors[s.source_key],)) for s in cov.matched}
+        patches = {s.host_key: ("set", (tensors[s.source_key],)) for s in cov.matched}
         prefix = "diffusion_model." if fw.component == "unet" else None
         total = [k for k in host_sd if (prefix is None or k.startswith(prefix))]
         if fw.component == "text_encoder":
-            enc = sorted({h.split("text_model.")[0] for h in patches})
-            total = [k for k in host_sd if any(k.startswith(e) for e in enc)]
+            total = text_encoder_weights(host_sd, patches, tensors)
         fraction = len(patches) / max(1, len(total))
         comp = "unet" if fw.component == "unet" else "te1"
-        state = verify(fw.entry, fw.sha256, {comp: len(fw.tensors)}, [], set(), {comp: fraction})
+        state = verify(fw.entry, fw.sha256, {comp: len(tensors)}, [], set(), {comp: fraction})
         if fw.component == "unet":
+            before = patch_counts(model.patches)
             new_model, new_clip = model.clone(), clip
             new_model.add_patches(patches, 1.0)
-            patched = set(new_model.patches)
+            after = patch_counts(new_model.patches)
         else:
+            before = patch_counts(clip.patcher.patches)
             new_model, new_clip = model, clip.clone()
             new_clip.add_patches(patches, 1.0)
-            patched = set(new_clip.patcher.patches)
-        cov.applied = [k for k in patches if k in patched]
-        if len(cov.applied) != len(patches):
-            raise SafeT2IError(f"ComfyUI did not register {len(patches) - len(cov.applied)} weight replacements of "
-                               f"{fw.path.name}; the model is NOT protected.")
+            after = patch_counts(new_clip.patcher.patches)
+        problems = patch_gain_problems(before, after, list(patches))
+        if problems:
+            raise SafeT2IError(f"ComfyUI did not register exactly one new weight replacement for {len(problems)} weights "
+                               f"of {fw.path.name} (e.g. {problems[:3]}); the model is NOT protected.")
+        cov.applied = list(patches)
         rep = _report(fw.path, fw.sha256, fw.entry, state, {
             "component": fw.component, "naming": fw.naming, "replaced_fraction": round(fraction, 4),
-            "host_weights": len(total), **cov.as_dict(),
+            "host_weights": len(total), "ignored": ignored, "host_arch": host_arch(model), **cov.as_dict(),
         })
         text = f"{fw.path.name}: {cov.summary()}; replaced {fraction:.1%} of the {fw.component} weights"
         return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
+
+
+def text_encoder_weights(host_sd: dict, patches: dict, file_tensors: dict) -> list[str]:
+    """The host weights a full text-encoder file is measured against.
+
+    Every weight of the encoder(s) the file patched (``clip_l.transformer.*``), except those a
+    transformers ``CLIPTextModel`` file never has: ComfyUI's CLIP carries ``text_projection``
+    (only ``CLIPTextModelWithProjection`` saves one) and buffers such as ``position_ids``.
+    """
+    enc = sorted({h.split("text_model.")[0] for h in patches})
+    has_projection = any(k.startswith("text_projection") for k in file_tensors)
+    out = []
+    for k in host_sd:
+        e = next((e for e in enc if k.startswith(e)), None)
+        if e is None:
+            continue
+        rest = k[len(e):]
+        if rest.endswith("position_ids") or (rest.startswith("text_projection") and not has_projection):
+            continue
+        out.append(k)
+    return out
 
 
 NODES = [SafeT2ILoadSafetyLoRA, SafeT2ILoadSafetyWeights]

@@ -132,6 +132,7 @@ class FullWeights:
 
 
 _UNET_DIFFUSERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+_HF5_TEXT = ("embeddings.", "encoder.layers.", "final_layer_norm.")
 _UNET_LDM = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")
 
 
@@ -155,6 +156,10 @@ def load_full_weights(path: str | os.PathLike) -> FullWeights:
     elif all(k.startswith(_UNET_LDM) or k.startswith("label_emb.") for k in ks):
         comp, naming = "unet", "ldm"
     elif all(k.startswith("text_model.") or k.startswith("text_projection") or k == "logit_scale" for k in ks):
+        comp, naming = "text_encoder", "hf"
+    elif all(k.startswith(_HF5_TEXT) for k in ks):
+        # transformers >= 5 saves CLIPTextModel without the text_model. level
+        tensors = {"text_model." + k: v for k, v in tensors.items()}
         comp, naming = "text_encoder", "hf"
     else:
         odd = [k for k in ks if not k.startswith(_UNET_DIFFUSERS + _UNET_LDM + ("text_model.",))][:3]

@@ -245,3 +245,102 @@ def test_cli_kohya_conversion_is_loaded_fully_by_the_stock_loader(comfy, tiny_ch
     b = load_file(str(comfy.output_dir / "ours_kohya.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert report(ours_entry)["formats"] == ["kohya"]
+
+
+def _chain_graph(ckpt, first: dict, second_name: str, name: str):
+    g = patch_graph(ckpt, first, name)
+    g["12"] = {"class_type": "SafeT2ILoadSafetyLoRA", "inputs": {
+        "model": ["2", 0], "clip": ["2", 1], "lora_name": second_name, "strength_model": 1.0, "strength_clip": 1.0,
+        "allow_partial": False}}
+    g["3"]["inputs"].update(model=["12", 0], clip=["12", 1])
+    g["13"] = {"class_type": "PreviewAny", "inputs": {"source": ["12", 2]}}
+    return g
+
+
+def test_chained_loras_on_the_same_weights_each_prove_their_own_patches(comfy, tiny_checkpoint):
+    a = duo_file(comfy.base / "loras" / "chain_a.safetensors", rank=4, seed=7)
+    b = duo_file(comfy.base / "loras" / "chain_b.safetensors", rank=8, seed=8)
+    for first in (ours("chain_a.safetensors"), stock("chain_a.safetensors")):
+        if first["class_type"] == "LoraLoader":   # the stock loader patches nothing of DUO's keys: use kohya names
+            from safet2i.lora import load_lora, to_kohya
+            save_file(to_kohya(load_lora(comfy.base / "loras" / "chain_a.safetensors").targets),
+                      str(comfy.base / "loras" / "chain_a_kohya.safetensors"))
+            first = stock("chain_a_kohya.safetensors")
+        entry = run_ok(comfy, _chain_graph(tiny_checkpoint, first, "chain_b.safetensors", "chain"))
+        second = json.loads(entry["outputs"]["13"]["text"][0])
+        assert second["applied"] == second["matched"] == 16 and second["host_arch"] == "sd1"
+        dump = load_file(str(comfy.output_dir / "chain.safetensors"))
+        assert patched(entry)["unet"] == sorted(f"diffusion_model.{m.ldm}.weight" for m in ATTN1)
+        for m in ATTN1:
+            key = f"diffusion_model.{m.ldm}.weight"
+            want = dump[f"unet/base/{key}"].double()
+            for sd in (a, b):
+                want = want + sd[f"unet.{m.diffusers}.lora.up.weight"].double() @ sd[f"unet.{m.diffusers}.lora.down.weight"].double()
+            torch.testing.assert_close(dump[f"unet/patched/{key}"].double(), want, atol=2e-5, rtol=1e-5)
+
+
+def test_negative_or_zero_strengths_are_refused(comfy, tiny_checkpoint):
+    duo_file(comfy.base / "loras" / "duo_strength.safetensors", rank=4)
+    text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("duo_strength.safetensors", -1.0), "x")))
+    assert "strength_model = -1.0 is negative" in text and "INVERTS" in text
+    text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("duo_strength.safetensors", 0.0), "x")))
+    assert "strength_model = 0 switches off its 16 UNet patches" in text
+    text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("duo_strength.safetensors", 1.0, -0.5), "x")))
+    assert "strength_clip = -0.5 is negative" in text
+    entry = run_ok(comfy, patch_graph(tiny_checkpoint, ours("duo_strength.safetensors", 1.0, 0.0), "zero_clip"))
+    assert report(entry)["applied"] == 16          # no text-encoder weights in the file: clip 0 is fine
+    g = torch.Generator().manual_seed(9)
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({te + ".lora_down.weight": torch.randn(2, 768, generator=g), te + ".lora_up.weight": torch.randn(768, 2, generator=g)},
+              str(comfy.base / "loras" / "te_only.safetensors"))
+    text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("te_only.safetensors", 1.0, 0.0), "x")))
+    assert "strength_clip = 0 switches off its 1 text-encoder patches" in text
+
+
+def _transformers_clip_l_keys() -> list[str]:
+    """Keys of a transformers CLIPTextModel with CLIP-L's config (built on the meta device): the layout
+    AdvUnlearn's text encoder is released in."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    return list(model.state_dict())
+
+
+def test_advunlearn_text_encoder_as_released_replaces_100_percent(comfy, tiny_checkpoint):
+    """AdvUnlearn's text encoder is a transformers CLIPTextModel file: no text_projection (ComfyUI's CLIP-L
+    has one) and, from transformers < 4.31, a position_ids buffer. Laid out as transformers writes it
+    (key set from the installed transformers' CLIPTextModel), named as the manifest expects."""
+    ckpt = _tiny_sd(comfy, tiny_checkpoint)
+    v5 = [k for k in _transformers_clip_l_keys() if not k.endswith("position_ids")]
+    keys = [k if k.startswith("text_model.") else "text_model." + k for k in v5]   # transformers 4.x files
+    assert len(keys) == 196
+    prefix = "cond_stage_model.transformer."
+    assert all(prefix + k in ckpt for k in keys)
+    assert prefix + "text_projection.weight" in ckpt and "text_projection.weight" not in keys  # host-only weight
+    g = torch.Generator().manual_seed(6)
+    te = {k: ckpt[prefix + k].float() + 0.01 * torch.randn(ckpt[prefix + k].shape, generator=g) for k in keys}
+    old = dict(te, **{"text_model.embeddings.position_ids": torch.arange(77, dtype=torch.int64)[None]})
+    new = {k[len("text_model."):]: v for k, v in te.items()} if not v5[0].startswith("text_model.") else dict(te)
+    cases = [("advunlearn_nudity_text_encoder.safetensors", te, [], "advunlearn-nudity"),
+             ("AdvUnlearn-nudity.safetensors", old, ["text_model.embeddings.position_ids"], "advunlearn-nudity"),
+             ("advunlearn_saved_by_transformers5.safetensors", new, [], None)]
+    for name, sd, ignored, entry_name in cases:
+        save_file(sd, str(comfy.base / "safety_models" / name))
+        entry = run_ok(comfy, full_graph(tiny_checkpoint, name, "adv"))
+        rep = report(entry)
+        assert rep["manifest"] == entry_name and rep["manifest_check"] == ("unverified" if entry_name else "unknown")
+        assert rep["replaced_fraction"] == 1.0 and rep["host_weights"] == len(keys) == rep["applied"], rep
+        assert rep["ignored"] == ignored and rep["unmatched"] == [] and rep["host_arch"] == "sd1"
+        dump = load_file(str(comfy.output_dir / "adv.safetensors"))
+        assert len(patched(entry)["clip"]) == len(keys)
+        for host in patched(entry)["clip"]:
+            torch.testing.assert_close(dump[f"clip/patched/{host}"], te["text_model." + host.split("text_model.", 1)[1]])
+    # a file missing a layer under the release's name is refused by the manifest's min_coverage
+    (comfy.base / "safety_models" / "short").mkdir()
+    short = {k: v for k, v in te.items() if ".layers.11." not in k}
+    save_file(short, str(comfy.base / "safety_models" / "short" / "advunlearn_nudity_text_encoder.safetensors"))
+    text = error_text(comfy.run(full_graph(tiny_checkpoint, "short/advunlearn_nudity_text_encoder.safetensors", "adv2")))
+    assert "named like 'advunlearn-nudity'" in text and "expected 100%" in text
