@@ -271,7 +271,8 @@ def test_duo_release_layout_from_real_peft_and_diffusers_tiny(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict
 
     unet = copy.deepcopy(tiny[0])
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=ATTN1))
+    # the release's rank (methods.md §3: r = alpha = 32); the tiny UNet's attention width is 64, so 32 fits
+    unet.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian", target_modules=ATTN1))
     _randomise_lora(unet, seed=3)
     layers = _peft_layers(unet)
     sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
@@ -284,7 +285,7 @@ def test_duo_release_layout_from_real_peft_and_diffusers_tiny(tiny, tmp_path):
     targets = parse(wf.tensors)
     attn1 = {m.diffusers: m for m in tiny_unet_modules(tiny[0]) if ".attn1." in m.diffusers}
     assert {t.module for t in targets} == set(attn1) and len(attn1) == 16
-    assert all(t.component == "unet" and t.naming == "diffusers" and t.scale == 1.0 and t.rank == 4
+    assert all(t.component == "unet" and t.naming == "diffusers" and t.scale == 1.0 and t.rank == 32
                for t in targets)
     for t in targets:
         layer = layers[t.module]
@@ -294,7 +295,7 @@ def test_duo_release_layout_from_real_peft_and_diffusers_tiny(tiny, tmp_path):
         want = w + layer.get_delta_weight("default")  # PEFT's own effective weight
         torch.testing.assert_close(merged(w, t, 1.0), want, rtol=1e-5, atol=1e-6)
     lf = load_lora(path)
-    assert lf.formats == ["diffusers"] and lf.alpha_source == "none (scale 1.0)" and lf.ranks == {4}
+    assert lf.formats == ["diffusers"] and lf.alpha_source == "none (scale 1.0)" and lf.ranks == {32}
 
 
 def test_duo_release_layout_full_size_sd1(tmp_path):

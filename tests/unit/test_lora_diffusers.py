@@ -13,8 +13,11 @@ from tiny_diffusers import tiny_sd_pipeline as tiny_pipeline, tiny_sdxl_pipeline
 
 
 def _weights(pipe):
-    return {f"{c}.{n}": p.detach().clone() for c, mod in (("unet", pipe.unet), ("te1", pipe.text_encoder))
-            for n, p in mod.named_parameters()}
+    """Every parameter of the UNet and of every text encoder (SDXL: text_encoder_2 too)."""
+    mods = [("unet", pipe.unet), ("te1", pipe.text_encoder), ("te2", getattr(pipe, "text_encoder_2", None))]
+    out = {f"{c}.{n}": p.detach().clone() for c, mod in mods if mod is not None for n, p in mod.named_parameters()}
+    assert any(k.startswith("te2.") for k in out) == hasattr(pipe, "text_encoder_2")
+    return out
 
 
 def _lora(pipe, layout: str, rank=4, alpha=None, seed=0):
@@ -87,3 +90,41 @@ def test_wrong_architecture_and_partial_files_change_nothing(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
     handle = load_safety_lora(pipe, tmp_path / "partial.safetensors", allow_partial=True)
     assert len(handle.coverage.applied) == len(want) and len(handle.coverage.unmatched) == 1
+
+
+def test_sdxl_text_encoder_lora_on_both_encoders(tmp_path):
+    """kohya lora_te1_/lora_te2_ keys (q/v projections of every layer, te2's text_projection): each weight
+    becomes base + strength·(alpha/r)·B·A, computed here from the file's tensors; nothing else changes."""
+    from safet2i.diffusers_adapter import load_safety_lora
+
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    before = _weights(pipe)
+    g = torch.Generator().manual_seed(5)
+    sd, want, rank, alpha = {}, {}, 4, 2.0
+    for comp, enc in (("te1", pipe.text_encoder), ("te2", pipe.text_encoder_2)):
+        names = [n for n, m in enc.named_modules() if isinstance(m, torch.nn.Linear)
+                 and (n.endswith(("q_proj", "v_proj")) or n == "text_projection")]
+        assert (comp == "te2") == ("text_projection" in names)
+        for n in names:
+            w = dict(enc.named_parameters())[n + ".weight"]
+            a = torch.randn(rank, w.shape[1], generator=g) * 0.2
+            b = torch.randn(w.shape[0], rank, generator=g) * 0.2
+            stem = f"lora_{comp}_" + n.replace(".", "_")
+            sd[stem + ".lora_down.weight"], sd[stem + ".lora_up.weight"] = a, b
+            sd[stem + ".alpha"] = torch.tensor(alpha)
+            want[f"{comp}.{n}.weight"] = (b, a)
+    assert sum(k.startswith("te1.") for k in want) == 4 and sum(k.startswith("te2.") for k in want) == 5
+    save_file(sd, str(tmp_path / "te.safetensors"))
+    handle = load_safety_lora(pipe, tmp_path / "te.safetensors", strength=0.5)
+    assert len(handle.coverage.applied) == len(want) and not handle.coverage.unmatched
+    after = _weights(pipe)
+    for k, v in after.items():
+        if k in want:
+            b, a = want[k]
+            ref = before[k].double() + 0.5 * (alpha / rank) * (b.double() @ a.double())
+            torch.testing.assert_close(v.double(), ref, atol=1e-6, rtol=1e-6)
+            assert not torch.equal(v, before[k])
+        else:
+            assert torch.equal(v, before[k]), k
+    handle.undo()
+    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
