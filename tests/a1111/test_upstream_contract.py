@@ -1,11 +1,13 @@
-"""Contract: every name the webui stand-in (``fakewebui/``) provides exists upstream.
+"""Contract: every name the webui stand-in (``fakewebui/``) provides exists upstream, and
+every webui name the extension itself uses exists in the checkouts given.
 
 Set ``WEBUI_PATH`` to a checkout of AUTOMATIC1111/stable-diffusion-webui (1.7 or ≥ 1.8),
 lllyasviel/stable-diffusion-webui-forge or Panchovix/stable-diffusion-webui-reForge; the
 variant is inferred from the tree (``backend/`` → Forge, ``ldm_patched/`` +
 ``modules_forge/`` → reForge, else A1111, 1.10-style when ``modules/scripts.py`` has
-``postprocess_image_after_composite``). Upstream files are only parsed with ``ast``; nothing
-upstream is imported or executed.
+``postprocess_image_after_composite``). Several checkouts may be given, separated by
+``os.pathsep`` (``WEBUI_PATH=~/forge:~/reforge``): each is checked. Upstream files are only
+parsed with ``ast``; nothing upstream is imported or executed.
 
 Checked, for each stand-in module that exists in that variant: the module exists upstream;
 every public module-level name (functions, classes, constants, aliases) exists there;
@@ -37,6 +39,11 @@ from kit import FAKE, STANDIN, purge  # noqa: E402
 WEBUI = os.environ.get("WEBUI_PATH")
 needs_webui = pytest.mark.skipif(
     not WEBUI, reason="set WEBUI_PATH to a checkout of A1111 / Forge / reForge to check the stand-in against it")
+
+def _checkouts() -> list[Path]:
+    """WEBUI_PATH: one checkout, or several separated by os.pathsep (each is checked)."""
+    return [Path(p) for p in (WEBUI or "").split(os.pathsep) if p]
+
 
 PACKAGES = {"a1111-1.10": ("modules",), "a1111-1.7": ("modules",), "forge": ("modules", "backend"),
             "reforge": ("modules", "modules_forge", "ldm_patched")}
@@ -289,9 +296,9 @@ def standin_for(root: Path, variant: str):
             os.environ["FAKEWEBUI_VARIANT"] = saved_env
 
 
-@pytest.fixture(scope="module")
-def standin():
-    root = Path(WEBUI).expanduser().resolve()
+@pytest.fixture(scope="module", params=[str(p) for p in _checkouts()] or [None])
+def standin(request):
+    root = Path(request.param).expanduser().resolve()
     with standin_for(root, infer_variant(root)) as pair:
         yield pair
 
@@ -361,7 +368,7 @@ def test_every_standin_name_exists_upstream(standin):
     problems = []
     for dotted in standin_modules(variant):
         problems += check_module(dotted, variant, upstream)
-    assert not problems, f"stand-in ({variant}) differs from {WEBUI}:\n" + "\n".join(problems)
+    assert not problems, f"stand-in ({variant}) differs from {upstream.root}:\n" + "\n".join(problems)
 
 
 @needs_webui
@@ -402,3 +409,120 @@ def test_the_checker_reports_what_upstream_lacks(tmp_path):
         assert any("instance attribute 'text_cond'" in e for e in cb)
         assert "modules.shared: no such module upstream (a1111-1.10)" in check_module("modules.shared", variant,
                                                                                       upstream)
+
+
+# ---------------------------------------------------------------------- what the extension itself uses
+
+#: Top-level packages and modules that come from the webui (not from pip).
+WEBUI_TOP = {"modules", "backend", "ldm_patched", "modules_forge", "launch",
+             "networks", "network", "lora", "lora_patches", "extra_networks_lora"}   # built-in Lora extension
+EXTENSION_FILES = ("extension", "scripts", "preload.py", "install.py")
+
+
+def extension_uses(root: Path) -> list[tuple[str, str | None, str, bool]]:
+    """(module, name or None, where, guarded) for every webui import in the extension, plus
+    every ``alias.attr`` read on an imported webui module. ``guarded``: inside a ``try`` that
+    catches ImportError (or Exception), i.e. a variant-specific import the code falls back from."""
+    out = []
+    files = []
+    for part in EXTENSION_FILES:
+        p = root / part
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.is_file() else []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf8"))
+        guarded_nodes = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                    h.type is None or any(isinstance(n, ast.Name) and n.id in ("ImportError", "Exception",
+                                                                               "ModuleNotFoundError")
+                                          for n in ast.walk(h.type)) for h in node.handlers):
+                for sub in node.body:
+                    guarded_nodes.update(id(n) for n in ast.walk(sub))
+        aliases: dict[str, list[tuple[str, bool]]] = {}   # name -> [(module, bound by a guarded import)]
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
+            guarded = id(node) in guarded_nodes
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] in WEBUI_TOP:
+                for a in node.names:
+                    out.append((node.module, a.name, where, guarded))
+                    aliases.setdefault(a.asname or a.name, []).append((f"{node.module}.{a.name}", guarded))
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] in WEBUI_TOP:
+                        out.append((a.name, None, where, guarded))
+                        bound = a.name if a.asname else a.name.split(".")[0]
+                        aliases.setdefault(a.asname or a.name.split(".")[0], []).append((bound, guarded))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and isinstance(node.ctx, ast.Load):
+                for module, bound_guarded in aliases[node.value.id]:
+                    # An attribute of a module bound by a fallback import is as variant-specific as it.
+                    out.append((module, node.attr, f"{path.relative_to(root)}:{node.lineno}",
+                                bound_guarded or id(node) in guarded_nodes))
+    return out
+
+
+def _upstream_has(upstream: Upstream, module: str, name: str | None) -> bool:
+    roots = [upstream]
+    top = module.split(".")[0]
+    if top in ("networks", "network", "lora", "lora_patches", "extra_networks_lora"):
+        # The built-in Lora extension's own directory is on sys.path in the webui.
+        roots = [Upstream(d) for d in sorted((upstream.root / "extensions-builtin").glob("*"))
+                 if (d / f"{top}.py").is_file()]
+    for up in roots:
+        mod = up.module(module)
+        if mod is None:
+            continue
+        if name is None or name in mod.names or up.module(f"{module}.{name}") is not None:
+            return True
+        if mod.path.name == "__init__.py" or mod.path.is_dir():
+            continue
+    return False
+
+
+@pytest.mark.skipif(not WEBUI, reason="set WEBUI_PATH to one or more checkouts (os.pathsep-separated) of A1111 / "
+                                      "Forge / reForge to check the extension's own webui names against them")
+def test_every_webui_name_the_extension_uses_exists_upstream():
+    """The stand-in test above only checks names the stand-in provides; this one checks the
+    names the extension reads (imports and ``module.attr``) against the checkouts given: a
+    name that exists in none of them is a bug waiting for a user (how a Forge-only import on
+    reForge's path was missed)."""
+    uses = extension_uses(Path(__file__).resolve().parents[2])
+    assert len(uses) > 20     # the walk found the extension's webui imports
+    ups = [Upstream(p) for p in _checkouts()]
+    # Only names of packages some given checkout has (ldm_patched is reForge's, backend Forge's):
+    # the others belong to a variant not given.
+    def given(m):
+        top = m.split(".")[0]
+        return any((u.root / top).exists() or (top not in PACKAGE_DIRS) for u in ups)
+
+    missing = sorted({f"{m}{'.' + n if n else ''} ({w})" for m, n, w, g in uses
+                      if given(m) and not any(_upstream_has(u, m, n) for u in ups)})
+    # A name outside a fallback ``try`` must exist in every variant given, unless it is behind a
+    # webui check the code makes itself (those are in a ``try`` or named in the allow-list).
+    unguarded = sorted({f"{m}{'.' + n if n else ''} ({w}; missing in {u.root})" for m, n, w, g in uses if not g
+                        for u in ups if not _upstream_has(u, m, n) and (m, n) not in VARIANT_ONLY})
+    assert not missing, "names the extension uses that no checkout has:\n" + "\n".join(missing)
+    assert not unguarded, "unguarded names missing in a variant:\n" + "\n".join(unguarded)
+
+
+#: Top-level webui packages that exist only in some variants.
+PACKAGE_DIRS = {"backend", "ldm_patched", "modules_forge"}
+
+#: Names the extension reaches only on the variant that has them (after its own check of the
+#: webui kind, not a try/except): (module, name).
+VARIANT_ONLY: set[tuple[str, str | None]] = set()
+
+
+def test_the_extension_walk_finds_guarded_and_attribute_uses(tmp_path):
+    """Runs without a checkout: the walk sees imports, guarded fallbacks and module attributes."""
+    (tmp_path / "extension").mkdir()
+    (tmp_path / "extension" / "x.py").write_text(
+        "from modules import shared\n"
+        "try:\n    from backend import memory_management\nexcept ImportError:\n    memory_management = None\n"
+        "def f():\n    return shared.opts, memory_management.load_model_gpu\n")
+    uses = {(m, n, g) for m, n, _, g in extension_uses(tmp_path)}
+    assert ("modules", "shared", False) in uses and ("backend", "memory_management", True) in uses
+    assert ("modules.shared", "opts", False) in uses
+    assert ("backend.memory_management", "load_model_gpu", True) in uses      # bound by the guarded import

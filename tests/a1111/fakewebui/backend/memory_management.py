@@ -1,8 +1,8 @@
 """Stand-in for Forge's ``backend.memory_management`` (the one function the extension calls)."""
 
-LOADED: list = []
+_LOADED: list = []
 
 
 def load_model_gpu(model):
     """Upstream moves the patcher's model to the GPU; the stand-in records the call."""
-    LOADED.append(model)
+    _LOADED.append(model)
