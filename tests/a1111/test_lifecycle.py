@@ -176,3 +176,28 @@ def test_api_booleans_sent_as_strings_are_read_as_booleans(start, value, expecte
     p, _ = webui.txt2img("a cat", steps=2, args=args, api=True)
     cfg = p._safet2i_job.cfg
     assert cfg.guidance_enabled is expected and cfg.filter_enabled is expected
+
+
+def test_the_extension_does_not_put_the_repository_on_sys_path(tmp_path):
+    """Only ``safet2i`` (the core) and ``safet2i_a1111`` become importable: the repository's
+    ``nodes/``, ``install.py``, ``preload.py``, ``tests/`` must not shadow other modules."""
+    import subprocess
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    root = _Path(__file__).resolve().parents[2]
+    code = (
+        "import sys\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(root)!r})]\n"
+        f"sys.path.insert(0, {str(root / 'extension')!r})\n"
+        "import safet2i_a1111, safet2i, importlib.util\n"
+        f"assert {str(root)!r} not in sys.path, sys.path\n"
+        f"assert safet2i.__file__.startswith({str(root / 'safet2i')!r}), safet2i.__file__\n"
+        "import safet2i.filter.policy\n"
+        "for name in ('nodes', 'install', 'preload', 'tools'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        f"    assert spec is None or not str(spec.origin or '').startswith({str(root)!r}), (name, spec)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([_sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
