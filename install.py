@@ -186,6 +186,12 @@ def _a1111_installed(installed: set[str]) -> set[str]:
     return installed | extra
 
 
+def _a1111_skip_install() -> bool:
+    """The web UI was started with ``--skip-install`` (its ``launch.args``)."""
+    launch = _a1111_launch()
+    return bool(getattr(getattr(launch, "args", None), "skip_install", False))
+
+
 def main(argv: list[str] | None = None, runner=None, installed: set[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Install SafeT2I's filter dependencies safely.")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, install nothing")
@@ -198,6 +204,12 @@ def main(argv: list[str] | None = None, runner=None, installed: set[str] | None 
 
     for warning in warnings_for(installed):
         print(warning, file=sys.stderr)
+    if _a1111_skip_install():
+        # The operator asked the web UI not to install anything: say what is missing, install nothing.
+        for pip_args, why in steps(installed):
+            print(f"SafeT2I: --skip-install: not installing {pip_args[-1]} ({why}); the filter needs it",
+                  file=sys.stderr)
+        return 0
     failed = []
     for pip_args, why in steps(installed):
         pkg = pip_args[-1]

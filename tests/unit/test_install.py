@@ -240,3 +240,19 @@ def test_unrelated_launch_module_is_ignored(monkeypatch):
 def test_real_environment_is_complete():
     """The environment running these tests was set up through install.py (tools/dev.sh)."""
     assert install.plan(install.installed_distributions()) == []
+
+
+def test_a1111_skip_install_installs_nothing(monkeypatch, capsys):
+    """``webui.sh --skip-install``: nothing is installed (not even through run_pip), what is
+    missing is named; without the flag the same launch module installs."""
+    calls = []
+    launch = types.SimpleNamespace(run_pip=lambda command, desc: calls.append(command),
+                                   args=types.SimpleNamespace(skip_install=True))
+    monkeypatch.setattr(install, "_a1111_launch", lambda: launch)
+    assert install.main([], installed=set()) == 0
+    assert calls == []
+    err = capsys.readouterr().err
+    assert "--skip-install: not installing onnxruntime" in err and "nudenet" in err
+    launch.args.skip_install = False
+    assert install.main([], installed=set()) == 0
+    assert "install --no-deps nudenet" in calls
