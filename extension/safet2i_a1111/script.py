@@ -278,7 +278,47 @@ def _on_app_started(demo, app):
         return {"image": base64.b64encode(buf.getvalue()).decode(), "verdict": o.verdict, "cost": o.cost,
                 "labels": o.labels, "policy": policy, "action": action}
 
-    app.add_api_route("/safet2i/filter", filter_route, methods=["POST"])
+    try:
+        extra = _api_auth()
+    except Exception as exc:  # noqa: BLE001 - an unprotected route is not registered
+        log.error("SafeT2I: --api-auth is set but its check cannot be built (%s); /safet2i/filter is not served", exc)
+        return
+    app.add_api_route("/safet2i/filter", filter_route, methods=["POST"], **extra)
+
+
+def api_credentials() -> dict[str, str]:
+    """``--api-auth user:password,user2:password2`` as the webui's own API reads it."""
+    from modules import shared  # noqa: PLC0415
+
+    raw = getattr(shared.cmd_opts, "api_auth", None) or ""
+    out = {}
+    for item in raw.split(","):
+        user, sep, password = item.partition(":")
+        if sep:
+            out[user] = password
+    return out
+
+
+def _api_auth() -> dict:
+    """The same HTTP basic check the webui puts on its own API routes when ``--api-auth`` is
+    set (``modules/api/api.py``: ``Api.add_api_route`` adds ``Depends(self.auth)``); routes
+    added straight on the app in ``on_app_started`` do not get it by themselves."""
+    credentials = api_credentials()
+    if not credentials:
+        return {}
+    from secrets import compare_digest  # noqa: PLC0415
+
+    from fastapi import Depends, HTTPException  # noqa: PLC0415  (the webui's own server)
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials  # noqa: PLC0415
+
+    def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())):  # noqa: B008 - FastAPI's idiom
+        expected = credentials.get(given.username)
+        if expected is not None and compare_digest(given.password, expected):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return {"dependencies": [Depends(auth)]}
 
 
 def _guard_callback(fn):

@@ -33,9 +33,11 @@ class FakeApp:
 
     def __init__(self):
         self.routes = {}
+        self.route_kwargs = {}
 
     def add_api_route(self, path, endpoint, methods=None, **kwargs):
         self.routes[path] = endpoint
+        self.route_kwargs[path] = kwargs
 
     def post(self, path, payload):
         return self.routes[path](payload)

@@ -274,3 +274,42 @@ def test_api_filter_route(start, astronaut, variant):
     assert r["policy"] == "strict-5" and r["verdict"] == "safe"
     assert "error" in webui.app.post("/safet2i/filter", {"image": "bm90IGFuIGltYWdl"})
     assert "error" in webui.app.post("/safet2i/filter", {"image": b64, "policy": "lenient"})
+
+
+def test_api_route_honours_api_auth(start, monkeypatch):
+    """``--api-auth``: the route gets the webui API's HTTP basic check (a stand-in of FastAPI's
+    ``Depends``/``HTTPBasic`` here: the real one is the webui's); without FastAPI the route is
+    not served at all rather than served unprotected."""
+    import sys
+    import types
+
+    class HTTPException(Exception):
+        def __init__(self, status_code, detail=None, headers=None):
+            super().__init__(detail)
+            self.status_code = status_code
+
+    fastapi = types.ModuleType("fastapi")
+    fastapi.Depends = lambda fn=None: ("depends", fn)
+    fastapi.HTTPException = HTTPException
+    security = types.ModuleType("fastapi.security")
+    security.HTTPBasic = lambda: "basic"
+    security.HTTPBasicCredentials = object
+    monkeypatch.setitem(sys.modules, "fastapi", fastapi)
+    monkeypatch.setitem(sys.modules, "fastapi.security", security)
+
+    open_webui = start("a1111-1.10")
+    assert open_webui.app.route_kwargs["/safet2i/filter"] == {}          # no --api-auth: as the webui's API
+    webui = start("a1111-1.10", argv=("--api-auth", "ann:s3cret,bob:pw"))
+    deps = webui.app.route_kwargs["/safet2i/filter"]["dependencies"]
+    (kind, auth), = deps
+    assert kind == "depends"
+    cred = types.SimpleNamespace
+    assert auth(cred(username="ann", password="s3cret")) is True and auth(cred(username="bob", password="pw"))
+    for wrong in (cred(username="ann", password="pw"), cred(username="eve", password="s3cret")):
+        with pytest.raises(HTTPException) as info:
+            auth(wrong)
+        assert info.value.status_code == 401
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)                    # FastAPI cannot be imported
+    closed = start("a1111-1.10", argv=("--api-auth", "ann:s3cret"))
+    assert "/safet2i/filter" not in closed.app.routes
