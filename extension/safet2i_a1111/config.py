@@ -48,6 +48,10 @@ class JobConfig:
     lora_file: str = "None"
     lora_strength: float = 1.0
     lora_allow_partial: bool = False
+    # Model layer (weights.py): full safety weights (UNet or text encoder) for the job.
+    weights_enabled: bool = False
+    weights_file: str = "None"
+    weights_part: str = "auto"      # auto (from the file's keys) | unet | text_encoder
 
     @classmethod
     def arg_names(cls) -> list[str]:
@@ -138,6 +142,7 @@ def parse_infotext(params: dict) -> dict:
 # --------------------------------------------------------------------------- steering and LoRA arguments
 
 STEERING_ORDERS = ("code", "paper")
+WEIGHTS_PARTS = ("auto", "unet", "text_encoder")
 LORA_STRENGTH = (0.0, 2.0)      # exclusive, inclusive: a safety LoRA is never turned off or inverted here
 
 
@@ -167,6 +172,12 @@ def validate_layers(cfg: JobConfig) -> None:
         raise ValueError(f"SafeT2I: safety LoRA strength must be in ({lo:g}, {hi:g}], not {cfg.lora_strength}")
     if cfg.lora_enabled and cfg.lora_file == "None":
         raise ValueError("SafeT2I: the safety LoRA is enabled but no file is chosen")
+    cfg.weights_enabled = as_bool(cfg.weights_enabled)
+    cfg.weights_file, cfg.weights_part = str(cfg.weights_file or "None"), str(cfg.weights_part or "auto")
+    if cfg.weights_part not in WEIGHTS_PARTS:
+        raise ValueError(f"SafeT2I: unknown safety-weights part {cfg.weights_part!r}; use one of {WEIGHTS_PARTS}")
+    if cfg.weights_enabled and cfg.weights_file == "None":
+        raise ValueError("SafeT2I: the safety weights are enabled but no file is chosen")
 
 
 def layers_infotext(cfg: JobConfig) -> dict[str, str]:
@@ -181,7 +192,19 @@ def layers_infotext(cfg: JobConfig) -> dict[str, str]:
         out["SafeT2I LoRA strength"] = f"{cfg.lora_strength:g}"
         if cfg.lora_allow_partial:
             out["SafeT2I LoRA partial"] = "allowed"
+    if cfg.weights_enabled:
+        out["SafeT2I weights"] = cfg.weights_file    # process() adds "[sha256 … part n/N verified]"
+        if cfg.weights_part != "auto":
+            out["SafeT2I weights part"] = cfg.weights_part
     return out
+
+
+def weights_file_of(value: str) -> str:
+    """The choice in an infotext value ``CHOICE [sha256 … unet 10/10 verified]``."""
+    value = str(value).strip()
+    if value.endswith("]") and " [" in value:
+        return value.rpartition(" [")[0]
+    return value
 
 
 def parse_layers_infotext(params: dict) -> dict:
@@ -217,4 +240,9 @@ def parse_layers_infotext(params: dict) -> dict:
             out["lora_strength"] = float(params.get("SafeT2I LoRA strength", 1.0))
         except ValueError:
             pass
+    if "SafeT2I weights" in params:        # a missing key leaves the UI as it is
+        out["weights_enabled"] = True
+        out["weights_file"] = weights_file_of(params["SafeT2I weights"])
+        part = str(params.get("SafeT2I weights part", "auto")).strip()
+        out["weights_part"] = part if part in WEIGHTS_PARTS else "auto"
     return out

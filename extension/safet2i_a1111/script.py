@@ -29,6 +29,7 @@ from .config import (
 )
 from .config import LORA_STRENGTH, STEERING_ORDERS, steering_presets
 from . import lora as lora_layer
+from . import weights as weights_layer
 from .steering import SteeringHook, candidate_texts
 from . import forge_guidance
 from .filtering import blocked_image, filter_image, verdict_text, was_checked
@@ -101,6 +102,7 @@ class Job:
     restore: list = field(default_factory=list)
     steering: SteeringHook | None = None          # prompt layer (steering.py)
     lora: lora_layer.SafetyLora | None = None     # model layer (lora.py)
+    weights: weights_layer.SafetyWeights | None = None   # model layer (weights.py): full safety weights
     steering_texts: list = field(default_factory=list)   # the texts of the current batch (report)
     concept: object = None                        # Forge/reForge: the concept embedding of the batch
     runs: list = field(default_factory=list)      # guidance hooks / UNet-patch runs (steps_guided each)
@@ -424,6 +426,16 @@ class SafeT2IScript(scripts.Script):
                         _refresh_button(lora_file, lambda: {"choices": lora_layer.list_choices()}, tab)
                     lora_strength = gr.Slider(0.05, LORA_STRENGTH[1], value=1.0, step=0.05, label="Strength")
                     lora_partial = gr.Checkbox(False, label="Allow partial coverage (load the matching weights only)")
+                with InputAccordion(False, label="Safety weights (full UNet / text encoder, for this job)") \
+                        as weights_enabled:
+                    with gr.Row():
+                        weights_file = gr.Dropdown(weights_layer.list_choices(), value=weights_layer.NONE,
+                                                   label="Safety weights (models/safety_models: ESD-u, SafeGen, "
+                                                         "AdvUnlearn)")
+                        _refresh_button(weights_file, lambda: {"choices": weights_layer.list_choices()},
+                                        f"{tab}_weights")
+                    weights_part = gr.Dropdown(list(weights_layer.PARTS), value="auto",
+                                               label="Replaces (auto: from the file's keys)")
                 with InputAccordion(False, label="Concept steering (prompt, SAFREE-style)") as steering_enabled:
                     steer_concepts = gr.Dropdown(list(steering_presets()), value="nudity", label="Concepts")
                     steer_custom = gr.Textbox("", label="Custom concepts (one per line or comma-separated)", lines=2)
@@ -445,14 +457,15 @@ class SafeT2IScript(scripts.Script):
                         gr.Markdown("The operator enforces the output filter on this server.")
         components = [guidance_enabled, method, preset, concept, filter_enabled, policy, action,
                       steering_enabled, steer_concepts, steer_custom, steer_alpha, steer_order, steer_svf,
-                      lora_enabled, lora_file, lora_strength, lora_partial]
+                      lora_enabled, lora_file, lora_strength, lora_partial,
+                      weights_enabled, weights_file, weights_part]
         names = JobConfig.arg_names()
         assert len(components) == len(names)
         self.infotext_fields = [(c, (lambda key: (lambda params: parse_infotext(params).get(key, None)))(n))
                                 for c, n in zip(components, names)]
         self.paste_field_names = ["SafeT2I guidance", "SafeT2I concept", "SafeT2I filter", "SafeT2I steering",
                                   "SafeT2I steering concepts", "SafeT2I LoRA", "SafeT2I LoRA strength",
-                                  "SafeT2I LoRA partial"]
+                                  "SafeT2I LoRA partial", "SafeT2I weights", "SafeT2I weights part"]
         return components
 
     # -- lifecycle -------------------------------------------------------------
@@ -487,7 +500,7 @@ class SafeT2IScript(scripts.Script):
         state = getattr(shared, "state", None)
         assign = getattr(state, "assign_current_image", None)
         cfg = job.cfg
-        layers = cfg.guidance_active or cfg.steering_enabled or cfg.lora_enabled
+        layers = cfg.guidance_active or cfg.steering_enabled or cfg.lora_enabled or cfg.weights_enabled
         if not callable(assign) or not (cfg.filter_enabled or cfg.enforced or layers or job.failed):
             return
 
@@ -539,6 +552,8 @@ class SafeT2IScript(scripts.Script):
         if job is None:
             return
         p.extra_generation_params.update(job.cfg.infotext())
+        if job.cfg.weights_enabled and not job.failed:
+            self._apply_weights(p, job)
         if job.cfg.lora_enabled and not job.failed:
             try:
                 job.lora = lora_layer.prepare(job.cfg.lora_file, p.sd_model, job.cfg.lora_strength,
@@ -547,6 +562,31 @@ class SafeT2IScript(scripts.Script):
             except Exception as exc:  # noqa: BLE001
                 job.error = f"safety LoRA: {exc}"
                 log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    def _apply_weights(self, p, job: Job) -> None:
+        """Full safety weights into the loaded model for this job; the originals come back in
+        ``job.restore`` (postprocess, or the clean-up of a failed / interrupted job)."""
+        try:
+            if job.weights is not None and job.weights.sd_model is p.sd_model and job.weights.rep.applied:
+                pass                                  # a copy of p (X/Y/Z plot): already applied to this model
+            else:
+                if job.weights is not None:           # another model now: restore the previous one first
+                    job.weights.restore()
+                sw = weights_layer.prepare(job.cfg.weights_file, p.sd_model, job.cfg.weights_part)
+                job.weights = sw
+
+                def undo(sw=sw):
+                    try:
+                        sw.restore()
+                    except Exception as exc:  # noqa: BLE001 - the next jobs must know
+                        log.error("SafeT2I: %s", exc)
+
+                job.restore.append(undo)
+                weights_layer.apply(sw)
+            p.extra_generation_params["SafeT2I weights"] = job.weights.infotext()
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"safety weights: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
 
     def before_process_batch(self, p, *args, **kwargs):
         """Before the webui parses the batch's extra-network tags (``kwargs['prompts']`` is

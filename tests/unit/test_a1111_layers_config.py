@@ -18,7 +18,7 @@ def test_job_config_arguments_and_infotext_round_trip():
     names = JobConfig.arg_names()
     assert names[:7] == ["guidance_enabled", "guidance_method", "guidance_preset", "guidance_concept",
                          "filter_enabled", "filter_policy", "filter_action"]           # older API calls still line up
-    assert names[7:] == ["steering_enabled", "steering_concepts", "steering_custom", "steering_alpha", "steering_order",
+    assert names[7:17] == ["steering_enabled", "steering_concepts", "steering_custom", "steering_alpha", "steering_order",
                          "steering_self_validating", "lora_enabled", "lora_file", "lora_strength", "lora_allow_partial"]
     old = JobConfig.from_args([False, "SLD", "MEDIUM", "x", True, "strict-5", "blur"])
     assert not old.steering_enabled and not old.lora_enabled
@@ -29,7 +29,7 @@ def test_job_config_arguments_and_infotext_round_trip():
     assert info["SafeT2I steering"] == "custom alpha=0.02 order=paper svf=off"
     assert info["SafeT2I LoRA"] == "safety_models/duo.safetensors" and info["SafeT2I LoRA partial"] == "allowed"
     parsed = parse_infotext(info)
-    for k in names[7:]:
+    for k in names[7:17]:        # the weights (18-20): test_a1111_weights.py
         assert parsed[k] == getattr(cfg, k), k
     # Pasting another image's parameters (no SafeT2I keys) leaves every layer as the UI has it.
     foreign = parse_infotext({"Steps": "20", "Sampler": "Euler a"})

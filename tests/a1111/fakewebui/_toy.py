@@ -46,6 +46,22 @@ def t_of_sigma(sigma):
     return (torch.log(s) - math.log(SIGMA_MIN)) / (math.log(SIGMA_MAX) - math.log(SIGMA_MIN)) * 999.0
 
 
+class ToyUNet(torch.nn.Module):
+    """The denoiser's only real parameters, in LDM names (``out.0``: a per-channel affine on the
+    x0 estimate, identity by default so the toy's math is unchanged): what full safety weights
+    replace (A1111 ``sd_model.model.diffusion_model``, Forge/reForge ``KModel.diffusion_model``)."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.out = torch.nn.ModuleList([torch.nn.GroupNorm(1, channels).to(DTYPE)])
+        for prm in self.parameters():
+            prm.requires_grad_(False)
+
+    def affine(self, x0: torch.Tensor) -> torch.Tensor:
+        n = self.out[0]
+        return x0 * n.weight.reshape(1, -1, 1, 1) + n.bias.reshape(1, -1, 1, 1)
+
+
 class ToyMath:
     """The denoiser's math, shared by every host flavour."""
 
@@ -53,6 +69,7 @@ class ToyMath:
         self.dim = dim
         self.vector_dim = vector_dim
         self._basis: dict[tuple, torch.Tensor] = {}
+        self.unet = ToyUNet()
 
     # -- text ------------------------------------------------------------------
     def encode(self, prompts) -> torch.Tensor | dict:
@@ -98,7 +115,7 @@ class ToyMath:
         ctx = ctx.to(DTYPE)
         b = ctx[:, 1:5, :4].mean(dim=1).reshape(-1, 4, 1, 1)
         # ``concat`` (the inpainting image condition) is ignored, as non-inpainting UNets do.
-        return self.target(ctx, y, x.shape[2], x.shape[3]) + 0.1 * torch.tanh(c_in * x * 3.0 + b)
+        return self.unet.affine(self.target(ctx, y, x.shape[2], x.shape[3]) + 0.1 * torch.tanh(c_in * x * 3.0 + b))
 
     def eps(self, x, sigma, ctx, y=None, concat=None) -> torch.Tensor:
         s = torch.as_tensor(sigma, dtype=DTYPE).reshape(-1, 1, 1, 1)
@@ -234,6 +251,7 @@ class ToyKModel:
         self.math = math_
         self.predictor = _Predictor()
         self.model_sampling = self.predictor
+        self.diffusion_model = math_.unet      # the UNet's parameters (full safety weights)
         self.device = "cpu"
         self.rows = 0          # UNet rows evaluated (cost checks)
 
@@ -261,6 +279,7 @@ class ToySdModel:
         self.is_sd2 = False
         self.is_sd3 = kind == "sd3"
         self.model = type("DiffusionWrapper", (), {"conditioning_key": "crossattn"})()
+        self.model.diffusion_model = self.math.unet
         self.cond_stage_key = "txt"
         self.parameterization = "eps"
         self.sd_checkpoint_info = _Info()
