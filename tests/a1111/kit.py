@@ -19,12 +19,15 @@ from types import SimpleNamespace
 FAKE = Path(__file__).resolve().parent / "fakewebui"
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = ("modules", "backend", "modules_forge", "ldm_patched", "gradio", "_variant", "_toy")
+#: The built-in Lora extension (``extensions-builtin/Lora``; its folder is on ``sys.path`` as upstream).
+BUILTIN_LORA = FAKE / "extensions-builtin" / "Lora"
+LORA_MODULES = ("networks", "network", "extra_networks_lora")
 EXTENSION = ("safet2i_a1111",)
 
 
 def purge() -> None:
     for name in list(sys.modules):
-        if name.split(".")[0] in STANDIN + EXTENSION:
+        if name.split(".")[0] in STANDIN + EXTENSION + LORA_MODULES:
             del sys.modules[name]
 
 
@@ -62,14 +65,16 @@ class Webui:
         import gradio as gr
         from modules import script_callbacks, script_loading, scripts, shared, shared_cmd_options
 
+        script_loading.preload_extensions(str(BUILTIN_LORA.parent), shared_cmd_options.parser, [BUILTIN_LORA.name])
         script_loading.preload_extensions(str(REPO.parent), shared_cmd_options.parser, [REPO.name])
         vars(shared.cmd_opts).update(vars(shared_cmd_options.parser.parse_args(self.argv)))
         shared.sd_model = _toy.make_sd_model(self.kind)
         shared.opts.outdir_samples = str(self.tmp / "outputs")
         shared.opts.show_progress_every_n_steps = 1
 
-        scripts._extension_dirs[:] = [str(REPO)]
+        scripts._extension_dirs[:] = [str(BUILTIN_LORA), str(REPO)]   # built-in extensions first
         scripts.load_scripts()
+        script_callbacks.before_ui_callback()
         script_callbacks.ui_settings_callback()
         with gr.Blocks():
             scripts.scripts_txt2img.initialize_scripts(False)

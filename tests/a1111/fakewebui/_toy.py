@@ -62,6 +62,63 @@ class ToyUNet(torch.nn.Module):
         return x0 * n.weight.reshape(1, -1, 1, 1) + n.bias.reshape(1, -1, 1, 1)
 
 
+#: The toy's LoRA-targetable layers (SD1 shapes, LDM names; not an upstream module). The
+#: webui's Lora loaders match a file's kohya keys against these names: A1111 against
+#: ``network_layer_mapping`` (``diffusion_model_…``/``transformer_text_model_…``), Forge/reForge
+#: against the patchers' parameter keys (``diffusion_model.….weight``, ``clip_l.transformer.….weight``).
+LORA_UNET_LAYERS = {f"input_blocks.1.1.transformer_blocks.0.{a}.{m}": (320, 768 if a == "attn2" and m in ("to_k", "to_v")
+                                                                        else 320)
+                    for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0")}
+LORA_TE_LAYERS = {f"transformer.text_model.encoder.layers.0.self_attn.{m}": (768, 768)
+                  for m in ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def _nested(names: dict) -> torch.nn.Module:
+    """A module tree whose ``named_parameters()`` are ``<name>.weight`` (meta tensors: names and
+    shapes only, the toy never computes with them)."""
+    root = torch.nn.Module()
+    for name, (out, inp) in names.items():
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, torch.nn.Linear(inp, out, bias=False, device="meta"))
+    return root
+
+
+class ToyLoraLayers:
+    """``unet``: the UNet's attention projections of ``input_blocks.1.1``; ``te``: the text
+    encoder's layer 0 (A1111's ``cond_stage_model.wrapped``)."""
+
+    def __init__(self):
+        self.unet = _nested(LORA_UNET_LAYERS)
+        self.te = _nested(LORA_TE_LAYERS)
+
+
+class ToyClipModel(torch.nn.Module):
+    """Forge/reForge ``CLIP.cond_stage_model`` role (``clip_l.transformer.…``)."""
+
+    def __init__(self, te: torch.nn.Module):
+        super().__init__()
+        self.clip_l = te
+
+
+class ToyClip:
+    """Forge ``backend.patcher.clip.CLIP`` / reForge ``ldm_patched.modules.sd.CLIP`` role: a
+    ``patcher`` over ``cond_stage_model``, ``clone()`` and ``add_patches`` (delegated)."""
+
+    def __init__(self, patcher, cond_stage_model):
+        self.patcher, self.cond_stage_model = patcher, cond_stage_model
+
+    def clone(self):
+        return ToyClip(self.patcher.clone(), self.cond_stage_model)
+
+    def add_patches(self, *args, **kwargs):
+        return self.patcher.add_patches(*args, **kwargs)
+
+
 class ToyMath:
     """The denoiser's math, shared by every host flavour."""
 
@@ -263,6 +320,16 @@ class ToyKModel:
     def memory_required(self, input_shape, **kwargs):
         return 0
 
+    def named_parameters(self):
+        """``diffusion_model.…`` keys, as the KModel's (what Forge's ``add_patches`` matches)."""
+        yield from self.diffusion_model.named_parameters(prefix="diffusion_model")
+        if getattr(self, "lora_layers", None) is not None:
+            yield from self.lora_layers.unet.named_parameters(prefix="diffusion_model")
+
+    def state_dict(self):
+        """reForge's ``add_patches`` matches ``model.state_dict()`` keys."""
+        return dict(self.named_parameters())
+
 
 class ToySdModel:
     """``shared.sd_model``: A1111's LatentDiffusion role (plus ``forge_objects`` on Forge/reForge)."""
@@ -292,6 +359,8 @@ class ToySdModel:
         self.encoded: list[list[str]] = []     # every get_learned_conditioning call
         self.rows = 0                           # UNet rows evaluated (A1111 path)
         self.kmodel = ToyKModel(self.math)
+        self.lora_layers = ToyLoraLayers() if kind == "sd1" else None   # LoRA targets (SD1)
+        self.kmodel.lora_layers = self.lora_layers
 
     def _encode_plain(self, prompts):
         if self.engine is not None:
@@ -340,6 +409,15 @@ class ToySdModel:
             objects.clip = type("ToyClip", (), {"patcher": type("ToyClipPatcher", (), {})()})()
             if variant == "forge":
                 self.text_processing_engine = self.engine
+        if self.lora_layers is not None:
+            # The text encoder's patcher (its LoRA patches are recorded there); the engine stays.
+            if variant == "forge":
+                from backend.patcher.base import ModelPatcher
+            else:
+                from ldm_patched.modules.model_patcher import ModelPatcher
+            clip_model = ToyClipModel(self.lora_layers.te)
+            objects.clip = ToyClip(ModelPatcher(clip_model, load_device="cpu", offload_device="cpu"), clip_model)
+        self.current_lora_hash = str([])        # upstream forge_loader / sd_models
         self.forge_objects = objects
         self.forge_objects_original = objects.shallow_copy()
         self.forge_objects_after_applying_lora = objects.shallow_copy()

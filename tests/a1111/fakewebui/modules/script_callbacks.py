@@ -163,6 +163,10 @@ def ui_settings_callback():
     _invoke('ui_settings', 'ui_settings_callback')
 
 
+def before_ui_callback():
+    _invoke('before_ui', 'before_ui_callback')
+
+
 def before_image_saved_callback(params: ImageSaveParams):
     _invoke('before_image_saved', 'before_image_saved_callback', params)
 

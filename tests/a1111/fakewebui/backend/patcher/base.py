@@ -1,6 +1,6 @@
 """Stand-in for Forge's ``backend/patcher/base.py``: ``ModelPatcher`` — ``clone()`` deep-copies
 ``model_options``; the cfg hooks live there (``sampler_cfg_function``: one; pre-/post-cfg:
-lists)."""
+lists); ``add_patches`` records LoRA patches per file in ``lora_patches``."""
 
 import copy
 import inspect
@@ -37,6 +37,31 @@ class ModelPatcher:
         n.object_patches = self.object_patches.copy()
         n.model_options = copy.deepcopy(self.model_options)
         return n
+
+    def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
+        """Upstream: keeps the patches whose key is one of the model's parameters, recorded per
+        LoRA identifier in ``lora_patches``; returns the keys it kept."""
+        lora_identifier = (filename, strength_patch, strength_model, online_mode)
+        this_patches = {}
+        p = set()
+        model_keys = set(k for k, _ in self.model.named_parameters())
+        for k in patches:
+            offset = None
+            function = None
+            if isinstance(k, str):
+                key = k
+            else:
+                offset = k[1]
+                key = k[0]
+                if len(k) > 2:
+                    function = k[2]
+            if key in model_keys:
+                p.add(k)
+                current_patches = this_patches.get(key, [])
+                current_patches.append([strength_patch, patches[k], strength_model, offset, function])
+                this_patches[key] = current_patches
+        self.lora_patches[lora_identifier] = this_patches
+        return p
 
     def memory_required(self, input_shape):
         return 0

@@ -37,6 +37,28 @@ class ModelPatcher:
         n.model_options = copy.deepcopy(self.model_options)
         return n
 
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        """Upstream: keeps the patches whose key is in ``model.state_dict()``, appended per weight
+        to ``patches``; returns the keys it kept."""
+        p = set()
+        model_sd = self.model.state_dict()
+        for k in patches:
+            offset = None
+            function = None
+            if isinstance(k, str):
+                key = k
+            else:
+                offset = k[1]
+                key = k[0]
+                if len(k) > 2:
+                    function = k[2]
+            if key in model_sd:
+                p.add(k)
+                current_patches = self.patches.get(key, [])
+                current_patches.append((strength_patch, patches[k], strength_model, offset, function))
+                self.patches[key] = current_patches
+        return list(p)
+
     def set_model_sampler_cfg_function(self, sampler_cfg_function, disable_cfg1_optimization=False):
         if len(inspect.signature(sampler_cfg_function).parameters) == 3:
             self.model_options["sampler_cfg_function"] = \
