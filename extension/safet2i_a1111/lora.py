@@ -323,15 +323,28 @@ def add_tag(prompts: list[str], lora: SafetyLora) -> None:
 
 def add_hires(p, lora: SafetyLora) -> None:
     """The hires pass activates ``p.hr_extra_network_data`` (parsed from the hires prompts):
-    give it our entry too, built by the webui's own tag parser."""
-    data = getattr(p, "hr_extra_network_data", None)
-    if not getattr(p, "enable_hr", False) or data is None:
+    give it our entry too, built by the webui's own tag parser, and mark the LoRA pending again:
+    the hires pass must activate and verify it too (:func:`check_verified`)."""
+    if not getattr(p, "enable_hr", False):
         return
+    data = getattr(p, "hr_extra_network_data", None)
+    if data is None:
+        raise LoraLayerError("hires fix is on but the webui parsed no extra networks for the hires pass; the safety "
+                             "LoRA cannot be added to it")
     from modules import extra_networks  # noqa: PLC0415
 
     _, ours = extra_networks.parse_prompts([lora.tag])
     entries = [e for e in data.get("lora", []) if not (getattr(e, "positional", None) or [None])[0] == lora.name]
     data["lora"] = entries + list(ours.get("lora", []))
+    lora.pending = True
+
+
+def check_verified(lora: SafetyLora, where: str) -> None:
+    """After a batch's sampling (``postprocess_batch``): every pass that should have loaded the
+    LoRA (the first pass, the hires pass) was verified by ``after_extra_networks_activate``."""
+    if lora.pending:
+        raise LoraLayerError(f"the {where} did not activate extra networks (or never ran them through "
+                             "after_extra_networks_activate); the safety LoRA was not verified for it")
 
 
 def verify_loaded(p, lora: SafetyLora, networks=None) -> str:
@@ -404,5 +417,5 @@ def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:
     return count
 
 
-__all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "list_choices", "model_architecture", "prepare",
+__all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_verified", "list_choices", "model_architecture", "prepare",
            "register", "resolve_choice", "roots", "verify_loaded", "write_kohya_cache"]

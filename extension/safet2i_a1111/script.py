@@ -691,6 +691,12 @@ class SafeT2IScript(scripts.Script):
         job = _job(p)
         if job is not None:
             job.check_layers("hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
+        if job is not None and job.lora is not None and not job.failed:
+            try:
+                lora_layer.check_verified(job.lora, "hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
+            except Exception as exc:  # noqa: BLE001
+                job.error = f"safety LoRA: {exc}"
+                log.error("SafeT2I: %s; images of this job will be blocked", job.error)
 
     # -- the output filter -----------------------------------------------------
     def _filter(self, p, pp) -> None:
