@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -369,6 +370,59 @@ def test_every_standin_name_exists_upstream(standin):
     for dotted in standin_modules(variant):
         problems += check_module(dotted, variant, upstream)
     assert not problems, f"stand-in ({variant}) differs from {upstream.root}:\n" + "\n".join(problems)
+
+
+#: The built-in Lora extension's modules in the stand-in, and its folder upstream per variant.
+LORA_STANDIN = FAKE / "extensions-builtin" / "Lora"
+LORA_UPSTREAM = {"a1111-1.10": "Lora", "a1111-1.7": "Lora", "forge": "sd_forge_lora", "reforge": "Lora"}
+
+
+@needs_webui
+def test_the_builtin_lora_standin_matches_upstream(standin):
+    """The stand-in's ``extensions-builtin/Lora`` modules against the variant's own built-in
+    LoRA extension (A1111/reForge ``Lora``, Forge ``sd_forge_lora``), by the same rules."""
+    variant, upstream = standin
+    up_root = upstream.root / "extensions-builtin" / LORA_UPSTREAM[variant]
+    assert up_root.is_dir(), f"{up_root} missing"
+    names = sorted(p.stem for p in LORA_STANDIN.glob("*.py") if not p.stem.startswith("_") and p.stem != "preload")
+    assert names, "no stand-in Lora modules"
+    sys.path.insert(0, str(LORA_STANDIN))
+    try:
+        # As the webui does first: the extension's preload adds its options (--lora-dir, ...).
+        from modules import shared, shared_cmd_options
+        spec = importlib.util.spec_from_file_location("_lora_preload", LORA_STANDIN / "preload.py")
+        preload = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(preload)
+        preload.preload(shared_cmd_options.parser)
+        vars(shared.cmd_opts).update({k: v for k, v in vars(shared_cmd_options.parser.parse_args([])).items()
+                                      if not hasattr(shared.cmd_opts, k)})
+        lora_up = Upstream(up_root)
+        problems = []
+        for name in names:
+            if lora_up.module(name) is None:
+                problems.append(f"{name}: no such module in {up_root}")
+                continue
+            mod = importlib.import_module(name)
+            for attr, obj in vars(mod).items():
+                if attr.startswith("_") or isinstance(obj, types.ModuleType):
+                    continue
+                if getattr(obj, "__module__", name) not in (name, None) and callable(obj):
+                    continue          # imported from elsewhere
+                if not callable(obj) and not isinstance(obj, (str, int, float, bool, dict, list, tuple, set,
+                                                               type(None))):
+                    continue
+                up_mod = lora_up.module(name)
+                if attr not in up_mod.names:
+                    problems.append(f"{name}.{attr}: missing in {up_root.name}")
+                elif inspect.isfunction(obj) and attr in up_mod.functions:
+                    check_signature(obj, up_mod.functions[attr], f"{name}.{attr}()", problems)
+                elif inspect.isclass(obj) and attr in up_mod.classes:
+                    check_class(obj, up_mod.classes[attr], up_mod, lora_up, f"{name}.{attr}", problems)
+    finally:
+        sys.path.remove(str(LORA_STANDIN))
+        for name in names:
+            sys.modules.pop(name, None)
+    assert not problems, f"stand-in Lora ({variant}) differs from {up_root}:\n" + "\n".join(problems)
 
 
 @needs_webui

@@ -29,10 +29,10 @@ import os
 import re
 
 import network
-from _variant import VARIANT
+from _variant import VARIANT as _VARIANT
 from modules import errors, shared
 
-_FORGE_LIKE = VARIANT in ("forge", "reforge")
+_FORGE_LIKE = _VARIANT in ("forge", "reforge")
 log = logging.getLogger("lora")
 
 
@@ -147,7 +147,7 @@ def _load_lora_for_models(model, clip, lora, strength_model, strength_clip, file
     """Forge ``networks.load_lora_for_models`` / reForge ``ldm_patched.modules.sd``'s."""
     unet_keys = _model_lora_keys_unet(model.model, {}) if model is not None else {}
     clip_keys = _model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
-    if VARIANT == "forge":
+    if _VARIANT == "forge":
         lora_unet, lora_unmatch = _load_lora(lora, unet_keys)
         lora_clip, lora_unmatch = _load_lora(lora_unmatch, clip_keys)
         if len(lora_unmatch) > 12:
@@ -256,7 +256,7 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
     for a, b, c in zip(networks_on_disk, unet_multipliers, te_multipliers):
         if a is None:
             continue
-        compiled_lora_targets.append([a.filename, b, c, False] if VARIANT == "forge" else [a.filename, b, c])
+        compiled_lora_targets.append([a.filename, b, c, False] if _VARIANT == "forge" else [a.filename, b, c])
     compiled_lora_targets_hash = str(compiled_lora_targets)
     if current_sd.current_lora_hash == compiled_lora_targets_hash:
         return
