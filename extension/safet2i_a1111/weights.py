@@ -34,7 +34,7 @@ from safet2i.errors import SafeT2IError
 from safet2i.lora import load_full_weights
 from safet2i.lora import full_weights as core
 from safet2i.lora.arch import ARCHITECTURES
-from safet2i.lora.manifest import check_arch, verify
+from safet2i.lora.manifest import check_arch
 
 from . import lora as lora_layer
 
@@ -187,25 +187,13 @@ def prepare(choice: str, sd_model, part: str = "auto") -> SafetyWeights:
     check_arch(fw.entry, arch, what)
     where, module = host_module(sd_model, fw.component)
     host = _host_dict(module)
-    ignored: list[str] = []
-    tensors = dict(fw.tensors)
-    if fw.component == "unet":
-        if fw.naming == "ldm":
-            pairs = {k: k for k in tensors}
-        else:
-            names = core.unet_key_map(ARCHITECTURES[arch].unet)
-            pairs = {k: names[k] for k in tensors if k in names}
-        required = list(host)
-    else:
-        tensors, ignored = core.drop_index_buffers(tensors)
-        prefix, pairs = core.text_encoder_map(host, tensors)
-        if prefix is None:
-            raise WeightsLayerError(f"{what}: {where} is not a CLIP text encoder with transformers names "
-                                    "(SD2's OpenCLIP is not supported)")
-        required = core.text_encoder_weights(host, tensors, prefix)
-    rep = core.plan(what, fw.component, tensors, host, pairs, required, where, ignored)
-    comp = "unet" if fw.component == "unet" else "te1"
-    state = verify(fw.entry, fw.sha256, {comp: len(tensors)}, [], set(), {comp: rep.fraction})
+    p = core.pair(fw, host, lambda: core.unet_key_map(ARCHITECTURES[arch].unet))
+    if fw.component == "text_encoder" and p.prefix is None:
+        raise WeightsLayerError(f"{what}: {where} is not a CLIP text encoder with transformers names "
+                                "(SD2's OpenCLIP is not supported)")
+    rep = core.plan(what, fw.component, p.tensors, host, p.pairs, p.required, where, p.ignored)
+    state = core.check_manifest(fw, rep)
+    core.require_whole(rep)
     sw = SafetyWeights(choice, fw.sha256, fw.component, where, rep, sd_model)
     sw.notes.append(f"manifest {fw.entry.name if fw.entry else 'none'} ({state})")
     return sw

@@ -2,29 +2,40 @@
 own torch modules: key mapping, coverage, CPU backup, bit-exact copy with proof, restore.
 
 Host-agnostic: a host hands over the part to replace as a ``{name: tensor}`` dict (a module's
-``state_dict(keep_vars=True)``, so the tensors are the live parameters) and gets back a
-:class:`Replacement` it applies and later restores. Used by the A1111/Forge extension
-(``extension/safet2i_a1111/weights.py``); ComfyUI's node uses ``set`` patches instead.
+``state_dict(keep_vars=True)``, so the tensors are the live parameters), :func:`pair` names the
+file's tensors in it and :func:`plan` checks coverage, giving a :class:`Replacement`. Used by
+both hosts: the A1111/Forge extension (``extension/safet2i_a1111/weights.py``) copies it in
+place with :func:`apply` and later :func:`restore`; ComfyUI's node
+(``nodes/lora_nodes.py``) turns ``Replacement.pairs`` into ``set`` patches instead.
 
+* File layouts (:func:`safet2i.lora.load_full_weights`): UNets in diffusers or LDM names, text
+  encoders in transformers names (``text_model.…``; transformers ≥ 5's ``CLIPTextModel`` layout
+  without ``text_model.`` is renamed to it), a whole-file prefix (``unet.``, ``text_encoder.``, …)
+  stripped.
 * UNet: files in LDM names (``input_blocks.…``) map 1:1; diffusers names (``down_blocks.…``)
-  go through :func:`unet_key_map`, derived from the architecture inventory (every weight, bias
-  and norm of the SD1/SD2/SDXL UNet; tested against diffusers' own converter).
+  go through a diffusers → LDM map: :func:`unet_key_map`, derived from the architecture
+  inventory (every weight, bias and norm of the SD1/SD2/SDXL UNet; tested against diffusers'
+  own converter), or the host's own (ComfyUI: ``comfy.utils.unet_to_diffusers`` of the loaded
+  model's config). Either is put under the host's prefix (ComfyUI: ``diffusion_model.``).
 * Text encoder: transformers ``CLIPTextModel`` names (``text_model.…``), found under whichever
   prefix of the host's dict holds them (A1111's ``wrapped.transformer.``, ComfyUI/Forge's
   ``clip_l.transformer.``); the webui's ``.wrapped`` embedding hooks are looked through.
 * Coverage: every tensor in the file must match a host tensor of the same shape, and every
-  tensor of the host part must be replaced, except :func:`text_encoder_weights`' exclusions
-  (``position_ids`` buffers, ``text_projection`` when the file has none).
+  tensor of the host part must be replaced (:func:`require_whole`), except
+  :func:`text_encoder_weights`' exclusions (``position_ids`` buffers, ``text_projection`` when
+  the file has none); a host may let the user accept a partial file (``allow_partial``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ModelLoadError
 from .arch import UNetConfig, unet_modules
+from .manifest import verify
 from .coverage import Coverage, CoverageError, TargetStatus
 
 
@@ -109,6 +120,38 @@ def drop_index_buffers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     return {k: v for k, v in tensors.items() if k not in ignored}, ignored
 
 
+@dataclass
+class Pairing:
+    """A full-weights file named in one host part (shapes not checked yet: :func:`plan` does)."""
+
+    tensors: dict[str, torch.Tensor]   # the file's tensors that count (index buffers dropped)
+    pairs: dict[str, str]              # file key → host key, by name
+    required: list[str]                # host keys the file must replace (the whole part)
+    ignored: list[str]                 # file keys left out (``position_ids``)
+    prefix: str | None                 # host prefix of the part (text encoder: None when no CLIP found)
+
+
+def pair(fw, host: dict, unet_names: Callable[[], dict[str, str]] | None = None, unet_prefix: str = "") -> Pairing:
+    """Name the tensors of ``fw`` (a :class:`~safet2i.lora.FullWeights`) in ``host``.
+
+    UNet: ``host``'s keys under ``unet_prefix`` are the part; LDM files map 1:1, diffusers files
+    through ``unet_names()`` (a diffusers → LDM map, asked for only then). Text encoder: the
+    CLIP under whichever prefix of ``host`` fits best (:func:`text_encoder_map`), its keys less
+    :func:`text_encoder_weights`' exclusions."""
+    tensors = dict(fw.tensors)
+    if fw.component == "unet":
+        if fw.naming == "ldm":
+            pairs = {k: unet_prefix + k for k in tensors}
+        else:
+            names = unet_names() if unet_names is not None else {}
+            pairs = {k: unet_prefix + names[k] for k in tensors if k in names}
+        return Pairing(tensors, pairs, [k for k in host if k.startswith(unet_prefix)], [], unet_prefix)
+    tensors, ignored = drop_index_buffers(tensors)
+    prefix, pairs = text_encoder_map(host, tensors)
+    required = text_encoder_weights(host, tensors, prefix) if prefix is not None else []
+    return Pairing(tensors, pairs, required, ignored, prefix)
+
+
 # --------------------------------------------------------------------------- bit-exact proof
 
 _INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -142,6 +185,7 @@ class Replacement:
     cov: Coverage
     total: int                                 # host tensors the part has (that a file must replace)
     ignored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)                 # host keys the file leaves as they were
     backup: dict[str, torch.Tensor] = field(default_factory=dict)   # host key → CPU copy of the original
     applied: bool = False
 
@@ -152,12 +196,21 @@ class Replacement:
     def summary(self) -> str:
         return f"{len(self.pairs)}/{self.total} {self.part} tensors"
 
+    @property
+    def partial(self) -> bool:
+        """Left file tensors out or host tensors unreplaced (only with ``allow_partial``)."""
+        return bool(self.missing or self.cov.unmatched)
+
 
 def plan(what: str, part: str, tensors: dict[str, torch.Tensor], host: dict[str, torch.Tensor],
-         pairs: dict[str, str], required: list[str], host_name: str, ignored: list[str] | None = None) -> Replacement:
-    """Check coverage before anything changes: every file tensor → a host tensor of the same
-    shape (``pairs``), and every key of ``required`` (the host part) replaced. Raises
-    :class:`WeightsError` naming the keys otherwise."""
+         pairs: dict[str, str], required: list[str], host_name: str, ignored: list[str] | None = None,
+         allow_partial: bool = False, partial_hint: str = "") -> Replacement:
+    """Check the file before anything changes: every file tensor → a host tensor of the same
+    shape (``pairs``; with ``allow_partial`` the others are left out, but a file matching
+    nothing is refused regardless). Raises :class:`WeightsError` naming the keys otherwise.
+    Which keys of ``required`` (the host part) it leaves unreplaced is kept in
+    ``Replacement.missing``, for :func:`require_whole` (after the manifest's check, whose
+    message names the release)."""
     cov = Coverage(host_name)
     for k, v in tensors.items():
         h = pairs.get(k)
@@ -170,19 +223,33 @@ def plan(what: str, part: str, tensors: dict[str, torch.Tensor], host: dict[str,
     if len(bad) == len(cov.statuses):
         raise WeightsError(f"{what} replaces NOTHING in {host_name}: none of its {len(bad)} tensors exists there with "
                            f"the same shape (made for another architecture?). First: " + _list(bad))
-    if bad:
+    if bad and not allow_partial:
         raise WeightsError(f"{what}: {len(bad)} of its {len(cov.statuses)} tensors match no tensor of {host_name} "
-                           f"with the same shape (another architecture or a different model): " + _list(bad))
+                           f"with the same shape (another architecture or a different model): " + _list(bad)
+                           + partial_hint)
     targets = {s.host_key for s in cov.matched}
     if len(targets) != len(cov.matched):
         raise WeightsError(f"{what}: several file tensors map to the same weight of {host_name}.")
-    missing = [k for k in required if k not in targets]
-    if missing:
-        raise WeightsError(f"{what} would replace only {len(targets)} of the {len(required)} tensors of {host_name} "
-                           f"(a partial file: the rest would stay the original model's): missing {missing[:8]}"
-                           + (f" … and {len(missing) - 8} more" if len(missing) > 8 else ""))
     chosen = {s.source_key: s.host_key for s in cov.matched}
-    return Replacement(what, part, host_name, chosen, dict(tensors), cov, len(required), list(ignored or []))
+    rep = Replacement(what, part, host_name, chosen, dict(tensors), cov, len(required), list(ignored or []))
+    rep.missing = [k for k in required if k not in targets]
+    return rep
+
+
+def require_whole(rep: Replacement, allow_partial: bool = False, partial_hint: str = "") -> None:
+    """Refuse a file that leaves part of the host part as it was (unless ``allow_partial``)."""
+    missing = rep.missing
+    if missing and not allow_partial:
+        raise WeightsError(f"{rep.what} would replace only {rep.total - len(missing)} of the {rep.total} tensors of "
+                           f"{rep.host} (a partial file: the rest would stay the original model's): missing "
+                           f"{missing[:8]}" + (f" … and {len(missing) - 8} more" if len(missing) > 8 else "")
+                           + partial_hint)
+
+
+def check_manifest(fw, rep: Replacement) -> str:
+    """The manifest's check of ``fw`` (contents, minimum fraction of the part replaced)."""
+    comp = "unet" if fw.component == "unet" else "te1"
+    return verify(fw.entry, fw.sha256, {comp: len(rep.tensors)}, [], set(), {comp: rep.fraction})
 
 
 def _list(statuses, limit: int = 8) -> str:
@@ -237,5 +304,6 @@ def check_file_part(fw, part: str) -> None:
         raise ModelLoadError(f"{fw.path.name} holds {fw.component} weights ({fw.naming} names), not {part}.")
 
 
-__all__ = ["Replacement", "WeightsError", "apply", "check_file_part", "drop_index_buffers", "plan", "restore",
-           "same_bits", "text_encoder_map", "text_encoder_weights", "unet_key_map"]
+__all__ = ["Pairing", "Replacement", "WeightsError", "apply", "check_file_part", "check_manifest", "drop_index_buffers",
+           "pair", "plan", "require_whole", "restore", "same_bits", "text_encoder_map", "text_encoder_weights",
+           "unet_key_map"]

@@ -144,6 +144,41 @@ def test_a1111_lora_backups_are_unmerged_first(folder):
     assert torch.equal(q.weight, original)                # the unmerged original, not original + LoRA
 
 
+@pytest.mark.parametrize("position_ids", [False, True])
+def test_transformers5_layout_text_encoder_through_the_a1111_path(folder, position_ids):
+    """transformers >= 5 saves CLIPTextModel without ``text_model.``: renamed by the core loader,
+    matched and copied exactly like a 4.x file (its position_ids, if any, ignored)."""
+    te = a1111_cond_stage(tiny_clip(0))
+    before = snapshot(te)
+    v4 = tiny_clip(1).state_dict()
+    v5 = {k[len("text_model."):]: v for k, v in v4.items()}
+    assert all(not k.startswith("text_model.") for k in v5)
+    if position_ids:
+        v5["embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    sw = W.prepare(save(folder, "advunlearn_v5.safetensors", v5), sd_model(te=te))
+    assert sw.part == "text_encoder" and sw.rep.missing == []
+    assert sw.rep.ignored == (["text_model.embeddings.position_ids"] if position_ids else [])
+    assert len(sw.rep.pairs) == sw.rep.total == len(v4)
+    W.apply(sw)
+    after = snapshot(te)
+    for k, h in sw.rep.pairs.items():
+        assert torch.equal(bits(after[h]), bits(v4[k])), k
+    sw.restore()
+    assert_same(snapshot(te), before)
+
+
+def test_text_projection_in_the_file_must_exist_in_the_host(folder):
+    """A ``CLIPTextModelWithProjection`` file carries ``text_projection``; A1111's SD1 CLIP
+    (a transformers ``CLIPTextModel``) has none, so the file is refused, never half-applied."""
+    te = a1111_cond_stage(tiny_clip(0))
+    before = snapshot(te)
+    file_sd = dict(tiny_clip(1).state_dict(), **{"text_projection.weight": torch.ones(32, 32)})
+    with pytest.raises(core.WeightsError, match="match no tensor") as ei:
+        W.prepare(save(folder, "with_projection.safetensors", file_sd), sd_model(te=te))
+    assert "text_projection.weight (no such weight in the model)" in str(ei.value)
+    assert_same(snapshot(te), before)
+
+
 # --------------------------------------------------------------------------- UNet
 
 def test_unet_ldm_names_replaced_and_restored(folder):
