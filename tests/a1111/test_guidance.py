@@ -135,6 +135,36 @@ def test_guided_denoiser_output_matches_the_float64_reference(start, monkeypatch
 
 
 @pytest.mark.parametrize("variant", ["a1111-1.10", "a1111-1.7", "forge", "reforge"])
+@pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint-only-masked"])
+def test_img2img_and_inpaint_are_guided_like_the_reference(start, monkeypatch, variant, inpaint):
+    """img2img (denoising 0.6) and inpaint "only masked": every model call of the shortened
+    schedule is guided and equals the float64 reference, warm-up scaled to the pass's calls."""
+    from PIL import Image, ImageDraw
+
+    webui = start(variant)
+    calls = record_denoiser(monkeypatch)
+    init = Image.fromarray((np.indices((64, 64)).sum(0) % 255).astype(np.uint8)).convert("RGB")
+    kw = {}
+    if inpaint:
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+        kw = dict(mask=mask, inpaint_full_res=True)
+    args = webui.ui_args(img2img=True, guidance_enabled=True, guidance_method="SLD", guidance_preset="MAX",
+                         filter_enabled=False)
+    p, processed = webui.img2img(init, PROMPTS[0], steps=10, denoising_strength=0.6, cfg_scale=6.5, args=args,
+                                 **kw)
+    job = p._safet2i_job
+    assert job.error is None, job.error
+    assert 0 < len(calls) < 10                          # the img2img schedule: fewer model calls
+    assert job.guided_steps() == len(calls)
+    want, plain, applied = expected_outputs(webui, calls, PROMPTS[:1], "MAX")
+    for i, (call, w, u, was) in enumerate(zip(calls, want, plain, applied)):
+        np.testing.assert_allclose(call["out"].numpy(), w, rtol=1e-9, atol=1e-9, err_msg=f"call {i}")
+    assert any(applied)
+    assert "SafeT2I guidance: SLD MAX" in processed.infotexts[0]
+
+
+@pytest.mark.parametrize("variant", ["a1111-1.10", "a1111-1.7", "forge", "reforge"])
 def test_hires_fix_is_guided_in_both_passes_once(start, monkeypatch, variant):
     webui = start(variant)
     calls = record_denoiser(monkeypatch)
