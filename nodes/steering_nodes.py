@@ -32,15 +32,43 @@ EOS = 49407
 #: step at exactly (t'+1)/50 to the original entry as the DDIM-50 reference does, and no
 #: built-in scheduler at 1..400 steps samples the moved boundary (integration test).
 BOUNDARY_EPS = 1e-6
-#: Feature layout of ComfyUI's concatenated conditioning per tokenizer key set.
-SPLITS = {("l",): None, ("h",): None, ("g", "l"): (("l", 0, 768), ("g", 768, 2048))}
+#: Order of the encoders' channel blocks in ComfyUI's concatenated conditioning, per tokenizer
+#: key set (SDXL: ``torch.cat([clip_l, clip_g], -1)`` in ``SDXLClipModel.encode_token_weights``).
+LAYOUTS = {("l",): ("l",), ("h",): ("h",), ("g", "l"): ("l", "g")}
+#: Widths of the full-size encoders, used only when a sub-model's width cannot be read.
+FULL_WIDTHS = {"l": 768, "g": 1280}
 
 
-def _splits(tokens: dict, dim: int):
+def _encoder_width(clip, key: str) -> int | None:
+    """Hidden width of ComfyUI's ``clip_<key>`` text encoder (its token embedding), or None."""
+    sub = getattr(getattr(clip, "cond_stage_model", None), f"clip_{key}", None)
+    text_model = getattr(getattr(sub, "transformer", None), "text_model", None)
+    embedding = getattr(getattr(text_model, "embeddings", None), "token_embedding", None)
+    weight = getattr(embedding, "weight", None)
+    return int(weight.shape[-1]) if weight is not None and weight.ndim == 2 else None
+
+
+def _splits(clip, tokens: dict, dim: int):
+    """(key, lo, hi) channel slice of each encoder in the conditioning of width ``dim``.
+
+    SDXL: CLIP-L first, then OpenCLIP-bigG; the slices come from the encoders' actual widths
+    (768 and 1280 for the full-size models), so a resized encoder is never steered on another
+    encoder's channels."""
     keys = tuple(sorted(tokens))
-    if keys not in SPLITS:
+    if keys not in LAYOUTS:
         raise SafeT2IError(f"SAFREE-style steering supports SD1.x, SD2.x and SDXL text encoders, not {keys}.")
-    return SPLITS[keys] or ((keys[0], 0, dim),)
+    order = LAYOUTS[keys]
+    if len(order) == 1:
+        return ((order[0], 0, dim),)
+    widths = [_encoder_width(clip, k) or FULL_WIDTHS[k] for k in order]
+    if sum(widths) != dim:
+        raise SafeT2IError(f"SAFREE-style steering: the {'+'.join(order)} encoder widths {widths} do not add "
+                           f"up to the conditioning width {dim}.")
+    out, lo = [], 0
+    for k, w in zip(order, widths):
+        out.append((k, lo, lo + w))
+        lo += w
+    return tuple(out)
 
 
 def _ids(chunk) -> list[int]:
@@ -122,7 +150,7 @@ def token_strings(clip, key: str, ids: list[int]) -> list[str]:
 def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float, order: str, svf: bool):
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    splits = _splits(tokens, cond.shape[-1])
+    splits = _splits(clip, tokens, cond.shape[-1])
     n_chunks = len(next(iter(tokens.values())))
 
     def encode_variants(variant_tokens: dict) -> torch.Tensor:
