@@ -42,6 +42,7 @@ from safet2i.errors import SafeT2IError
 from safet2i.lora import check, load_lora, read_safetensors, require_full, resolver_for, to_kohya
 from safet2i.lora.arch import ARCHITECTURES
 from safet2i.lora.keys import parse
+from safet2i.lora.manifest import check_arch
 
 CACHE_DIRNAME = "safet2i-converted"
 SAFETY_DIRNAME = "safety_models"
@@ -197,6 +198,9 @@ def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = 
         raise LoraLayerError("the webui's Lora folder is unknown; the safety LoRA cannot be activated")
     lf = load_lora(path)
     arch = model_architecture(sd_model)
+    # A known release: its sha256 / contents as the manifest says, made for this architecture.
+    lf.verify_manifest()
+    check_arch(lf.entry, arch, f"Safety LoRA {path.name}")
     if lf.architectures and arch not in lf.architectures:
         made = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
         raise LoraLayerError(f"safety LoRA {path.name} is made for {made}; the loaded model is "

@@ -289,3 +289,29 @@ def test_verify_loaded_reforge(tmp_path):
     sd_model.current_lora_hash = str([[str(lora.filename), 0.3, 0.75]])
     with pytest.raises(L.LoraLayerError, match="strengths"):
         L.verify_loaded(p, lora)
+
+
+def test_known_release_checked_against_the_manifest_and_the_model(folders):
+    """A file named as a known release (DUO nudity β=500: SD1.x, rank 32, attn1 only): its
+    contents must be what the manifest says, and it is refused on an SD2 model although every
+    one of its shapes fits there too (shape checks alone would let it through)."""
+    from safet2i.errors import ModelLoadError
+    from safet2i.lora.manifest import find
+
+    entry = find("duo_nudity_beta500.safetensors", "")
+    assert entry is not None and entry.arch == "sd1"
+    mods = [m for m in inventory("sd1")["unet"].values() if ".attn1." in m.diffusers]
+    sd2 = SimpleNamespace(is_sd2=True)
+    name = "Lora/duo_nudity_beta500.safetensors"
+    save(folders["Lora"] / "duo_nudity_beta500.safetensors", write_layout(make_specs(mods, rank=4), "diffusers"))
+    with pytest.raises(ModelLoadError, match=r"rank \[4\] instead of 32"):
+        L.prepare(name, SD1, folders=folders)
+    save(folders["Lora"] / "duo_nudity_beta500.safetensors", write_layout(make_specs(mods, rank=32), "diffusers"))
+    lora = L.prepare(name, SD1, folders=folders)
+    assert lora.arch == "sd1" and lora.targets == len(mods)
+    for partial in (False, True):
+        with pytest.raises(ModelLoadError, match="made for"):
+            L.prepare(name, sd2, allow_partial=partial, folders=folders)
+    # The same tensors under a name the manifest does not know: shapes fit SD2, coverage decides.
+    save(folders["Lora"] / "my_lora.safetensors", write_layout(make_specs(mods, rank=32), "diffusers"))
+    assert L.prepare("Lora/my_lora.safetensors", sd2, folders=folders).arch == "sd2"
