@@ -14,9 +14,10 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from ..safet2i.lora import Coverage, Target, check, load_full_weights, load_lora, merged, require_full
-from ..safet2i.lora.coverage import TargetStatus, check_strengths, patch_gain_problems, patch_counts
-from ..safet2i.lora.manifest import check_arch, rename_hint, verify
+from ..safet2i.lora import Target, check, load_full_weights, load_lora, merged, require_full
+from ..safet2i.lora import full_weights as full
+from ..safet2i.lora.coverage import check_strengths, patch_gain_problems, patch_counts
+from ..safet2i.lora.manifest import check_arch, rename_hint
 from .paths import safety_weight_names, safety_weight_path
 
 _CLIP_PREFIXES = {"te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
@@ -186,25 +187,14 @@ class SafeT2ILoadSafetyLoRA(io.ComfyNode):
         return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
 
 
-def _unet_host_keys(model, fw) -> dict[str, str]:
+def _unet_names(model):
+    """ComfyUI's own diffusers → LDM map of the loaded model's UNet config (any ComfyUI UNet)."""
     import comfy.utils  # noqa: PLC0415
 
-    if fw.naming == "ldm":
-        return {k: f"diffusion_model.{k}" for k in fw.tensors}
-    d2l = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
-    return {k: f"diffusion_model.{d2l[k]}" for k in fw.tensors if k in d2l}
+    return lambda: comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
 
 
-def _clip_host_keys(clip_sd: dict, fw) -> dict[str, str]:
-    """HF text-encoder keys → the CLIP object's keys (one encoder prefix, e.g. ``clip_l.transformer.``)."""
-    best: dict[str, str] = {}
-    prefixes = {k[: -len("text_model.embeddings.token_embedding.weight")] for k in clip_sd
-                if k.endswith("text_model.embeddings.token_embedding.weight")}
-    for p in sorted(prefixes):
-        found = {k: p + k for k in fw.tensors if p + k in clip_sd and tuple(clip_sd[p + k].shape) == tuple(fw.tensors[k].shape)}
-        if len(found) > len(best):
-            best = found
-    return best
+_PARTIAL_HINT = ". Enable allow_partial to load the rest anyway."
 
 
 class SafeT2ILoadSafetyWeights(io.ComfyNode):
@@ -234,35 +224,23 @@ class SafeT2ILoadSafetyWeights(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, weights_name, allow_partial=False):
         fw = load_full_weights(safety_weight_path(weights_name, lora=False))
-        check_arch(fw.entry, host_arch(model), f"Safety weights {fw.path.name}")
-        tensors = dict(fw.tensors)
-        ignored = []
-        if fw.component == "text_encoder":
-            # transformers' CLIPTextModel files (before transformers 4.31) carry the position_ids
-            # buffer: an index table, not a weight; ComfyUI's CLIP has no such tensor.
-            ignored = sorted(k for k, v in tensors.items() if k.endswith("position_ids") and not v.is_floating_point())
-            for k in ignored:
-                del tensors[k]
+        what = f"Safety weights {fw.path.name}"
+        check_arch(fw.entry, host_arch(model), what)
         if fw.component == "unet":
             host_sd = model.model.state_dict()
-            mapping = _unet_host_keys(model, fw)
+            p = full.pair(fw, host_sd, _unet_names(model), unet_prefix="diffusion_model.")
         else:
             host_sd = clip.cond_stage_model.state_dict()
-            mapping = _clip_host_keys(host_sd, fw)
-        cov = Coverage("this model")
-        for k, v in tensors.items():
-            host = mapping.get(k)
-            shape = tuple(host_sd[host].shape) if host in host_sd else None
-            cov.statuses.append(TargetStatus(f"{fw.component}:{k}", k, host if shape else None, tuple(v.shape), shape, 0, 1.0))
-        require_full(cov, f"Safety weights {fw.path.name}", allow_partial)
-        patches = {s.host_key: ("set", (tensors[s.source_key],)) for s in cov.matched}
-        prefix = "diffusion_model." if fw.component == "unet" else None
-        total = [k for k in host_sd if (prefix is None or k.startswith(prefix))]
-        if fw.component == "text_encoder":
-            total = text_encoder_weights(host_sd, patches, tensors)
-        fraction = len(patches) / max(1, len(total))
-        comp = "unet" if fw.component == "unet" else "te1"
-        state = verify(fw.entry, fw.sha256, {comp: len(tensors)}, [], set(), {comp: fraction})
+            p = full.pair(fw, host_sd)
+        # Core rules (safet2i.lora.full_weights): every file tensor matched by name and shape,
+        # the whole part replaced (text encoders: position_ids ignored, text_projection only
+        # when the file has one); allow_partial lets either through, reported.
+        rep = full.plan(what, fw.component, p.tensors, host_sd, p.pairs, p.required, "this model", p.ignored,
+                        allow_partial, _PARTIAL_HINT)
+        state = full.check_manifest(fw, rep)
+        full.require_whole(rep, allow_partial, _PARTIAL_HINT)
+        cov, fraction = rep.cov, rep.fraction
+        patches = {h: ("set", (rep.tensors[k],)) for k, h in rep.pairs.items()}
         if fw.component == "unet":
             before = patch_counts(model.patches)
             new_model, new_clip = model.clone(), clip
@@ -278,33 +256,16 @@ class SafeT2ILoadSafetyWeights(io.ComfyNode):
             raise SafeT2IError(f"ComfyUI did not register exactly one new weight replacement for {len(problems)} weights "
                                f"of {fw.path.name} (e.g. {problems[:3]}); the model is NOT protected.")
         cov.applied = list(patches)
-        rep = _report(fw.path, fw.sha256, fw.entry, state, {
+        report = _report(fw.path, fw.sha256, fw.entry, state, {
             "component": fw.component, "naming": fw.naming, "replaced_fraction": round(fraction, 4),
-            "host_weights": len(total), "ignored": ignored, "host_arch": host_arch(model), **cov.as_dict(),
+            "host_weights": rep.total, "ignored": rep.ignored, "missing": rep.missing, "host_arch": host_arch(model),
+            "allow_partial": allow_partial, **cov.as_dict(),
         })
         text = f"{fw.path.name}: {cov.summary()}; replaced {fraction:.1%} of the {fw.component} weights"
-        return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
-
-
-def text_encoder_weights(host_sd: dict, patches: dict, file_tensors: dict) -> list[str]:
-    """The host weights a full text-encoder file is measured against.
-
-    Every weight of the encoder(s) the file patched (``clip_l.transformer.*``), except those a
-    transformers ``CLIPTextModel`` file never has: ComfyUI's CLIP carries ``text_projection``
-    (only ``CLIPTextModelWithProjection`` saves one) and buffers such as ``position_ids``.
-    """
-    enc = sorted({h.split("text_model.")[0] for h in patches})
-    has_projection = any(k.startswith("text_projection") for k in file_tensors)
-    out = []
-    for k in host_sd:
-        e = next((e for e in enc if k.startswith(e)), None)
-        if e is None:
-            continue
-        rest = k[len(e):]
-        if rest.endswith("position_ids") or (rest.startswith("text_projection") and not has_projection):
-            continue
-        out.append(k)
-    return out
+        if rep.partial:
+            text += (f"; PARTIAL (allow_partial): {len(cov.unmatched)} file tensors not loaded, "
+                     f"{len(rep.missing)} model weights left as they were")
+        return io.NodeOutput(new_model, new_clip, json.dumps(report), ui=ui.PreviewText(text))
 
 
 NODES = [SafeT2ILoadSafetyLoRA, SafeT2ILoadSafetyWeights]

@@ -172,9 +172,9 @@ def _tiny_sd(comfy, tiny_checkpoint):
     return load_file(str(comfy.base / "checkpoints" / tiny_checkpoint))
 
 
-def full_graph(ckpt, name, out):
+def full_graph(ckpt, name, out, allow_partial=False):
     g = patch_graph(ckpt, {"class_type": "SafeT2ILoadSafetyWeights", "inputs": {
-        "model": ["1", 0], "clip": ["1", 1], "weights_name": name, "allow_partial": False}}, out, sample=True)
+        "model": ["1", 0], "clip": ["1", 1], "weights_name": name, "allow_partial": allow_partial}}, out, sample=True)
     return g
 
 
@@ -344,3 +344,12 @@ def test_advunlearn_text_encoder_as_released_replaces_100_percent(comfy, tiny_ch
     save_file(short, str(comfy.base / "safety_models" / "short" / "advunlearn_nudity_text_encoder.safetensors"))
     text = error_text(comfy.run(full_graph(tiny_checkpoint, "short/advunlearn_nudity_text_encoder.safetensors", "adv2")))
     assert "named like 'advunlearn-nudity'" in text and "expected 100%" in text
+    # the same file under no release's name: refused as a partial file (the core's whole-part rule,
+    # as in A1111), unless allow_partial, which loads it and reports what was left as it was
+    save_file(short, str(comfy.base / "safety_models" / "short_unnamed.safetensors"))
+    text = error_text(comfy.run(full_graph(tiny_checkpoint, "short_unnamed.safetensors", "adv3")))
+    assert "partial file" in text and "allow_partial" in text and "layers.11." in text
+    entry = run_ok(comfy, full_graph(tiny_checkpoint, "short_unnamed.safetensors", "adv4", allow_partial=True))
+    rep = report(entry)
+    assert rep["applied"] == len(short) and len(rep["missing"]) == len(keys) - len(short) and rep["allow_partial"]
+    assert rep["replaced_fraction"] < 1.0 and "PARTIAL" in "\n".join(entry["outputs"]["2"]["text"])
