@@ -215,7 +215,8 @@ class SafeT2ILoadSafetyWeights(io.ComfyNode):
                 io.Combo.Input("weights_name", options=safety_weight_names(lora=False),
                                tooltip="A .safetensors UNet or text encoder in models/safety_models."),
                 io.Boolean.Input("allow_partial", default=False,
-                                 tooltip="Load the matching tensors even if some do not match (reported)."),
+                                 tooltip="Off: the file must replace the whole UNet or text encoder, every tensor "
+                                         "matched. On: load the matching tensors anyway (what is left is reported)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.String.Output(display_name="coverage_report")],
