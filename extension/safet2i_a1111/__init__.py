@@ -22,6 +22,10 @@ def _load_core() -> None:
     loaded = sys.modules.get("safet2i")
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == core:
         return
+    # Another copy (an older install, a pip-installed safet2i): drop it and every submodule
+    # it loaded, so this checkout's modules are never mixed with that copy's.
+    for name in [n for n in sys.modules if n == "safet2i" or n.startswith("safet2i.")]:
+        del sys.modules[name]
     spec = importlib.util.spec_from_file_location("safet2i", core / "__init__.py",
                                                   submodule_search_locations=[str(core)])
     module = importlib.util.module_from_spec(spec)

@@ -173,6 +173,7 @@ class SafetyLora:
     formats: list[str] = field(default_factory=list)
     pending: bool = False          # tag added for this batch, not verified yet
     loaded: str = ""               # last verification summary
+    sampled: list = field(default_factory=list)   # Forge: UNet patchers of the passes, checked after them
 
     @property
     def tag(self) -> str:
@@ -390,6 +391,39 @@ def verify_loaded(p, lora: SafetyLora, networks=None) -> str:
     return lora.loaded
 
 
+def forge_patchers(sd_model) -> dict:
+    """Forge: the UNet and CLIP patchers of ``forge_objects`` that carry LoRA patches and a
+    ``lora_loader`` (empty outside Forge)."""
+    fo = getattr(sd_model, "forge_objects", None)
+    if fo is None:
+        return {}
+    out = {}
+    for part, patcher in (("unet", getattr(fo, "unet", None)),
+                          ("clip", getattr(getattr(fo, "clip", None), "patcher", None))):
+        if isinstance(getattr(patcher, "lora_patches", None), dict) and \
+                getattr(getattr(patcher, "model", None), "lora_loader", None) is not None:
+            out[part] = patcher
+    return out
+
+
+def check_merged(patchers, lora: SafetyLora, where: str) -> None:
+    """Forge: a patcher's LoRA patches are only a record; they reach the weights when its
+    memory manager loads the patcher (``refresh_loras``), and the model's shared
+    ``lora_loader.loaded_hash`` says which set is merged now. For each patcher (after it was
+    loaded: the CLIP once the conds are encoded, the UNet after its sampling pass) that carries
+    our LoRA, the merged set must be the patcher's set."""
+    for patcher in patchers:
+        patches = getattr(patcher, "lora_patches", None)
+        loader = getattr(getattr(patcher, "model", None), "lora_loader", None)
+        if not isinstance(patches, dict) or loader is None:
+            continue
+        if not any(_same_file(ident[0], lora.filename) for ident in patches):
+            continue
+        if getattr(loader, "loaded_hash", None) != str(list(patches.keys())):
+            raise LoraLayerError(f"Forge did not merge the safety LoRA {lora.name} into the weights used in the "
+                                 f"{where} (its LoRA loader holds {str(getattr(loader, 'loaded_hash', None))[:120]})")
+
+
 def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:
     """reForge (``ldm_patched`` ModelPatcher): its Lora extension records the applied set as
     ``current_lora_hash = str([[filename, unet_multiplier, te_multiplier], ...])`` and adds the
@@ -421,5 +455,6 @@ def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:
     return count
 
 
-__all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_verified", "list_choices", "model_architecture", "prepare",
-           "register", "resolve_choice", "roots", "verify_loaded", "write_kohya_cache"]
+__all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_merged", "check_verified", "forge_patchers",
+           "list_choices", "model_architecture", "prepare", "register", "resolve_choice", "roots", "verify_loaded",
+           "write_kohya_cache"]

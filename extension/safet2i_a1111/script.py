@@ -142,9 +142,24 @@ class Job:
             log.error("SafeT2I: %s; images of this job will be blocked", self.error)
         self.steer_mark = now
 
-    def check_layers(self, where: str) -> None:
+    def check_weights(self, p, where: str, full: bool = True) -> None:
+        """The full safety weights are still in the model the job samples with (a model
+        switched or reloaded mid-job would otherwise run with infotext saying "verified").
+        After each sampling pass every tensor is compared (``full``); before one, only that
+        the model and its part are the same objects (so nothing is sampled in vain)."""
+        sw = self.weights
+        if sw is None or self.failed:
+            return
+        try:
+            weights_layer.check_applied(sw, getattr(p if p is not None else self.p, "sd_model", None), where, full)
+        except Exception as exc:  # noqa: BLE001
+            self.error = f"safety weights: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", self.error)
+
+    def check_layers(self, where: str, p=None) -> None:
         self.check_guided(where)
         self.check_steered(where)
+        self.check_weights(p, where)
 
 
 _ACTIVE: list[Job] = []   # the job being generated (the webui runs one at a time)
@@ -170,6 +185,17 @@ def _encode_concept(p, text: str):
     if isinstance(cond, dict):
         return {k: v[0].detach().clone() for k, v in cond.items()}
     return cond[0].detach().clone()
+
+
+def _other_checkpoint(p) -> str | None:
+    """The hires-fix checkpoint or refiner a job switches to (None: it stays on the loaded one)."""
+    hr = getattr(p, "hr_checkpoint_name", None) if getattr(p, "enable_hr", False) else None
+    if hr and hr != "Use same checkpoint":
+        return f"a hires-fix checkpoint ({hr})"
+    refiner = getattr(p, "refiner_checkpoint", None)
+    if refiner and refiner != "None" and (getattr(p, "refiner_switch_at", None) or 0) < 1:
+        return f"a refiner ({refiner})"
+    return None
 
 
 def _guidance_model_error(model) -> str | None:
@@ -552,6 +578,10 @@ class SafeT2IScript(scripts.Script):
         if job is None:
             return
         p.extra_generation_params.update(job.cfg.infotext())
+        modified = weights_layer.modified(p.sd_model)
+        if modified and not job.failed:
+            job.error = modified
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
         if job.cfg.weights_enabled and not job.failed:
             self._apply_weights(p, job)
         if job.cfg.lora_enabled and not job.failed:
@@ -565,25 +595,33 @@ class SafeT2IScript(scripts.Script):
 
     def _apply_weights(self, p, job: Job) -> None:
         """Full safety weights into the loaded model for this job; the originals come back in
-        ``job.restore`` (postprocess, or the clean-up of a failed / interrupted job)."""
+        ``job.restore`` (postprocess, or the clean-up of a failed / interrupted job). A copy of
+        ``p`` (X/Y/Z plot) comes here after the previous copy's clean-up restored the model."""
         try:
-            if job.weights is not None and job.weights.sd_model is p.sd_model and job.weights.rep.applied:
-                pass                                  # a copy of p (X/Y/Z plot): already applied to this model
-            else:
-                if job.weights is not None:           # another model now: restore the previous one first
-                    job.weights.restore()
-                sw = weights_layer.prepare(job.cfg.weights_file, p.sd_model, job.cfg.weights_part)
-                job.weights = sw
+            other = _other_checkpoint(p)
+            if other:
+                raise weights_layer.WeightsLayerError(
+                    f"the job uses {other}; the safety weights go into the loaded checkpoint only and that pass would "
+                    "run without them (choose 'Use same checkpoint' / no refiner)")
+            if job.weights is not None:               # an earlier copy of p: its model back first
+                job.weights.restore()
+            sw = weights_layer.prepare(job.cfg.weights_file, p.sd_model, job.cfg.weights_part)
+            job.weights = sw
 
-                def undo(sw=sw):
-                    try:
-                        sw.restore()
-                    except Exception as exc:  # noqa: BLE001 - the next jobs must know
-                        log.error("SafeT2I: %s", exc)
+            def undo(sw=sw):
+                try:
+                    sw.restore()
+                except Exception as exc:  # noqa: BLE001 - recorded: later jobs on this model are blocked
+                    log.error("SafeT2I: %s", exc)
+                finally:
+                    if sw.part == "text_encoder":     # conds of this job are the safety encoder's
+                        weights_layer.clear_cond_caches(p)
 
-                job.restore.append(undo)
-                weights_layer.apply(sw)
-            p.extra_generation_params["SafeT2I weights"] = job.weights.infotext()
+            job.restore.append(undo)
+            weights_layer.apply(sw)
+            if sw.part == "text_encoder":             # conds cached before are the original encoder's
+                weights_layer.clear_cond_caches(p)
+            p.extra_generation_params["SafeT2I weights"] = sw.infotext()
         except Exception as exc:  # noqa: BLE001
             job.error = f"safety weights: {exc}"
             log.error("SafeT2I: %s; images of this job will be blocked", job.error)
@@ -644,6 +682,8 @@ class SafeT2IScript(scripts.Script):
 
     def process_batch(self, p, *args, **kwargs):
         job = _job(p)
+        if job is not None:
+            job.check_weights(p, "before sampling", full=False)
         if job is not None and not job.failed and (job.lora is not None or job.cfg.steering_enabled):
             self._layers_batch(p, job)
         if job is None or not job.cfg.guidance_active or job.failed:
@@ -669,6 +709,11 @@ class SafeT2IScript(scripts.Script):
         """Forge / reForge (and called, unused, by A1111 1.10): right before each sampling pass,
         after the webui rebuilt ``forge_objects``; the guidance goes into a UNet clone."""
         job = _job(p)
+        if job is not None:
+            job.check_weights(p, "before the hires pass" if getattr(p, "is_hr_pass", False) else "before sampling",
+                              full=False)
+        if job is not None and job.lora is not None and not job.failed:
+            self._lora_before_sampling(p, job)
         if job is None or not job.cfg.guidance_active or job.failed or job.concept is None:
             return
         if not hasattr(p.sd_model, "forge_objects"):
@@ -682,15 +727,43 @@ class SafeT2IScript(scripts.Script):
             job.error = f"guidance could not start: {exc}"
             log.error("SafeT2I: %s; images of this job will be blocked", job.error)
 
+    @staticmethod
+    def _lora_before_sampling(p, job: Job) -> None:
+        """Forge: the conds of the pass are encoded, so the CLIP patcher was loaded: our LoRA
+        must be merged in it now; the UNet patcher is recorded and checked after its pass."""
+        try:
+            patchers = lora_layer.forge_patchers(p.sd_model)
+            if "clip" in patchers:
+                lora_layer.check_merged([patchers["clip"]], job.lora, "text encoder")
+            if "unet" in patchers:
+                job.lora.sampled.append(patchers["unet"])
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"safety LoRA: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
+    @staticmethod
+    def _lora_after_sampling(job: Job, where: str) -> None:
+        if job.lora is None or job.failed:
+            return
+        try:
+            sampled, job.lora.sampled = job.lora.sampled, []
+            lora_layer.check_merged(sampled, job.lora, f"UNet of the {where}")
+        except Exception as exc:  # noqa: BLE001
+            job.error = f"safety LoRA: {exc}"
+            log.error("SafeT2I: %s; images of this job will be blocked", job.error)
+
     def before_hr(self, p, *args):
         job = _job(p)
         if job is not None and getattr(p, "firstpass_image", None) is None:
-            job.check_layers("first pass")
+            job.check_layers("first pass", p)
+            self._lora_after_sampling(job, "first pass")
 
     def postprocess_batch(self, p, *args, **kwargs):
         job = _job(p)
         if job is not None:
-            job.check_layers("hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
+            job.check_layers("hires pass" if getattr(p, "enable_hr", False) else "sampling pass", p)
+        if job is not None:
+            self._lora_after_sampling(job, "hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
         if job is not None and job.lora is not None and not job.failed:
             try:
                 lora_layer.check_verified(job.lora, "hires pass" if getattr(p, "enable_hr", False) else "sampling pass")

@@ -22,11 +22,24 @@ original model. Everything is checked before anything changes (core:
    backups, Forge's ``lora_loader``, reForge's patcher backups), so a safety LoRA later
    applies on top of the new weights and never restores the old ones; CPU backups, copy
    (no_grad, host dtype/device), then every replaced tensor is compared bit for bit with the
-   file's. Any failure raises: the job is marked failed and its images are blocked.
+   file's. Any failure raises: the job is marked failed and its images are blocked. On Forge
+   the LoRA patchers sharing the model are then evicted from its memory manager, so the next
+   load merges the job's LoRAs again on top of the new weights (a loaded patcher is never
+   re-merged by Forge itself).
+5. while the job runs (``check_applied``, before and after every sampling pass): the model is
+   still the one the file went into and its weights, as the webui would restore them (a
+   merged LoRA's backups), are still the file's bit for bit; a model switched or reloaded
+   mid-job blocks the images. Hires-fix checkpoints and refiners are refused up front.
+6. restore: the originals are written back only into a model that still holds the file's
+   tensors (one reloaded meanwhile is left as it is); a restore that fails marks the model
+   as modified (:func:`modified`) and every later job on it is blocked until the checkpoint
+   changes.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +50,10 @@ from safet2i.lora.arch import ARCHITECTURES
 from safet2i.lora.manifest import check_arch
 
 from . import lora as lora_layer
+from .config import WEIGHTS_PARTS as PARTS
 
-PARTS = ("auto", "unet", "text_encoder")
 NONE = lora_layer.NONE
+log = logging.getLogger("safet2i")
 
 
 class WeightsLayerError(SafeT2IError):
@@ -128,7 +142,7 @@ def unmerge_host_loras(sd_model, part: str, module) -> int:
             m.network_bias_backup = None
             m.network_current_names = ()
     for patcher in _patchers(sd_model, part):
-        loader = getattr(getattr(patcher, "model", None), "lora_loader", None)
+        loader = _forge_loader(patcher)
         if loader is not None and (getattr(loader, "backup", None) or getattr(loader, "online_backup", None)):
             loader.refresh({}, offload_device=getattr(patcher, "offload_device", "cpu"), force_refresh=True)  # Forge
             n += 1
@@ -139,8 +153,123 @@ def unmerge_host_loras(sd_model, part: str, module) -> int:
     return n
 
 
+def _forge_loader(patcher):
+    """Forge's ``LoraLoader`` (one per model, shared by its patcher clones), or None."""
+    return getattr(getattr(patcher, "model", None), "lora_loader", None)
+
+
+def evict_forge_patchers(sd_model, part: str) -> int:
+    """Forge merges a patcher's LoRAs (``refresh_loras``) only when its memory manager loads
+    the patcher; one already loaded is used as it is. After its weights changed under it (our
+    unmerge, copy or restore), every loaded clone of the part's model is taken out of the
+    manager (``unload_model_clones``; the weights stay where they are), so the next load merges
+    the LoRAs of the job again on top of the weights now in place. Returns how many patchers
+    were looked at (0 outside Forge)."""
+    patchers = [pt for pt in _patchers(sd_model, part) if _forge_loader(pt) is not None]
+    if not patchers:
+        return 0
+    try:
+        from backend import memory_management  # noqa: PLC0415  (Forge)
+    except ImportError as exc:
+        raise WeightsLayerError("Forge's backend.memory_management cannot be imported; its LoRAs could not be "
+                                f"merged again after the weights changed ({exc})") from exc
+    for patcher in patchers:
+        memory_management.unload_model_clones(patcher)
+    return len(patchers)
+
+
+_COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
+
+
+def clear_cond_caches(p) -> int:
+    """Empty the webui's prompt-conditioning caches (``cached_c``/``cached_uc`` and the hires
+    ones: lists shared by every ``p`` through the class, keyed on prompts, steps, checkpoint and
+    extra networks but not on the text encoder's weights). After the text encoder changed (our
+    weights in, or the originals back) a cached cond would be the other encoder's. Emptied in
+    place, so every holder of the same lists sees it. Returns how many caches were emptied."""
+    n = 0
+    seen = set()
+    owners = [vars(p) if hasattr(p, "__dict__") else {}] + [vars(c) for c in type(p).__mro__]
+    for owner in owners:
+        for name in _COND_CACHES:
+            cache = owner.get(name)
+            if isinstance(cache, list) and id(cache) not in seen:
+                seen.add(id(cache))
+                cache[:] = [None] * len(cache)
+                n += 1
+    return n
+
+
 def _host_dict(module) -> dict:
     return module.state_dict(keep_vars=True)
+
+
+def _module_prefix(sd_model, part: str) -> str:
+    """Where the part's module sits in its Forge/reForge patcher's model (the keys of the
+    patchers' backups): the UNet patcher holds the KModel (``diffusion_model.…``), the CLIP
+    patcher the text encoder itself."""
+    return "diffusion_model." if part == "unet" else ""
+
+
+def base_tensors(sd_model, part: str, module) -> dict:
+    """The part's tensors as the webui would put them back when it takes its LoRAs out: a
+    merged weight's backup (A1111 per-module ``network_weights_backup``, Forge's
+    ``lora_loader.backup``, reForge's patcher ``backup``) in place of the merged value."""
+    import torch  # noqa: PLC0415
+
+    out = dict(_host_dict(module))
+    for name, m in module.named_modules():
+        dot = f"{name}." if name else ""
+        wb, bb = getattr(m, "network_weights_backup", None), getattr(m, "network_bias_backup", None)
+        if isinstance(wb, torch.Tensor) and f"{dot}weight" in out:
+            out[f"{dot}weight"] = wb
+        if isinstance(bb, torch.Tensor) and f"{dot}bias" in out:
+            out[f"{dot}bias"] = bb
+    prefix = _module_prefix(sd_model, part)
+    for patcher in _patchers(sd_model, part):
+        backups = [getattr(_forge_loader(patcher), "backup", None), getattr(patcher, "backup", None)]
+        for backup in backups:
+            if not isinstance(backup, dict):
+                continue
+            for key, value in backup.items():
+                value = getattr(value, "weight", value)          # reForge: (weight, inplace_update)
+                if isinstance(key, str) and key.startswith(prefix) and key[len(prefix):] in out \
+                        and isinstance(value, torch.Tensor):
+                    out[key[len(prefix):]] = value
+    return out
+
+
+# --------------------------------------------------------------------------- models left modified
+
+#: Models whose originals could not be written back: (weak model, checkpoint at the time, why).
+_MODIFIED: list[tuple[weakref.ref, object, str]] = []
+
+
+def _checkpoint_of(sd_model) -> object:
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    return (getattr(info, "filename", None) or getattr(info, "title", None), getattr(sd_model, "sd_model_hash", None))
+
+
+def _mark_modified(sd_model, why: str) -> None:
+    try:
+        ref = weakref.ref(sd_model)
+    except TypeError:
+        ref = (lambda m: (lambda: m))(sd_model)
+    _MODIFIED.append((ref, _checkpoint_of(sd_model), why))
+
+
+def modified(sd_model) -> str | None:
+    """Why this model may still hold safety weights a job could not take out (None: it does
+    not): every later job on it is blocked until another checkpoint is loaded (a new model
+    object, or the webui loading other weights into this one)."""
+    for entry in list(_MODIFIED):
+        ref, checkpoint, why = entry
+        model = ref()
+        if model is None or _checkpoint_of(model) != checkpoint:
+            _MODIFIED.remove(entry)            # gone, or other weights loaded into it
+        elif model is sd_model:
+            return why
+    return None
 
 
 # --------------------------------------------------------------------------- one job's weights
@@ -153,6 +282,7 @@ class SafetyWeights:
     where: str
     rep: core.Replacement
     sd_model: object = None
+    module: object = None          # the host module the file went into
     unmerged: int = 0
     restored: bool = False
     notes: list[str] = field(default_factory=list)
@@ -161,24 +291,84 @@ class SafetyWeights:
         return (f"{self.choice} [sha256 {self.sha256[:12]} {self.part} {len(self.rep.pairs)}/{self.rep.total} "
                 f"{'verified' if self.rep.applied else 'not applied'}]")
 
+    def differing(self, sd_model=None, full: bool = True) -> list[str]:
+        """Host keys whose weights (as the webui would restore them) are not the file's, in
+        ``sd_model`` (default: the model the file went into); ``["<model>"]`` / ``["<module>"]``
+        when that is another model or its part another module. ``full=False``: only those two
+        identities (no tensor is read)."""
+        sd_model = self.sd_model if sd_model is None else sd_model
+        if sd_model is not self.sd_model:
+            return ["<model>"]
+        try:
+            _, module = host_module(sd_model, self.part)
+        except WeightsLayerError:
+            return ["<module>"]
+        if module is not self.module:
+            return ["<module>"]
+        if not full:
+            return []
+        base = base_tensors(sd_model, self.part, module)
+        wrong = []
+        for k, h in self.rep.pairs.items():
+            t = base.get(h)
+            if t is None or not core.same_bits(t, self.rep.tensors[k].to(t.dtype)):
+                wrong.append(h)
+        return wrong
+
     def restore(self) -> None:
-        """Write the originals back (idempotent); raises if they are not bit-identical afterwards."""
+        """Write the originals back (idempotent), only into a model that still holds the file's
+        tensors. Raises if that fails; the model is then marked modified (:func:`modified`)."""
         if self.restored or not self.rep.applied:
             self.restored = True
             return
+        try:
+            wrong = self.differing()
+            if wrong:
+                # Reloaded or replaced meanwhile: nothing of the file is left in it to take out,
+                # and the originals must not be written over the weights now there.
+                self.rep.applied = False
+                self.rep.backup.clear()
+                self.notes.append(f"not restored: the model no longer holds the file's weights ({wrong[:3]})")
+                log.warning("SafeT2I: %s: the model was changed during the job; its weights were left as they are",
+                            self.choice)
+                self.restored = True
+                return
+            _, module = host_module(self.sd_model, self.part)
+            unmerge_host_loras(self.sd_model, self.part, module)
+            wrong = core.restore(self.rep, _host_dict(module))
+            if wrong:
+                raise WeightsLayerError(f"the original {self.part} weights could not be restored exactly for "
+                                        f"{len(wrong)} tensors (e.g. {wrong[:3]})")
+            evict_forge_patchers(self.sd_model, self.part)
+        except Exception as exc:
+            why = (f"the safety weights {self.choice} could not be taken out of the loaded model ({exc}); load "
+                   "another checkpoint (or restart the webui) before generating again")
+            _mark_modified(self.sd_model, why)
+            raise WeightsLayerError(why) from exc
         self.restored = True
-        _, module = host_module(self.sd_model, self.part)
-        unmerge_host_loras(self.sd_model, self.part, module)
-        wrong = core.restore(self.rep, _host_dict(module))
-        if wrong:
-            raise WeightsLayerError(f"the original {self.part} weights could not be restored exactly for "
-                                    f"{len(wrong)} tensors (e.g. {wrong[:3]}); reload the checkpoint")
+
+
+def check_applied(sw: SafetyWeights, sd_model, where: str, full: bool = True) -> None:
+    """The job's model still holds the file's weights (see the module doc, step 5); ``full=False``
+    checks only that it is the same model and module (before a pass: no tensor is read)."""
+    if not sw.rep.applied:
+        raise WeightsLayerError(f"the safety weights {sw.choice} are no longer applied ({where})")
+    wrong = sw.differing(sd_model, full)
+    if wrong and wrong[0] in ("<model>", "<module>"):
+        raise WeightsLayerError(f"the model was switched or reloaded during the job ({where}: hires checkpoint, "
+                                f"refiner or a reload); the safety weights {sw.choice} are not in it")
+    if wrong:
+        raise WeightsLayerError(f"{len(wrong)} weights of {sw.where} are no longer the safety weights' ({where}; "
+                                f"e.g. {wrong[:3]}): the model was reloaded or changed during the job")
 
 
 def prepare(choice: str, sd_model, part: str = "auto") -> SafetyWeights:
     """Load and check everything; nothing in the model changes yet."""
     if part not in PARTS:
         raise WeightsLayerError(f"unknown part {part!r}; use one of {PARTS}")
+    why = modified(sd_model)
+    if why:
+        raise WeightsLayerError(why)
     path = resolve_choice(choice)
     fw = load_full_weights(path)
     core.check_file_part(fw, part)
@@ -194,17 +384,27 @@ def prepare(choice: str, sd_model, part: str = "auto") -> SafetyWeights:
     rep = core.plan(what, fw.component, p.tensors, host, p.pairs, p.required, where, p.ignored)
     state = core.check_manifest(fw, rep)
     core.require_whole(rep)
-    sw = SafetyWeights(choice, fw.sha256, fw.component, where, rep, sd_model)
+    sw = SafetyWeights(choice, fw.sha256, fw.component, where, rep, sd_model, module)
     sw.notes.append(f"manifest {fw.entry.name if fw.entry else 'none'} ({state})")
     return sw
 
 
 def apply(sw: SafetyWeights) -> None:
-    """Unmerge the webui's LoRAs from the part, back up, copy, prove bit for bit."""
+    """Unmerge the webui's LoRAs from the part, back up, copy, prove bit for bit; then make
+    Forge merge its LoRAs again on top at its next load."""
     _, module = host_module(sw.sd_model, sw.part)
+    if module is not sw.module:
+        raise WeightsLayerError(f"{sw.where} changed between checking and applying the safety weights")
     sw.unmerged = unmerge_host_loras(sw.sd_model, sw.part, module)
     core.apply(sw.rep, _host_dict(module))
+    try:
+        evict_forge_patchers(sw.sd_model, sw.part)
+    except Exception:
+        sw.restore()
+        raise
 
 
-__all__ = ["NONE", "PARTS", "SafetyWeights", "WeightsLayerError", "apply", "host_module", "list_choices", "prepare",
-           "resolve_choice", "roots", "unmerge_host_loras"]
+__all__ = ["NONE", "PARTS", "SafetyWeights", "WeightsLayerError", "apply", "base_tensors", "check_applied",
+           "clear_cond_caches",
+           "evict_forge_patchers", "host_module", "list_choices", "modified", "prepare", "resolve_choice", "roots",
+           "unmerge_host_loras"]
