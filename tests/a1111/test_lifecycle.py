@@ -201,3 +201,35 @@ def test_the_extension_does_not_put_the_repository_on_sys_path(tmp_path):
     )
     out = subprocess.run([_sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_another_safet2i_copy_is_replaced_with_all_its_submodules(tmp_path):
+    """An older install (another ``safet2i`` on ``sys.path``, already imported with some
+    submodules) must not leave its submodules mixed with this checkout's core."""
+    import subprocess
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    root = _Path(__file__).resolve().parents[2]
+    other = tmp_path / "old" / "safet2i"
+    (other / "filter").mkdir(parents=True)
+    (other / "__init__.py").write_text("OLD = True\n")
+    (other / "errors.py").write_text("OLD_ERRORS = True\n")
+    (other / "filter" / "__init__.py").write_text("OLD_FILTER = True\n")
+    code = (
+        "import sys\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(root)!r})]\n"
+        f"sys.path.insert(0, {str(tmp_path / 'old')!r})\n"
+        "import safet2i, safet2i.errors, safet2i.filter\n"
+        "assert safet2i.OLD and safet2i.errors.OLD_ERRORS\n"
+        f"sys.path.insert(0, {str(root / 'extension')!r})\n"
+        "import safet2i_a1111\n"
+        "import safet2i, safet2i.errors, safet2i.filter\n"
+        f"for name, mod in list(sys.modules.items()):\n"
+        "    if name == 'safet2i' or name.startswith('safet2i.'):\n"
+        f"        assert str(getattr(mod, '__file__', '') or '').startswith({str(root / 'safet2i')!r}), (name, mod)\n"
+        "assert not hasattr(safet2i, 'OLD') and hasattr(safet2i.errors, 'SafeT2IError')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([_sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -74,8 +74,9 @@ LORA_TE_LAYERS = {f"transformer.text_model.encoder.layers.0.self_attn.{m}": (768
 
 
 def _nested(names: dict) -> torch.nn.Module:
-    """A module tree whose ``named_parameters()`` are ``<name>.weight`` (meta tensors: names and
-    shapes only, the toy never computes with them)."""
+    """A module tree whose ``named_parameters()`` are ``<name>.weight`` (zeros; the toy's
+    denoiser never computes with them: they are what the webui's LoRA loaders patch, so a
+    merge can be seen in them)."""
     root = torch.nn.Module()
     for name, (out, inp) in names.items():
         parent = root
@@ -84,7 +85,9 @@ def _nested(names: dict) -> torch.nn.Module:
             if not hasattr(parent, part):
                 parent.add_module(part, torch.nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(leaf, torch.nn.Linear(inp, out, bias=False, device="meta"))
+        layer = torch.nn.utils.skip_init(torch.nn.Linear, inp, out, bias=False)
+        layer.weight.requires_grad_(False).zero_()
+        parent.add_module(leaf, layer)
     return root
 
 
@@ -369,6 +372,11 @@ class ToySdModel:
 
     def get_learned_conditioning(self, prompts):
         self.encoded.append(list(prompts))
+        clip = getattr(getattr(self, "forge_objects", None), "clip", None)
+        if hasattr(getattr(clip, "patcher", None), "refresh_loras"):
+            # Forge's engines load the CLIP patcher first (its LoRAs are merged then)
+            from backend import memory_management
+            memory_management.load_model_gpu(clip.patcher)
         return self._encode_plain(prompts)
 
     def apply_model(self, x_noisy, t, cond):

@@ -123,6 +123,8 @@ class StableDiffusionProcessing:
     override_settings: dict = None
     override_settings_restore_afterwards: bool = True
     disable_extra_networks: bool = False
+    refiner_checkpoint: str = None
+    refiner_switch_at: float = None
 
     scripts_value: Any = field(default=None, init=False)
     script_args_value: list = field(default=None, init=False)
@@ -162,6 +164,8 @@ class StableDiffusionProcessing:
         self.extra_generation_params = self.extra_generation_params or {}
         self.override_settings = self.override_settings or {}
         self.script_args = self.script_args or {}
+        self.cached_uc = StableDiffusionProcessing.cached_uc
+        self.cached_c = StableDiffusionProcessing.cached_c
 
     @property
     def sd_model(self):  # noqa: F811 - a dataclass field turned property, as upstream
@@ -224,12 +228,32 @@ class StableDiffusionProcessing:
         self.main_prompt = self.all_prompts[0]
         self.main_negative_prompt = self.all_negative_prompts[0]
 
+    def cached_params(self, required_prompts, steps, extra_network_data, hires_steps=None, use_old_scheduling=False):
+        """Upstream: what invalidates the cond cache when it changes (the prompts, steps, the
+        checkpoint, the extra networks, the size; not the model's weights)."""
+        return (required_prompts, steps, hires_steps, use_old_scheduling, shared.sd_model.sd_checkpoint_info,
+                extra_network_data, self.width, self.height)
+
+    def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        """Upstream: ``function(shared.sd_model, required_prompts, steps, hires_steps, ...)`` unless
+        one of ``caches`` (``[params, result]`` lists) holds the result for the same params."""
+        cached_params = self.cached_params(required_prompts, steps, extra_network_data, hires_steps)
+        for cache in caches:
+            if cache[0] is not None and cached_params == cache[0]:
+                return cache[1]
+        cache = caches[0]
+        cache[1] = function(shared.sd_model, required_prompts, steps)
+        cache[0] = cached_params
+        return cache[1]
+
     def setup_conds(self):
         prompts = prompt_parser.SdConditioning(self.prompts, width=self.width, height=self.height)
         negative_prompts = prompt_parser.SdConditioning(self.negative_prompts, width=self.width, height=self.height,
                                                         is_negative_prompt=True)
-        self.uc = prompt_parser.get_learned_conditioning(shared.sd_model, negative_prompts, self.steps)
-        self.c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, self.steps)
+        self.uc = self.get_conds_with_caching(prompt_parser.get_learned_conditioning, negative_prompts, self.steps,
+                                              [self.cached_uc], self.extra_network_data)
+        self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, prompts, self.steps,
+                                             [self.cached_c], self.extra_network_data)
 
     def get_conds(self):
         return self.c, self.uc
@@ -545,6 +569,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     hr_resize_y: int = 0
     hr_prompt: str = ''
     hr_negative_prompt: str = ''
+    hr_checkpoint_name: str = None
     if _FORGE_LIKE:
         hr_cfg: float = 1.0
 
@@ -560,6 +585,11 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     hr_prompts: list = field(default=None, init=False)
     hr_negative_prompts: list = field(default=None, init=False)
     hr_extra_network_data: list = field(default=None, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.cached_hr_uc = StableDiffusionProcessingTxt2Img.cached_hr_uc
+        self.cached_hr_c = StableDiffusionProcessingTxt2Img.cached_hr_c
 
     def init(self, all_prompts, all_seeds, all_subseeds):
         if self.enable_hr:
@@ -657,8 +687,12 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         hr_negative_prompts = prompt_parser.SdConditioning(self.hr_negative_prompts, width=self.hr_upscale_to_x,
                                                            height=self.hr_upscale_to_y, is_negative_prompt=True)
         steps = self.hr_second_pass_steps or self.steps
-        self.hr_uc = prompt_parser.get_learned_conditioning(shared.sd_model, hr_negative_prompts, steps)
-        self.hr_c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, hr_prompts, steps)
+        self.hr_uc = self.get_conds_with_caching(prompt_parser.get_learned_conditioning, hr_negative_prompts,
+                                                 steps, [self.cached_hr_uc, self.cached_uc],
+                                                 self.hr_extra_network_data, steps)
+        self.hr_c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, hr_prompts,
+                                                steps, [self.cached_hr_c, self.cached_c], self.hr_extra_network_data,
+                                                steps)
 
     def setup_conds(self):
         super().setup_conds()

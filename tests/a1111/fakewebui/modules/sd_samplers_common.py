@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import shared
+from modules import _variant, shared
 from modules.shared import opts
 
 approximation_indexes = {"Full": 0, "Approx NN": 1, "Approx cheap": 2, "TAESD": 3}
@@ -64,6 +64,14 @@ def setup_img2img_steps(p, steps=None):
         steps = p.steps
         t_enc = int(min(p.denoising_strength, 0.999) * steps)
     return steps, t_enc
+
+
+def _forge_sampling_prepare(x):
+    """Forge's samplers call ``backend.sampling.sampling_function.sampling_prepare`` on
+    ``forge_objects.unet`` at the start of every pass (the stand-in's own helper)."""
+    if _variant.VARIANT == "forge":
+        from backend.sampling.sampling_function import sampling_prepare
+        sampling_prepare(shared.sd_model.forge_objects.unet, x=x)
 
 
 def apply_refiner(cfg_denoiser):

@@ -102,6 +102,7 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         steps = steps or p.steps
         sigmas = self.get_sigmas(p, steps)
         x = x * sigmas[0]
+        sd_samplers_common._forge_sampling_prepare(x)
         self.initialize(p)
         self.last_latent = x
         self.sampler_extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
@@ -114,6 +115,7 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         sigmas = self.get_sigmas(p, steps)
         sigma_sched = sigmas[steps - t_enc - 1:]
         xi = x + noise * sigma_sched[0]
+        sd_samplers_common._forge_sampling_prepare(x)
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x

@@ -66,6 +66,7 @@ class CompVisSampler(sd_samplers_common.Sampler):
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         timesteps = self.get_timesteps(p, steps)
+        sd_samplers_common._forge_sampling_prepare(x)
         self.initialize(p)
         self.last_latent = x
         self.sampler_extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
@@ -80,6 +81,7 @@ class CompVisSampler(sd_samplers_common.Sampler):
         alphas = shared.sd_model.alphas_cumprod
         t0 = timesteps[t_enc] if t_enc < len(timesteps) else timesteps[-1]
         xi = x * alphas[t0].sqrt() + noise * (1 - alphas[t0]).sqrt()
+        sd_samplers_common._forge_sampling_prepare(x)
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x

@@ -1,9 +1,13 @@
 """Stand-in for Forge's ``backend/patcher/base.py``: ``ModelPatcher`` — ``clone()`` deep-copies
 ``model_options``; the cfg hooks live there (``sampler_cfg_function``: one; pre-/post-cfg:
-lists); ``add_patches`` records LoRA patches per file in ``lora_patches``."""
+lists); ``add_patches`` records LoRA patches per file in ``lora_patches``; the model's one
+``lora_loader`` (shared by the clones) merges them when the memory manager loads the patcher
+(``refresh_loras``)."""
 
 import copy
 import inspect
+
+from backend.patcher.lora import LoraLoader
 
 
 def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
@@ -30,6 +34,9 @@ class ModelPatcher:
         self.load_device = load_device
         self.offload_device = offload_device
         self.current_device = offload_device if current_device is None else current_device
+        if not hasattr(model, 'lora_loader'):
+            model.lora_loader = LoraLoader(model)
+        self.lora_loader = model.lora_loader
 
     def clone(self):
         n = ModelPatcher(self.model, self.load_device, self.offload_device, self.size, self.current_device)
@@ -62,6 +69,15 @@ class ModelPatcher:
                 this_patches[key] = current_patches
         self.lora_patches[lora_identifier] = this_patches
         return p
+
+    def is_clone(self, other):
+        if hasattr(other, 'model') and self.model is other.model:
+            return True
+        return False
+
+    def refresh_loras(self):
+        self.lora_loader.refresh(lora_patches=self.lora_patches, offload_device=self.offload_device)
+        return
 
     def memory_required(self, input_shape):
         return 0

@@ -113,3 +113,15 @@ def sampling_function(self, denoiser_params, cond_scale, cond_composition):
             model, x, timestep, uncond, cond, cond_scale, model_options, seed)
     return sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, seed,
                                    return_full=True)
+
+
+def sampling_prepare(unet, x):
+    """Upstream: loads the UNet patcher (and its extra patchers) through the memory manager
+    before a sampling pass; a patcher loaded anew gets its LoRAs merged then."""
+    from backend import memory_management
+    memory_management.load_models_gpu(models=[unet] + list(unet.extra_model_patchers_during_sampling),
+                                      memory_required=unet.memory_required(list(x.shape)))
+
+
+def sampling_cleanup(unet):
+    return
