@@ -187,9 +187,10 @@ def _encode_concept(p, text: str):
     return cond[0].detach().clone()
 
 
-def _other_checkpoint(p) -> str | None:
-    """The hires-fix checkpoint or refiner a job switches to (None: it stays on the loaded one)."""
-    hr = getattr(p, "hr_checkpoint_name", None) if getattr(p, "enable_hr", False) else None
+def _other_checkpoint(p, hires: bool = True) -> str | None:
+    """The hires-fix checkpoint (``hires``) or refiner a job switches to (None: it stays on the
+    loaded one)."""
+    hr = getattr(p, "hr_checkpoint_name", None) if hires and getattr(p, "enable_hr", False) else None
     if hr and hr != "Use same checkpoint":
         return f"a hires-fix checkpoint ({hr})"
     refiner = getattr(p, "refiner_checkpoint", None)
@@ -586,6 +587,10 @@ class SafeT2IScript(scripts.Script):
             self._apply_weights(p, job)
         if job.cfg.lora_enabled and not job.failed:
             try:
+                refiner = _other_checkpoint(p, hires=False)
+                if refiner:
+                    raise lora_layer.LoraLayerError(f"the job uses {refiner}: the webui switches to it mid-sampling "
+                                                    "and the safety LoRA is not applied to it (no refiner)")
                 job.lora = lora_layer.prepare(job.cfg.lora_file, p.sd_model, job.cfg.lora_strength,
                                               job.cfg.lora_allow_partial)
                 p.extra_generation_params["SafeT2I LoRA coverage"] = job.lora.infotext()

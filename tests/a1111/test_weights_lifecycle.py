@@ -224,3 +224,19 @@ def test_cond_caches_are_emptied_in_place(start, variant):
     assert p.cached_c is caches[0] and all(x is None for x in p.cached_c)
     webui.txt2img("a photo", steps=2)
     assert len(sd.encoded) > n                   # encoded again
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_safety_lora_refuses_a_refiner_not_a_hires_pass(start, variant):
+    """The refiner takes over mid-sampling without the webui activating extra networks for it;
+    the hires pass gets the LoRA through its own activation (verified there)."""
+    webui = start(variant)
+    choice = write_duo()
+    p, processed = webui.txt2img("a photo", steps=2, args=lora_args(webui, choice),
+                                 refiner_checkpoint="refiner.safetensors", refiner_switch_at=0.5)
+    failed = p._safet2i_job.failed
+    assert failed and "a refiner (refiner.safetensors)" in failed and "safety LoRA" in failed, failed
+    assert placeholders(processed)
+    p, processed = webui.txt2img("a photo", steps=2, args=lora_args(webui, choice), enable_hr=True, hr_scale=2.0,
+                                 hr_checkpoint_name="Use same checkpoint")
+    assert p._safet2i_job.failed is None, p._safet2i_job.failed
