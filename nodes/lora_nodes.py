@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from ..safet2i.lora import Target, check, load_full_weights, load_lora, merged, require_full
+from ..safet2i.lora import Target, check, check_made_for, load_full_weights, load_lora, merged, require_full
 from ..safet2i.lora import full_weights as full
 from ..safet2i.lora.coverage import check_strengths, patch_gain_problems, patch_counts
 from ..safet2i.lora.manifest import check_arch, rename_hint
@@ -71,7 +71,7 @@ def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, a
     import comfy.sd  # noqa: PLC0415
 
     check_strengths(lora.components, strength_model, strength_clip, f"Safety LoRA {lora.path.name}")
-    check_arch(lora.entry, host_arch(model), f"Safety LoRA {lora.path.name}")
+    check_made_for(lora, host_arch(model), f"Safety LoRA {lora.path.name}")
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     clip_sd = {}
     if clip is not None:
@@ -184,6 +184,8 @@ class SafeT2ILoadSafetyLoRA(io.ComfyNode):
         text = f"{lora.path.name}: {cov.summary()}; {len(cov.applied)} patched; scale from {lora.alpha_source}"
         if cov.unmatched:
             text += f"; PARTIAL: {len(cov.unmatched)} not loaded (allow_partial)"
+        if rep.get("manifest_hint"):
+            text += f"; {rep['manifest_hint']}"
         return io.NodeOutput(new_model, new_clip, json.dumps(rep), ui=ui.PreviewText(text))
 
 
@@ -266,6 +268,8 @@ class SafeT2ILoadSafetyWeights(io.ComfyNode):
         if rep.partial:
             text += (f"; PARTIAL (allow_partial): {len(cov.unmatched)} file tensors not loaded, "
                      f"{len(rep.missing)} model weights left as they were")
+        if report.get("manifest_hint"):
+            text += f"; {report['manifest_hint']}"
         return io.NodeOutput(new_model, new_clip, json.dumps(report), ui=ui.PreviewText(text))
 
 

@@ -157,13 +157,22 @@ def _encoders(pipe):
     return [(pipe.tokenizer, pipe.text_encoder, slice(None), None)]
 
 
-def weights_fingerprint(module) -> tuple:
-    """A cheap fingerprint of ``module``'s weights: the float64 sum of every parameter.
-    In-place merges (``fuse_lora``, :func:`load_safety_lora`) change it, so a cached concept
-    subspace keyed on it is recomputed after them."""
-    with torch.no_grad():
-        sums = [p.detach().sum(dtype=torch.float64) for p in module.parameters()]
-    return tuple(torch.stack(sums).cpu().tolist()) if sums else ()
+def weights_state(module) -> tuple:
+    """What tells a cached concept subspace that ``module``'s weights are still as they were,
+    without reading a single weight: each parameter's storage and in-place version counter
+    (every tracked in-place write bumps it: :func:`load_safety_lora`, ``w += …`` under
+    ``no_grad``; a replaced tensor has another storage) and the state of its PEFT LoRA layers
+    (active adapters, disabled, merged adapters, scaling: ``set_adapters``, ``disable_lora``
+    and ``fuse_lora`` change the output through them). Writes through ``param.data`` are not
+    tracked by PyTorch and are not seen."""
+    params = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    peft = []
+    for name, m in module.named_modules():
+        if hasattr(m, "active_adapters") and isinstance(getattr(m, "scaling", None), dict):
+            peft.append((name, tuple(m.active_adapters), bool(getattr(m, "disable_adapters", False)),
+                         tuple(getattr(m, "merged_adapters", ()) or ()),
+                         tuple(sorted((str(k), float(v)) for k, v in m.scaling.items()))))
+    return params, tuple(peft)
 
 
 def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alpha: float = 0.01,
@@ -175,8 +184,8 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     original ones afterwards (SDXL: pass ``pooled_prompt_embeds`` from ``pipe.encode_prompt``,
     unchanged). ``original`` is the pipeline's own ``encode_prompt`` output; with no trigger
     token ``steered`` is that very tensor. The concept subspace is cached per text encoder
-    (weakly referenced) and a fingerprint of its weights, so merging a LoRA into the encoder
-    in place gives a new subspace. Single-token prompts are never steered (SAFREE's rule).
+    (weakly referenced) and the state of its weights (:func:`weights_state`), so merging a
+    LoRA into the encoder in place or changing its PEFT adapters gives a new subspace. Single-token prompts are never steered (SAFREE's rule).
     """
     from .steering import SVF_PRESETS, concept_projector, load_concepts, steer_sequence  # noqa: PLC0415
 
@@ -204,7 +213,7 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
             rows = rows_of(ids)
             return torch.stack([rows[i, ids[i].index(eos)] for i in range(len(ids))])
 
-        p_c = concept_projector((id(enc), layer, weights_fingerprint(enc)), concepts, pooled, owner=enc)
+        p_c = concept_projector((id(enc), layer, weights_state(enc)), concepts, pooled, owner=enc)
         ids = ids_of(prompt)
         rows = original[0, :, sl]
         res = steer_sequence([ids], rows, rows_of, p_c, eos, truncate=True, alpha=alpha, order=order,
@@ -303,16 +312,15 @@ def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = Fa
     knows must contain what its entry says and fit the pipeline's architecture (when it is
     SD1/SD2/SDXL); ``strength`` must be positive (negative inverts a safety LoRA, 0 disables it).
     """
-    from .lora import check, load_lora, merged, require_full  # noqa: PLC0415
+    from .lora import check, check_made_for, load_lora, merged, require_full  # noqa: PLC0415
     from .lora.arch import UNetConfig, unet_modules  # noqa: PLC0415
     from .lora.coverage import check_strengths  # noqa: PLC0415
-    from .lora.manifest import check_arch  # noqa: PLC0415
 
     lora = load_lora(path)
     what = f"Safety LoRA {lora.path.name}"
     check_strengths(lora.components, strength, strength, what, ("strength", "strength"))
     lora.verify_manifest()
-    check_arch(lora.entry, host_arch(pipe), what)
+    check_made_for(lora, host_arch(pipe), what)
     comps = _components(pipe)
     params: dict[str, dict[str, torch.nn.Parameter]] = {}
     flat: dict[str, dict[str, str]] = {}

@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safet2i.errors import SafeT2IError
-from safet2i.lora import check, load_lora, read_safetensors, require_full, resolver_for, to_kohya
+from safet2i.lora import check, check_made_for, load_lora, read_safetensors, require_full, resolver_for, to_kohya
 from safet2i.lora.arch import ARCHITECTURES
 from safet2i.lora.keys import parse
-from safet2i.lora.manifest import check_arch
 
 CACHE_DIRNAME = "safet2i-converted"
 SAFETY_DIRNAME = "safety_models"
@@ -201,12 +200,7 @@ def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = 
     arch = model_architecture(sd_model)
     # A known release: its sha256 / contents as the manifest says, made for this architecture.
     lf.verify_manifest()
-    check_arch(lf.entry, arch, f"Safety LoRA {path.name}")
-    if lf.architectures and arch not in lf.architectures:
-        made = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
-        raise LoraLayerError(f"safety LoRA {path.name} is made for {made}; the loaded model is "
-                             f"{ARCHITECTURES[arch].title} (refused even with allow partial: some shapes coincide "
-                             "across architectures, so a partial load would be meaningless)")
+    check_made_for(lf, arch, f"Safety LoRA {path.name}")
     cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch].title)
     require_full(cov, f"Safety LoRA {path.name}", allow_partial)
     matched = {s.target for s in cov.matched}

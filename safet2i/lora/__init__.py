@@ -28,7 +28,7 @@ from .keys import LoraFormatError, Target, apply_peft_config, detect_format, par
 
 __all__ = [
     "Coverage", "CoverageError", "FullWeights", "LoraFile", "LoraFormatError", "PICKLE_SUFFIXES", "Target",
-    "check", "convert_pickle", "detect_architectures", "detect_format", "inspect_lora", "load_full_weights",
+    "check", "check_made_for", "convert_pickle", "detect_architectures", "detect_format", "inspect_lora", "load_full_weights",
     "load_lora", "merged", "read_safetensors", "require_full", "resolver_for", "to_kohya",
 ]
 
@@ -58,6 +58,38 @@ class LoraFile:
 
     def verify_manifest(self) -> str:
         return manifest.verify(self.entry, self.sha256, self.components, [t.module for t in self.targets], self.ranks)
+
+
+def check_made_for(lf: LoraFile, host_arch: str | None, what: str) -> None:
+    """A safety LoRA applied to a model it was not made for is an error, even with
+    ``allow_partial``: by its manifest entry (:func:`manifest.check_arch`, a known release) and,
+    for any file, by its shapes: a file that fits some known bases completely but not the host's
+    (SD1, SD2 or SDXL) is refused (some shapes coincide across architectures, an SD1 attention
+    LoRA shares 20 of its 64 with SDXL, so a partial load would be meaningless). ``host_arch``
+    None or another model class: nothing is checked here (coverage still is)."""
+    from .arch import ARCHITECTURES  # noqa: PLC0415
+
+    manifest.check_arch(lf.entry, host_arch, what)
+    release = manifest.release_entry(lf.path.name) if lf.entry is None else None
+    if release is not None:
+        # A generic release name (gun.safetensors) identifies nothing by itself; with contents
+        # that are exactly what that release holds it is taken for it here, for this check.
+        try:
+            manifest.verify(release, "", lf.components, [t.module for t in lf.targets], lf.ranks)
+        except ModelLoadError:
+            release = None
+    if release is not None:
+        try:
+            manifest.check_arch(release, host_arch, what)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{exc} (Identified by its release name {lf.path.name} and its contents.)") from exc
+    if host_arch in ARCHITECTURES and lf.architectures and host_arch not in lf.architectures:
+        made = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
+        hint = manifest.rename_hint(lf.path.name) if lf.entry is None else None
+        raise ModelLoadError(f"{what} is made for {made} (its weights fit that completely); the model is "
+                             f"{ARCHITECTURES[host_arch].title}. Refused even with allow_partial: some shapes "
+                             "coincide across architectures, so a partial load would be meaningless."
+                             + (f" {hint}" if hint else ""))
 
 
 def load_lora(path: str | os.PathLike) -> LoraFile:

@@ -140,6 +140,12 @@ def find(file_name: str, sha256: str = "", path: str | Path | None = None) -> En
     return None
 
 
+def release_entry(file_name: str, path: str | Path | None = None) -> Entry | None:
+    """The entry whose generic release name (``release_files``, e.g. ``gun.safetensors``) this is."""
+    base = Path(file_name).name.lower()
+    return next((e for e in entries(path) if base in (f.lower() for f in e.release_files)), None)
+
+
 def rename_hint(file_name: str, path: str | Path | None = None) -> str | None:
     """For an unknown file carrying a release's generic name: which name identifies it."""
     base = Path(file_name).name.lower()

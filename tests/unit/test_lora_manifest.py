@@ -241,3 +241,39 @@ def test_diffusers_host_refuses_bad_strengths_before_changing_anything(tmp_path)
         with pytest.raises(SafeT2IError, match=match):
             load_safety_lora(pipe, tmp_path / "l.safetensors", strength=s)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_a_release_named_file_with_the_releases_contents_is_checked_for_its_architecture(tmp_path):
+    """DUO's violence LoRAs were released as gun/blood/horror/suffer.safetensors. Under that
+    name a file with exactly DUO's contents (attn1, rank 32, 64 targets: it fits SD2 by shape)
+    is taken for the release for the architecture check; other contents under the name are not."""
+    from safet2i.lora import check_made_for
+    from safet2i.diffusers_adapter import host_arch, load_safety_lora
+
+    f = tmp_path / "gun.safetensors"
+    _duo(f)
+    lf = load_lora(f)
+    assert lf.entry is None and lf.architectures == ["sd1", "sd2"]
+    check_made_for(lf, "sd1", "x")
+    check_made_for(lf, None, "x")
+    for host in ("sd2", "sdxl"):
+        with pytest.raises(ModelLoadError, match=r"duo-violence-gun.*made for Stable Diffusion v1\.4.*"
+                                                 r"Identified by its release name gun\.safetensors"):
+            check_made_for(lf, host, "Safety LoRA gun.safetensors")
+    pipe = types.SimpleNamespace(unet=meta_unet(UNET_KW["sd2"]))
+    assert host_arch(pipe) == "sd2"
+    for allow_partial in (False, True):
+        with pytest.raises(ModelLoadError, match="Identified by its release name"):
+            load_safety_lora(pipe, f, allow_partial=allow_partial)
+    # not DUO's contents (rank 2 cross-attention): the name alone decides nothing
+    g = tmp_path / "other" / "gun.safetensors"
+    g.parent.mkdir()
+    mods = [m for name, m in inventory("sd1")["unet"].items() if name.endswith("attn1.to_q")]
+    save_file(write_layout(make_specs(mods, rank=2), "kohya"), str(g))
+    check_made_for(load_lora(g), "sd2", "x")
+    # a file that fits SD1 completely but not SDXL, unknown to the manifest: refused by shape
+    h = tmp_path / "mine.safetensors"
+    h.write_bytes(f.read_bytes())
+    with pytest.raises(ModelLoadError, match="made for SD1.x.*Refused even with allow_partial"):
+        check_made_for(load_lora(h), "sdxl", "x")
+    check_made_for(load_lora(h), "sd2", "x")          # SD2 fits it completely and nothing says otherwise

@@ -437,6 +437,58 @@ def test_diffusers_in_place_merge_gives_a_new_subspace(tmp_path, monkeypatch):
     np.testing.assert_allclose(p_new.numpy(), proj64(pooled), atol=1e-6)  # the merged encoder's P_C
 
 
+def test_diffusers_peft_adapter_changes_give_a_new_subspace(tmp_path, monkeypatch):
+    """A PEFT LoRA on the text encoder changes its output through the adapter's scaling and
+    switches, without touching a weight: each change is a cache miss, and the subspace is the
+    one of the encoder as it is then (float64 reference)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safet2i.diffusers_adapter import steer_prompt
+    from tiny_diffusers import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(tmp_path / "sd")
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    torch.manual_seed(0)
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                       init_lora_weights=False), enc)
+    layers = [m for m in enc.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    seen = _spy_projector(monkeypatch)
+    concepts = ["nude", "naked"]
+    ids = [tok(c, padding="max_length", max_length=77, truncation=True).input_ids for c in concepts]
+
+    def reference():
+        with torch.no_grad():
+            last = enc(torch.tensor(ids)).last_hidden_state
+        return proj64(np.stack([last[i, ids[i].index(tok.eos_token_id)].double().numpy() for i in range(2)]))
+
+    def scale(value):
+        for m in layers:
+            m.scaling = {k: value for k in m.scaling}
+
+    def enable(on):
+        return lambda: [m.enable_adapters(on) for m in layers]
+
+    def merge():
+        for m in layers:
+            m.merge()
+
+    steer_prompt(pipe, "a photo of a nude person", concepts)
+    steer_prompt(pipe, "a nude statue", concepts)
+    assert [m for _, m in seen] == [True, False]          # unchanged: cached
+    # enable(True) returns to the state after scale(0.25): that cached subspace is right again
+    for change, expect_miss in ((lambda: scale(0.25), True), (enable(False), True), (enable(True), False),
+                                (lambda: scale(3.0), True), (merge, True)):
+        change()
+        steer_prompt(pipe, "a photo of a nude person", concepts)
+        p_new, missed = seen[-1]
+        assert missed is expect_miss, change
+        np.testing.assert_allclose(p_new.numpy(), reference(), atol=1e-6)
+    assert not np.allclose(seen[-1][0].numpy(), seen[0][0].numpy(), atol=1e-4)
+
+
 def test_diffusers_no_trigger_is_bit_identical_and_one_token_is_reported(tmp_path):
     pytest.importorskip("diffusers")
     from safet2i.diffusers_adapter import steer_prompt
