@@ -45,27 +45,27 @@ class GuidanceRun:
         self.maps: list[torch.Tensor] = []
 
     # -- step bookkeeping --------------------------------------------------
-    def _step_index(self, sigma: torch.Tensor, model_options: dict) -> tuple[int, int]:
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if sigmas is None:
+    def _step_index(self, sigma: torch.Tensor, key: tuple | None) -> tuple[int, int]:
+        if key is None:
             return (0 if self.last_index is None else self.last_index + 1), 0
         s = float(sigma.flatten()[0])
-        idx = int((sigmas.to(torch.float64).cpu() - s).abs().argmin())
-        return idx, len(sigmas) - 1
+        idx = min(range(len(key)), key=lambda i: abs(key[i] - s))
+        return idx, len(key) - 1
 
-    def _new_run(self, idx: int, model_options: dict) -> bool:
+    def _new_run(self, idx: int, key: tuple | None) -> bool:
         """A new sampling run starts when the schedule changes or the step index goes back.
         The index may repeat within a run: second-order samplers (Heun, DPM-2, ...) evaluate
         a step's end point and then start the next step at the same sigma."""
-        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        key = None if sigmas is None else tuple(sigmas.detach().flatten().to(torch.float64).cpu().tolist())
         changed = key != self.schedule
         self.schedule = key
         return self.last_index is None or changed or idx < self.last_index
 
     def calc(self, args):
-        idx, total = self._step_index(args["sigma"], args["model_options"])
-        if self._new_run(idx, args["model_options"]):
+        sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
+        # the schedule, read once per call (the step index and the new-run test both use it)
+        key = None if sigmas is None else tuple(sigmas.detach().flatten().to(torch.float64).cpu().tolist())
+        idx, total = self._step_index(args["sigma"], key)
+        if self._new_run(idx, key):
             self.method.reset(total or None)
             self.runs += 1
         self.last_index = idx

@@ -16,8 +16,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from ..safet2i.steering import CONCEPT_PRESETS, SVF_PRESETS, concept_projector, load_concepts, steer_sequence
-from ..safet2i.steering.concepts import PRESET_ERRORS
+from ..safet2i.steering import SVF_PRESETS, concept_projector, load_concepts, steer_sequence
+from ..safet2i.steering.concepts import preset_choices
 from ..safet2i.steering.safree import first_index, packed_layout
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
@@ -265,7 +265,7 @@ class SafeT2IPromptSteer(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="The text encoder (SD1.x, SD2.x or SDXL)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt to encode and steer."),
-                io.Combo.Input("concepts", options=list(CONCEPT_PRESETS) + list(PRESET_ERRORS) + ["custom"], default="nudity",
+                io.Combo.Input("concepts", options=preset_choices(), default="nudity",
                                tooltip="Toxic-concept list: a preset or 'custom' (below)."),
                 io.String.Input("custom_concepts", default="", multiline=True,
                                 tooltip="With concepts = custom: one concept per line or comma-separated."),

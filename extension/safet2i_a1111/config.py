@@ -147,9 +147,9 @@ LORA_STRENGTH = (0.0, 2.0)      # exclusive, inclusive: a safety LoRA is never t
 
 
 def steering_presets() -> tuple[str, ...]:
-    from safet2i.steering import CONCEPT_PRESETS  # noqa: PLC0415
+    from safet2i.steering.concepts import preset_choices  # noqa: PLC0415
 
-    return tuple(CONCEPT_PRESETS) + ("custom",)
+    return tuple(preset_choices())
 
 
 def validate_layers(cfg: JobConfig) -> None:

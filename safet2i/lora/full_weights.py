@@ -36,7 +36,7 @@ import torch
 from ..errors import ModelLoadError
 from .arch import UNetConfig, unet_modules
 from .manifest import verify
-from .coverage import Coverage, CoverageError, TargetStatus
+from .coverage import Coverage, CoverageError, TargetStatus, _list
 
 
 class WeightsError(CoverageError):
@@ -222,10 +222,10 @@ def plan(what: str, part: str, tensors: dict[str, torch.Tensor], host: dict[str,
     bad = cov.unmatched
     if len(bad) == len(cov.statuses):
         raise WeightsError(f"{what} replaces NOTHING in {host_name}: none of its {len(bad)} tensors exists there with "
-                           f"the same shape (made for another architecture?). First: " + _list(bad))
+                           f"the same shape (made for another architecture?). First: " + _list(bad, 8))
     if bad and not allow_partial:
         raise WeightsError(f"{what}: {len(bad)} of its {len(cov.statuses)} tensors match no tensor of {host_name} "
-                           f"with the same shape (another architecture or a different model): " + _list(bad)
+                           f"with the same shape (another architecture or a different model): " + _list(bad, 8)
                            + partial_hint)
     targets = {s.host_key for s in cov.matched}
     if len(targets) != len(cov.matched):
@@ -250,11 +250,6 @@ def check_manifest(fw, rep: Replacement) -> str:
     """The manifest's check of ``fw`` (contents, minimum fraction of the part replaced)."""
     comp = "unet" if fw.component == "unet" else "te1"
     return verify(fw.entry, fw.sha256, {comp: len(rep.tensors)}, [], set(), {comp: rep.fraction})
-
-
-def _list(statuses, limit: int = 8) -> str:
-    s = "; ".join(f"{x.source_key} ({x.reason})" for x in statuses[:limit])
-    return s + (f"; … and {len(statuses) - limit} more" if len(statuses) > limit else "")
 
 
 @torch.no_grad()

@@ -171,7 +171,7 @@ def _flat_tables() -> dict[tuple[str, str], tuple[str, str]]:
 _FLAT: dict | None = None
 
 
-def parse(state: dict[str, torch.Tensor], alpha_override: float | None = None) -> list[Target]:
+def parse(state: dict[str, torch.Tensor]) -> list[Target]:
     """Canonical targets of a LoRA state dict; raises :class:`LoraFormatError` on anything odd."""
     global _FLAT  # noqa: PLW0603
     if not state:
@@ -207,8 +207,6 @@ def parse(state: dict[str, torch.Tensor], alpha_override: float | None = None) -
                                   f"{'down' if t.up is not None else 'up'} tensor ({t.source_keys})")
         if t.down.dim() not in (2, 4) or t.up.dim() != t.down.dim() or t.up.shape[1] != t.down.shape[0]:
             raise LoraFormatError(f"{t.name}: inconsistent shapes down {tuple(t.down.shape)} up {tuple(t.up.shape)}")
-        if alpha_override is not None and t.alpha is None:
-            t.alpha = float(alpha_override)
         for name in ("down", "up", "mid", "dora_scale"):
             v = getattr(t, name)
             if v is not None and not torch.isfinite(v).all():

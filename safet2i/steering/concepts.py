@@ -52,9 +52,20 @@ def read_presets(folders=None) -> tuple[dict[str, dict], dict[str, str]]:
             except ValueError as exc:
                 errors[f.stem] = f"Concept preset file {f} is invalid: {exc}."
                 log.warning("SafeT2I concept preset ignored: %s", errors[f.stem])
+                # A broken file meant to replace a preset of the same name (a user's own
+                # nudity.json) must not leave the built-in one silently in its place.
+                presets.pop(f.stem, None)
                 continue
-            presets[data.get("name", f.stem)] = data
+            name = data.get("name", f.stem)
+            presets[name] = data
+            errors.pop(name, None)
     return presets, errors
+
+
+def preset_choices() -> list[str]:
+    """Every preset name a user may choose, each once: the valid ones, the broken ones (choosing
+    one raises its error), then ``custom``."""
+    return list(dict.fromkeys([*CONCEPT_PRESETS, *PRESET_ERRORS, "custom"]))
 
 
 CONCEPT_PRESETS, PRESET_ERRORS = read_presets()

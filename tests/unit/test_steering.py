@@ -392,6 +392,30 @@ def test_violence_and_user_presets_and_a_broken_user_file(tmp_path):
     assert "my artists" not in cmod.CONCEPT_PRESETS and not cmod.PRESET_ERRORS
 
 
+def test_a_broken_user_file_replacing_a_builtin_preset_is_an_error_not_the_builtin(tmp_path):
+    """A user's nudity.json that does not parse means "not the built-in nudity list": choosing
+    nudity raises its error instead of silently using the packaged one; listed once."""
+    from safet2i.errors import PolicyError
+    from safet2i.steering import concepts as cmod
+
+    (tmp_path / "nudity.json").write_text('{"concepts": ["my own", ')
+    try:
+        cmod.refresh((cmod.PACKAGE_DIR, tmp_path))
+        assert "nudity" not in cmod.CONCEPT_PRESETS and "nudity" in cmod.PRESET_ERRORS
+        with pytest.raises(PolicyError, match=r"nudity\.json.*not valid JSON"):
+            load_concepts("nudity")
+        choices = cmod.preset_choices()
+        assert choices.count("nudity") == 1 and choices[-1] == "custom" and "violence" in choices
+        # a valid user file of the name replaces the built-in and clears an earlier error
+        (tmp_path / "nudity.json").write_text('{"concepts": ["my own"]}')
+        cmod.refresh((cmod.PACKAGE_DIR, tmp_path))
+        assert load_concepts("nudity") == (["my own"], "nudity") and "nudity" not in cmod.PRESET_ERRORS
+        assert cmod.preset_choices().count("nudity") == 1
+    finally:
+        cmod.refresh()
+    assert load_concepts("nudity")[0][2] == "Nudity"
+
+
 def _spy_projector(monkeypatch):
     import safet2i.steering as steering
 
