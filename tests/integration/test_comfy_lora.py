@@ -148,8 +148,11 @@ def test_wrong_architecture_partial_files_and_pickles_fail_clearly(comfy, tiny_c
     sdxl = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": torch.randn(4, 2048, generator=g),
             "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora.up.weight": torch.randn(640, 4, generator=g)}
     save_file(sdxl, str(comfy.base / "loras" / "sdxl_only.safetensors"))
-    text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("sdxl_only.safetensors"), "x")))
-    assert "patches NOTHING" in text and "attn2.to_k.lora.down.weight" in text
+    # it fits SDXL completely and the model is SD1.x: refused by its shapes, also with allow_partial
+    for partial in (False, True):
+        text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("sdxl_only.safetensors", allow_partial=partial),
+                                                "x")))
+        assert "is made for SDXL" in text and "the model is SD1.x" in text and "even with allow_partial" in text, text
 
     bogus = "unet.up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q"
     duo_file(comfy.base / "loras" / "duo_partial.safetensors", rank=4, extra={
@@ -160,6 +163,13 @@ def test_wrong_architecture_partial_files_and_pickles_fail_clearly(comfy, tiny_c
     rep = report(entry)
     assert rep["matched"] == 16 and rep["applied"] == 16 and rep["unmatched"][0]["key"].startswith(bogus)
     assert "PARTIAL" in "\n".join(entry["outputs"]["2"]["text"])
+
+    # a generic release name (DUO's gun.safetensors) on other contents: loaded as an unknown file,
+    # the preview text says which name would have it checked against the manifest
+    duo_file(comfy.base / "loras" / "gun.safetensors", rank=4, seed=5)
+    entry = run_ok(comfy, patch_graph(tiny_checkpoint, ours("gun.safetensors"), "gun"))
+    assert report(entry)["manifest"] is None
+    assert "rename it to duo_violence_gun.safetensors" in "\n".join(entry["outputs"]["2"]["text"])
 
     torch.save({"w": torch.zeros(2)}, comfy.base / "safety_models" / "old.ckpt")
     text = error_text(comfy.run(patch_graph(tiny_checkpoint, ours("old.ckpt"), "x")))
