@@ -400,22 +400,39 @@ def forge_patchers(sd_model) -> dict:
     return out
 
 
+def _merged_sets(loader) -> list:
+    """The LoRA identifiers ``(filename, strength_patch, strength_model, online_mode)`` of the
+    set a Forge ``LoraLoader`` merged last (its ``loaded_hash`` is ``str(list(keys))``)."""
+    import ast  # noqa: PLC0415
+
+    try:
+        merged = ast.literal_eval(str(getattr(loader, "loaded_hash", "[]")))
+    except (ValueError, SyntaxError):
+        return []
+    return [e for e in merged if isinstance(e, (list, tuple)) and len(e) >= 2] if isinstance(merged, list) else []
+
+
 def check_merged(patchers, lora: SafetyLora, where: str) -> None:
     """Forge: a patcher's LoRA patches are only a record; they reach the weights when its
     memory manager loads the patcher (``refresh_loras``), and the model's shared
-    ``lora_loader.loaded_hash`` says which set is merged now. For each patcher (after it was
-    loaded: the CLIP once the conds are encoded, the UNet after its sampling pass) that carries
-    our LoRA, the merged set must be the patcher's set."""
+    ``lora_loader.loaded_hash`` says which set is merged now. For each patcher that carries our
+    LoRA (checked after it was loaded: the CLIP once the conds are encoded, the UNet after its
+    sampling pass), the set merged last must contain our file at our strength. (Not the
+    patcher's exact set: extensions clone the UNet and add their own patches, and Forge
+    encodes the hires conds with the hires pass's LoRA set, which has ours too.)"""
     for patcher in patchers:
         patches = getattr(patcher, "lora_patches", None)
         loader = getattr(getattr(patcher, "model", None), "lora_loader", None)
         if not isinstance(patches, dict) or loader is None:
             continue
-        if not any(_same_file(ident[0], lora.filename) for ident in patches):
+        ours = [ident for ident in patches if _same_file(ident[0], lora.filename)]
+        if not ours:
             continue
-        if getattr(loader, "loaded_hash", None) != str(list(patches.keys())):
+        merged = _merged_sets(loader)
+        if not any(_same_file(e[0], lora.filename) and math.isclose(float(e[1]), float(ident[1]))
+                   for e in merged for ident in ours):
             raise LoraLayerError(f"Forge did not merge the safety LoRA {lora.name} into the weights used in the "
-                                 f"{where} (its LoRA loader holds {str(getattr(loader, 'loaded_hash', None))[:120]})")
+                                 f"{where} (its LoRA loader holds {str(getattr(loader, 'loaded_hash', None))[:160]})")
 
 
 def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:

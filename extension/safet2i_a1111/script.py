@@ -148,7 +148,7 @@ class Job:
         After each sampling pass every tensor is compared (``full``); before one, only that
         the model and its part are the same objects (so nothing is sampled in vain)."""
         sw = self.weights
-        if sw is None or self.failed:
+        if sw is None or sw.restored or self.failed:
             return
         try:
             weights_layer.check_applied(sw, getattr(p if p is not None else self.p, "sd_model", None), where, full)
@@ -187,16 +187,46 @@ def _encode_concept(p, text: str):
     return cond[0].detach().clone()
 
 
+def _loaded_checkpoint_names(p) -> set:
+    """The names the loaded checkpoint goes by (a hires / refiner choice equal to one of them
+    is no switch)."""
+    info = getattr(getattr(p, "sd_model", None), "sd_checkpoint_info", None)
+    names = {getattr(info, a, None) for a in ("title", "name", "short_title", "model_name", "name_for_extra")}
+    names.add(_opt("sd_model_checkpoint", None))
+    return {n for n in names if isinstance(n, str) and n}
+
+
 def _other_checkpoint(p, hires: bool = True) -> str | None:
-    """The hires-fix checkpoint (``hires``) or refiner a job switches to (None: it stays on the
-    loaded one)."""
-    hr = getattr(p, "hr_checkpoint_name", None) if hires and getattr(p, "enable_hr", False) else None
-    if hr and hr != "Use same checkpoint":
-        return f"a hires-fix checkpoint ({hr})"
+    """The hires-fix checkpoint or Forge hires modules (``hires``) or the refiner a job switches
+    to (None: it stays on the loaded model)."""
+    loaded = _loaded_checkpoint_names(p)
+    if hires and getattr(p, "enable_hr", False):
+        hr = getattr(p, "hr_checkpoint_name", None)
+        if hr and hr != "Use same checkpoint" and hr not in loaded:
+            return f"a hires-fix checkpoint ({hr})"
+        modules = getattr(p, "hr_additional_modules", None)       # Forge: hires VAE / text encoder
+        if isinstance(modules, list) and "Use same choices" not in modules \
+                and list(modules) != list(_opt("forge_additional_modules", []) or []):
+            return f"other hires-fix modules ({', '.join(map(str, modules)) or 'built-in'})"
     refiner = getattr(p, "refiner_checkpoint", None)
-    if refiner and refiner != "None" and (getattr(p, "refiner_switch_at", None) or 0) < 1:
+    if refiner and refiner not in ("None", "none") and refiner not in loaded \
+            and (getattr(p, "refiner_switch_at", None) or 0) < 1:
         return f"a refiner ({refiner})"
     return None
+
+
+def _unet_replaced() -> str | None:
+    """A1111 ``sd_unet``: an alternative UNet (TensorRT, ...) the webui routes the model's
+    forward to; the weights in the model (safety weights, a merged safety LoRA) are then unused."""
+    try:
+        from modules import sd_unet  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - no such module: nothing replaces the UNet
+        return None
+    current = getattr(sd_unet, "current_unet", None)
+    if current is None:
+        return None
+    return (f"the webui runs an alternative UNet ({type(current).__name__}, setting 'SD Unet'), not the model's "
+            "weights; the safety weights / LoRA would not be used (set 'SD Unet' to None)")
 
 
 def _guidance_model_error(model) -> str | None:
@@ -268,6 +298,8 @@ def _on_before_image_saved(params):
         if job is None and not enforce:
             return
         cfg = job.cfg if job else default_config(enforce)
+        if job and job.weights is not None and not job.failed:
+            job.check_weights(None, "before saving an image")   # e.g. the image before hires fix
         if job and job.failed:
             params.image = blocked_image(img.size, "blocked")    # whatever a detector would say
             return
@@ -687,6 +719,11 @@ class SafeT2IScript(scripts.Script):
 
     def process_batch(self, p, *args, **kwargs):
         job = _job(p)
+        if job is not None and not job.failed and (job.weights is not None or job.lora is not None):
+            replaced = _unet_replaced()       # after sd_unet.apply_unet() (it runs after process)
+            if replaced:
+                job.error = f"model layer: {replaced}"
+                log.error("SafeT2I: %s; images of this job will be blocked", job.error)
         if job is not None:
             job.check_weights(p, "before sampling", full=False)
         if job is not None and not job.failed and (job.lora is not None or job.cfg.steering_enabled):

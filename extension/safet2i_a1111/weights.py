@@ -283,6 +283,7 @@ class SafetyWeights:
     rep: core.Replacement
     sd_model: object = None
     module: object = None          # the host module the file went into
+    proven: dict = field(default_factory=dict)   # host key → marks of the tensor last proven equal
     unmerged: int = 0
     restored: bool = False
     notes: list[str] = field(default_factory=list)
@@ -291,11 +292,14 @@ class SafetyWeights:
         return (f"{self.choice} [sha256 {self.sha256[:12]} {self.part} {len(self.rep.pairs)}/{self.rep.total} "
                 f"{'verified' if self.rep.applied else 'not applied'}]")
 
-    def differing(self, sd_model=None, full: bool = True) -> list[str]:
+    def differing(self, sd_model=None, full: bool = True, every: bool = False) -> list[str]:
         """Host keys whose weights (as the webui would restore them) are not the file's, in
         ``sd_model`` (default: the model the file went into); ``["<model>"]`` / ``["<module>"]``
         when that is another model or its part another module. ``full=False``: only those two
-        identities (no tensor is read)."""
+        identities (no tensor is read). A tensor proven equal before and not written since
+        (the same tensor object and storage, the same in-place version counter) is not read
+        again unless ``every``: a checkpoint loaded into the model (``load_state_dict``'s
+        ``param.copy_``), a device move or a LoRA merge all change one of those."""
         sd_model = self.sd_model if sd_model is None else sd_model
         if sd_model is not self.sd_model:
             return ["<model>"]
@@ -311,7 +315,16 @@ class SafetyWeights:
         wrong = []
         for k, h in self.rep.pairs.items():
             t = base.get(h)
-            if t is None or not core.same_bits(t, self.rep.tensors[k].to(t.dtype)):
+            if t is None:
+                wrong.append(h)
+                continue
+            mark = (id(t), t.data_ptr(), t._version, t.device, t.dtype)
+            if not every and self.proven.get(h) == mark:
+                continue
+            if core.same_bits(t, self.rep.tensors[k].to(t.dtype)):
+                self.proven[h] = mark
+            else:
+                self.proven.pop(h, None)
                 wrong.append(h)
         return wrong
 
@@ -322,7 +335,11 @@ class SafetyWeights:
             self.restored = True
             return
         try:
-            wrong = self.differing()
+            wrong = self.differing(every=True)
+            if wrong and wrong[0] not in ("<model>", "<module>") and len(wrong) < len(self.rep.pairs):
+                raise WeightsLayerError(f"the model was partly changed during the job: {len(wrong)} of the "
+                                        f"{len(self.rep.pairs)} replaced tensors are no longer the file's "
+                                        f"(e.g. {wrong[:3]}), the others still are")
             if wrong:
                 # Reloaded or replaced meanwhile: nothing of the file is left in it to take out,
                 # and the originals must not be written over the weights now there.
@@ -376,6 +393,12 @@ def prepare(choice: str, sd_model, part: str = "auto") -> SafetyWeights:
     what = f"Safety weights {fw.path.name}"
     check_arch(fw.entry, arch, what)
     where, module = host_module(sd_model, fw.component)
+    cached = [n for n, m in module.named_modules()
+              if getattr(m, "fp16_weight", None) is not None or getattr(m, "fp16_bias", None) is not None]
+    if cached:
+        raise WeightsLayerError(f"{what}: {where} keeps FP16 copies of its original weights (fp8 storage with "
+                                f"'Cache FP16 weight for LoRA', e.g. {cached[0]}); the webui's LoRA merge would "
+                                "write them back over the safety weights. Turn that option off.")
     host = _host_dict(module)
     p = core.pair(fw, host, lambda: core.unet_key_map(ARCHITECTURES[arch].unet))
     if fw.component == "text_encoder" and p.prefix is None:
@@ -395,13 +418,12 @@ def apply(sw: SafetyWeights) -> None:
     _, module = host_module(sw.sd_model, sw.part)
     if module is not sw.module:
         raise WeightsLayerError(f"{sw.where} changed between checking and applying the safety weights")
-    sw.unmerged = unmerge_host_loras(sw.sd_model, sw.part, module)
-    core.apply(sw.rep, _host_dict(module))
     try:
+        sw.unmerged = unmerge_host_loras(sw.sd_model, sw.part, module)
+        core.apply(sw.rep, _host_dict(module))
+    finally:
+        # also when applying failed: the LoRAs were taken out, Forge must merge them again
         evict_forge_patchers(sw.sd_model, sw.part)
-    except Exception:
-        sw.restore()
-        raise
 
 
 __all__ = ["NONE", "PARTS", "SafetyWeights", "WeightsLayerError", "apply", "base_tensors", "check_applied",

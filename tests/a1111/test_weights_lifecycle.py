@@ -240,3 +240,153 @@ def test_safety_lora_refuses_a_refiner_not_a_hires_pass(start, variant):
     p, processed = webui.txt2img("a photo", steps=2, args=lora_args(webui, choice), enable_hr=True, hr_scale=2.0,
                                  hr_checkpoint_name="Use same checkpoint")
     assert p._safet2i_job.failed is None, p._safet2i_job.failed
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_switch_is_not_refused_and_forge_hires_modules_are(start, variant):
+    webui = start(variant)
+    choice = write_weights(webui)
+    title = webui.shared.sd_model.sd_checkpoint_info.title
+    for kw in ({"enable_hr": True, "hr_scale": 2.0, "hr_checkpoint_name": title},   # the loaded one: no switch
+               {"refiner_checkpoint": "none", "refiner_switch_at": 0.5},
+               {"refiner_checkpoint": title, "refiner_switch_at": 0.5}):
+        p, _ = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), **kw)
+        assert p._safet2i_job.failed is None, (kw, p._safet2i_job.failed)
+    if variant != "forge":
+        return
+    webui.shared.opts.forge_additional_modules = []
+    p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), enable_hr=True, hr_scale=2.0,
+                                 hr_additional_modules=["/models/VAE/other.safetensors"])
+    failed = p._safet2i_job.failed
+    assert failed and "other hires-fix modules (/models/VAE/other.safetensors)" in failed, failed
+    assert placeholders(processed)
+    for same in (["Use same choices"], []):
+        p, _ = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), enable_hr=True, hr_scale=2.0,
+                             hr_additional_modules=same)
+        assert p._safet2i_job.failed is None, (same, p._safet2i_job.failed)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_alternative_unet_blocks_the_model_layer(start, variant):
+    """A1111 ``sd_unet`` (TensorRT, ...): the model's weights are not what samples."""
+    webui = start(variant)
+    choice = write_weights(webui)
+    from modules import sd_unet
+    sd_unet.current_unet = type("TrtUnet", (), {})()
+    try:
+        for args in (weights_args(webui, choice), lora_args(webui, write_duo())):
+            p, processed = webui.txt2img("a photo", steps=2, args=args)
+            failed = p._safet2i_job.failed
+            assert failed and "alternative UNet (TrtUnet" in failed, failed
+            assert placeholders(processed)
+        p, _ = webui.txt2img("a photo", steps=2, args=webui.ui_args(filter_enabled=False))
+        assert p._safet2i_job.failed is None        # the other layers do not depend on the UNet's weights
+    finally:
+        sd_unet.current_unet = None
+
+
+def test_fp16_weight_caches_are_refused(start):
+    """A1111 fp8 storage with "Cache FP16 weight for LoRA" keeps FP16 copies of the original
+    weights that its LoRA merge writes back over ours."""
+    webui = start("a1111-1.10")
+    choice = write_weights(webui)
+    original = state(webui)
+    norm = unet(webui).out[0]
+    norm.fp16_weight = norm.weight.detach().half()
+    p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice))
+    failed = p._safet2i_job.failed
+    assert failed and "Cache FP16 weight for LoRA" in failed and "out.0" in failed, failed
+    assert placeholders(processed) and same_state(webui, original)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_partly_changed_model_is_marked_modified(start, variant):
+    webui = start(variant)
+    choice = write_weights(webui)
+    toy = unet(webui)
+    real_affine = toy.affine
+
+    def change_one(x0):
+        with torch.no_grad():
+            toy.out[0].bias.copy_(torch.full((4,), 0.5, dtype=torch.float64))
+        return real_affine(x0)
+
+    toy.affine = change_one
+    p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice))
+    toy.affine = real_affine
+    assert p._safet2i_job.failed and placeholders(processed)
+    p, processed = webui.txt2img("a photo", steps=2, args=webui.ui_args(filter_enabled=False))
+    failed = p._safet2i_job.failed
+    assert failed and "partly changed during the job" in failed and "out.0.bias" in failed, failed
+
+
+@pytest.mark.parametrize("variant", ("a1111-1.10", "forge"))
+def test_unchanged_tensors_are_not_read_again(start, monkeypatch, variant):
+    """After the first full comparison, a check reads only tensors written since (their
+    storage or in-place version changed); the restore compares everything once more."""
+    webui = start(variant)
+    choice = write_weights(webui)
+    import safet2i_a1111.weights as weights_layer
+    real, calls = weights_layer.core.same_bits, []
+    monkeypatch.setattr(weights_layer.core, "same_bits", lambda a, b: calls.append(1) or real(a, b))
+    p, _ = webui.txt2img("a photo", steps=2, n_iter=3, args=weights_args(webui, choice))
+    assert p._safet2i_job.failed is None
+    # 2 tensors: the apply's proof, the first check after a pass (the two later passes read
+    # nothing), the restore's full check, the proof of the originals written back
+    # (a comparison after every pass would be 2 + 3·2 + 2 + 2 = 12)
+    assert len(calls) == 4 * 2, len(calls)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_saved_before_hires_fix_is_checked_too(start, variant):
+    webui = start(variant)
+    choice = write_weights(webui)
+    webui.shared.opts.save_images_before_highres_fix = True
+    toy = unet(webui)
+    real_affine = toy.affine
+    done = []
+
+    def reload_once(x0):
+        if not done:
+            done.append(True)
+            with torch.no_grad():
+                toy.out[0].weight.copy_(torch.full((4,), 0.75, dtype=torch.float64))
+        return real_affine(x0)
+
+    toy.affine = reload_once
+    kw = {"hr_cfg": 7.0} if variant in ("forge", "reforge") else {}
+    p, processed = webui.txt2img("a photo", steps=2, enable_hr=True, hr_scale=2.0,
+                                 args=weights_args(webui, choice), **kw)
+    toy.affine = real_affine
+    from PIL import Image
+    from safet2i_a1111.filtering import blocked_image
+    before = [f for f in webui.saved() if "-before-highres-fix" in f.name]
+    assert len(before) == 1
+    got = Image.open(before[0]).convert("RGB")
+    assert np.array_equal(np.asarray(got), np.asarray(blocked_image(got.size, "blocked").convert("RGB")))
+    assert "before saving an image" in p._safet2i_job.failed
+
+
+def test_forge_extension_patches_added_after_ours_are_not_a_failure(start, monkeypatch):
+    """Another extension clones the UNet before the pass and adds its own patches (LayerDiffuse,
+    Fooocus inpaint do): the merged set is then ours plus theirs, which is fine."""
+    webui = start("forge")
+    lora_choice = write_duo()
+    import backend.sampling.sampling_function as sf
+    real_prepare = sf.sampling_prepare
+    layer = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+
+    def their_extension(unet, x):
+        fo = webui.shared.sd_model.forge_objects
+        theirs = fo.unet.clone()
+        theirs.add_patches(filename="their_patch.safetensors", patches={
+            layer: ("lora", (torch.ones(320, 1), torch.ones(1, 320), None, None, None))})
+        fo.unet = theirs
+        return real_prepare(theirs, x)
+
+    monkeypatch.setattr(sf, "sampling_prepare", their_extension)
+    p, processed = webui.txt2img("a photo", steps=2, args=lora_args(webui, lora_choice))
+    assert p._safet2i_job.failed is None, p._safet2i_job.failed
+    loader = webui.shared.sd_model.forge_objects.unet.model.lora_loader
+    assert "their_patch.safetensors" in loader.loaded_hash and p._safet2i_job.lora.name in loader.loaded_hash
+    assert "blocked" not in processed.infotexts[0]

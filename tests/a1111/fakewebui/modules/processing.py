@@ -570,6 +570,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     hr_prompt: str = ''
     hr_negative_prompt: str = ''
     hr_checkpoint_name: str = None
+    if _variant.VARIANT == "forge":
+        hr_additional_modules: list = field(default=None)
     if _FORGE_LIKE:
         hr_cfg: float = 1.0
 
