@@ -802,13 +802,14 @@ class SafeT2IScript(scripts.Script):
 
     def postprocess_batch(self, p, *args, **kwargs):
         job = _job(p)
-        if job is not None:
-            job.check_layers("hires pass" if getattr(p, "enable_hr", False) else "sampling pass", p)
-        if job is not None:
-            self._lora_after_sampling(job, "hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
-        if job is not None and job.lora is not None and not job.failed:
+        if job is None:
+            return
+        where = "hires pass" if getattr(p, "enable_hr", False) else "sampling pass"
+        job.check_layers(where, p)
+        self._lora_after_sampling(job, where)
+        if job.lora is not None and not job.failed:
             try:
-                lora_layer.check_verified(job.lora, "hires pass" if getattr(p, "enable_hr", False) else "sampling pass")
+                lora_layer.check_verified(job.lora, where)
             except Exception as exc:  # noqa: BLE001
                 job.error = f"safety LoRA: {exc}"
                 log.error("SafeT2I: %s; images of this job will be blocked", job.error)

@@ -204,11 +204,10 @@ def _host_dict(module) -> dict:
     return module.state_dict(keep_vars=True)
 
 
-def _module_prefix(sd_model, part: str) -> str:
-    """Where the part's module sits in its Forge/reForge patcher's model (the keys of the
-    patchers' backups): the UNet patcher holds the KModel (``diffusion_model.…``), the CLIP
-    patcher the text encoder itself."""
-    return "diffusion_model." if part == "unet" else ""
+#: Where the part's module sits in its Forge/reForge patcher's model (the keys of the patchers'
+#: backups): the UNet patcher holds the KModel (``diffusion_model.…``), the CLIP patcher the text
+#: encoder itself.
+_PATCHER_PREFIX = {"unet": "diffusion_model.", "text_encoder": ""}
 
 
 def base_tensors(sd_model, part: str, module) -> dict:
@@ -225,7 +224,7 @@ def base_tensors(sd_model, part: str, module) -> dict:
             out[f"{dot}weight"] = wb
         if isinstance(bb, torch.Tensor) and f"{dot}bias" in out:
             out[f"{dot}bias"] = bb
-    prefix = _module_prefix(sd_model, part)
+    prefix = _PATCHER_PREFIX[part]
     for patcher in _patchers(sd_model, part):
         backups = [getattr(_forge_loader(patcher), "backup", None), getattr(patcher, "backup", None)]
         for backup in backups:
