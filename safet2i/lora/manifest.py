@@ -148,13 +148,12 @@ def release_entry(file_name: str, path: str | Path | None = None) -> Entry | Non
 
 def rename_hint(file_name: str, path: str | Path | None = None) -> str | None:
     """For an unknown file carrying a release's generic name: which name identifies it."""
-    base = Path(file_name).name.lower()
-    for e in entries(path):
-        if base in (f.lower() for f in e.release_files):
-            return (f"{Path(file_name).name} is also the name under which '{e.title}' was released; if it is that "
-                    f"file, rename it to {e.files[0]} to have it checked against the manifest. It is treated as an "
-                    "unknown file now.")
-    return None
+    e = release_entry(file_name, path)
+    if e is None:
+        return None
+    return (f"{Path(file_name).name} is also the name under which '{e.title}' was released; if it is that "
+            f"file, rename it to {e.files[0]} to have it checked against the manifest. It is treated as an "
+            "unknown file now.")
 
 
 def check_arch(entry: Entry | None, host_arch: str | None, what: str) -> None:
