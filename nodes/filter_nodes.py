@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 from ..safet2i.errors import ModelLoadError
 from ..safet2i.runtime import host_providers
 from ..safet2i.filter import ACTIONS, BUILTIN, PRESETS, SafetyFilter, get_policy, load_model
+from ..safet2i.filter.report import pin_warnings, unpinned_models
 from . import paths
 
 FilterModels = io.Custom("SAFET2I_FILTER_MODELS")
@@ -21,8 +22,8 @@ POLICIES = list(PRESETS) + ["custom"]
 MASK_SHAPES = ["rect", "ellipse"]
 
 
-def _summary(verdicts) -> str:
-    lines = []
+def _summary(verdicts, filter_description: dict | None = None) -> str:
+    lines = pin_warnings(filter_description) if filter_description is not None else []
     for v in verdicts:
         worst = ", ".join(f"{f.detection.label} {f.detection.score:.2f}" for f in v.flagged[:4])
         state = "UNSAFE" if v.unsafe else "safe"
@@ -30,6 +31,15 @@ def _summary(verdicts) -> str:
     n_bad = sum(v.unsafe for v in verdicts)
     head = f"SafeT2I filter: {len(verdicts)} image(s), {n_bad} unsafe"
     return "\n".join([head] + lines)
+
+
+def _loader_text(model) -> str:
+    """The loader's preview: the model, its sha256 and whether a sidecar pin verified it."""
+    d = model.describe()
+    warn = pin_warnings({"models": [d]})
+    if warn:
+        return warn[0]
+    return f"{d['name']}: pinned, sha256 {d['sha256']} verified; on {', '.join(d['providers'])}"
 
 
 class SafeT2IFilterModelLoader(io.ComfyNode):
@@ -64,7 +74,7 @@ class SafeT2IFilterModelLoader(io.ComfyNode):
     def execute(cls, model, providers="auto", chain=None) -> io.NodeOutput:
         path = model if model in BUILTIN else paths.sidecar_path(model)
         loaded = load_model(path, providers=host_providers(providers, paths.comfy_cpu_only()))
-        return io.NodeOutput(tuple(chain or ()) + (loaded,))
+        return io.NodeOutput(tuple(chain or ()) + (loaded,), ui=ui.PreviewText(_loader_text(loaded)))
 
 
 class SafeT2IImageFilter(io.ComfyNode):
@@ -136,10 +146,12 @@ class SafeT2IImageFilter(io.ComfyNode):
             verdicts.extend(res.verdicts)
             pbar(min(chunk, b - start))
         out_img = out_img.to(images.dtype)
-        report = json.dumps({"filter": flt.describe(), "images": [v.to_dict() for v in verdicts]})
+        described = flt.describe()
+        report = json.dumps({"filter": described, "images": [v.to_dict() for v in verdicts],
+                             "unpinned_models": [m.get("name") for m in unpinned_models(described)]})
         return io.NodeOutput(
             out_img, out_mask, [float(v.cost) for v in verdicts], all(not v.unsafe for v in verdicts), report,
-            ui=ui.PreviewText(_summary(verdicts)),
+            ui=ui.PreviewText(_summary(verdicts, described)),
         )
 
 

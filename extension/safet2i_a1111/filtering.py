@@ -60,6 +60,8 @@ def get_filter(policy: str, action: str) -> SafetyFilter:
     key = (policy, action)
     with _LOCK:
         if key not in _FILTERS:
+            # Built-in NudeNet only: its packaged sidecar pins the file's sha256, so no user
+            # (unpinned) model can reach the webui and no "unpinned" mark is needed here.
             _FILTERS[key] = SafetyFilter(["nudenet"], policy=policy, action=action)
         return _FILTERS[key]
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -26,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingDependencyError, ModelLoadError, ModelRunError
-from ..runtime import LoadedSession, get_session
+from ..runtime import ENV_REQUIRE_PINNED, LoadedSession, file_sha256, get_session, require_pinned
+
+log = logging.getLogger("safet2i")
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "data" / "filters"
 
@@ -81,6 +85,26 @@ class ModelSpec:
             raise ModelLoadError(f"Sidecar {sidecar} is not valid JSON: {exc}") from exc
         return cls.from_dict(data, sidecar)
 
+    @property
+    def pinned(self) -> bool:
+        """Whether the sidecar pins the model file by its sha256."""
+        return bool(self.sha256)
+
+    def check_pin_required(self) -> None:
+        """Refuse an unpinned model when the operator set ``SAFET2I_REQUIRE_PINNED``."""
+        if self.pinned or not require_pinned():
+            return
+        try:
+            digest = file_sha256(self.path)
+            how = (f'add "sha256": "{digest}" (the sha256 of {self.path} as it is now; check it '
+                   "against the model's published digest) to the sidecar")
+        except OSError as exc:
+            how = f'add "sha256": "<sha256 of {self.path}>" to the sidecar (the file cannot be read now: {exc})'
+        raise ModelLoadError(
+            f"Filter model {self.name!r} is not pinned: its sidecar {self.sidecar} has no sha256 field, "
+            f"and {ENV_REQUIRE_PINNED} is set, which requires every model file to be pinned. To pin it, {how}."
+        )
+
     @classmethod
     def from_dict(cls, data: dict, sidecar: Path) -> ModelSpec:
         try:
@@ -94,12 +118,19 @@ class ModelSpec:
             raise ModelLoadError(f"Sidecar {sidecar}: kind must be 'detector' or 'classifier', not {kind!r}.")
         if kind == "detector" and data.get("format", "yolov8") != "yolov8":
             raise ModelLoadError(f"Sidecar {sidecar}: only the 'yolov8' detector format is supported.")
+        sha = data.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+            # A malformed pin is an error, never "no pin": "" or a typo must not unpin a model.
+            raise ModelLoadError(
+                f"Sidecar {sidecar}: 'sha256' must be 64 hexadecimal digits, got {sha!r}; "
+                "remove the field to run the model unpinned."
+            )
         return cls(
             name=data.get("name", sidecar.stem),
             kind=kind,
             path=_resolve_model_file(model, sidecar),
             sidecar=sidecar,
-            sha256=data.get("sha256"),
+            sha256=sha.lower() if sha else None,
             labels=labels,
             input=inp,
             output=dict(data["output"]),
@@ -216,8 +247,18 @@ class OnnxModel:
         self.spec = spec
         self.mode = mode
         self.batch_size = max(1, int(batch_size))
+        spec.check_pin_required()
         self.loaded: LoadedSession = get_session(spec.path, providers, spec.sha256)
+        #: The sidecar pins the file, and the session was made from bytes with that digest.
+        self.pinned = spec.pinned and self.loaded.sha256 == spec.sha256
         self.name = spec.name if mode == "rgb" else f"{spec.name}-{mode}"
+        if not self.pinned:
+            log.warning(
+                "SafeT2I: filter model %s is UNPINNED: its sidecar %s has no sha256, so %s is used "
+                "unverified (sha256 of the bytes loaded: %s). Add that sha256 to the sidecar if this "
+                "is the file you trust; %s=1 refuses unpinned models.",
+                self.name, spec.sidecar, spec.path, self.loaded.sha256, ENV_REQUIRE_PINNED,
+            )
         self.colour = "BGR" if mode == "reference" else spec.input.get("colour", "RGB")
 
     @property
@@ -255,8 +296,8 @@ class OnnxModel:
     def describe(self) -> dict:
         return {
             "name": self.name, "kind": self.kind, "file": str(self.spec.path),
-            "sha256": self.loaded.sha256, "providers": list(self.providers),
-            "licence": self.spec.licence, "source": self.spec.source,
+            "sha256": self.loaded.sha256, "pinned": self.pinned, "sidecar": str(self.spec.sidecar),
+            "providers": list(self.providers), "licence": self.spec.licence, "source": self.spec.source,
         }
 
 
@@ -363,7 +404,13 @@ def load_model(name: str, providers=None, batch_size: int = 16) -> OnnxModel:
                 f"Unknown filter model {name!r}: use one of {', '.join(BUILTIN)} or the path of a "
                 "sidecar .json next to its .onnx file."
             )
-    key = (str(sidecar.resolve()), mode, str(providers), int(batch_size))
+    try:
+        st = sidecar.stat()
+    except OSError as exc:
+        raise ModelLoadError(f"Sidecar {sidecar} cannot be read: {exc}") from exc
+    # The sidecar's size and mtime are part of the key: an edited sidecar (a pin added or
+    # changed) is read again instead of reusing the model loaded under the old one.
+    key = (str(sidecar.resolve()), st.st_size, st.st_mtime_ns, mode, str(providers), int(batch_size))
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
@@ -371,4 +418,6 @@ def load_model(name: str, providers=None, batch_size: int = 16) -> OnnxModel:
             cls = YoloDetector if spec.kind == "detector" else OnnxClassifier
             model = cls(spec, providers=providers, mode=mode, batch_size=batch_size)
             _MODELS[key] = model
+        else:
+            model.spec.check_pin_required()  # the operator's setting applies to cached models too
         return model

@@ -17,6 +17,21 @@ import numpy as np
 from .. import __version__
 
 
+def unpinned_models(filter_description: dict) -> list[dict]:
+    """The models of a ``SafetyFilter.describe()`` that no sidecar sha256 pins (a model
+    description without ``pinned`` counts as unpinned)."""
+    return [m for m in filter_description.get("models", []) if m.get("pinned") is not True]
+
+
+def pin_warnings(filter_description: dict) -> list[str]:
+    """One line per unpinned model, for every report and node output."""
+    return [
+        f"WARNING: model {m.get('name')} is UNPINNED: its sidecar {m.get('sidecar') or '?'} has no "
+        f"sha256, so its file was used unverified (sha256 of the bytes loaded: {m.get('sha256') or '?'})."
+        for m in unpinned_models(filter_description)
+    ]
+
+
 def build_report(filter_description: dict, files: list[dict]) -> dict:
     """``files``: one dict per input (``path``, ``output``, ``verdict`` in
     safe/unsafe/blocked/error, ``cost``, ``error``, ``images`` = per-frame verdict dicts)."""
@@ -31,6 +46,8 @@ def build_report(filter_description: dict, files: list[dict]) -> dict:
             "unsafe": sum(f["verdict"] in ("unsafe", "blocked") for f in files),
             "errors": sum(f["verdict"] == "error" for f in files),
         },
+        # Names of the models no sidecar sha256 pins (also flagged per model in filter.models).
+        "unpinned_models": [m.get("name") for m in unpinned_models(filter_description)],
         "files": files,
     }
 
@@ -83,6 +100,7 @@ def write_html(report: dict, path, thumbnails: dict[str, str]) -> None:
         )
     flt = report["filter"]
     models = ", ".join(m["name"] for m in flt.get("models", []))
+    pins = "".join(f"<p class=error>&#9888; {html.escape(w)}</p>\n" for w in pin_warnings(flt))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>SafeT2I filter report</title>
 <style>{_CSS}</style></head><body>
 <h1>SafeT2I filter report</h1>
@@ -90,7 +108,7 @@ def write_html(report: dict, path, thumbnails: dict[str, str]) -> None:
 <span class=unsafe>{s['unsafe']} unsafe</span>, <span class=error>{s['errors']} errors</span>.
 Models: {html.escape(models)}; policy <code>{html.escape(flt['policy']['name'])}</code>;
 action <code>{html.escape(flt['action'])}</code>. Created {html.escape(report['created'])}.</p>
-<p class=muted>Thumbnails show the filtered output, never an unsafe original.</p>
+{pins}<p class=muted>Thumbnails show the filtered output, never an unsafe original.</p>
 <table><tr><th>filtered</th><th>file</th><th>verdict</th><th>cost</th><th>findings</th></tr>
 {''.join(rows)}
 </table></body></html>
