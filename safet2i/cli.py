@@ -8,7 +8,8 @@
 ``safet2i convert FILE``                pickled checkpoint → .safetensors (weights_only load)
 
 Exit status of ``filter`` (bit flags): 0 all safe, 1 something unsafe, 2 something could
-not be read, 3 both; 4 the filter itself could not run; 64 bad command line.
+not be read, checked or written, 3 both; 8 (added to those) a report could not be written;
+4 the filter itself could not run; 64 bad command line.
 """
 
 from __future__ import annotations
@@ -16,18 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .errors import ImageInputError, SafeT2IError
+from .errors import SafeT2IError
 
-EXIT_UNSAFE, EXIT_BROKEN, EXIT_FATAL, EXIT_USAGE = 1, 2, 4, 64
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
-WRITE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
+from .filter.files import EXIT_BROKEN, EXIT_FATAL, EXIT_REPORT, EXIT_UNSAFE, EXIT_USAGE, IMAGE_EXTS  # noqa: F401
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +47,20 @@ def _colour(text: str) -> tuple[float, float, float]:
     return tuple(v / 255.0 if max(vals) > 1 else v for v in vals)
 
 
+def _bounded(option: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False):
+    """An argparse type: a finite number in [lo, hi] (``lo_open``: lo excluded), named in errors."""
+    def parse(text: str):
+        try:
+            v = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be {'a whole' if integer else 'a'} number, not {text!r}")
+        if not np.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            low = f"more than {lo:g}" if lo_open else f"at least {lo:g}"
+            raise argparse.ArgumentTypeError(f"{option} must be {low} and at most {hi:g}, not {text}")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .filter import ACTIONS, BUILTIN, DEFAULT_POLICY, PRESETS
 
@@ -66,16 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-label threshold override, repeatable (e.g. FEET_EXPOSED=0.8)")
     f.add_argument("--model", action="append", default=None,
                    help=f"model: {', '.join(BUILTIN)} or a sidecar .json path; repeatable (default: nudenet)")
-    f.add_argument("--expand", type=float, default=None, help="grow flagged boxes by this fraction per side")
+    f.add_argument("--expand", type=_bounded("--expand", 0, 2), default=None,
+                   help="grow flagged boxes by this fraction per side (0..2)")
     f.add_argument("--shape", choices=("rect", "ellipse"), default=None, help="mask shape")
-    f.add_argument("--feather", type=float, default=0.0, help="soften mask edges by this many pixels")
-    f.add_argument("--strength", type=float, default=None, help="blur sigma / pixelate block size in pixels")
+    f.add_argument("--feather", type=_bounded("--feather", 0, 1024), default=0.0,
+                   help="soften mask edges by this many pixels (0..1024)")
+    f.add_argument("--strength", type=_bounded("--strength", 0, 4096, lo_open=True), default=None,
+                   help="blur sigma / pixelate block size in pixels (automatic by default; never below the "
+                        "minimum for the region's size)")
     f.add_argument("--colour", "--color", type=_colour, default=(0.0, 0.0, 0.0), help="fill colour (#rrggbb)")
     f.add_argument("--providers", default=None, help="onnxruntime providers: auto, cpu, cuda, tensorrt, ...")
-    f.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
-    f.add_argument("--report", help="write a JSON report here")
-    f.add_argument("--html", help="write an HTML report with filtered thumbnails here")
-    f.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+    f.add_argument("--batch-size", type=_bounded("--batch-size", 1, 1024, integer=True), default=16,
+                   help="images per network batch (1..1024, default 16)")
+    f.add_argument("--max-file-pixels", type=_bounded("--max-file-pixels", 1, 10**11, integer=True), default=None,
+                   help="decoded-pixel budget per file over all its frames (default 300000000, or "
+                        "SAFET2I_MAX_FILE_PIXELS); a file over it is a per-file error")
+    f.add_argument("--report", help="write a JSON report here (never over an input; an existing file only "
+                                     "with --overwrite)")
+    f.add_argument("--html", help="write an HTML report with filtered thumbnails here (same rules as --report)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace existing files in --out and existing report files (never an input)")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
     s = sub.add_parser("samples", help="export benign sample pictures of people (needs scikit-image)")
@@ -164,59 +186,18 @@ def run_convert(args) -> int:
 
 
 def collect(paths: list[str]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its argument's root) for every image under ``paths``.
+    """(file, path relative to its argument's root) for every image under ``paths``
+    (:func:`safet2i.filter.files.collect` without the skipped entries)."""
+    from .filter.files import collect as _collect  # noqa: PLC0415
 
-    Explicitly named files are taken whatever their extension (so odd files get a clear
-    per-file error); folders contribute files with image extensions.
-    """
-    out = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                    out.append((f, f.relative_to(p)))
-        else:
-            out.append((p, Path(p.name)))
-    return out
-
-
-def _target(out_dir: Path, rel: Path, fmt: str, sources: set[Path]) -> Path:
-    target = (out_dir / rel).resolve()
-    if out_dir.resolve() not in target.parents:
-        raise ImageInputError(f"refusing to write outside --out: {rel}")
-    if fmt not in WRITE_FORMATS:
-        target = target.with_suffix(".png")
-    if target in sources:
-        raise ImageInputError(f"refusing to overwrite the original {target}")
-    return target
-
-
-def _save(frames_u8: list[np.ndarray], loaded, target: Path) -> None:
-    from PIL import Image  # noqa: PLC0415
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fmt = loaded.format if loaded.format in WRITE_FORMATS else "PNG"
-    ims = [Image.fromarray(f) for f in frames_u8]
-    tmp = target.with_name(target.name + ".partial")
-    kw = {}
-    if len(ims) > 1 and fmt in ("GIF", "WEBP", "PNG", "TIFF"):
-        kw = {"save_all": True, "append_images": ims[1:], "duration": loaded.durations or 100}
-        if loaded.loop is not None:
-            kw["loop"] = loaded.loop
-    elif len(ims) > 1:
-        fmt = "PNG"
-        kw = {"save_all": True, "append_images": ims[1:], "duration": loaded.durations or 100}
-    if fmt == "JPEG":
-        kw["quality"] = 95
-    ims[0].save(tmp, format=fmt, **kw)
-    os.replace(tmp, target)
+    return _collect(paths)[0]
 
 
 def run_filter(args) -> int:
     from .filter import SafetyFilter, get_policy, parse_thresholds
-    from .filter.report import build_report, thumbnail_data_uri, write_html, write_json
-    from .images import load_image_file
+    from .filter.files import FileFilter, atomic_write, guard_destination
+    from .filter.files import collect as collect_files
+    from .filter.report import build_report, write_html, write_json
 
     overrides = {}
     for t in args.threshold:
@@ -228,104 +209,70 @@ def run_filter(args) -> int:
         colour=args.colour, providers=args.providers, batch_size=args.batch_size,
     )
     out_dir = Path(args.out)
-    items = collect(args.paths)
-    sources = {f.resolve() for f, _ in items}
-    if out_dir.resolve() in sources:
-        raise SafeT2IError(f"--out {out_dir} is one of the input files")
+    if out_dir.exists() and not out_dir.is_dir():
+        if any(os.path.samefile(out_dir, p) for p in args.paths if os.path.exists(p)):
+            raise SafeT2IError(f"--out {out_dir} is one of the input files")
+        raise SafeT2IError(f"--out {out_dir} exists and is not a folder")
+    items, skipped = collect_files(args.paths, exclude=[out_dir] if out_dir.is_dir() else [])
+    inputs = set()
+    for f, _ in items:
+        try:
+            st = os.stat(f)
+            inputs.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    reports = {}
+    for opt in ("report", "html"):
+        if getattr(args, opt):
+            reports[opt] = guard_destination(Path(getattr(args, opt)), args.overwrite, inputs, f"--{opt}")
+    if len(set(reports.values())) < len(reports):
+        raise SafeT2IError("--report and --html name the same file")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    files: list[dict] = []
-    thumbs: dict[str, str] = {}
-    status = 0
     try:
         from tqdm import tqdm  # noqa: PLC0415
-        bar = tqdm(total=len(items), unit="img", disable=args.quiet or not sys.stderr.isatty(), desc="filter")
+        bar = tqdm(total=len(items), unit="file", disable=args.quiet or not sys.stderr.isatty(), desc="filter")
     except ImportError:  # pragma: no cover
         bar = None
-
-    pending: list = []  # (entry, loaded, target)
-    claimed: set[Path] = set()  # targets of earlier inputs in this run (not yet written)
-
-    def flush():
-        nonlocal status
-        if not pending:
-            return
-        frames = [fr for _, ld, _ in pending for fr in ld.frames]
-        verdicts = flt.check_uint8(frames)   # one batched pass over every frame of the group
-        k = 0
-        for entry, ld, target in pending:
-            vs = verdicts[k:k + len(ld.frames)]
-            k += len(ld.frames)
-            for j, v in enumerate(vs):
-                v.index = j
-            unsafe = any(v.unsafe for v in vs)
-            entry["images"] = [v.to_dict() for v in vs]
-            entry["cost"] = round(max(v.cost for v in vs), 6)
-            try:
-                if unsafe and flt.action == "block":
-                    entry["verdict"], entry["output"] = "blocked", None
-                    status |= EXIT_UNSAFE
-                    continue
-                if unsafe:
-                    outs = []
-                    for fr, v in zip(ld.frames, vs):
-                        img = flt.censor_one(fr.astype(np.float32) / 255.0, v)
-                        outs.append(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8))
-                    _save(outs, ld, target)
-                    entry["verdict"] = "unsafe"
-                    status |= EXIT_UNSAFE
-                else:
-                    outs = ld.frames
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if target.suffix == Path(ld.path).suffix:
-                        shutil.copyfile(ld.path, target)
-                    else:
-                        _save(outs, ld, target)
-                    entry["verdict"] = "safe"
-                entry["output"] = str(target)
-                if args.html and not (unsafe and flt.action == "pass"):  # never embed an unsafe original
-                    thumbs[entry["path"]] = thumbnail_data_uri(outs[0])
-            except OSError as exc:
-                entry.update(verdict="error", output=None, error=f"cannot write {target}: {exc}")
-                status |= EXIT_BROKEN
-        pending.clear()
-
-    for path, rel in items:
-        entry = {"path": str(path), "output": None, "verdict": "error", "cost": None, "error": None}
-        files.append(entry)
-        try:
-            loaded = load_image_file(path)
-            target = _target(out_dir, rel, loaded.format, sources)
-            if target in claimed:
-                raise ImageInputError(f"{target} is already the output of another input in this run")
-            if target.exists() and not args.overwrite:
-                raise ImageInputError(f"{target} exists; pass --overwrite to replace it")
-            claimed.add(target)
-            pending.append((entry, loaded, target))
-            if sum(len(ld.frames) for _, ld, _ in pending) >= args.batch_size:
-                flush()
-        except ImageInputError as exc:
-            entry["error"] = str(exc)
-            status |= EXIT_BROKEN
+    run = FileFilter(flt, out_dir, overwrite=args.overwrite, inputs=inputs, batch_size=args.batch_size,
+                     max_file_pixels=args.max_file_pixels, thumbnails=bool(args.html),
+                     progress=bar.update if bar is not None else None)
+    for p in reports.values():
+        run.claim(p)  # a report inside --out: no output takes its name
+    try:
+        status = run.run(items)
+    finally:
         if bar is not None:
-            bar.update(1)
-    flush()
-    if bar is not None:
-        bar.close()
+            bar.close()
+    files = run.files
 
     report = build_report(flt.describe(), files)
-    if args.report:
-        write_json(report, args.report)
-    if args.html:
-        write_html(report, args.html, thumbs)
+    report["skipped"] = skipped
+    report["summary"]["skipped"] = len(skipped)
+    report["summary"]["errors"] = sum(1 for f in files if f.get("error"))
+    for opt, p in reports.items():
+        try:
+            if opt == "report":
+                atomic_write(p, lambda fh: write_json(report, fh))
+            else:
+                atomic_write(p, lambda fh: write_html(report, fh, run.thumbs))
+        except (OSError, ValueError) as exc:
+            print(f"safet2i: error: cannot write the {opt} {p}: {getattr(exc, 'strerror', None) or exc}",
+                  file=sys.stderr)
+            status |= EXIT_REPORT
     if not args.quiet:
         s = report["summary"]
-        print(f"safet2i: {s['files']} files, {s['safe']} safe, {s['unsafe']} unsafe, {s['errors']} errors"
-              f" -> {out_dir}", file=sys.stderr)
+        print(f"safet2i: {s['files']} files, {s['safe']} safe, {s['unsafe']} unsafe, {s['errors']} errors, "
+              f"{s['skipped']} skipped -> {out_dir}", file=sys.stderr)
         for f in files:
-            if f["verdict"] == "error":
-                print(f"  error: {f['error']}", file=sys.stderr)
+            if f.get("error"):
+                print(f"  error: {_printable(f['error'])}", file=sys.stderr)
     return status
+
+
+def _printable(text: str) -> str:
+    """A message with undecodable file-name bytes shown as replacement characters."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------- samples / models
@@ -375,6 +322,7 @@ def run_models(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.captureWarnings(True)   # no raw RuntimeWarning text: warnings go through logging
     args = build_parser().parse_args(argv)
     try:
         if args.command == "filter":
@@ -387,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_convert(args)
         return run_models(args)
     except (SafeT2IError, ValueError, OSError) as exc:  # a crash must not read as exit 1 "unsafe"
-        print(f"safet2i: error: {exc}", file=sys.stderr)
+        print(f"safet2i: error: {_printable(str(exc))}", file=sys.stderr)
+        return EXIT_FATAL
+    except MemoryError:
+        print("safet2i: error: out of memory; lower SAFET2I_MAX_FILE_PIXELS or --batch-size", file=sys.stderr)
         return EXIT_FATAL
 
 

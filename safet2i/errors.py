@@ -34,6 +34,11 @@ class ImageInputError(SafeT2IError, ValueError):
     """An image cannot be read or has a form SafeT2I cannot check."""
 
 
+class ImageBudgetError(ImageInputError):
+    """An image file is over the decoded-pixel or byte budget (it is refused before the
+    memory is taken, never with a ``MemoryError``)."""
+
+
 class PolicyError(SafeT2IError, ValueError):
     """A filter policy (class set, thresholds, expansion) is malformed."""
 

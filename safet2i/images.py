@@ -12,18 +12,51 @@ checked, because removing the alpha channel would reveal it.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ImageInputError
+from .errors import ImageBudgetError, ImageInputError
 
-#: Largest image accepted (pixels per frame). Above it decoding is refused with a clear
-#: error instead of exhausting memory (a 10000 x 10000 picture is 1e8 pixels and passes).
+#: Decoding budgets (see docs/filter.md, "Guarantees and limits"). Every limit is checked
+#: *before* the memory is taken, and an image over it is refused with
+#: :class:`~safet2i.errors.ImageBudgetError` naming the limit and how to change it.
+#:
+#: * ``MAX_PIXELS``: pixels of one frame / page (150 Mpx: a 12000 x 12000 picture passes);
+#: * ``MAX_FILE_PIXELS``: decoded pixels of one file over all its frames and pages
+#:   (300 Mpx = 900 MB as uint8 RGB); environment ``SAFET2I_MAX_FILE_PIXELS``;
+#: * ``MAX_FILE_BYTES``: bytes of one input file, read once into memory (512 MiB);
+#:   environment ``SAFET2I_MAX_FILE_BYTES``;
+#: * ``MAX_FRAMES``: frames / pages of one file.
 MAX_PIXELS = 150_000_000
+MAX_FILE_PIXELS = 300_000_000
+MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_FRAMES = 2_000
+ENV_MAX_FILE_PIXELS = "SAFET2I_MAX_FILE_PIXELS"
+ENV_MAX_FILE_BYTES = "SAFET2I_MAX_FILE_BYTES"
+
+#: Formats SafeT2I decodes (Pillow plug-in names). Everything else is refused unread: a
+#: plug-in that runs an external program (EPS runs Ghostscript) or reads other files is
+#: never reached from an input file.
+READ_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "ICNS", "PPM",
+                "TGA", "PCX", "SGI", "QOI", "JPEG2000")
+
+
+def env_budget(name: str, default: int) -> int:
+    """A positive integer budget from the environment (``default`` when unset)."""
+    raw = os.environ.get(name, "").strip().replace("_", "")
+    if not raw:
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError as exc:
+        raise ImageInputError(f"{name}={raw!r} is not a number.") from exc
+    if value < 1:
+        raise ImageInputError(f"{name} must be at least 1, got {value}.")
+    return value
 
 
 def to_numpy(x) -> np.ndarray:
@@ -140,7 +173,11 @@ def pil_to_rgb(im) -> np.ndarray:
 
 @dataclass
 class LoadedImage:
-    """Frames of one file, as uint8 RGB arrays, plus what is needed to write it back."""
+    """Frames of one file, as uint8 RGB arrays, plus what is needed to write it back.
+
+    ``frames`` are exactly the pixels the filter checks and the only pixels written out.
+    ``sha256`` and ``size`` describe the input bytes they were decoded from; ``notes`` say
+    what decoding did beyond a plain decode (orientation, colour profile)."""
 
     path: str
     frames: list[np.ndarray]
@@ -148,50 +185,273 @@ class LoadedImage:
     mode: str
     durations: list[int] = field(default_factory=list)
     loop: int | None = None
+    sha256: str = ""
+    size: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def animated(self) -> bool:
         return len(self.frames) > 1
 
+    @property
+    def pixels(self) -> int:
+        return sum(int(f.shape[0]) * int(f.shape[1]) for f in self.frames)
 
-def load_image_file(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Read every frame of an image file, or raise :class:`ImageInputError` saying why not."""
-    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
+
+def read_file_bytes(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The whole content of a regular file, read once, refused over ``max_bytes``.
+
+    Only regular files are read (a FIFO or device would block or never end)."""
+    import stat  # noqa: PLC0415
 
     path = os.fspath(path)
+    limit = max_bytes or env_budget(ENV_MAX_FILE_BYTES, MAX_FILE_BYTES)
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces Pillow's decompression-bomb warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageInputError(
-                    f"{path}: {w}x{h} is larger than the {max_pixels:,}-pixel limit."
-                )
-            n = getattr(im, "n_frames", 1)
-            if n > MAX_FRAMES:
-                raise ImageInputError(f"{path}: {n} frames is more than the {MAX_FRAMES} allowed.")
-            fmt, mode = im.format or "", im.mode
-            frames, durations = [], []
-            for i in range(n):
-                im.seek(i)
-                im.load()
-                frame = ImageOps.exif_transpose(im) if i == 0 and n == 1 else im
-                frames.append(pil_to_rgb(frame))
-                durations.append(int(im.info.get("duration", 0) or 0))
-            loop = im.info.get("loop")
-    except ImageInputError:
-        raise
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as exc:
         raise ImageInputError(f"{path}: no such file.") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageInputError(f"{path}: not an image Pillow can read.") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageInputError(f"{path}: refused as a decompression bomb ({exc}).") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageInputError(f"{path}: truncated or corrupt image ({exc}).") from exc
-    except Exception as exc:  # noqa: BLE001 - Pillow decoders raise struct.error, IndexError, ...
-        raise ImageInputError(f"{path}: truncated or corrupt image ({type(exc).__name__}: {exc}).") from exc
-    return LoadedImage(path, frames, fmt, mode, durations, loop)
+    except OSError as exc:
+        raise ImageInputError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageInputError(f"{path}: not a regular file.")
+        if st.st_size > limit:
+            raise ImageBudgetError(
+                f"{path}: {st.st_size:,} bytes is more than the {limit:,}-byte limit per file "
+                f"(set {ENV_MAX_FILE_BYTES} to change it)."
+            )
+        chunks, total = [], 0
+        while True:
+            block = os.read(fd, min(1 << 24, limit + 1 - total))
+            if not block:
+                break
+            chunks.append(block)
+            total += len(block)
+            if total > limit:  # the file grew while being read
+                raise ImageBudgetError(f"{path}: more than the {limit:,}-byte limit per file.")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageInputError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    finally:
+        os.close(fd)
+
+
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _orientation(im) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block means: no orientation
+        return 1
+
+
+def _to_srgb(frame, icc: bytes | None, notes: list[str]):
+    """The frame converted from its embedded ICC profile to sRGB (what a viewer shows), or
+    unchanged when there is no profile or it cannot be applied (then the output is written
+    without it, so what is shown is still what was checked)."""
+    if not icc:
+        return frame
+    try:
+        from PIL import ImageCms  # noqa: PLC0415
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        mode = frame.mode if frame.mode in ("RGB", "CMYK", "L") else None
+        if mode is None:
+            return frame
+        out = ImageCms.profileToProfile(frame, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        if "icc: converted to sRGB" not in notes:
+            notes.append("icc: converted to sRGB")
+        return out
+    except Exception:  # noqa: BLE001 - an unusable profile is dropped, never trusted
+        if "icc: unusable profile dropped" not in notes:
+            notes.append("icc: unusable profile dropped")
+        return frame
+
+
+class FrameDecoder:
+    """Decodes the frames / pages of an image held in memory one at a time, within budget.
+
+    ``with FrameDecoder(data, name) as dec:`` reads the header (format, frame count, first
+    frame's size); ``dec.frames()`` then yields ``(uint8 [H,W,3] RGB, duration_ms)`` per
+    frame. Each frame's size is checked against ``max_pixels``, and the running total of
+    decoded pixels against ``max_file_pixels``, *before* that frame is decoded. EXIF
+    orientation is applied to every frame and an embedded ICC profile converted to sRGB,
+    so the pixels are what a viewer shows; they are the only pixels SafeT2I writes out.
+    Every failure is an :class:`ImageInputError` (:class:`ImageBudgetError` over a budget)
+    naming ``name`` and the cause."""
+
+    def __init__(self, data: bytes, name: str = "image", *, max_pixels: int = MAX_PIXELS,
+                 max_file_pixels: int | None = None, max_frames: int = MAX_FRAMES):
+        self.data, self.name = data, name
+        self.max_pixels, self.max_frames = max_pixels, max_frames
+        self.budget = max_file_pixels or env_budget(ENV_MAX_FILE_PIXELS, MAX_FILE_PIXELS)
+        self.im = None
+        self.format = self.mode = ""
+        self.n_frames, self.loop, self.notes = 1, None, []
+        self.decoded_pixels = 0
+
+    def _fail(self, exc: BaseException) -> ImageInputError:
+        from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+        name = self.name
+        if isinstance(exc, ImageInputError):
+            return exc
+        if isinstance(exc, UnidentifiedImageError):
+            return ImageInputError(f"{name}: not an image format SafeT2I reads.")
+        if isinstance(exc, Image.DecompressionBombError):
+            return ImageBudgetError(f"{name}: refused as a decompression bomb ({exc}).")
+        if isinstance(exc, MemoryError):
+            return ImageBudgetError(f"{name}: not enough memory to decode it; lower the budget "
+                                    f"({ENV_MAX_FILE_PIXELS}).")
+        if isinstance(exc, (OSError, SyntaxError, ValueError, EOFError)):
+            return ImageInputError(f"{name}: truncated or corrupt image ({exc}).")
+        return ImageInputError(f"{name}: truncated or corrupt image ({type(exc).__name__}: {exc}).")
+
+    def __enter__(self) -> FrameDecoder:
+        from PIL import Image  # noqa: PLC0415
+
+        try:
+            with warnings.catch_warnings():
+                # Our own pixel limits replace Pillow's warnings; nothing reaches stderr raw.
+                warnings.simplefilter("ignore")
+                im = Image.open(io.BytesIO(self.data), formats=[f for f in READ_FORMATS if f in Image.OPEN])
+                self.im = im
+                w, h = im.size
+                if w * h > self.max_pixels:
+                    raise ImageBudgetError(
+                        f"{self.name}: {w}x{h} is larger than the {self.max_pixels:,}-pixel limit per frame.")
+                n = int(getattr(im, "n_frames", 1) or 1)
+                if n > self.max_frames:
+                    raise ImageBudgetError(f"{self.name}: {n} frames is more than the {self.max_frames} allowed.")
+                self.n_frames, self.format, self.mode = n, im.format or "", im.mode
+                self.orient = _orientation(im)
+                self.icc = im.info.get("icc_profile")
+                if self.orient in _ORIENT:
+                    self.notes.append(f"exif orientation {self.orient} applied")
+                loop = im.info.get("loop")
+                self.loop = loop if isinstance(loop, int) else None
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise self._fail(exc) from exc
+        return self
+
+    def frames(self):
+        from PIL import Image  # noqa: PLC0415
+
+        im = self.im
+        for i in range(self.n_frames):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if i:
+                        im.seek(i)
+                    fw, fh = im.size
+                    if fw * fh > self.max_pixels:
+                        raise ImageBudgetError(
+                            f"{self.name}: frame {i} is {fw}x{fh}, larger than the {self.max_pixels:,}-pixel "
+                            "limit per frame.")
+                    if self.decoded_pixels + fw * fh > self.budget:
+                        raise ImageBudgetError(
+                            f"{self.name}: decoding frame {i} ({fw}x{fh}) would take the file past its budget of "
+                            f"{self.budget:,} decoded pixels over all {self.n_frames} frames "
+                            f"(set {ENV_MAX_FILE_PIXELS} to change it).")
+                    im.load()
+                    frame = _to_srgb(im, self.icc, self.notes) if self.icc else im
+                    if self.orient in _ORIENT:
+                        frame = frame.transpose(getattr(Image.Transpose, _ORIENT[self.orient]))
+                    arr = pil_to_rgb(frame)
+                    duration = int(im.info.get("duration", 0) or 0)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                    raise
+                raise self._fail(exc) from exc
+            self.decoded_pixels += fw * fh
+            yield arr, duration
+
+    def close(self) -> None:
+        if self.im is not None:
+            try:
+                self.im.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.im = None
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def decode_image_bytes(
+    data: bytes,
+    name: str = "image",
+    *,
+    max_pixels: int = MAX_PIXELS,
+    max_file_pixels: int | None = None,
+    max_frames: int = MAX_FRAMES,
+) -> LoadedImage:
+    """Decode every frame / page of an image held in memory (:class:`FrameDecoder`), or
+    raise :class:`ImageInputError` (:class:`ImageBudgetError` over a budget) saying why."""
+    import hashlib  # noqa: PLC0415
+
+    with FrameDecoder(data, name, max_pixels=max_pixels, max_file_pixels=max_file_pixels,
+                      max_frames=max_frames) as dec:
+        frames, durations = [], []
+        for arr, duration in dec.frames():
+            frames.append(arr)
+            durations.append(duration)
+        return LoadedImage(name, frames, dec.format, dec.mode, durations, dec.loop,
+                           hashlib.sha256(data).hexdigest(), len(data), dec.notes)
+
+
+def load_image_file(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *,
+                    max_file_pixels: int | None = None, max_bytes: int | None = None) -> LoadedImage:
+    """Read a file's bytes once and decode every frame from those bytes
+    (:func:`read_file_bytes`, :func:`decode_image_bytes`)."""
+    path = os.fspath(path)
+    data = read_file_bytes(path, max_bytes)
+    return decode_image_bytes(data, path, max_pixels=max_pixels, max_file_pixels=max_file_pixels)
+
+
+#: Formats written back as such (from the checked pixels); anything else is written as PNG.
+WRITE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
+#: JPEG outputs: quality 95 with 4:4:4 chroma (JPEG cannot be re-encoded losslessly).
+JPEG_QUALITY = 95
+
+
+def output_format(fmt: str, n_frames: int = 1) -> str:
+    """The format an output of an input in format ``fmt`` is written in: the input's where
+    SafeT2I writes it (an animation only where the format animates), PNG otherwise."""
+    fmt = fmt if fmt in WRITE_FORMATS else "PNG"
+    if n_frames > 1 and fmt not in ("GIF", "WEBP", "PNG", "TIFF"):
+        fmt = "PNG"
+    return fmt
+
+
+def encode_frames(frames_u8: list[np.ndarray], loaded, fh) -> str:
+    """Write ``frames_u8`` (the checked, possibly censored pixels) to the binary file
+    object ``fh`` in :func:`output_format`; nothing of the input file but its frame
+    timing is carried over (no EXIF, XMP, ICC, text, thumbnails or other entries)."""
+    from PIL import Image  # noqa: PLC0415
+
+    fmt = output_format(loaded.format, len(frames_u8))
+    ims = [Image.fromarray(np.ascontiguousarray(f)) for f in frames_u8]
+    kw: dict = {}
+    if len(ims) > 1:
+        kw = {"save_all": True, "append_images": ims[1:],
+              "duration": [d or 100 for d in loaded.durations] if loaded.durations else 100}
+        if loaded.loop is not None:
+            kw["loop"] = loaded.loop
+    if fmt == "JPEG":
+        kw.update(quality=JPEG_QUALITY, subsampling=0)
+    elif fmt == "WEBP":
+        kw.update(lossless=True, exact=True)
+    elif fmt == "TIFF":
+        kw.update(compression="tiff_lzw")
+    elif fmt == "GIF":
+        kw.update(optimize=False)
+    ims[0].save(fh, format=fmt, **kw)
+    return fmt
