@@ -176,6 +176,15 @@ def _cv2():
     return cv2
 
 
+#: Padding to a square is done literally (exactly as the nudenet package does) unless the
+#: padded square would be both larger than ``PAD_SQUARE_MAX_BYTES`` and more than
+#: ``PAD_SQUARE_MAX_RATIO`` times the image itself (extreme aspect ratios such as
+#: 100000 x 1): then the image is resized on its own and pasted into the network-sized
+#: square (the same geometry, bilinear, without allocating the padded square).
+PAD_SQUARE_MAX_RATIO = 4
+PAD_SQUARE_MAX_BYTES = 256 * 1024 * 1024
+
+
 def _pad_square_resize(img: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     """Pad bottom/right with black to a square, then bilinear-resize to ``size``.
 
@@ -184,12 +193,17 @@ def _pad_square_resize(img: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     cv2 = _cv2()
     h, w = img.shape[:2]
     side = max(h, w)
-    if side != h or side != w:
+    if side == h and side == w:
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR), side
+    if side * side * 3 <= PAD_SQUARE_MAX_BYTES or side * side <= PAD_SQUARE_MAX_RATIO * h * w:
         sq = np.zeros((side, side, 3), np.uint8)
         sq[:h, :w] = img
-    else:
-        sq = img
-    return cv2.resize(sq, (size, size), interpolation=cv2.INTER_LINEAR), side
+        return cv2.resize(sq, (size, size), interpolation=cv2.INTER_LINEAR), side
+    # Same geometry without the padded square: the image scaled by size/side, at the top left.
+    nw, nh = max(1, round(w * size / side)), max(1, round(h * size / side))
+    out = np.zeros((size, size, 3), np.uint8)
+    out[:nh, :nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return out, side
 
 
 def _resize_center_crop(img: np.ndarray, inp: dict) -> np.ndarray:
