@@ -27,7 +27,8 @@ def _summary(verdicts, filter_description: dict | None = None) -> str:
     for v in verdicts:
         worst = ", ".join(f"{f.detection.label} {f.detection.score:.2f}" for f in v.flagged[:4])
         state = "UNSAFE" if v.unsafe else "safe"
-        lines.append(f"image {v.index}: {state} (cost {v.cost:.3f})" + (f": {worst}" if worst else ""))
+        note = f" [still flagged after censoring: {v.escalated} used]" if v.escalated else ""
+        lines.append(f"image {v.index}: {state} (cost {v.cost:.3f})" + (f": {worst}" if worst else "") + note)
     n_bad = sum(v.unsafe for v in verdicts)
     head = f"SafeT2I filter: {len(verdicts)} image(s), {n_bad} unsafe"
     return "\n".join([head] + lines)
@@ -145,7 +146,8 @@ class SafeT2IImageFilter(io.ComfyNode):
                 out_mask[start + j] = torch.from_numpy(res.masks[j])
             verdicts.extend(res.verdicts)
             pbar(min(chunk, b - start))
-        out_img = out_img.to(images.dtype)
+        if images.dtype in (torch.float16, torch.bfloat16, torch.float64):
+            out_img = out_img.to(images.dtype)   # other dtypes (bool, ...) stay float32 0..1
         described = flt.describe()
         report = json.dumps({"filter": described, "images": [v.to_dict() for v in verdicts],
                              "unpinned_models": [m.get("name") for m in unpinned_models(described)]})

@@ -17,6 +17,7 @@ from PIL import Image
 
 from safet2i.errors import UnsafeContentError
 from safet2i.filter import SafetyFilter
+from safet2i.images import float_to_uint8
 from safet2i.filter.censor import placeholder
 
 log = logging.getLogger("safet2i")
@@ -54,9 +55,14 @@ class Outcome:
     verdict: str          # "safe", "censored", "blocked", "error: ..."
     cost: float | None
     labels: list[str]
+    escalated: str | None = None   # "fill" / "placeholder": the censored image still tripped the re-check
 
 
 def get_filter(policy: str, action: str) -> SafetyFilter:
+    """The shared filter for (policy, action). Building it checks the policy against the
+    model's labels (``SafetyFilter`` raises :class:`~safet2i.errors.PolicyError` for a label
+    NudeNet cannot emit, or a policy that could flag nothing); the webui offers only the
+    presets, so that error means a broken install, and :func:`filter_image` fails closed."""
     key = (policy, action)
     with _LOCK:
         if key not in _FILTERS:
@@ -95,12 +101,12 @@ def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
             result.info = dict(image.info)
             result.info[MARK] = "safe"
             return Outcome(mark_checked(result), "safe", verdict.cost, labels)
-        arr = (np.clip(out.images[0], 0, 1) * 255 + 0.5).astype(np.uint8)
+        arr = float_to_uint8(out.images[0])     # the very quantisation the re-check judged
         result = Image.fromarray(arr)
         result.info = {k: v for k, v in image.info.items() if k != MARK}
         result.info[MARK] = "censored" if action != "pass" else "flagged"
         verdict_name = "censored" if action != "pass" else "flagged"
-        return Outcome(mark_checked(result), verdict_name, verdict.cost, labels)
+        return Outcome(mark_checked(result), verdict_name, verdict.cost, labels, verdict.escalated)
     except Exception as exc:  # noqa: BLE001 - fail closed on anything
         log.error("SafeT2I: output filter failed, image blocked: %s", exc, exc_info=True)
         return Outcome(_blocked(size, f"error: {exc}"), f"error: {type(exc).__name__}: {exc}", None, [])
@@ -109,4 +115,7 @@ def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
 def verdict_text(o: Outcome) -> str:
     if o.verdict in ("safe", "blocked") or o.verdict.startswith("error"):
         return o.verdict.split(":")[0]
-    return f"{o.verdict} ({', '.join(o.labels)}; cost {o.cost:.2f})" if o.cost is not None else o.verdict
+    if o.cost is None:
+        return o.verdict
+    more = f"; escalated to {o.escalated}" if o.escalated else ""
+    return f"{o.verdict} ({', '.join(o.labels)}; cost {o.cost:.2f}{more})"

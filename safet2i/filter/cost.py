@@ -58,6 +58,10 @@ class ImageVerdict:
     width: int
     height: int
     findings: list[Finding] = field(default_factory=list)
+    #: Set by ``SafetyFilter.censor_checked`` when the censored image still tripped a model
+    #: on the re-check and a stronger action was used instead: ``"fill"`` (the flagged
+    #: regions painted) or ``"placeholder"`` (the whole image withheld). ``None`` otherwise.
+    escalated: str | None = None
 
     @property
     def cost(self) -> float:
@@ -75,7 +79,7 @@ class ImageVerdict:
         return {
             "index": self.index, "width": self.width, "height": self.height,
             "cost": round(self.cost, 6), "verdict": "unsafe" if self.unsafe else "safe",
-            "detections": [f.to_dict() for f in self.findings],
+            "detections": [f.to_dict() for f in self.findings], "escalated": self.escalated,
         }
 
 

@@ -3,22 +3,80 @@
 Hosts call :meth:`SafetyFilter.check` (verdicts only) or :meth:`SafetyFilter.run`
 (verdicts, masks and censored copies). Both take a whole batch and check every image.
 Any failure raises: there is no path on which an image leaves unchecked.
+
+Input types (:func:`checked_float_rgb`). ``run`` judges exactly the pixels it returns:
+
+* ``uint8`` (0..255), ``uint16`` (0..65535), ``bool`` (0/1) are scaled to 0..1;
+* floating point (``float16``/``bfloat16``/``float32``/``float64``) is read as 0..1; values
+  outside are **clipped** to [0, 1] and the clipped pixels are both judged and returned
+  (``check`` clips the same way); NaN / inf are refused;
+* every other dtype (signed integers, ``uint32``/``uint64``, complex, object) is refused
+  with :class:`ImageInputError` naming it, as ``check`` does: an ``int16`` array of 0..255
+  would otherwise be read as 0..1 floats (a white, "safe" image) and returned unchanged.
+
+Censoring is re-checked (:meth:`SafetyFilter.censor_checked`): a region-censored image that
+still trips a model is escalated to ``fill`` of the flagged regions, then to ``placeholder``.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ImageInputError, SafeT2IError, UnsafeContentError
-from ..images import batch_to_uint8, to_float_rgb, to_numpy
-from .censor import ACTIONS, censor, unsafe_mask
+from ..errors import ImageInputError, ModelLoadError, SafeT2IError, UnsafeContentError
+from ..images import batch_to_uint8, ensure_rgb, float_to_uint8, pil_to_rgb, to_numpy
+from .censor import ACTIONS, REGION_ACTIONS, censor, placeholder, unsafe_mask
 from .cost import ImageVerdict, judge
 from .detectors import OnnxModel, load_model
-from .policy import Policy, get_policy
+from .policy import Policy, check_policy_labels, get_policy
 
 DEFAULT_MODELS = ("nudenet",)
+
+
+def _numpy_of(x) -> np.ndarray:
+    """A NumPy view of an array, tensor or PIL image; an unconvertible dtype is refused."""
+    pil = sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(x, pil.Image):
+        return pil_to_rgb(x)        # the same conversion check() uses for PIL images
+    try:
+        return to_numpy(x)
+    except (TypeError, RuntimeError) as exc:      # e.g. torch float8 / uint32 on older torch
+        raise ImageInputError(
+            f"Unsupported image dtype {getattr(x, 'dtype', type(x).__name__)}: {exc}"
+        ) from exc
+
+
+def checked_float_rgb(frame) -> np.ndarray:
+    """One image -> ``float32 [H,W,3]`` in [0, 1]: exactly the pixels that are judged and
+    returned (see the module docstring for the dtype rules). A view where no conversion is
+    needed; never writes into the input."""
+    arr = ensure_rgb(_numpy_of(frame))
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageInputError(f"Empty image of shape {tuple(arr.shape)}.")
+    dt = arr.dtype
+    if dt == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if dt == np.uint16:
+        return arr.astype(np.float32) / np.float32(65535.0)
+    if dt == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(dt, np.floating):
+        with np.errstate(over="ignore", invalid="ignore"):     # overflow -> inf -> refused below
+            f = arr.astype(np.float32, copy=False)
+        if not np.isfinite(f).all():
+            raise ImageInputError(
+                "The image contains NaN or infinite values (or values beyond the float32 range); "
+                "refusing to check it."
+            )
+        if f.min() < 0.0 or f.max() > 1.0:
+            f = np.clip(f, 0.0, 1.0)            # a new array: judged and returned clipped
+        return f
+    raise ImageInputError(
+        f"Unsupported image dtype {dt}: give uint8 (0..255), uint16 (0..65535), bool, or floats "
+        "in 0..1. Integer arrays other than uint8/uint16 are refused, not guessed at."
+    )
 
 
 @dataclass
@@ -26,7 +84,7 @@ class FilterOutput:
     """Result of :meth:`SafetyFilter.run` for a batch of B images."""
 
     images: list[np.ndarray]          # float32 [H, W, 3] each, censored per the action
-    masks: list[np.ndarray]           # float32 [H, W] each, 1 = unsafe region
+    masks: list[np.ndarray]           # float32 [H, W] each, 1 = censored (flagged) region
     verdicts: list[ImageVerdict]
 
     @property
@@ -68,9 +126,29 @@ class SafetyFilter:
         ]
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         self.action = action
-        self.feather = float(feather)
-        self.strength = strength
-        self.colour = tuple(float(c) for c in colour)
+        self.feather = _finite("feather", feather, 0.0)
+        self.strength = None if strength is None else (_finite("strength", strength, 0.0) or None)
+        try:
+            self.colour = tuple(float(c) for c in colour)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"Fill colour must be three numbers in [0, 1], got {colour!r}.") from exc
+        if len(self.colour) != 3 or not all(np.isfinite(c) and 0.0 <= c <= 1.0 for c in self.colour):
+            raise ValueError(f"Fill colour must be three numbers in [0, 1], got {colour!r}.")
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """Policy meets models: a threshold label no model emits, or a policy under which
+        nothing can be flagged, is a :class:`PolicyError`; a sidecar threshold for a label
+        its model does not have is a :class:`ModelLoadError`."""
+        for m in self.models:
+            bad = sorted(set(m.spec.thresholds) - set(m.labels))
+            if bad:
+                raise ModelLoadError(
+                    f"Sidecar {m.spec.sidecar}: threshold label(s) {', '.join(map(repr, bad))} are not "
+                    f"labels of {m.name} ({', '.join(m.labels)}); such a threshold would never apply."
+                )
+        emitted = {m.name: (list(m.labels), dict(m.spec.thresholds)) for m in self.models}
+        check_policy_labels(self.policy, emitted)
 
     # ------------------------------------------------------------------ verdicts
     def check(self, images) -> list[ImageVerdict]:
@@ -97,7 +175,8 @@ class SafetyFilter:
         return unsafe_mask(verdict, self.policy, self.feather)
 
     def censor_one(self, img: np.ndarray, verdict: ImageVerdict, mask: np.ndarray | None = None) -> np.ndarray:
-        """Censor one float32 image per the action (a copy; the input is never written)."""
+        """Censor one float32 image per the action (a copy; the input is never written).
+        Not re-checked: prefer :meth:`censor_checked`."""
         if mask is None:
             mask = self.mask(verdict)
         if not verdict.unsafe or self.action == "pass":
@@ -106,14 +185,65 @@ class SafetyFilter:
             mask = np.ones(mask.shape, np.float32)
         return censor(img, mask, self.action, strength=self.strength, colour=self.colour)
 
+    def censor_checked(self, images: list[np.ndarray], verdicts: list[ImageVerdict]) -> list[np.ndarray]:
+        """Censor ``images`` (``float32 [H,W,3]`` in 0..1, one per verdict) per the action,
+        then re-run the models on the censored images in one batch. Where a censored image
+        still trips a model, escalate: region actions -> ``fill`` of the flagged regions
+        (the original and the re-check's), and if that still trips one -> ``placeholder``
+        of the whole image; ``verdict.escalated`` records it. New arrays are returned; the
+        inputs are never modified. With ``action="block"`` an unsafe verdict raises
+        :class:`UnsafeContentError`."""
+        return self._censor_checked(images, verdicts)[0]
+
+    def _censor_checked(self, images, verdicts, masks=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if len(images) != len(verdicts):
+            raise SafeT2IError(f"censor_checked got {len(images)} images for {len(verdicts)} verdicts.")
+        self.raise_if_blocked(verdicts)
+        imgs = [checked_float_rgb(i) for i in images]
+        for img, v in zip(imgs, verdicts):
+            if img.shape[:2] != (v.height, v.width):
+                raise SafeT2IError(
+                    f"Image {v.index} is {img.shape[1]}x{img.shape[0]} but its verdict is for "
+                    f"{v.width}x{v.height}."
+                )
+        masks = [self.mask(v) for v in verdicts] if masks is None else list(masks)
+        for i, v in enumerate(verdicts):
+            v.escalated = None
+            if v.unsafe and not masks[i].any():    # unsafe with nothing to mask: the whole image
+                masks[i] = np.ones(masks[i].shape, np.float32)
+        out = [self.censor_one(img, v, m) for img, v, m in zip(imgs, verdicts, masks)]
+        if self.action not in REGION_ACTIONS:
+            # pass: flagged, not censored (report only); black / placeholder: no content left.
+            return out, masks
+        still = self._recheck(out, [i for i, v in enumerate(verdicts) if v.unsafe])
+        for i, again in still.items():
+            grown = np.maximum(masks[i], unsafe_mask(again, self.policy, self.feather))
+            masks[i] = grown
+            out[i] = censor(imgs[i], grown, "fill", colour=self.colour)
+            verdicts[i].escalated = "fill"
+        for i in self._recheck(out, list(still)):
+            h, w = imgs[i].shape[:2]
+            masks[i] = np.ones((h, w), np.float32)
+            out[i] = placeholder(h, w)
+            verdicts[i].escalated = "placeholder"
+        return out, masks
+
+    def _recheck(self, images: list[np.ndarray], which: list[int]) -> dict[int, ImageVerdict]:
+        """Positions of ``which`` whose image (as it will leave, quantised to uint8) is still
+        unsafe, with the re-check's verdict. One batched pass."""
+        if not which:
+            return {}
+        again = self.check_uint8([np.ascontiguousarray(float_to_uint8(images[i])) for i in which])
+        return {i: v for i, v in zip(which, again) if v.unsafe}
+
     def run(self, images) -> FilterOutput:
-        """Check and censor a batch. With ``action="block"`` any unsafe image raises
-        :class:`UnsafeContentError` and no image is returned."""
+        """Check and censor a batch (censoring re-checked, see :meth:`censor_checked`). With
+        ``action="block"`` any unsafe image raises :class:`UnsafeContentError` and no image
+        is returned."""
         batch = self._float_batch(images)
         verdicts = self.check_uint8(batch_to_uint8(batch))
         self.raise_if_blocked(verdicts)
-        masks = [self.mask(v) for v in verdicts]
-        out = [self.censor_one(img, v, m) for img, v, m in zip(batch, verdicts, masks)]
+        out, masks = self._censor_checked(batch, verdicts)
         return FilterOutput(out, masks, verdicts)
 
     def raise_if_blocked(self, verdicts: list[ImageVerdict]) -> None:
@@ -124,17 +254,15 @@ class SafetyFilter:
 
     @staticmethod
     def _float_batch(images) -> list[np.ndarray]:
-        """A batch as a list of float32 ``[H,W,3]`` views/copies in 0..1."""
+        """A batch as a list of float32 ``[H,W,3]`` in [0, 1] (:func:`checked_float_rgb`)."""
         if isinstance(images, (list, tuple)):
-            frames = [to_numpy(i) for i in images]
-        else:
-            arr = to_numpy(images)
-            if arr.ndim == 3:
-                arr = arr[None]
-            if arr.ndim != 4:
-                raise ImageInputError(f"Expected a batch [B, H, W, C], got shape {tuple(arr.shape)}.")
-            frames = list(arr)
-        return [to_float_rgb(f) for f in frames]
+            return [checked_float_rgb(i) for i in images]
+        arr = _numpy_of(images)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise ImageInputError(f"Expected a batch [B, H, W, C], got shape {tuple(arr.shape)}.")
+        return [checked_float_rgb(f) for f in arr]
 
     def describe(self) -> dict:
         return {
@@ -143,3 +271,13 @@ class SafetyFilter:
             "action": self.action,
             "feather": self.feather,
         }
+
+
+def _finite(name: str, value, low: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number, got {value!r}.") from exc
+    if not np.isfinite(v) or v < low:
+        raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}.")
+    return v

@@ -13,10 +13,18 @@ Presets (class sets from ``shared/docs/detectors.md`` section 2.4):
 Classifier labels (e.g. Open-NSFW's ``nsfw``) use the threshold in the model's sidecar
 unless the policy names that label too. ``custom`` policies come from a string
 ``"LABEL=0.5,OTHER=0.7"``, a JSON object, or a JSON file with ``{"thresholds": {...}}``.
+
+A policy is checked against the models it runs with (:func:`check_policy_labels`, called by
+``SafetyFilter``): a label given by the user (override, ``custom``, policy file) that no
+loaded model can emit is an error (a typo would otherwise switch that class off), and so
+is a policy under which no label of any loaded model has a threshold. A preset's own
+labels may be absent from the models (``strict-5`` with only ``opennsfw`` is legitimate:
+the classifier's sidecar threshold applies).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -49,6 +57,9 @@ class Policy:
     expand: float = 0.1
     shape: str = "rect"
     use_model_defaults: bool = True
+    #: Labels that come from a built-in preset (not typed by a user): they may be absent
+    #: from the loaded models. Every other label must be one a loaded model can emit.
+    preset_labels: frozenset = frozenset()
 
     def __post_init__(self):
         for label, t in self.thresholds.items():
@@ -70,6 +81,7 @@ class Policy:
     def with_overrides(self, overrides: dict[str, float] | None = None, **kw) -> Policy:
         th = dict(self.thresholds)
         th.update(overrides or {})
+        kw.setdefault("preset_labels", frozenset(self.preset_labels) - set(overrides or {}))
         return replace(self, thresholds=th, **kw)
 
     def to_dict(self) -> dict:
@@ -78,9 +90,9 @@ class Policy:
 
 
 PRESETS = {
-    "strict-5": Policy("strict-5", dict.fromkeys(STRICT_5, 0.6)),
-    "broad-9": Policy("broad-9", dict.fromkeys(BROAD_9, 0.6)),
-    "face-only": Policy("face-only", dict.fromkeys(FACES, 0.5)),
+    "strict-5": Policy("strict-5", dict.fromkeys(STRICT_5, 0.6), preset_labels=frozenset(STRICT_5)),
+    "broad-9": Policy("broad-9", dict.fromkeys(BROAD_9, 0.6), preset_labels=frozenset(BROAD_9)),
+    "face-only": Policy("face-only", dict.fromkeys(FACES, 0.5), preset_labels=frozenset(FACES)),
 }
 DEFAULT_POLICY = "strict-5"
 
@@ -140,3 +152,41 @@ def get_policy(name: str = DEFAULT_POLICY, overrides: str | dict | None = None, 
     else:
         raise PolicyError(f"Unknown policy {name!r}; use {', '.join(PRESETS)}, custom, or a .json file.")
     return base.with_overrides(extra, **kw)
+
+
+def _suggest(label: str, valid: list[str]) -> str:
+    """`` Did you mean 'X'?`` for the closest valid label (case-insensitive), or ``""``."""
+    upper = {v.upper(): v for v in valid}
+    if label.upper() in upper:
+        return f" Did you mean {upper[label.upper()]!r}? (labels are case-sensitive)"
+    close = difflib.get_close_matches(label.upper(), list(upper), n=1, cutoff=0.6)
+    return f" Did you mean {upper[close[0]]!r}?" if close else ""
+
+
+def check_policy_labels(policy: Policy, models: dict[str, tuple[list[str], dict[str, float]]]) -> None:
+    """Refuse a policy that would silently switch (part of) the filter off with ``models``
+    (model name -> (labels it emits, its sidecar thresholds)).
+
+    * every threshold label that is not a preset's own label must be emitted by some model
+      (a typo or a wrong case would never match a detection): :class:`PolicyError` naming
+      the label, the closest valid one and all valid labels;
+    * some label of some model must have a threshold, else nothing could ever be flagged.
+    """
+    valid = sorted({lab for labels, _ in models.values() for lab in labels})
+    known = set(valid)
+    names = ", ".join(models) or "none"
+    unknown = [lab for lab in policy.thresholds if lab not in known and lab not in policy.preset_labels]
+    if unknown:
+        lines = [f"{lab!r} is not a label of the loaded model(s) ({names}).{_suggest(lab, valid)}"
+                 for lab in unknown]
+        raise PolicyError(
+            f"Policy {policy.name!r}: " + " ".join(lines) + f" Valid labels: {', '.join(valid) or 'none'}."
+        )
+    judged = (policy.threshold(lab, defaults) for labels, defaults in models.values() for lab in labels)
+    if all(t is None for t in judged):
+        example = valid[0] if valid else "LABEL"
+        raise PolicyError(
+            f"Policy {policy.name!r} gives none of the labels of the loaded model(s) ({names}) a threshold, "
+            f"so nothing could ever be flagged. Give one a threshold (e.g. {example}=0.5) "
+            f"or use other models. Valid labels: {', '.join(valid) or 'none'}."
+        )
