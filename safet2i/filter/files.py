@@ -217,20 +217,20 @@ class FileFilter:
         if rel.suffix.lower() not in SUFFIXES.get(fmt, ()):
             rel = rel.with_name(rel.name + SUFFIXES[fmt][0]) if not rel.suffix else rel.with_suffix(SUFFIXES[fmt][0])
         target = self.out_dir / rel
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except OSError as exc:
+            raise ImageInputError(f"{target} cannot be checked: {exc.strerror}") from exc
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise ImageInputError(f"{target} is a symbolic link; refusing to replace it")
         real = Path(os.path.realpath(target))
         if self.out_dir not in real.parents:
             raise ImageInputError(f"refusing to write outside --out: {rel}")
         if real in self._claimed:
             raise ImageInputError(f"{target} is already the output of another input in this run")
-        try:
-            st = os.lstat(target)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise ImageInputError(f"{target} cannot be checked: {exc.strerror}") from exc
         if st is not None:
-            if stat.S_ISLNK(st.st_mode):
-                raise ImageInputError(f"{target} is a symbolic link; refusing to replace it")
             if _ident(st) in self.inputs:
                 raise ImageInputError(f"refusing to overwrite the original {target}")
             if stat.S_ISDIR(st.st_mode):
