@@ -96,9 +96,14 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
+def _is_pil(img) -> bool:
+    """A Pillow image (torch tensors also have ``mode`` and ``size``)."""
+    return any(c.__module__.startswith("PIL.") and c.__name__ == "Image" for c in type(img).__mro__)
+
+
 def to_uint8_rgb(img) -> np.ndarray:
     """Any single image (array, tensor, PIL image) -> contiguous ``uint8 [H,W,3]`` RGB."""
-    if hasattr(img, "mode") and hasattr(img, "size") and not isinstance(img, np.ndarray):
+    if _is_pil(img):
         return pil_to_rgb(img)
     arr = to_numpy(img)
     arr = ensure_rgb(arr)
@@ -110,7 +115,10 @@ def to_uint8_rgb(img) -> np.ndarray:
         out = (arr.astype(np.uint32) * 255 + 32767) // 65535
         out = out.astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
-        out = float_to_uint8(arr.astype(np.float32, copy=False))
+        if not np.isfinite(arr).all():
+            raise ImageInputError("The image contains NaN or infinite values; refusing to check it.")
+        # Clip before narrowing: float64 beyond float32's range must not overflow (warning + inf).
+        out = float_to_uint8(np.clip(arr, -1.0, 2.0).astype(np.float32, copy=False))
     elif arr.dtype == np.bool_:
         out = arr.astype(np.uint8) * 255
     else:
@@ -140,8 +148,11 @@ def batch_to_uint8(images) -> list[np.ndarray]:
     if arr.shape[0] == 0:
         return []
     if np.issubdtype(arr.dtype, np.floating):
-        # One vectorised conversion for the whole batch.
-        u8 = float_to_uint8(arr.astype(np.float32, copy=False))
+        # One vectorised conversion for the whole batch (clipped before narrowing to float32).
+        if not np.isfinite(arr).all():
+            raise ImageInputError("The image contains NaN or infinite values; refusing to check it.")
+        u8 = float_to_uint8(np.clip(arr, -1.0, 2.0).astype(np.float32, copy=False) if arr.dtype != np.float32
+                            else arr)
         return [np.ascontiguousarray(ensure_rgb(f)) for f in u8]
     return [to_uint8_rgb(f) for f in arr]
 
