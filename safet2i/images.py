@@ -96,6 +96,15 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
+def _check_float_range(arr: np.ndarray) -> None:
+    """NaN, inf, or values that overflow float32 are refused (as ``SafetyFilter.run`` does),
+    before any narrowing could print an overflow warning."""
+    if not np.isfinite(arr).all() or (arr.dtype.itemsize > 4 and arr.size
+                                      and float(np.abs(arr).max()) > float(np.finfo(np.float32).max)):
+        raise ImageInputError("The image contains NaN or infinite values (or values beyond the float32 "
+                              "range); refusing to check it.")
+
+
 def _is_pil(img) -> bool:
     """A Pillow image (torch tensors also have ``mode`` and ``size``)."""
     return any(c.__module__.startswith("PIL.") and c.__name__ == "Image" for c in type(img).__mro__)
@@ -115,10 +124,8 @@ def to_uint8_rgb(img) -> np.ndarray:
         out = (arr.astype(np.uint32) * 255 + 32767) // 65535
         out = out.astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ImageInputError("The image contains NaN or infinite values; refusing to check it.")
-        # Clip before narrowing: float64 beyond float32's range must not overflow (warning + inf).
-        out = float_to_uint8(np.clip(arr, -1.0, 2.0).astype(np.float32, copy=False))
+        _check_float_range(arr)
+        out = float_to_uint8(arr.astype(np.float32, copy=False))
     elif arr.dtype == np.bool_:
         out = arr.astype(np.uint8) * 255
     else:
@@ -149,10 +156,8 @@ def batch_to_uint8(images) -> list[np.ndarray]:
         return []
     if np.issubdtype(arr.dtype, np.floating):
         # One vectorised conversion for the whole batch (clipped before narrowing to float32).
-        if not np.isfinite(arr).all():
-            raise ImageInputError("The image contains NaN or infinite values; refusing to check it.")
-        u8 = float_to_uint8(np.clip(arr, -1.0, 2.0).astype(np.float32, copy=False) if arr.dtype != np.float32
-                            else arr)
+        _check_float_range(arr)
+        u8 = float_to_uint8(arr.astype(np.float32, copy=False))
         return [np.ascontiguousarray(ensure_rgb(f)) for f in u8]
     return [to_uint8_rgb(f) for f in arr]
 
