@@ -52,10 +52,24 @@ def build_report(filter_description: dict, files: list[dict]) -> dict:
     }
 
 
+def _text(text: str) -> str:
+    """Undecodable file-name bytes (surrogate escapes) shown as replacement characters."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _write(path_or_fh, text: str) -> None:
+    """Write ``text`` as UTF-8 to a path or to an open binary file."""
+    data = _text(text).encode("utf-8")
+    if hasattr(path_or_fh, "write"):
+        path_or_fh.write(data)
+    else:
+        with open(path_or_fh, "wb") as fh:
+            fh.write(data)
+
+
 def write_json(report: dict, path) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
+    """``path``: a file path or an open binary file."""
+    _write(path, json.dumps(report, indent=2) + "\n")
 
 
 def thumbnail_data_uri(img_u8: np.ndarray, size: int = 192) -> str:
@@ -113,5 +127,4 @@ action <code>{html.escape(flt['action'])}</code>. Created {html.escape(report['c
 {''.join(rows)}
 </table></body></html>
 """
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(doc)
+    _write(path, doc)
