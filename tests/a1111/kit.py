@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 FAKE = Path(__file__).resolve().parent / "fakewebui"
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = ("modules", "backend", "modules_forge", "ldm_patched", "gradio", "_variant", "_toy")
+STANDIN = ("modules", "backend", "modules_forge", "ldm_patched", "gradio", "fastapi", "_variant", "_toy")
 #: The built-in Lora extension (``extensions-builtin/Lora``; its folder is on ``sys.path`` as upstream).
 BUILTIN_LORA = FAKE / "extensions-builtin" / "Lora"
 LORA_MODULES = ("networks", "network", "extra_networks_lora")
@@ -32,18 +32,25 @@ def purge() -> None:
 
 
 class FakeApp:
-    """The FastAPI app's ``add_api_route`` (stand-in internal)."""
+    """The webui's FastAPI app (the stand-in ``fastapi.FastAPI``, ``fakewebui/fastapi``), with
+    short-cuts for tests: ``routes`` / ``route_kwargs`` by path, ``post(path, payload)`` → the
+    response's JSON body; ``client`` (a ``TestClient``) for status codes and headers."""
 
     def __init__(self):
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+        self.fastapi = FastAPI()
+        self.client = TestClient(self.fastapi)
         self.routes = {}
         self.route_kwargs = {}
 
     def add_api_route(self, path, endpoint, methods=None, **kwargs):
+        self.fastapi.add_api_route(path, endpoint, methods=methods, **kwargs)
         self.routes[path] = endpoint
         self.route_kwargs[path] = kwargs
 
     def post(self, path, payload):
-        return self.routes[path](payload)
+        return self.client.post(path, json=payload).json()
 
 
 class Webui:

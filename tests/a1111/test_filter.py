@@ -261,7 +261,7 @@ def test_a_png_text_chunk_cannot_pose_as_a_checked_image(tmp_path, astronaut):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_api_filter_route(start, astronaut, variant):
-    webui = start(variant)
+    webui = start(variant, argv=("--api",))
     buf = io.BytesIO()
     Image.fromarray(astronaut).save(buf, "PNG")
     b64 = base64.b64encode(buf.getvalue()).decode()
@@ -276,40 +276,4 @@ def test_api_filter_route(start, astronaut, variant):
     assert "error" in webui.app.post("/safet2i/filter", {"image": b64, "policy": "lenient"})
 
 
-def test_api_route_honours_api_auth(start, monkeypatch):
-    """``--api-auth``: the route gets the webui API's HTTP basic check (a stand-in of FastAPI's
-    ``Depends``/``HTTPBasic`` here: the real one is the webui's); without FastAPI the route is
-    not served at all rather than served unprotected."""
-    import sys
-    import types
-
-    class HTTPException(Exception):
-        def __init__(self, status_code, detail=None, headers=None):
-            super().__init__(detail)
-            self.status_code = status_code
-
-    fastapi = types.ModuleType("fastapi")
-    fastapi.Depends = lambda fn=None: ("depends", fn)
-    fastapi.HTTPException = HTTPException
-    security = types.ModuleType("fastapi.security")
-    security.HTTPBasic = lambda: "basic"
-    security.HTTPBasicCredentials = object
-    monkeypatch.setitem(sys.modules, "fastapi", fastapi)
-    monkeypatch.setitem(sys.modules, "fastapi.security", security)
-
-    open_webui = start("a1111-1.10")
-    assert open_webui.app.route_kwargs["/safet2i/filter"] == {}          # no --api-auth: as the webui's API
-    webui = start("a1111-1.10", argv=("--api-auth", "ann:s3cret,bob:pw"))
-    deps = webui.app.route_kwargs["/safet2i/filter"]["dependencies"]
-    (kind, auth), = deps
-    assert kind == "depends"
-    cred = types.SimpleNamespace
-    assert auth(cred(username="ann", password="s3cret")) is True and auth(cred(username="bob", password="pw"))
-    for wrong in (cred(username="ann", password="pw"), cred(username="eve", password="s3cret")):
-        with pytest.raises(HTTPException) as info:
-            auth(wrong)
-        assert info.value.status_code == 401
-
-    monkeypatch.setitem(sys.modules, "fastapi", None)                    # FastAPI cannot be imported
-    closed = start("a1111-1.10", argv=("--api-auth", "ann:s3cret"))
-    assert "/safet2i/filter" not in closed.app.routes
+# --api-auth, --api, body limits and error statuses of the route: test_filter_route.py

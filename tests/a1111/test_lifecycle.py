@@ -39,7 +39,7 @@ def test_the_shim_loads_the_script_and_the_extras_script(start, variant):
     assert [s.name for s in webui.scripts.scripts_postproc.scripts] == ["SafeT2I output filter"]
     script = webui.ours()
     assert script.args_from == 1 and script.args_to - script.args_from == len(webui.arg_names())
-    assert "/safet2i/filter" in webui.app.routes
+    assert "/safet2i/filter" not in webui.app.routes        # served only with --api (test_filter_route.py)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

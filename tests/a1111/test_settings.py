@@ -56,7 +56,7 @@ def test_enforcement_flags_are_validated_by_the_parser(start):
 
 @pytest.mark.parametrize("variant", ["a1111-1.10", "reforge"])
 def test_enforced_api_route_refuses_weaker_requests(start, astronaut, variant):
-    webui = start(variant, argv=ENFORCE)
+    webui = start(variant, argv=[*ENFORCE, "--api"])
     buf = io.BytesIO()
     Image.fromarray(astronaut).save(buf, "PNG")
     r = webui.app.post("/safet2i/filter", {"image": base64.b64encode(buf.getvalue()).decode(), "policy": "face-only",

@@ -6,6 +6,7 @@ import argparse
 parser = argparse.ArgumentParser()
 parser.add_argument("--api", action="store_true")
 parser.add_argument("--api-auth", type=str, default=None)
+parser.add_argument("--nowebui", action="store_true")
 parser.add_argument("--freeze-settings", action="store_true")
 parser.add_argument("--freeze-settings-in-sections", type=str, default=None)
 parser.add_argument("--freeze-specific-settings", type=str, default=None)
