@@ -120,7 +120,7 @@ def atomic_write(target: Path, write) -> None:
     failure the temporary file is removed and nothing appears under ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name[:64] + ".", suffix=TMP_SUFFIX)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "w+b") as fh:   # readable too: multi-page TIFF writing seeks back
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
