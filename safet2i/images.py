@@ -333,6 +333,7 @@ class FrameDecoder:
             with warnings.catch_warnings():
                 # Our own pixel limits replace Pillow's warnings; nothing reaches stderr raw.
                 warnings.simplefilter("ignore")
+                Image.init()   # every plug-in registered, so the allow-list below is complete
                 im = Image.open(io.BytesIO(self.data), formats=[f for f in READ_FORMATS if f in Image.OPEN])
                 self.im = im
                 w, h = im.size

@@ -264,11 +264,15 @@ class FileFilter:
                 self._open.append(f)
                 del data
                 for arr, duration in dec.frames():
+                    n = arr.shape[0] * arr.shape[1]
+                    if self._pending and self._pending_px + n > self.batch_pixels:
+                        self._flush()          # the waiting frames never pass the batch budget
+                        self._finish_ready()
                     f.frames.append(arr)
                     f.durations.append(duration)
                     f.verdicts.append(None)
                     self._pending.append((f, len(f.frames) - 1))
-                    self._pending_px += arr.shape[0] * arr.shape[1]
+                    self._pending_px += n
                     if len(self._pending) >= self.batch_size or self._pending_px >= self.batch_pixels:
                         self._flush()
                         self._finish_ready()
