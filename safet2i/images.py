@@ -388,6 +388,9 @@ class FrameDecoder:
                     raise
                 raise self._fail(exc) from exc
             self.decoded_pixels += fw * fh
+            del frame
+            if i == self.n_frames - 1:
+                self.close()   # Pillow's own copy of the last frame is not held while it is checked
             yield arr, duration
 
     def close(self) -> None:

@@ -41,6 +41,9 @@ IMAGE_EXTS = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp"
 SUFFIXES = {"PNG": (".png", ".apng"), "JPEG": (".jpg", ".jpeg", ".jfif", ".jpe"), "WEBP": (".webp",),
             "BMP": (".bmp", ".dib"), "GIF": (".gif",), "TIFF": (".tif", ".tiff")}
 ENV_BATCH_PIXELS = "SAFET2I_MAX_BATCH_PIXELS"
+#: Default budget of decoded pixels waiting for a network batch (a frame larger than it
+#: is checked alone as soon as it is decoded).
+BATCH_PIXELS = 64_000_000
 #: Largest number of pixels converted to float32 at once while censoring (a chunk of frames).
 CENSOR_CHUNK_PIXELS = 16_000_000
 TMP_SUFFIX = ".safet2i-tmp"
@@ -196,7 +199,7 @@ class FileFilter:
         self.inputs = inputs or set()
         self.batch_size = max(1, int(batch_size))
         self.max_file_pixels = max_file_pixels or env_budget(ENV_MAX_FILE_PIXELS, MAX_FILE_PIXELS)
-        self.batch_pixels = batch_pixels or env_budget(ENV_BATCH_PIXELS, self.max_file_pixels)
+        self.batch_pixels = batch_pixels or env_budget(ENV_BATCH_PIXELS, BATCH_PIXELS)
         self.want_thumbs = thumbnails
         self.progress = progress
         self.files: list[dict] = []
