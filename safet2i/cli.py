@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,15 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("file")
     li.add_argument("--base", choices=["sd1", "sd2", "sdxl"], help="also list coverage against this base")
     li.add_argument("--json", action="store_true", help="print JSON")
-    lc = lsub.add_parser("convert", help="rewrite a LoRA with kohya keys (alpha written explicitly)")
+    lc = lsub.add_parser(
+        "convert", help="rewrite a LoRA with kohya keys (alpha written explicitly), after the loaders' checks",
+        description="Rewrite a LoRA with kohya keys (alpha written explicitly), refusing what the loaders refuse, "
+                    "with their messages: a file the manifest knows must match its entry (sha256, contents) and fit "
+                    "its base architecture; with --base (or the base of a known release) the file must fit that "
+                    "model completely (made-for check, full coverage, min_coverage); degenerate LoRAs (rank 0, "
+                    "all-zero tensors, scale 0 or negative, NaN/inf) are refused. An unknown file is converted when "
+                    "it fits a known architecture completely by shape; one that fits none needs --allow-unknown and "
+                    "is marked UNVERIFIED (printed and in the output's metadata safet2i_check).")
     lc.add_argument("file")
     lc.add_argument("--to", choices=["kohya"], required=True)
+    lc.add_argument("--base", choices=["sd1", "sd2", "sdxl"],
+                    help="check the file against this base as a loader would (default: a known release's own base)")
+    lc.add_argument("--allow-unknown", action="store_true",
+                    help="convert a file nothing vouches for (not in the manifest, no known architecture fits it); "
+                         "the output is marked UNVERIFIED. Never overrides a refusal.")
     lc.add_argument("--out", help="output file (default: FILE with a .kohya.safetensors suffix)")
     lc.add_argument("--overwrite", action="store_true")
 
-    cv = sub.add_parser("convert", help="convert a pickled .ckpt/.pt/.bin to .safetensors without running its code")
+    cv = sub.add_parser(
+        "convert", help="convert a pickled .ckpt/.pt/.bin to .safetensors without running its code",
+        description="Load a pickled checkpoint with torch.load(weights_only=True) (tensors and plain containers "
+                    "only; a pickle that needs code is refused, naming the global) and write its tensors to "
+                    ".safetensors under dotted names of their paths (a.0.b). Colliding names and tensors safetensors "
+                    "cannot store are errors; non-tensor entries (numbers, strings, the entries beside a "
+                    "state_dict) are skipped and listed.")
     cv.add_argument("file")
-    cv.add_argument("--out", help="output file (default: FILE with a .safetensors suffix)")
+    cv.add_argument("--out", help="output file (default: FILE with a .safetensors suffix; "
+                                  "FILE.converted.safetensors for a pickle named .safetensors)")
     cv.add_argument("--overwrite", action="store_true")
     return p
 
@@ -129,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_lora(args) -> int:
     import json  # noqa: PLC0415
 
-    from .lora import inspect_lora, load_lora  # noqa: PLC0415
-    from .lora.keys import to_kohya  # noqa: PLC0415
+    from .lora import convert_lora, inspect_lora  # noqa: PLC0415
 
     if args.lora_command == "inspect":
         info = inspect_lora(args.file, args.base)
@@ -138,8 +158,8 @@ def run_lora(args) -> int:
             print(json.dumps(info, indent=2))
             return 0
         for k in ("file", "sha256", "formats", "architectures", "fit", "components", "targets", "ranks", "scales",
-                  "alpha_from", "adapter_config", "dora", "manifest", "manifest_check", "manifest_hint", "modules",
-                  "arch_check"):
+                  "alpha_from", "adapter_config", "dora", "manifest", "manifest_check", "manifest_hint",
+                  "identified_as", "modules", "arch_check", "load_check"):
             if k not in info:
                 continue
             v = info[k]
@@ -154,31 +174,24 @@ def run_lora(args) -> int:
             for u in c["unmatched"][:20]:
                 print(f"{'':15s} unmatched {u['key']}: {u['reason']}")
         return 0
-    lf = load_lora(args.file)
-    out = Path(args.out) if args.out else lf.path.with_name(lf.path.name.removesuffix(".safetensors") + ".kohya.safetensors")
-    if out.resolve() == lf.path.resolve():
-        raise SafeT2IError("the output would replace the input; choose another --out.")
-    if out.exists() and not args.overwrite:
-        raise SafeT2IError(f"{out} exists; pass --overwrite to replace it.")
-    state = to_kohya(lf.targets)
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    tmp = out.with_name(out.name + ".part")
-    save_file(state, str(tmp), metadata={"converted_from": lf.path.name, "converted_by": "safet2i lora convert",
-                                         "source_sha256": lf.sha256})
-    os.replace(tmp, out)
-    check = load_lora(out)  # round trip: same targets, same tensors
-    if len(check.targets) != len(lf.targets):
-        raise SafeT2IError(f"conversion check failed: {len(check.targets)} targets written, {len(lf.targets)} read.")
-    print(f"wrote {out} ({len(lf.targets)} target weights, kohya keys, alpha explicit)")
+    rep = convert_lora(args.file, args.out, args.to, base=args.base, allow_unknown=args.allow_unknown,
+                       overwrite=args.overwrite)
+    print(f"wrote {rep['out']} ({rep['targets']} target weights, kohya keys, alpha explicit)")
+    print(rep["note"] if rep["check"] == "UNVERIFIED" else f"checked: {rep['note']}")
     return 0
 
 
 def run_convert(args) -> int:
-    from .lora.files import convert_pickle  # noqa: PLC0415
+    from .lora.files import convert_pickle_report  # noqa: PLC0415
 
-    out = convert_pickle(args.file, args.out, overwrite=args.overwrite)
-    print(f"wrote {out} (tensors only; loaded with torch.load(weights_only=True))")
+    rep = convert_pickle_report(args.file, args.out, overwrite=args.overwrite)
+    n = len(rep.tensors)
+    print(f"wrote {rep.path} ({n} tensor{'s' * (n != 1)}; loaded with torch.load(weights_only=True), no code run)")
+    if rep.skipped:
+        print(f"not stored ({len(rep.skipped)} entries that are not tensors; also listed in the file's metadata "
+              "safet2i_skipped):")
+        for item in rep.skipped:
+            print(f"  {item}")
     return 0
 
 
@@ -322,7 +335,9 @@ def run_models(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.captureWarnings(True)   # no raw RuntimeWarning text: warnings go through logging
+    # No raw RuntimeWarning / DecompressionBombWarning text: every numeric or size problem is
+    # checked explicitly and reported as a per-file message naming the file and the cause.
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "filter":

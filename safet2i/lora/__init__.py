@@ -9,6 +9,11 @@
 * Hosts resolve each target to their own weight and call :func:`coverage.check` +
   :func:`coverage.require_full`: a file that patches nothing, only part of what it contains, or
   another architecture is an error naming the unmatched keys.
+* Degenerate LoRAs (rank 0, zero-size or all-zero tensors, B·A = 0, a scale that is 0,
+  negative or not finite) are refused by :func:`load_lora` itself (:func:`keys.check_effect`),
+  so no host ever reports one as patched.
+* :func:`convert_lora` (``safet2i lora convert``) runs the loaders' checks first
+  (:func:`check_convertible`): a converter cannot launder what a loader refuses.
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, SafeT2IError
 from . import manifest
 from .coverage import Coverage, CoverageError, check, detect_architectures, merged, require_full, resolver_for
-from .files import PICKLE_SUFFIXES, WeightsFile, convert_pickle, read_safetensors
-from .keys import LoraFormatError, Target, apply_peft_config, detect_format, parse, to_diffusers_naming, to_kohya
+from .files import PICKLE_SUFFIXES, WeightsFile, convert_pickle, convert_pickle_report, read_safetensors
+from .keys import (LoraFormatError, Target, apply_peft_config, check_effect, detect_format, parse, to_diffusers_naming,
+                   to_kohya)
 
 __all__ = [
     "Coverage", "CoverageError", "FullWeights", "LoraFile", "LoraFormatError", "PICKLE_SUFFIXES", "Target",
-    "check", "check_made_for", "convert_pickle", "detect_architectures", "detect_format", "inspect_lora", "load_full_weights",
-    "load_lora", "merged", "read_safetensors", "require_full", "resolver_for", "to_kohya",
+    "check", "check_convertible", "check_for_host", "check_made_for", "convert_lora", "convert_pickle",
+    "convert_pickle_report", "coverage_fraction", "detect_architectures", "detect_format", "identified_release",
+    "inspect_lora", "load_full_weights", "load_lora", "merged", "read_safetensors", "release_by_contents",
+    "require_full", "resolver_for", "to_kohya",
 ]
 
 
@@ -56,8 +64,65 @@ class LoraFile:
     def ranks(self) -> set[int]:
         return {t.rank for t in self.targets}
 
-    def verify_manifest(self) -> str:
-        return manifest.verify(self.entry, self.sha256, self.components, [t.module for t in self.targets], self.ranks)
+    def verify_manifest(self, arch: str | None = None) -> str:
+        """The manifest's check ('verified' / 'unverified' / 'unknown'), or :class:`ModelLoadError`.
+
+        With ``arch`` (``sd1``, ``sd2``, ``sdxl``) an entry's ``min_coverage`` is checked too: the
+        fraction of that architecture's patchable weights of each part the file patches.
+        """
+        exp = (self.entry.expected or {}) if self.entry else {}
+        frac = coverage_fraction(self.targets, arch) if "min_coverage" in exp and arch else None
+        return manifest.verify(self.entry, self.sha256, self.components, [t.module for t in self.targets], self.ranks,
+                               frac)
+
+
+def coverage_fraction(targets: list[Target], arch: str) -> dict[str, float]:
+    """Per part of ``targets``: the fraction of ``arch``'s patchable weights of that part they patch."""
+    from .arch import ARCHITECTURES, inventory  # noqa: PLC0415
+
+    if arch not in ARCHITECTURES:
+        return {}
+    inv = inventory(arch)
+    cov = check(targets, resolver_for(arch), ARCHITECTURES[arch].title)
+    out: dict[str, float] = {}
+    for comp in sorted({t.component for t in targets}):
+        hit = {s.host_key for s in cov.matched if s.target.split(":")[0] == comp}
+        total = len(inv.get(comp, {}))
+        out[comp] = len(hit) / total if total else 0.0
+    return out
+
+
+def identified_release(lf: LoraFile) -> tuple[manifest.Entry, str] | None:
+    """(entry, how) for a file the manifest does not know by name or sha256 but that is taken for
+    a release because its contents are exactly that release's *and* either its name is the
+    release's generic name (``gun.safetensors``) or its metadata says ``safet2i lora convert``
+    made it from that release (``safet2i_release``). Only ever used to hold the file to the
+    release's architecture (a claim can only add a refusal), never to vouch for it."""
+    if lf.entry is not None:
+        return None
+    candidates = []
+    release = manifest.release_entry(lf.path.name)
+    if release is not None:
+        candidates.append((release, f"its release name {lf.path.name}"))
+    meta = lf.metadata or {}
+    claimed = meta.get("safet2i_release")
+    if claimed and str(meta.get("converted_by", "")).startswith("safet2i"):
+        entry = next((e for e in manifest.entries() if e.name == claimed), None)
+        if entry is not None:
+            candidates.append((entry, f"its metadata (converted by safet2i from {claimed})"))
+    for entry, how in candidates:
+        try:
+            manifest.verify(entry, "", lf.components, [t.module for t in lf.targets], lf.ranks)
+        except ModelLoadError:
+            continue
+        return entry, how
+    return None
+
+
+def release_by_contents(lf: LoraFile) -> manifest.Entry | None:
+    """The release entry of :func:`identified_release` (None: none)."""
+    found = identified_release(lf)
+    return found[0] if found else None
 
 
 def check_made_for(lf: LoraFile, host_arch: str | None, what: str) -> None:
@@ -70,19 +135,15 @@ def check_made_for(lf: LoraFile, host_arch: str | None, what: str) -> None:
     from .arch import ARCHITECTURES  # noqa: PLC0415
 
     manifest.check_arch(lf.entry, host_arch, what)
-    release = manifest.release_entry(lf.path.name) if lf.entry is None else None
-    if release is not None:
-        # A generic release name (gun.safetensors) identifies nothing by itself; with contents
-        # that are exactly what that release holds it is taken for it here, for this check.
+    # A generic release name (gun.safetensors), or the metadata of a copy `safet2i lora convert`
+    # wrote, identifies nothing by itself; with contents that are exactly what that release
+    # holds the file is taken for it here, for this check.
+    found = identified_release(lf)
+    if found is not None:
         try:
-            manifest.verify(release, "", lf.components, [t.module for t in lf.targets], lf.ranks)
-        except ModelLoadError:
-            release = None
-    if release is not None:
-        try:
-            manifest.check_arch(release, host_arch, what)
+            manifest.check_arch(found[0], host_arch, what)
         except ModelLoadError as exc:
-            raise ModelLoadError(f"{exc} (Identified by its release name {lf.path.name} and its contents.)") from exc
+            raise ModelLoadError(f"{exc} (Identified by {found[1]} and its contents.)") from exc
     if host_arch in ARCHITECTURES and lf.architectures and host_arch not in lf.architectures:
         made = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
         hint = manifest.rename_hint(lf.path.name) if lf.entry is None else None
@@ -92,6 +153,150 @@ def check_made_for(lf: LoraFile, host_arch: str | None, what: str) -> None:
                              + (f" {hint}" if hint else ""))
 
 
+def check_for_host(lf: LoraFile, arch: str, what: str | None = None) -> Coverage:
+    """Everything a loader checks before patching a model of architecture ``arch`` (``sd1``,
+    ``sd2``, ``sdxl``) without ``allow_partial``, with the loaders' messages: the manifest
+    (sha256, contents, ``min_coverage`` on ``arch``), :func:`check_made_for` (a known release on
+    its own base; a file that fits other bases completely but not this one) and full coverage
+    (:func:`require_full`: every target exists in ``arch`` with the same shape)."""
+    from .arch import ARCHITECTURES  # noqa: PLC0415
+
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown base {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    what = what or f"Safety LoRA {lf.path.name}"
+    lf.verify_manifest()
+    check_made_for(lf, arch, what)
+    cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch].title)
+    require_full(cov, what)
+    lf.verify_manifest(arch)        # min_coverage, measured on the architecture it was checked for
+    return cov
+
+
+def check_convertible(lf: LoraFile, base: str | None = None, allow_unknown: bool = False) -> dict:
+    """The rule of ``safet2i lora convert``: a converter must not launder what a loader refuses.
+
+    * the manifest check always runs (:meth:`LoraFile.verify_manifest`): a known release whose
+      sha256 or contents differ from its entry is refused;
+    * the base architecture checked is ``base`` when given, else the release's own (a file the
+      manifest knows, or a generic release name with exactly that release's contents); against it
+      every check of :func:`check_for_host` runs (made-for, full coverage, ``min_coverage``);
+    * an unknown file without a base is converted when it fits at least one known architecture
+      completely by shape; one that fits none is refused unless ``allow_unknown``, and is then
+      marked ``UNVERIFIED``. ``allow_unknown`` never overrides a refusal above.
+
+    Returns a report: ``check`` (``manifest`` / ``shape`` / ``UNVERIFIED``), ``manifest``,
+    ``manifest_check``, ``base``, ``base_from``, ``architectures``, ``note`` (one sentence for
+    the user and the output's metadata).
+    """
+    from .arch import ARCHITECTURES  # noqa: PLC0415
+
+    what = f"Safety LoRA {lf.path.name}"
+    if base is not None and base not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown base {base!r}; choose one of {sorted(ARCHITECTURES)}")
+    found = identified_release(lf)
+    release = lf.entry or (found[0] if found else None)
+    state = lf.verify_manifest()
+    arch, arch_from = base, "--base" if base else None
+    if arch is None and release is not None:
+        arch = release.arch
+        arch_from = "its manifest entry" if lf.entry else f"{found[1]} and contents ({release.name}'s)"
+    fits = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
+    hint = manifest.rename_hint(lf.path.name) if lf.entry is None and release is None else None
+    rep = {"check": "shape", "manifest": lf.entry.name if lf.entry else None, "manifest_check": state,
+           "release": release.name if release else None, "base": arch, "base_from": arch_from,
+           "architectures": list(lf.architectures)}
+    if arch is not None:
+        cov = check_for_host(lf, arch, what)
+        title = ARCHITECTURES[arch].title
+        if lf.entry is not None:
+            rep["check"] = "manifest"
+            rep["note"] = (f"'{lf.entry.title}' ({lf.entry.name} in the manifest, {state}); all {len(cov.matched)} "
+                           f"targets fit {title} (base from {arch_from})")
+        else:
+            rep["note"] = (f"not in the manifest (contents not vouched for); all {len(cov.matched)} targets fit "
+                           f"{title} by shape (base from {arch_from})")
+    elif lf.architectures:
+        rep["note"] = (f"not in the manifest (contents not vouched for); fits {fits} completely by shape "
+                       "(no --base given: not checked against one model)")
+    else:
+        fit = detect_architectures(lf.targets).items()
+        best = ", ".join(f"{a} {len(c.matched)}/{len(c.statuses)}" for a, c in fit)
+        if not allow_unknown:
+            raise ModelLoadError(
+                f"{what}: nothing vouches for this file: it is not in the manifest (models/safety_models.toml) and no "
+                f"known architecture fits every target (fit: {best}), so a loader would refuse it on any SD1.x, "
+                "SD2.x or SDXL model (without allow_partial; always where nothing fits). Converting it would hide "
+                "that. Pass --allow-unknown (Python: allow_unknown=True) to convert it anyway; the output is then "
+                "marked UNVERIFIED." + (f" {hint}" if hint else ""))
+        rep["check"] = "UNVERIFIED"
+        rep["note"] = (f"UNVERIFIED: not in the manifest and no known architecture fits every target (fit: {best}); "
+                       "converted only because of --allow-unknown: nothing vouches for what it patches")
+    if hint:
+        rep["note"] += f". {hint}"
+    return rep
+
+
+def convert_lora(path: str | os.PathLike, out: str | os.PathLike | None = None, to: str = "kohya",
+                 base: str | None = None, allow_unknown: bool = False, overwrite: bool = False) -> dict:
+    """``safet2i lora convert``: the checks of :func:`check_convertible`, then a kohya-key copy
+    (alpha written explicitly) whose every target is read back and compared. The output's
+    metadata records what vouched for the file (``safet2i_check``, ``safet2i_note``, ...).
+    Returns :func:`check_convertible`'s report with ``out`` and ``targets`` added."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    if to != "kohya":
+        raise ModelLoadError(f"unknown output format {to!r}; only 'kohya' is written")
+    lf = load_lora(path)
+    rep = check_convertible(lf, base, allow_unknown)
+    dst = Path(out) if out else lf.path.with_name(lf.path.name.removesuffix(".safetensors") + ".kohya.safetensors")
+    if dst.resolve() == lf.path.resolve():
+        raise ModelLoadError("the output would replace the input; choose another --out.")
+    if dst.exists() and not overwrite:
+        raise ModelLoadError(f"{dst} exists; pass --overwrite to replace it.")
+    single = not any(t.component == "te2" for t in lf.targets)
+    state = to_kohya(lf.targets, single)
+    meta = {"converted_from": lf.path.name, "converted_by": "safet2i lora convert", "source_sha256": lf.sha256,
+            "safet2i_check": rep["check"], "safet2i_note": rep["note"],
+            "safet2i_manifest": rep["manifest"] or "none", "safet2i_manifest_check": rep["manifest_check"],
+            # Loaders hold a copy with the release's contents to the release's base (identified_release).
+            "safet2i_release": rep["release"] or "none",
+            "safet2i_base": rep["base"] or "none",
+            "safet2i_architectures": ",".join(rep["architectures"]) or "unknown"}
+    tmp = dst.with_name(dst.name + ".part")
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        _same_targets(lf.targets, load_lora(dst).targets, single)
+    except SafeT2IError as exc:
+        dst.unlink()
+        raise ModelLoadError(f"{dst}: conversion check failed, the file was removed: {exc}") from exc
+    rep.update(out=str(dst), targets=len(lf.targets), source=str(lf.path), source_sha256=lf.sha256)
+    return rep
+
+
+def _same_targets(src: list[Target], back: list[Target], single: bool) -> None:
+    """Every target read back with the same tensors and the same scale (alpha stored as float32)."""
+    from .keys import kohya_name  # noqa: PLC0415
+
+    by_name = {kohya_name(t, single): t for t in back}
+    for t in src:
+        b = by_name.pop(kohya_name(t, single), None)
+        if b is None:
+            raise ModelLoadError(f"{t.name} is missing")
+        for n in ("down", "up", "mid", "dora_scale"):
+            x, y = getattr(t, n), getattr(b, n)
+            if (x is None) != (y is None) or (x is not None and not (x.shape == y.shape and torch.equal(x, y))):
+                raise ModelLoadError(f"{t.name}: its {n} tensor differs")
+        if abs(b.scale - t.scale) > 1e-6 * abs(t.scale):
+            raise ModelLoadError(f"{t.name}: scale {b.scale} instead of {t.scale}")
+    if by_name:
+        raise ModelLoadError(f"{len(by_name)} targets more than in the source (e.g. {next(iter(by_name))})")
+
+
 def load_lora(path: str | os.PathLike) -> LoraFile:
     wf: WeightsFile = read_safetensors(path)
     try:
@@ -99,6 +304,9 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
         from_config = False
         if wf.adapter_config is not None:
             from_config = apply_peft_config(targets, wf.adapter_config, wf.adapter_config_path.name)
+        # Degenerate targets (scale 0 / negative / non-finite, all-zero tensors, B·A = 0) are refused
+        # here, after the PEFT config set its alphas, so no host ever reports such a file as patched.
+        check_effect(targets, wf.adapter_config_path.name if from_config else "")
     except LoraFormatError as exc:
         raise LoraFormatError(f"{wf.path.name}: {exc}") from exc
     if from_config:
@@ -135,15 +343,24 @@ def inspect_lora(path: str | os.PathLike, base: str | None = None) -> dict:
     hint = manifest.rename_hint(lf.path.name) if lf.entry is None else None
     if hint:
         info["manifest_hint"] = hint
+    found = identified_release(lf)
+    if found is not None:
+        info["identified_as"] = (f"{found[0].name} (by {found[1]} and its contents: held to its base "
+                                 f"{found[0].arch}, not vouched for)")
     if base:
         if base not in archs:
             raise ModelLoadError(f"unknown base {base!r}; choose one of {sorted(archs)}")
         info["coverage"] = archs[base].as_dict()
         try:
-            manifest.check_arch(lf.entry, base, lf.path.name)
+            check_made_for(lf, base, lf.path.name)
             info["arch_check"] = "ok" if lf.entry else "not in the manifest"
         except ModelLoadError as exc:
             info["arch_check"] = f"REFUSED: {exc}"
+        try:  # what a loader on a `base` model (allow_partial off) and `lora convert --base` decide
+            check_for_host(lf, base)
+            info["load_check"] = "ok"
+        except (ModelLoadError, CoverageError) as exc:
+            info["load_check"] = f"REFUSED: {exc}"
     return info
 
 

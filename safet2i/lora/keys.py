@@ -188,8 +188,11 @@ def parse(state: dict[str, torch.Tensor]) -> list[Target]:
         t = targets.setdefault((comp, module, naming), Target(comp, module, naming))
         t.source_keys.append(key)
         if part == "alpha":
-            t.alpha = float(tensor.float().reshape(-1)[0]) if tensor.numel() else None
-            if t.alpha is not None and not math.isfinite(t.alpha):
+            if tensor.numel() == 0:
+                raise LoraFormatError(f"{t.name}: alpha tensor {key} is empty (shape {tuple(tensor.shape)}), so its "
+                                      "scale is undefined")
+            t.alpha = float(tensor.float().reshape(-1)[0])
+            if not math.isfinite(t.alpha):
                 raise LoraFormatError(f"{t.name}: alpha is {t.alpha} (must be a finite number)")
         elif part == "magnitude":
             # PEFT stores (out,) for Linear and (1, out, 1, 1) for Conv2d: one value per output row
@@ -209,10 +212,85 @@ def parse(state: dict[str, torch.Tensor]) -> list[Target]:
             raise LoraFormatError(f"{t.name}: inconsistent shapes down {tuple(t.down.shape)} up {tuple(t.up.shape)}")
         for name in ("down", "up", "mid", "dora_scale"):
             v = getattr(t, name)
+            if v is not None and v.numel() == 0:
+                rank0 = " (rank 0: a LoRA of rank 0 patches nothing)" if t.down.shape[0] == 0 else ""
+                raise LoraFormatError(f"{t.name}: {name} tensor {part_key(t, name)} has zero size "
+                                      f"{tuple(v.shape)}{rank0}")
+        for name in ("down", "up", "mid", "dora_scale"):
+            v = getattr(t, name)
             if v is not None and not torch.isfinite(v).all():
                 raise LoraFormatError(f"{t.name}: {name} tensor contains NaN or infinite values")
         out.append(t)
     return out
+
+
+def part_key(t: Target, part: str) -> str:
+    """The file key of one part (``down``, ``up``, ``mid``, ``alpha``, ``dora_scale``) of a target."""
+    want = {"dora_scale": ("dora_scale", "magnitude")}.get(part, (part,))
+    for k in t.source_keys:
+        try:
+            if _split_key(k)[1] in want:
+                return k
+        except LoraFormatError:
+            continue
+    return t.source_keys[0] if t.source_keys else t.name
+
+
+_F32 = torch.finfo(torch.float32)
+
+
+def check_effect(targets: list[Target], alpha_from: str = "") -> None:
+    """Refuse targets that change nothing, or not as trained, so none is ever reported as patched.
+
+    Per target: the scale (alpha / rank, alpha / √rank with rsLoRA) must be a positive finite
+    number (0 patches nothing; a negative scale inverts the patch as a negative strength would);
+    down, up and mid must not be all zeros; B·A must not vanish (up and down cancelling, checked
+    as ‖B·A‖² = tr(BᵀB·AAᵀ), an r×r product) and scale·‖B·A‖ must neither underflow nor overflow
+    float32. DoRA targets are exempt from the all-zero and B·A checks (not from the scale checks):
+    their magnitude vector changes the weight even when B·A is zero, which only the host's own
+    weight could tell. ``alpha_from`` names where a config's alpha came from.
+    """
+    for t in targets:
+        if t.alpha is None:
+            alpha = "no alpha"
+        else:
+            src = part_key(t, "alpha") if any(k.endswith(".alpha") for k in t.source_keys) else (alpha_from or "config")
+            alpha = f"alpha {t.alpha:g} ({src})"
+        scale = t.scale
+        if not math.isfinite(scale):
+            raise LoraFormatError(f"{t.name}: {alpha} with rank {t.rank} gives a scale of {scale}, not a finite number")
+        if scale == 0:
+            raise LoraFormatError(f"{t.name}: {alpha} makes its scale 0, so this target changes nothing; refused so "
+                                  "it is never reported as patched")
+        if scale < 0:
+            raise LoraFormatError(f"{t.name}: {alpha} makes its scale negative ({scale:g}), which INVERTS the patch "
+                                  "(as a negative strength would, which every loader refuses)")
+        for name in ("down", "up", "mid"):
+            v = getattr(t, name)
+            if v is not None and t.dora_scale is None and not bool(torch.any(v != 0)):
+                raise LoraFormatError(f"{t.name}: {name} tensor {part_key(t, name)} is all zeros, so this target "
+                                      "changes nothing (an untrained or zeroed LoRA); refused so it is never reported "
+                                      "as patched")
+        if t.dora_scale is not None or t.mid is not None:
+            continue
+        up = t.up.reshape(t.up.shape[0], -1).to(torch.float64)
+        down = t.down.reshape(t.down.shape[0], -1).to(torch.float64)
+        if up.shape[1] != down.shape[0]:
+            continue  # an up kernel other than 1×1: hosts decide
+        prod = float(((up.T @ up) * (down @ down.T)).sum())      # ‖B·A‖²_F
+        bound = float(up.pow(2).sum()) * float(down.pow(2).sum())  # ‖B‖²‖A‖² ≥ ‖B·A‖²
+        if not math.isfinite(prod) or not math.isfinite(bound):
+            raise LoraFormatError(f"{t.name}: B·A overflows ({part_key(t, 'up')}, {part_key(t, 'down')})")
+        if prod <= 1e-12 * bound:
+            raise LoraFormatError(f"{t.name}: up {part_key(t, 'up')} times down {part_key(t, 'down')} is zero (the "
+                                  "two cancel), so this target changes nothing; refused so it is never reported as "
+                                  "patched")
+        size = scale * math.sqrt(prod)
+        if size < _F32.tiny:
+            raise LoraFormatError(f"{t.name}: {alpha} makes scale·B·A ({size:.3g}) smaller than float32 can hold "
+                                  "(a normal number), so this target changes nothing")
+        if not math.isfinite(size) or size > _F32.max:
+            raise LoraFormatError(f"{t.name}: {alpha} makes scale·B·A ({size:.3g}) overflow float32 (inf weights)")
 
 
 def detect_format(state: dict) -> list[str]:

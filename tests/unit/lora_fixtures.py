@@ -278,3 +278,30 @@ def tiny_unet_modules(unet) -> list[Module]:
 def tiny_text_modules(text) -> list[Module]:
     c = text.config
     return text_modules(TextConfig(c.hidden_size, c.num_hidden_layers, c.intermediate_size))
+
+
+# ----------------------------------------------------------------------------- hostile files (converters)
+
+def duo_state(arch: str = "sd1", rank: int = 32, seed: int = 0, layout: str = "diffusers",
+              std: float = 0.01) -> dict[str, torch.Tensor]:
+    """DUO's release shape (every UNet self-attention projection, no alpha) in ``layout``."""
+    mods = [m for m in unet_modules(_unet_cfg(arch)) if ".attn1." in m.diffusers]
+    return write_layout(make_specs(mods, rank=rank, seed=seed, std=std), layout)
+
+
+def _unet_cfg(arch: str) -> UNetConfig:
+    from safet2i.lora.arch import ARCHITECTURES
+
+    return ARCHITECTURES[arch].unet
+
+
+KOHYA_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"   # SD1/SD2: [320, 320]
+
+
+def one_target(down: torch.Tensor, up: torch.Tensor, alpha: float | torch.Tensor | None = None,
+               stem: str = KOHYA_Q) -> dict[str, torch.Tensor]:
+    """A one-target kohya state dict (tensors used as given, so degenerate ones can be built)."""
+    sd = {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}
+    if alpha is not None:
+        sd[f"{stem}.alpha"] = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha))
+    return sd
