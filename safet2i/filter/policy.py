@@ -1,6 +1,6 @@
 """Filter policies: which labels count as unsafe, at what score, and how far boxes grow.
 
-Presets (class sets from ``shared/docs/detectors.md`` section 2.4):
+Presets (class sets and the papers they come from: ``docs/filter.md``, "Policies"):
 
 ``strict-5``  I2P / SLD nudity classes: anus, buttocks, female breast, female and male
               genitalia, all ``_EXPOSED``, at 0.6 (the I2P NudeNet ``min_prob``).

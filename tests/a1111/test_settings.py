@@ -6,7 +6,6 @@ import base64
 import io
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -139,7 +138,10 @@ def test_settings_section_and_ui_defaults(start, variant):
 
 def test_settings_survive_a_reload_of_the_scripts(start):
     webui = start("a1111-1.10")
+    opts = webui.shared.opts
+    opts.set("safet2i_filter_action", "fill")
     webui.scripts.load_scripts()
     webui.callbacks.ui_settings_callback()
-    assert "safet2i_filter_default" in webui.shared.opts.data_labels
-    assert np.asarray([1]).size == 1
+    assert "safet2i_filter_default" in opts.data_labels
+    assert opts.data_labels["safet2i_filter_default"].section == ("safet2i", "SafeT2I")
+    assert opts.safet2i_filter_action == "fill"      # the user's value survives the reload

@@ -38,8 +38,14 @@ def test_inputs_and_outputs_are_only_appended(ours):
         inputs = order.get("required", []) + order.get("optional", [])
         assert inputs[: len(committed["inputs"])] == committed["inputs"], node_id
         assert ours[node_id]["output_name"][: len(committed["outputs"])] == committed["outputs"], node_id
-        extra = inputs[len(committed["inputs"]):]
-        assert all(name in order.get("optional", []) or name in order.get("required", []) for name in extra)
+        # An input appended after the committed ones must not break a saved workflow or API prompt
+        # that lacks it: it is optional, or a widget with a default value.
+        for name in inputs[len(committed["inputs"]):]:
+            if name in order.get("optional", []):
+                continue
+            typ, *rest = ours[node_id]["input"]["required"][name]
+            opts = rest[0] if rest and isinstance(rest[0], dict) else {}
+            assert "default" in opts, f"{node_id}.{name}: a required input appended without a default"
 
 
 def test_schemas_are_complete_and_documented(ours, comfy):
