@@ -1,15 +1,25 @@
 """ComfyUI nodes of the sampler layer (V3 schema): safety guidance as MODEL patches that
-work with the stock KSampler, KSamplerAdvanced and SamplerCustom(Advanced).
+work with the stock KSampler, KSamplerAdvanced and SamplerCustom(Advanced), and compose with
+other packs' patches.
 
-How a patch runs, per sampling step:
-* ``sampler_calc_cond_batch_function``: the safety concept is appended to ``[cond, uncond]``
-  and evaluated in the same UNet batch (``comfy.samplers.calc_cond_batch``);
-* ``sampler_pre_cfg_function`` (a list, so other nodes' hooks still run): the guided
-  direction is computed in ε space (thresholds are defined on ε) and folded back into the
-  cond prediction, so the ordinary CFG formula (or another node's CFG function) yields
-  ε_∅ + s_g · d_p.
-Per-run state (SLD momentum, harmfulness estimate) resets at the first step of every
-sampling run (detected from ``sample_sigmas``), so batches and hires passes start clean.
+How a patch runs (ComfyUI's chained wrappers, ``comfy.patcher_extension.WrappersMP``, plus one
+entry of the ``sampler_pre_cfg_function`` list; no single-slot option is claimed):
+* ``OUTER_SAMPLE``, once per sampling run: adds the safety concept to the guider's conds, so
+  ComfyUI prepares it like the negative prompt (model conds, areas, ControlNet), and starts a
+  new run of the method with the run's σ schedule;
+* ``PREDICT_NOISE``, once per model evaluation: tells the method the step (``set_state``),
+  and afterwards checks that the guidance ran; if anything kept it from running (a node
+  that replaced the pre-CFG list or ComfyUI's sampling function), sampling stops with an
+  error instead of returning an unguided image;
+* ``CALC_COND_BATCH``: the first ``calc_cond_batch`` call at the step's latent and model
+  options, whoever makes it (ComfyUI, or another pack's ``sampler_calc_cond_batch_function``
+  set before or after ours), gets the concept appended, so it runs in the same UNet batch
+  as the host's conds; the caller receives its own outputs only;
+* ``sampler_pre_cfg_function``: the guided direction is computed in ε space (thresholds are
+  defined on ε) and folded into the cond prediction, so the ordinary CFG formula (or another
+  node's CFG function) yields ε_∅ + s_g · d_p. When no call went through ComfyUI's
+  ``calc_cond_batch`` at this step (a function that evaluates the model its own way), the
+  concept is evaluated here in a separate call.
 """
 
 from __future__ import annotations
@@ -21,67 +31,112 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from .batching import calc_with_extra, check_no_other_batch_function
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
     SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised, token_attention,
 )
 
 log = logging.getLogger("safet2i")
-STATE_KEY = "safet2i_guidance"
+STATE_KEY = "safet2i_guidance"      # model_options entry (the report reads it) and wrapper key
+CONCEPT_KEY = "safet2i_concept"     # the guider's conds entry of the safety concept
+
+
+class Step:
+    """One model evaluation: its latent and options (to recognise the host's call), the
+    prepared concept conds, and what happened."""
+
+    def __init__(self, x, model_options, concept):
+        self.x, self.model_options, self.concept = x, model_options, concept
+        self.concept_out: torch.Tensor | None = None
+        self.busy = False
+        self.applied = False
 
 
 class GuidanceRun:
-    """Glue between ComfyUI's sampler hooks and one guidance method object."""
+    """Glue between ComfyUI's sampler wrappers and one guidance method (see the module docstring)."""
 
-    def __init__(self, method, concept):
+    def __init__(self, method, concept, token_index: list[int] | None = None):
         self.method = method
         self.concept = concept
-        self.pending: torch.Tensor | None = None
-        self.last_index: int | None = None
-        self.schedule: tuple | None = None
-        self.runs = 0
-        self.token_index: list[int] | None = None   # concept tokens whose attention is captured
+        self.token_index = token_index   # concept tokens whose attention is captured (Detect-and-Guide)
+        self.run = 0
+        self.schedule: list[float] | None = None
+        self.step: Step | None = None
+        self.capture: int | None = None  # cond_or_uncond index of the concept in the UNet call under way
         self.maps: list[torch.Tensor] = []
 
-    # -- step bookkeeping --------------------------------------------------
-    def _step_index(self, sigma: torch.Tensor, key: tuple | None) -> tuple[int, int]:
-        if key is None:
-            return (0 if self.last_index is None else self.last_index + 1), 0
-        s = float(sigma.flatten()[0])
-        idx = min(range(len(key)), key=lambda i: abs(key[i] - s))
-        return idx, len(key) - 1
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        import comfy.sampler_helpers  # noqa: PLC0415
 
-    def _new_run(self, idx: int, key: tuple | None) -> bool:
-        """A new sampling run starts when the schedule changes or the step index goes back.
-        The index may repeat within a run: second-order samplers (Heun, DPM-2, ...) evaluate
-        a step's end point and then start the next step at the same sigma."""
-        changed = key != self.schedule
-        self.schedule = key
-        return self.last_index is None or changed or idx < self.last_index
+        conds = executor.class_obj.conds
+        conds[CONCEPT_KEY] = [dict(c, prompt_type="negative") for c in comfy.sampler_helpers.convert_cond(self.concept)]
+        self.run += 1
+        self.schedule = sigmas.detach().flatten().to(torch.float64).cpu().tolist()
+        try:
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            self.schedule = None
+            conds.pop(CONCEPT_KEY, None)
 
-    def calc(self, args):
-        sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
-        # the schedule, read once per call (the step index and the new-run test both use it)
-        key = None if sigmas is None else tuple(sigmas.detach().flatten().to(torch.float64).cpu().tolist())
-        idx, total = self._step_index(args["sigma"], key)
-        if self._new_run(idx, key):
-            self.method.reset(total or None)
-            self.runs += 1
-        self.last_index = idx
-        cond_d, uncond_d, concept_d = calc_with_extra(args, self.concept, self.method.name)
-        self.pending = concept_d
-        return [cond_d, uncond_d]
+    def predict_noise(self, executor, x, timestep, model_options, seed):
+        if self.schedule is None:
+            raise SafeT2IError(f"SafeT2I {self.method.name} guidance: the model was evaluated outside a ComfyUI "
+                               "sampling run (the sampler bypassed CFGGuider.sample), so it cannot be guided.")
+        s = float(timestep.flatten()[0])
+        index = min(range(len(self.schedule)), key=lambda i: abs(self.schedule[i] - s))
+        self.method.set_state(index, len(self.schedule) - 1 or None, s, run=self.run)
+        self.step, self.maps = Step(x, model_options, executor.class_obj.conds.get(CONCEPT_KEY)), []
+        try:
+            out = executor(x, timestep, model_options, seed)
+            if not self.step.applied:
+                raise SafeT2IError(
+                    f"SafeT2I {self.method.name} guidance did not run in this step: another node replaced ComfyUI's "
+                    "pre-CFG functions or sampling function after SafeT2I. The image is not produced unguided; "
+                    "remove that node or apply it before the SafeT2I guidance node.")
+            return out
+        finally:
+            self.step = None
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        st = self.step
+        if st is None or st.busy or st.concept_out is not None or not st.concept \
+                or x_in is not st.x or model_options is not st.model_options:
+            return executor(model, conds, x_in, timestep, model_options)
+        out = self._with_concept(executor, model, list(conds), x_in, timestep, model_options)
+        st.concept_out = out[-1]
+        return out[:-1]
+
+    def _with_concept(self, calc, model, conds, x, sigma, model_options):
+        """``calc`` on ``conds`` + the concept, recording the concept's attention on the way."""
+        st = self.step
+        st.busy, self.capture = True, len(conds)
+        try:
+            return calc(model, conds + [st.concept], x, sigma, model_options)
+        finally:
+            st.busy, self.capture = False, None
 
     def pre_cfg(self, args):
-        out = args["conds_out"]
-        if self.pending is None or out[1] is None:
-            return out
+        import comfy.samplers  # noqa: PLC0415
+
+        st, out = self.step, args["conds_out"]
+        if st is None:
+            raise SafeT2IError(f"SafeT2I {self.method.name} guidance: this sampler calls ComfyUI's sampling function "
+                               "without its predict-noise entry point, so the guidance cannot follow the run.")
+        if args["conds"][1] is None or out[1] is None:
+            raise SafeT2IError(
+                f"SafeT2I {self.method.name} needs classifier-free guidance: set cfg above 1.0 and connect a "
+                "negative conditioning (it is not applied without it).")
+        if not st.concept:
+            raise SafeT2IError(f"SafeT2I {self.method.name} guidance: the safety concept is missing from the "
+                               "sampler's conditionings (another node replaced them).")
         x, sigma = args["input"], args["sigma"]
-        concept_d, self.pending = self.pending, None
+        if st.concept_out is None:   # no calc_cond_batch call at this latent: a separate one
+            st.concept_out = self._with_concept(comfy.samplers.calc_cond_batch, args["model"], [], x, sigma,
+                                                args["model_options"])[0]
         eu = denoised_to_eps(x, out[1], sigma)
         ec = denoised_to_eps(x, out[0], sigma)
-        es = denoised_to_eps(x, concept_d, sigma)
+        es = denoised_to_eps(x, st.concept_out, sigma)
+        attn = None
         if self.token_index is not None:
             maps, self.maps = self.maps, []
             if self.token_index and not maps:
@@ -91,27 +146,26 @@ class GuidanceRun:
                     "another node replaced cross-attention after SafeT2I. Apply SafeT2I guidance last or "
                     "remove the other attention patch.")
             attn = aggregate_attention(maps, tuple(x.shape[-2:])) if maps else None
-            d_p = self.method.direction(eu, ec, es, attn)
-        else:
-            d_p = self.method.direction(eu, ec, es)
+        d_p = self.method.direction(eu, ec, es, attn)
+        st.applied = True
         return [eps_to_denoised(x, eu + d_p, sigma)] + list(out[1:])
 
     def attn2(self, q, k, v, extra_options):
-        """attn2 replacement: normal attention for every row; for the concept rows (index 2
-        in ``cond_or_uncond``) also the softmax probabilities of the concept tokens."""
+        """attn2 replacement: normal attention for every row; for the concept rows also the
+        softmax probabilities of the concept tokens."""
         import comfy.ldm.modules.attention as attention  # noqa: PLC0415
 
         heads = extra_options["n_heads"]
         out = attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
         order = list(extra_options.get("cond_or_uncond", []))
-        if 2 in order and self.token_index:
+        if self.capture in order and self.token_index:
             chunk = q.shape[0] // len(order)
-            rows = slice(order.index(2) * chunk, (order.index(2) + 1) * chunk)
+            rows = slice(order.index(self.capture) * chunk, (order.index(self.capture) + 1) * chunk)
             self.maps.append(token_attention(q[rows], k[rows], heads, self.token_index))
         return out
 
     def report(self) -> dict:
-        return {"method": self.method.name, "runs": self.runs, "steps": self.method.history}
+        return self.method.report()
 
     def mask_preview(self) -> torch.Tensor:
         """IMAGE [B, 8h, 8w, 3] of the last step's guided region (white = guided)."""
@@ -136,17 +190,25 @@ def transformer_blocks(model):
 
 
 def patch_model(model, method, concept, token_index: list[int] | None = None):
-    check_no_other_batch_function(model, f"{method.name} guidance")
+    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
+
+    if STATE_KEY in model.model_options:
+        raise SafeT2IError(
+            f"This model already has SafeT2I guidance (only one can be applied per model: {method.name} would guide "
+            "the other one's result). Use one SafeT2I guidance node per model.")
+    if not hasattr(model, "add_wrapper_with_key"):
+        raise SafeT2IError("SafeT2I guidance needs a ComfyUI with model wrappers (ModelPatcher.add_wrapper_with_key).")
     m = model.clone()
-    run = GuidanceRun(method, concept)
+    run = GuidanceRun(method, concept, token_index)
     # Plain closures, not bound methods: ModelPatcher.clone() deep-copies model_options,
     # and deepcopy copies a bound method's object but keeps functions as they are, so every
     # clone (sampler-side ones included) shares this one run state.
-    m.set_model_sampler_calc_cond_batch_function(lambda args: run.calc(args))
+    m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, STATE_KEY, lambda ex, *a, **k: run.outer_sample(ex, *a, **k))
+    m.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, STATE_KEY, lambda ex, *a, **k: run.predict_noise(ex, *a, **k))
+    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, STATE_KEY, lambda ex, *a, **k: run.calc_cond_batch(ex, *a, **k))
     m.set_model_sampler_pre_cfg_function(lambda args: run.pre_cfg(args))
     m.model_options[STATE_KEY] = lambda: run
-    if token_index is not None:
-        run.token_index = token_index
+    if method.needs.attention:
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = transformer_blocks(m)
         if not blocks:

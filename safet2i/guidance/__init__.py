@@ -4,18 +4,24 @@
 * ``spguard``: SP-Guard-style prompt-adaptive, masked guidance (after Yu & Moon, 2025).
 * ``dag``: Detect-and-Guide-style region guidance from cross-attention (after Li et al., CVPR 2025).
 
-Every method is an object with ``reset(num_steps)`` and ``direction(ε_∅, ε_p, ε_concept, ...)``
-returning the guided CFG direction d_p (the host forms ε̂ = ε_∅ + s_g · d_p). Hosts:
-``nodes/guidance_nodes.py`` (ComfyUI) and :mod:`safet2i.diffusers_adapter`.
+Every method follows the contract of :mod:`.contract`: ``needs`` (what the host evaluates),
+``set_state(step, total, sigma, run)`` (the core decides when a run starts) and
+``direction(ε_∅, ε_p, ε_concept[, attention])`` returning the guided CFG direction d_p (the
+host forms ε̂ = ε_∅ + s_g · d_p); each is a pure function on tensors plus a small state.
+Conversions between host spaces and ε: :mod:`.spaces`. Hosts: ``nodes/guidance_nodes.py``
+(ComfyUI), ``extension/safet2i_a1111`` (A1111/Forge/reForge), :mod:`safet2i.diffusers_adapter`.
 """
 
-from .dag import DAGConfig, DAGGuidance, aggregate_attention, region_scales, token_attention
-from .sld import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, SEXUAL_CONCEPT, SLDConfig, SLDGuidance, SLDState, sld_direction
-from .spaces import denoised_to_eps, eps_to_denoised
-from .spguard import SPGuardConfig, SPGuardGuidance
+from .contract import Guidance, Needs, RunState
+from .dag import DAGConfig, DAGGuidance, aggregate_attention, dag_direction, region_scales, token_attention
+from .sld import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, SEXUAL_CONCEPT, SLDConfig, SLDGuidance, SLDState, \
+    sld_direction, sld_gate
+from .spaces import denoised_to_eps, eps_to_denoised, eps_to_v, from_eps, shift_denoised, to_eps, v_to_eps
+from .spguard import SPGuardConfig, SPGuardGuidance, SPGuardState, spguard_direction
 
 __all__ = [
-    "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "SEXUAL_CONCEPT", "SLD_PRESETS", "SLDConfig",
-    "SLDGuidance", "SLDState", "SPGuardConfig", "SPGuardGuidance", "aggregate_attention",
-    "denoised_to_eps", "eps_to_denoised", "region_scales", "sld_direction", "token_attention",
+    "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "Guidance", "Needs", "RunState", "SEXUAL_CONCEPT", "SLD_PRESETS",
+    "SLDConfig", "SLDGuidance", "SLDState", "SPGuardConfig", "SPGuardGuidance", "SPGuardState", "aggregate_attention",
+    "dag_direction", "denoised_to_eps", "eps_to_denoised", "eps_to_v", "from_eps", "region_scales", "shift_denoised",
+    "sld_direction", "sld_gate", "spguard_direction", "to_eps", "token_attention", "v_to_eps",
 ]

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sld import SLDConfig, SLDState
+from .contract import Guidance, Needs, RunState
+from .sld import SLDConfig, sld_gate
 
 
 @dataclass(frozen=True)
@@ -123,41 +124,34 @@ def aggregate_attention(maps: list[torch.Tensor], latent_hw: tuple[int, int]) ->
     return avg / avg.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1)
 
 
-class DAGGuidance:
-    """Guidance method object; ``direction`` also takes the concept's attention map."""
+def dag_direction(eps_uncond, eps_cond, eps_concept, attn: torch.Tensor | None, config: DAGConfig,
+                  state: RunState) -> torch.Tensor:
+    """The guided direction d_p of the module docstring for this step (advances ``state``);
+    ``attn`` [B, h, w] is the concept's normalised attention map (None: not available)."""
+    d_p = eps_cond - eps_uncond
+    if attn is None:
+        state.advance({"applied": False, "reason": "no attention map"}, torch.zeros_like(d_p[:, 0]))
+        return d_p
+    scales, info = region_scales(attn, config)
+    factor = to_latent(scales, tuple(d_p.shape[-2:])).to(d_p)
+    if config.sld_gate is not None:
+        factor = factor * sld_gate(eps_cond, eps_concept, config.sld_gate)
+    peak = factor.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
+    state.advance({"applied": bool((factor > 0).any()), "images": info, "mask": float((factor > 0).float().mean())},
+                  (factor / peak).mean(1))
+    return d_p - config.scale * factor * (eps_concept - eps_uncond)
+
+
+class DAGGuidance(Guidance):
+    """Detect-and-Guide-style guidance under the contract: ``direction`` also takes the
+    concept's attention map (``needs.attention``)."""
 
     name = "Detect-and-Guide-style"
-    needs_attention = True
+    needs = Needs(attention=True)
 
-    def __init__(self, config: DAGConfig | None = None):
+    def __init__(self, config: DAGConfig | None = None, **window):
         self.config = config or DAGConfig()
-        self.sld_state = SLDState(0)
-        self.reset()
+        super().__init__(**window)
 
-    def reset(self, num_steps: int | None = None) -> None:
-        self.step = 0
-        self.sld_state.reset(0)
-        self.history: list[dict] = []
-        self.last_mask: torch.Tensor | None = None  # [B, H, W]: guidance factor, scaled to max 1
-
-    def direction(self, eps_uncond, eps_cond, eps_concept, attn: torch.Tensor | None) -> torch.Tensor:
-        d_p = eps_cond - eps_uncond
-        if attn is None:
-            self.last_mask = torch.zeros_like(d_p[:, 0])
-            self.history.append({"step": self.step, "applied": False, "reason": "no attention map"})
-            self.step += 1
-            return d_p
-        scales, info = region_scales(attn, self.config)
-        factor = to_latent(scales, tuple(d_p.shape[-2:])).to(d_p)
-        if self.config.sld_gate is not None:
-            g = self.config.sld_gate
-            delta = eps_cond - eps_concept
-            mu = torch.where(delta >= g.threshold, torch.zeros_like(delta),
-                             torch.clamp(delta.abs() * g.guidance_scale, max=1.0))
-            factor = factor * mu
-        peak = factor.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1, 1)
-        self.last_mask = (factor / peak).mean(1)
-        self.history.append({"step": self.step, "applied": bool((factor > 0).any()), "images": info,
-                             "mask": float((factor > 0).float().mean())})
-        self.step += 1
-        return d_p - self.config.scale * factor * (eps_concept - eps_uncond)
+    def compute(self, eps_uncond, eps_cond, eps_concept, attention) -> torch.Tensor:
+        return dag_direction(eps_uncond, eps_cond, eps_concept, attention, self.config, self.state)

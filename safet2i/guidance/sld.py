@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .contract import Guidance, RunState
+
 #: Warm-up is defined in steps of a 50-step schedule (the paper's setting).
 REFERENCE_STEPS = 50
 
@@ -70,24 +72,26 @@ PRESETS: dict[str, SLDConfig] = {
 }
 
 
-class SLDState:
-    """Per-run state: the momentum ν and the step index. :meth:`reset` at the first step
-    of every sampling run (hosts detect it from the sigma schedule)."""
+class SLDState(RunState):
+    """Per-run state: the momentum ν besides the common step count and history; ``warmup``
+    is δ in this run's model evaluations."""
 
     def __init__(self, warmup: int):
         self.warmup = int(warmup)
-        self.momentum: torch.Tensor | None = None
-        self.step = 0
-        self.history: list[dict] = []
-        self.last_mask: torch.Tensor | None = None  # [B, H, W]: share of channels guided
+        super().__init__()
 
     def reset(self, warmup: int | None = None) -> None:
         if warmup is not None:
             self.warmup = int(warmup)
-        self.momentum = None
-        self.step = 0
-        self.history = []
-        self.last_mask = None
+        super().reset()
+        self.momentum: torch.Tensor | None = None
+
+
+def sld_gate(eps_cond: torch.Tensor, eps_safety: torch.Tensor, config: SLDConfig) -> torch.Tensor:
+    """μ = min(1, s_S · |Δ|) where Δ = ε_p − ε_S < λ, else 0 (Eq. 5, 6); also Detect-and-Guide's gate."""
+    delta = eps_cond - eps_safety
+    scale = torch.clamp(delta.abs() * config.guidance_scale, max=1.0)
+    return torch.where(delta >= config.threshold, torch.zeros_like(scale), scale)
 
 
 def sld_direction(
@@ -103,37 +107,33 @@ def sld_direction(
     """
     d_p = eps_cond - eps_uncond
     if not config.enabled:
-        state.history.append({"step": state.step, "applied": False, "gate": 0.0})
-        state.step += 1
+        state.advance({"applied": False, "gate": 0.0}, state.last_mask)
         return d_p
     if state.momentum is None or state.momentum.shape != d_p.shape:
         state.momentum = torch.zeros_like(d_p)
-    delta = eps_cond - eps_safety
-    scale = torch.clamp(delta.abs() * config.guidance_scale, max=1.0)
-    mu = torch.where(delta >= config.threshold, torch.zeros_like(scale), scale)
+    mu = sld_gate(eps_cond, eps_safety, config)
     gamma = mu * (eps_safety - eps_uncond) + config.momentum_scale * state.momentum
     state.momentum = config.mom_beta * state.momentum + (1.0 - config.mom_beta) * gamma
     applied = state.step >= state.warmup
-    state.last_mask = (mu > 0).to(d_p.dtype).mean(1) if applied else torch.zeros_like(d_p[:, 0])
-    state.history.append({"step": state.step, "applied": applied, "gate": float((mu > 0).float().mean())})
-    state.step += 1
+    mask = (mu > 0).to(d_p.dtype).mean(1) if applied else torch.zeros_like(d_p[:, 0])
+    state.advance({"applied": applied, "gate": float((mu > 0).float().mean())}, mask)
     return d_p - gamma if applied else d_p
 
 
-class SLDGuidance:
-    """SLD as a guidance method object: ``reset(num_steps)`` at the start of a run, then
-    ``direction(ε_∅, ε_p, ε_S)`` once per step.
+class SLDGuidance(Guidance):
+    """SLD under the guidance contract (:mod:`.contract`): ``set_state`` (or ``reset``) at the
+    start of a run, then ``direction(ε_∅, ε_p, ε_S)`` once per model evaluation.
 
-    ``warmup``: ``"scaled"`` (δ scaled from 50 steps to the run's step count, default),
+    ``warmup``: ``"scaled"`` (δ scaled from 50 steps to the run's ``total``, default),
     ``"raw"`` (δ as given, like the reference pipeline), or an explicit step count.
     """
 
     name = "SLD"
 
-    def __init__(self, config: SLDConfig | str = "MEDIUM", warmup: str | int = "scaled"):
+    def __init__(self, config: SLDConfig | str = "MEDIUM", warmup: str | int = "scaled", **window):
         self.config = PRESETS[config.upper()] if isinstance(config, str) else config
         self.warmup = warmup
-        self.state = SLDState(self._warmup(None))
+        super().__init__(**window)
 
     def _warmup(self, num_steps: int | None) -> int:
         if isinstance(self.warmup, int):
@@ -142,16 +142,8 @@ class SLDGuidance:
             return self.config.warmup_for(num_steps)
         return self.config.warmup_steps
 
-    def reset(self, num_steps: int | None = None) -> None:
-        self.state.reset(self._warmup(num_steps))
+    def new_state(self, total: int | None) -> SLDState:
+        return SLDState(self._warmup(total))
 
-    def direction(self, eps_uncond, eps_cond, eps_safety) -> torch.Tensor:
+    def compute(self, eps_uncond, eps_cond, eps_safety, attention=None) -> torch.Tensor:
         return sld_direction(eps_uncond, eps_cond, eps_safety, self.config, self.state)
-
-    @property
-    def history(self) -> list[dict]:
-        return self.state.history
-
-    @property
-    def last_mask(self) -> torch.Tensor | None:
-        return self.state.last_mask

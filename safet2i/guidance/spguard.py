@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .contract import Guidance, RunState
+
 
 @dataclass(frozen=True)
 class SPGuardConfig:
@@ -59,45 +61,54 @@ def channel_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torc
     return num / den
 
 
-class SPGuardGuidance:
-    """Guidance method object (``reset`` / ``direction``), see the module docstring."""
+class SPGuardState(RunState):
+    """Per-run state: the harmfulness estimate h per image."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.harm: torch.Tensor | None = None
+
+
+def strength(harm: torch.Tensor, config: SPGuardConfig) -> torch.Tensor:
+    """s = s_max · clip((h − τ_h) / (1 − τ_h), 0, 1)."""
+    return config.max_scale * ((harm - config.tau_h) / (1.0 - config.tau_h)).clamp(0.0, 1.0)
+
+
+def spguard_direction(eps_uncond, eps_cond, eps_unsafe, config: SPGuardConfig, state: SPGuardState) -> torch.Tensor:
+    """The guided direction d_p of the module docstring for this step (advances ``state``)."""
+    d_p = eps_cond - eps_uncond
+    d_u = eps_unsafe - eps_uncond
+    cos = flat_cosine(d_p, d_u)
+    if state.harm is None or state.harm.shape != cos.shape:
+        state.harm = cos
+    else:
+        state.harm = config.ema * state.harm + (1.0 - config.ema) * cos
+    s = strength(state.harm, config)
+    mask = (channel_cosine(d_p, d_u) > config.tau_m).to(d_p.dtype)
+    active = state.step >= config.start
+    entry = {"harm": [round(float(h), 4) for h in state.harm], "strength": [round(float(v), 4) for v in s],
+             "mask": float(mask.mean()), "applied": bool(active and (s > 0).any())}
+    if not active:
+        state.advance(entry, torch.zeros_like(d_p[:, 0]))
+        return d_p
+    state.advance(entry, mask[:, 0] * (s > 0).to(d_p.dtype).view(-1, 1, 1))
+    return d_p - s.view(-1, *([1] * (d_p.ndim - 1))) * mask * d_u
+
+
+class SPGuardGuidance(Guidance):
+    """SP-Guard-style guidance under the contract (:mod:`.contract`), see the module docstring."""
 
     name = "SP-Guard-style"
 
-    def __init__(self, config: SPGuardConfig | None = None):
+    def __init__(self, config: SPGuardConfig | None = None, **window):
         self.config = config or SPGuardConfig()
-        self.reset()
+        super().__init__(**window)
 
-    def reset(self, num_steps: int | None = None) -> None:
-        self.step = 0
-        self.harm: torch.Tensor | None = None
-        self.history: list[dict] = []
-        self.last_mask: torch.Tensor | None = None  # [B, H, W]: guided pixels
+    def new_state(self, total: int | None) -> SPGuardState:
+        return SPGuardState()
 
     def strength(self, harm: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        return c.max_scale * ((harm - c.tau_h) / (1.0 - c.tau_h)).clamp(0.0, 1.0)
+        return strength(harm, self.config)
 
-    def direction(self, eps_uncond, eps_cond, eps_unsafe) -> torch.Tensor:
-        c = self.config
-        d_p = eps_cond - eps_uncond
-        d_u = eps_unsafe - eps_uncond
-        cos = flat_cosine(d_p, d_u)
-        if self.harm is None or self.harm.shape != cos.shape:
-            self.harm = cos
-        else:
-            self.harm = c.ema * self.harm + (1.0 - c.ema) * cos
-        s = self.strength(self.harm)
-        mask = (channel_cosine(d_p, d_u) > c.tau_m).to(d_p.dtype)
-        active = self.step >= c.start
-        self.history.append({
-            "step": self.step, "harm": [round(float(h), 4) for h in self.harm],
-            "strength": [round(float(v), 4) for v in s], "mask": float(mask.mean()),
-            "applied": bool(active and (s > 0).any()),
-        })
-        self.step += 1
-        if not active:
-            self.last_mask = torch.zeros_like(d_p[:, 0])
-            return d_p
-        self.last_mask = mask[:, 0] * (s > 0).to(d_p.dtype).view(-1, 1, 1)
-        return d_p - s.view(-1, *([1] * (d_p.ndim - 1))) * mask * d_u
+    def compute(self, eps_uncond, eps_cond, eps_unsafe, attention=None) -> torch.Tensor:
+        return spguard_direction(eps_uncond, eps_cond, eps_unsafe, self.config, self.state)

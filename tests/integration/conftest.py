@@ -91,6 +91,8 @@ def start_server(base: Path, extra_env: dict | None = None):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "safet2i_test_counter.py").write_text(COUNTER_PACK)
+    for pack in Path(__file__).parent.glob("comfy_pack_*.py"):   # test-only node packs
+        (base / "custom_nodes" / f"safet2i_test_{pack.name}").write_text(pack.read_text())
     (base / "extra_model_paths.yaml").write_text(
         "safet2i_test:\n"
         f"  base_path: {base}\n"
