@@ -239,6 +239,13 @@ def part_key(t: Target, part: str) -> str:
 _F32 = torch.finfo(torch.float32)
 
 
+#: A target whose whole change scale·B·A has a Frobenius norm below this (so no single weight
+#: moves by more than it) changes nothing a host can show: float16 cannot represent a change
+#: of 1e-6 to any weight of magnitude above about 0.002, and trained LoRAs change weights by
+#: 1e-4 .. 1e-1.
+NEGLIGIBLE_CHANGE = 1e-6
+
+
 def check_effect(targets: list[Target], alpha_from: str = "") -> None:
     """Refuse targets that change nothing, or not as trained, so none is ever reported as patched.
 
@@ -286,6 +293,11 @@ def check_effect(targets: list[Target], alpha_from: str = "") -> None:
                                   "two cancel), so this target changes nothing; refused so it is never reported as "
                                   "patched")
         size = scale * math.sqrt(prod)
+        if size < NEGLIGIBLE_CHANGE:
+            raise LoraFormatError(f"{t.name}: {alpha} makes scale·B·A so small (Frobenius norm {size:.3g}) that no "
+                                  f"weight changes by more than {NEGLIGIBLE_CHANGE:g}: below what float16 weights "
+                                  "can show, so this target changes nothing; refused so it is never reported as "
+                                  "patched")
         if size < _F32.tiny:
             raise LoraFormatError(f"{t.name}: {alpha} makes scale·B·A ({size:.3g}) smaller than float32 can hold "
                                   "(a normal number), so this target changes nothing")
