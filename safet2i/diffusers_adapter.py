@@ -22,6 +22,7 @@ import torch
 
 from .errors import SafeT2IError
 from .guidance.dag import aggregate_attention, token_attention
+from .guidance.spaces import from_eps, to_eps
 
 
 def encode_concept(pipe, concept: str):
@@ -69,23 +70,58 @@ class _Sink:
         self.tokens, self.rows, self.maps = tokens, None, []
 
 
+class _Key:
+    """A run key that holds its schedule and compares by identity (no id reuse after GC)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def __eq__(self, other):
+        return isinstance(other, _Key) and other.schedule is self.schedule
+
+    __hash__ = None
+
+
+def _prediction_space(pipe) -> str:
+    kind = getattr(getattr(pipe.scheduler, "config", None), "prediction_type", "epsilon")
+    if kind in ("epsilon", None):
+        return "eps"
+    if kind == "v_prediction":
+        if getattr(pipe.scheduler, "alphas_cumprod", None) is None:
+            raise SafeT2IError("Safety guidance on a v-prediction UNet needs the scheduler's alphas_cumprod.")
+        return "v"
+    raise SafeT2IError(f"Safety guidance supports epsilon and v_prediction UNets, not {kind!r}.")
+
+
+def _sigma_at(scheduler, t: float) -> torch.Tensor:
+    """σ = √((1 − ᾱ_t)/ᾱ_t) of the DDPM timestep ``t`` (an integer timestep of the schedule)."""
+    if abs(t - round(t)) > 1e-3:
+        raise SafeT2IError(f"Safety guidance on a v-prediction UNet needs integer timesteps, not {t} "
+                           "(interpolated schedules such as Karras sigmas are not supported).")
+    a = scheduler.alphas_cumprod[int(round(t))].to(torch.float64)
+    return torch.sqrt((1 - a) / a)
+
+
 @contextlib.contextmanager
 def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=None, pooled_embeds=None,
                     token_positions: list[int] | None = None):
-    """Apply ``method`` (an object with ``reset(num_steps)`` and
+    """Apply ``method`` (a :class:`safet2i.guidance.Guidance`: ``set_state`` and
     ``direction(eps_uncond, eps_cond, eps_safety[, attention]) -> d_p``) to every step of
-    ``pipe``. Methods with ``needs_attention`` (Detect-and-Guide-style) also get the concept
-    tokens' cross-attention map of the same UNet call."""
+    ``pipe``. Methods whose ``needs.attention`` is set (Detect-and-Guide-style) also get the
+    concept tokens' cross-attention map of the same UNet call. ε-prediction UNets as they are;
+    v-prediction ones (``scheduler.config.prediction_type``) are converted to ε and back."""
+    if not hasattr(method, "set_state"):
+        raise SafeT2IError("safety_guidance needs a method following safet2i.guidance.contract (a Guidance).")
+    space = _prediction_space(pipe)
     if concept_embeds is None:
         if concept is None:
             raise SafeT2IError("safety_guidance needs a concept text or concept_embeds.")
         concept_embeds, pooled_embeds = encode_concept(pipe, concept)
     unet = pipe.unet
     original = unet.forward
-    last_t = [None]
     sink = None
     saved_processors = None
-    if getattr(method, "needs_attention", False):
+    if method.needs.attention:
         if token_positions is None:
             if concept is None:
                 raise SafeT2IError("Attention-based guidance with concept_embeds needs token_positions.")
@@ -105,9 +141,9 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
             )
         b = sample.shape[0] // 2
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        if last_t[0] is None or t > last_t[0]:  # first step of a new run
-            method.reset(len(getattr(pipe.scheduler, "timesteps", [])) or None)
-        last_t[0] = t
+        # Run = the scheduler's schedule (a new tensor per pipeline call); -t only grows within a run.
+        schedule = getattr(pipe.scheduler, "timesteps", None)
+        method.set_state(-t, len(schedule) if schedule is not None else None, t, run=_Key(schedule))
         ehs = torch.cat([encoder_hidden_states,
                          concept_embeds.to(encoder_hidden_states).expand(b, *concept_embeds.shape[1:])])
         added = kwargs.get("added_cond_kwargs")
@@ -118,15 +154,16 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
         if sink is not None:
             sink.rows, sink.maps = slice(2 * b, 3 * b), []
         out = original(torch.cat([sample, sample[b:]]), _batched(timestep, b, None), ehs, *args, **kwargs)
-        eps = out[0] if isinstance(out, tuple) else out.sample
-        eu, ec, es = eps[:b], eps[b:2 * b], eps[2 * b:]
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        sigma = _sigma_at(pipe.scheduler, t) if space == "v" else None
+        x_t = sample[b:]
+        eu, ec, es = (to_eps(pred[k * b:(k + 1) * b], x_t, sigma, space) for k in range(3))
+        attn = None
         if sink is not None:
             attn = aggregate_attention(sink.maps, tuple(sample.shape[-2:])) if sink.maps else None
             sink.rows, sink.maps = None, []
-            d_p = method.direction(eu, ec, es, attn)
-        else:
-            d_p = method.direction(eu, ec, es)
-        guided = torch.cat([eu, eu + d_p])
+        d_p = method.direction(eu, ec, es, attn)
+        guided = torch.cat([pred[:b], from_eps(eu + d_p, x_t, sigma, space).to(pred.dtype)])
         if isinstance(out, tuple):
             return (guided,) + tuple(out[1:])
         out.sample = guided

@@ -1,4 +1,4 @@
-"""Safety guidance on Forge and reForge, through their UNet patcher (a1111.md §3.1–3.2).
+"""Safety guidance on Forge and reForge, through their UNet patcher (``docs/a1111.md``, "Guidance").
 
 Both webuis rebuild ``p.sd_model.forge_objects`` before every sampling pass and then call the
 scripts' ``process_before_every_sampling``; there we clone ``forge_objects.unet``, add our
@@ -9,8 +9,8 @@ notices (no guided step) and turns into blocked images.
 The same core method and the same ε-space math as the A1111 path (``guidance.py``): with ε
 predictions ε_u (negative prompt), ε_c (prompt) and ε_s (unsafe concept), the method gives the
 guided direction d_p and the result is ε_u + s·d_p instead of ε_u + s·(ε_c − ε_u). Forge and
-reForge work in x0 ("denoised") space, x = x0 + σ·ε, so ε = (x − D)/σ and D = x − σ·ε;
-DDIM is converted to that space by the webui before it reaches us.
+reForge work in x0 ("denoised") space, x = x0 + σ·ε, so ε = (x − D)/σ and D = x − σ·ε
+(``safet2i.guidance.spaces``); DDIM is converted to that space by the webui before it reaches us.
 
 * Forge (``backend/``): a conditioning modifier records the step's ``cond_scale`` (the
   value after hires CFG / NGMS adjustments); a post-cfg function evaluates the concept with
@@ -37,17 +37,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
+from safet2i.guidance import denoised_to_eps, eps_to_denoised, shift_denoised
 
 from .guidance import GuidanceError, fit_tokens
 
 log = logging.getLogger("safet2i")
 MARK = "safet2i_guidance"       # model_options key: this UNet clone carries our functions
-
-
-def _sigma(sigma, like: torch.Tensor) -> torch.Tensor:
-    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    return s.reshape(-1, *([1] * (like.dim() - 1))) if s.dim() else s
 
 
 class ForgeGuidanceRun:
@@ -62,13 +57,11 @@ class ForgeGuidanceRun:
         self.cond_scale = None
         self.steps_guided = 0
         self.error: str | None = None
-        self._started = False
 
     # -- helpers ---------------------------------------------------------------
-    def _start(self) -> None:
-        if not self._started:
-            self.method.reset(self.total_steps())
-            self._started = True
+    def _start(self, sigma) -> None:
+        """One run per pass: this object (a new one per pass) is the run key."""
+        self.method.set_state(None, self.total_steps(), sigma, run=id(self))
 
     def concept_entry(self, base: dict, batch: int) -> dict:
         """A copy of one cond dict with the concept's text in place of its own."""
@@ -94,11 +87,9 @@ class ForgeGuidanceRun:
         return out
 
     def _guided_eps(self, x, sigma, cond_d, uncond_d, concept_d):
-        s = _sigma(sigma, x)
-        ec = (x - cond_d) / s
-        eu = ec if uncond_d is None else (x - uncond_d) / s
-        es = (x - concept_d) / s
-        return ec, eu, self.method.direction(eu, ec, es)
+        ec = denoised_to_eps(x, cond_d, sigma)
+        eu = ec if uncond_d is None else denoised_to_eps(x, uncond_d, sigma)
+        return ec, eu, self.method.direction(eu, ec, denoised_to_eps(x, concept_d, sigma))
 
     def fail(self, exc: Exception) -> None:
         if self.error is None:
@@ -122,8 +113,8 @@ class ForgeGuidanceRun:
             else:
                 from ldm_patched.modules.samplers import calc_cond_uncond_batch  # noqa: PLC0415
 
-            self._start()
             x, sigma = args["input"], args["sigma"]
+            self._start(sigma)
             conds, unconds = args["cond"], args["uncond"]
             if len(conds) != 1:
                 raise GuidanceError("AND / composable prompts are not supported with SafeT2I guidance yet "
@@ -138,7 +129,7 @@ class ForgeGuidanceRun:
                                            args["uncond_denoised"] if unconds else None, concept_d)
             correction = self.cond_scale * (d_p - (ec - eu))
             self.steps_guided += 1
-            return denoised - _sigma(sigma, x) * correction.to(denoised.dtype)
+            return shift_denoised(denoised, correction, sigma)
         except Exception as exc:  # noqa: BLE001 - recorded; the images are blocked
             self.fail(exc)
             return denoised
@@ -151,8 +142,8 @@ class ForgeGuidanceRun:
         try:
             from ldm_patched.modules.samplers import calc_cond_batch  # noqa: PLC0415
 
-            self._start()
             x, sigma = args["input"], args["sigma"]
+            self._start(sigma)
             cond_list, uncond_list = args["conds"][0], args["conds"][1]
             if len(cond_list) != 1:
                 raise GuidanceError("AND / composable prompts are not supported with SafeT2I guidance yet "
@@ -162,8 +153,7 @@ class ForgeGuidanceRun:
                                         args["model_options"])[0]
             ec, eu, d_p = self._guided_eps(x, sigma, out[0], out[1] if uncond_list else None, concept_d)
             self.steps_guided += 1
-            new_cond = x - _sigma(sigma, x) * (eu + d_p)
-            return [new_cond.to(out[0].dtype)] + list(out[1:])
+            return [eps_to_denoised(x, eu + d_p, sigma).to(out[0].dtype)] + list(out[1:])
         except Exception as exc:  # noqa: BLE001
             self.fail(exc)
             return out

@@ -1,11 +1,11 @@
-"""Safety guidance inside A1111's CFG denoiser (batched rows, a1111.md §1.6–1.7 design A).
+"""Safety guidance inside A1111's CFG denoiser (batched rows; ``docs/a1111.md``, "Guidance").
 
 ``on_cfg_denoiser`` receives the batched model input: the cond rows of every image first,
 then one uncond row per image. We insert one safety-concept row per image *between* them
 (uncond stays last, so the webui's own combine and uncond skipping are unaffected), i.e. one
 UNet batch of R + 2B rows instead of R + B. ``on_cfg_denoised`` then reads the three
 predictions per image, asks the core method for the guided direction d_p (ε space; x0
-outputs of k-diffusion samplers are converted with σ) and rewrites each image's cond row
+outputs of k-diffusion samplers are converted by ``safet2i.guidance.spaces``) and rewrites each image's cond row
 *in place* so that the webui's ``uncond + s·(cond − uncond)`` yields ``ε_u + s·d_p``, exactly
 as in the ComfyUI and diffusers hosts.
 
@@ -20,7 +20,8 @@ import logging
 
 import torch
 
-from safet2i.guidance import DAGConfig, SLDGuidance, SPGuardConfig, SPGuardGuidance
+from safet2i.guidance import DAGConfig, from_eps, to_eps
+from safet2i.guidance import make_method as core_method
 
 log = logging.getLogger("safet2i")
 
@@ -30,11 +31,10 @@ class GuidanceError(RuntimeError):
 
 
 def make_method(name: str, preset: str):
-    if name == "SLD":
-        return SLDGuidance(preset)
-    if name == "SP-Guard-style":
-        return SPGuardGuidance(SPGuardConfig())
-    raise GuidanceError(f"{name} guidance is not available in the web UI yet (needs cross-attention capture)")
+    method = core_method(name, preset)
+    if method.needs.attention:
+        raise GuidanceError(f"{name} guidance is not available in the web UI yet (needs cross-attention capture)")
+    return method
 
 
 def _rows(value, n: int):
@@ -108,8 +108,6 @@ class GuidanceHook:
         self.batch = 0
         self.error: str | None = None
         self.steps_guided = 0
-        self.last_step = None
-        self.run_key = None
         self.total_hint = None      # model calls of the pass, when the host knows (A1111 1.7: from p.sampler)
 
     # -- on_cfg_denoiser ---------------------------------------------------
@@ -123,16 +121,12 @@ class GuidanceHook:
             if rows != b:
                 raise GuidanceError("AND / composable prompts are not supported with SafeT2I guidance yet "
                                     f"({rows} cond rows for {b} images)")
-            # A new run starts when the step counter goes back or the denoiser changes (hires
-            # pass, next batch). Second-order samplers call the model twice per step with the
-            # same counter: that is not a new run.
-            step = params.sampling_step
+            # The core decides when a run starts (hires pass, next batch: another denoiser or the
+            # step going back; second-order samplers repeat a step within one run).
             denoiser = getattr(params, "denoiser", None)
-            key = (id(denoiser) if denoiser is not None else None, params.total_sampling_steps)
-            if self.last_step is None or step < self.last_step or key != self.run_key:
-                calls = getattr(denoiser, "total_steps", None) or self.total_hint or params.total_sampling_steps
-                self.method.reset(calls)
-            self.last_step, self.run_key = step, key
+            calls = getattr(denoiser, "total_steps", None) or self.total_hint or params.total_sampling_steps
+            self.method.set_state(params.sampling_step, calls, run=(id(denoiser) if denoiser is not None else None,
+                                                                   params.total_sampling_steps))
             x, s, ic, tc = insert_safety_rows(params.x, params.sigma, params.image_cond, params.text_cond,
                                               self.concept, b)
             self.x, self.sigma, self.batch = x, s, b
@@ -154,17 +148,11 @@ class GuidanceHook:
                 raise GuidanceError("AND / composable prompts are not supported with SafeT2I guidance yet "
                                     f"({r} cond rows for {b} images)")
             xin, sig = self.x, self.sigma
-            cond, safe, unc = out[:r], out[r:r + b], out[r + b:]
-            if self.eps_prediction:
-                ec, es, eu = cond, safe, unc
-            else:
-                sg = sig.reshape(-1, *([1] * (out.dim() - 1))).to(out.dtype)
-                ec = (xin[:r] - cond) / sg[:r]
-                es = (xin[r:r + b] - safe) / sg[r:r + b]
-                eu = (xin[r + b:] - unc) / sg[r + b:]
-            d_p = self.method.direction(eu, ec, es)
-            guided = eu + d_p
-            new_cond = guided if self.eps_prediction else xin[:r] - sg[:r] * guided
+            space = "eps" if self.eps_prediction else "denoised"   # DDIM/PLMS/UniPC: ε, "sigma" is t
+            ec = to_eps(out[:r], xin[:r], sig[:r], space)
+            es = to_eps(out[r:r + b], xin[r:r + b], sig[r:r + b], space)
+            eu = to_eps(out[r + b:], xin[r + b:], sig[r + b:], space)
+            new_cond = from_eps(eu + self.method.direction(eu, ec, es), xin[:r], sig[:r], space)
             out[:r] = new_cond.to(out.dtype)        # in place: the webui keeps its own reference
             self.steps_guided += 1
         except Exception as exc:  # noqa: BLE001

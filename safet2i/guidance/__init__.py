@@ -16,12 +16,13 @@ from .contract import Guidance, Needs, RunState
 from .dag import DAGConfig, DAGGuidance, aggregate_attention, dag_direction, region_scales, token_attention
 from .sld import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, SEXUAL_CONCEPT, SLDConfig, SLDGuidance, SLDState, \
     sld_direction, sld_gate
+from .registry import METHODS, make_method
 from .spaces import denoised_to_eps, eps_to_denoised, eps_to_v, from_eps, shift_denoised, to_eps, v_to_eps
 from .spguard import SPGuardConfig, SPGuardGuidance, SPGuardState, spguard_direction
 
 __all__ = [
-    "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "Guidance", "Needs", "RunState", "SEXUAL_CONCEPT", "SLD_PRESETS",
+    "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "Guidance", "METHODS", "Needs", "RunState", "SEXUAL_CONCEPT", "SLD_PRESETS",
     "SLDConfig", "SLDGuidance", "SLDState", "SPGuardConfig", "SPGuardGuidance", "SPGuardState", "aggregate_attention",
-    "dag_direction", "denoised_to_eps", "eps_to_denoised", "eps_to_v", "from_eps", "region_scales", "shift_denoised",
+    "dag_direction", "denoised_to_eps", "eps_to_denoised", "eps_to_v", "from_eps", "make_method", "region_scales", "shift_denoised",
     "sld_direction", "sld_gate", "spguard_direction", "to_eps", "token_attention", "v_to_eps",
 ]
