@@ -63,8 +63,12 @@ class Policy:
 
     def __post_init__(self):
         for label, t in self.thresholds.items():
-            if not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-                raise PolicyError(f"Threshold for {label} must be a number in [0, 1], got {t!r}.")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
+                raise PolicyError(
+                    f"Threshold for {label} must be a number in [0, 1), got {t!r}"
+                    + (": a threshold of 1 is never reached, which would switch the label off; leave the "
+                       "label out of the policy instead." if not isinstance(t, bool) and t == 1 else ".")
+                )
         if not 0.0 <= self.expand <= 2.0:
             raise PolicyError(f"Box expansion must be in [0, 2], got {self.expand}.")
         if self.shape not in MASK_SHAPES:
@@ -124,10 +128,38 @@ def parse_thresholds(text: str) -> dict[str, float]:
 
 
 def _num(label, v) -> float:
+    if isinstance(v, bool) or v is None:   # JSON true would read as 1.0: the label switched off
+        raise PolicyError(f"Threshold for {label} is not a number: {v!r}")
     try:
         return float(v)
     except (TypeError, ValueError) as exc:
         raise PolicyError(f"Threshold for {label} is not a number: {v!r}") from exc
+
+
+POLICY_FILE_KEYS = ("name", "thresholds", "expand", "shape", "use_model_defaults")
+
+
+def _policy_file(path: str) -> Policy:
+    """A JSON policy file; unknown keys and wrongly typed values are errors (a misspelt
+    ``"treshold"`` would otherwise leave a policy that checks nothing)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise PolicyError(f"Policy file {path} must hold a JSON object with {', '.join(POLICY_FILE_KEYS)}.")
+    unknown = sorted(set(data) - set(POLICY_FILE_KEYS))
+    if unknown:
+        raise PolicyError(f"Policy file {path}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
+                          f"{', '.join(POLICY_FILE_KEYS)}.")
+    th = data.get("thresholds")
+    if not isinstance(th, dict) or not th:
+        raise PolicyError(f"Policy file {path}: 'thresholds' must be a non-empty object of label -> score.")
+    if "expand" in data and (isinstance(data["expand"], bool) or not isinstance(data["expand"], (int, float))):
+        raise PolicyError(f"Policy file {path}: 'expand' must be a number, got {data['expand']!r}.")
+    if "use_model_defaults" in data and not isinstance(data["use_model_defaults"], bool):
+        raise PolicyError(f"Policy file {path}: 'use_model_defaults' must be true or false.")
+    if not isinstance(data.get("name", ""), str):
+        raise PolicyError(f"Policy file {path}: 'name' must be a string.")
+    return Policy(data.get("name", Path(path).stem), {str(k): _num(k, v) for k, v in th.items()},
+                  **{k: data[k] for k in ("expand", "shape", "use_model_defaults") if k in data})
 
 
 def get_policy(name: str = DEFAULT_POLICY, overrides: str | dict | None = None, **kw) -> Policy:
@@ -141,12 +173,9 @@ def get_policy(name: str = DEFAULT_POLICY, overrides: str | dict | None = None, 
         base = Policy("custom")
     elif name.endswith(".json") and Path(name).is_file():
         try:
-            data = json.loads(Path(name).read_text(encoding="utf-8"))
-            base = Policy(
-                data.get("name", Path(name).stem),
-                {str(k): _num(k, v) for k, v in data.get("thresholds", {}).items()},
-                **{k: data[k] for k in ("expand", "shape", "use_model_defaults") if k in data},
-            )
+            base = _policy_file(name)
+        except PolicyError:
+            raise
         except (ValueError, TypeError, AttributeError) as exc:
             raise PolicyError(f"Policy file {name} is malformed: {exc}") from exc
     else:

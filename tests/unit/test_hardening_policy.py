@@ -389,3 +389,51 @@ def test_the_comfyui_node_raises_on_a_label_typo(filter_nodes, face):
     assert half.dtype == torch.float16
     flags = node.execute(images > 0.5, models, "face-only", "blur").args[0]
     assert flags.dtype == torch.float32                             # a bool batch is not cast back to bool
+
+
+# --------------------------------------------------------------------------- review follow-ups
+
+
+@pytest.mark.parametrize("thresholds", ['{"FACE_FEMALE": true}', '{"FACE_FEMALE": null}', "FACE_FEMALE=1",
+                                         '{"FACE_FEMALE": 1.0}'])
+def test_thresholds_that_switch_a_label_off_are_refused(thresholds):
+    """JSON true read as 1.0, or a threshold of 1, is never reached: the label would be off."""
+    from safet2i.errors import PolicyError
+    from safet2i.filter import get_policy
+
+    with pytest.raises(PolicyError, match="FACE_FEMALE"):
+        get_policy("custom", thresholds)
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"treshold": {"FACE_FEMALE": 0.5}}, "unknown key"),
+    ({"thresholds": {}}, "non-empty"),
+    ({"thresholds": {"FACE_FEMALE": True}}, "not a number"),
+    ({"thresholds": {"FACE_FEMALE": 0.5}, "expand": True}, "'expand' must be a number"),
+    ({"thresholds": {"FACE_FEMALE": 0.5}, "use_model_defaults": "yes"}, "true or false"),
+    (["FACE_FEMALE"], "JSON object"),
+])
+def test_policy_file_mistakes_are_errors(tmp_path, content, match):
+    from safet2i.errors import PolicyError
+    from safet2i.filter import get_policy
+
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(PolicyError, match=match):
+        get_policy(str(f))
+
+
+def test_policy_file_typo_fails_the_cli_even_with_a_classifier_loaded(tmp_path, capsys):
+    """Review: with nudenet + opennsfw a misspelt "treshold" key left every NudeNet class off."""
+    from PIL import Image
+    from skimage import data
+
+    from safet2i.cli import main
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "a.png")
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"treshold": {"FACE_FEMALE": 0.5}}))
+    code = main(["filter", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--policy", str(f),
+                 "--model", "nudenet", "--model", "opennsfw", "-q"])
+    assert code == 4 and "treshold" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
