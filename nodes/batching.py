@@ -12,7 +12,7 @@ def check_no_other_batch_function(model, what: str) -> None:
     if "sampler_calc_cond_batch_function" in model.model_options:
         raise SafeT2IError(
             f"Another node already replaced this model's cond-batch function (only one can), so {what} cannot "
-            "be added: use one SafeT2I guidance or re-attention node per model, or remove the other node."
+            "be added: use one SafeT2I re-attention node per model, or remove the other node."
         )
 
 

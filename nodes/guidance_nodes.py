@@ -137,7 +137,7 @@ class GuidanceRun:
         ec = denoised_to_eps(x, out[0], sigma)
         es = denoised_to_eps(x, st.concept_out, sigma)
         attn = None
-        if self.token_index is not None:
+        if self.method.needs.attention:
             maps, self.maps = self.maps, []
             if self.token_index and not maps:
                 # Our attn2 replacement never saw the concept rows: another patch overrode it.
