@@ -162,20 +162,57 @@ def batch_to_uint8(images) -> list[np.ndarray]:
     return [to_uint8_rgb(f) for f in arr]
 
 
+#: Pixels converted at a time from 16/32-bit modes (bounded temporaries, not 8 bytes per
+#: pixel of the whole image).
+_BAND_PIXELS = 1 << 22
+
+
+def _bands(im):
+    """Row bands of a Pillow image as NumPy arrays, each of at most ``_BAND_PIXELS`` pixels."""
+    w, h = im.size
+    rows = max(1, _BAND_PIXELS // max(1, w))
+    for y0 in range(0, h, rows):
+        yield y0, np.asarray(im.crop((0, y0, w, min(h, y0 + rows))))
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    out = np.empty(gray.shape + (3,), np.uint8)
+    out[...] = gray[:, :, None]
+    return out
+
+
 def pil_to_rgb(im) -> np.ndarray:
-    """A Pillow image in any mode -> uint8 RGB (16-bit scaled, CMYK converted, alpha dropped)."""
+    """A Pillow image in any mode -> uint8 RGB (16-bit scaled, CMYK converted, alpha dropped).
+
+    16/32-bit and float modes are converted in row bands, so the temporaries stay small
+    whatever the image size."""
     mode = im.mode
+    w, h = im.size
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im)
-        if mode == "I" and a.max(initial=0) <= 255:
-            a8 = a.astype(np.uint8)
-        else:
-            a8 = ((a.astype(np.int64).clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-        return np.ascontiguousarray(ensure_rgb(a8))
+        hi = 0
+        if mode == "I":
+            for _, band in _bands(im):
+                hi = max(hi, int(band.max(initial=0)))
+        gray = np.empty((h, w), np.uint8)
+        for y0, band in _bands(im):
+            if mode == "I" and hi <= 255:
+                g = np.clip(band, 0, 255).astype(np.uint8)
+            else:
+                g = ((band.astype(np.int64).clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+            gray[y0:y0 + g.shape[0]] = g
+        return _gray_to_rgb(gray)
     if mode == "F":
-        a = np.asarray(im, dtype=np.float32)
-        hi = float(np.nanmax(a)) if a.size else 1.0
-        return to_uint8_rgb(a / hi if hi > 1.0 else a)
+        hi = -np.inf
+        for _, band in _bands(im):
+            if band.size:
+                if not np.isfinite(band).all():
+                    raise ImageInputError("The image contains NaN or infinite values; refusing to check it.")
+                hi = max(hi, float(band.max()))
+        scale = hi if hi > 1.0 else 1.0
+        gray = np.empty((h, w), np.uint8)
+        for y0, band in _bands(im):
+            gray[y0:y0 + band.shape[0]] = float_to_uint8(band.astype(np.float32) / np.float32(scale))
+        return _gray_to_rgb(gray)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         return np.ascontiguousarray(np.asarray(im)[:, :, :3])
@@ -287,6 +324,71 @@ def _to_srgb(frame, icc: bytes | None, notes: list[str]):
         return frame
 
 
+def _embedded_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) of an embedded PNG, JPEG 2000 or BMP-DIB image read from its header
+    alone, or None when the blob is none of those."""
+    import struct  # noqa: PLC0415
+
+    if blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) >= 24:
+        return struct.unpack(">II", blob[16:24])
+    if blob[:12] in (b"\x00\x00\x00\x0cjP  \r\n\x87\n",) or blob[:4] == b"\xff\x4f\xff\x51":
+        at = blob.find(b"ihdr")
+        if at >= 0 and len(blob) >= at + 12:
+            h, w = struct.unpack(">II", blob[at + 4:at + 12])
+            return w, h
+        if blob[:4] == b"\xff\x4f\xff\x51" and len(blob) >= 16:   # raw codestream: SIZ marker
+            w, h = struct.unpack(">II", blob[8:16])
+            return w, h
+        return (1 << 31, 1)   # a JPEG 2000 entry whose size cannot be read: over any budget
+    if len(blob) >= 16 and struct.unpack("<I", blob[:4])[0] in (12, 40, 52, 56, 108, 124):
+        if struct.unpack("<I", blob[:4])[0] == 12:
+            w, h = struct.unpack("<HH", blob[4:8])
+        else:
+            w, h = struct.unpack("<ii", blob[4:12])
+        return abs(w), abs(h) // 2   # an icon's DIB height counts the AND mask too
+    return None
+
+
+def _precheck_icons(data: bytes, name: str, max_pixels: int, budget: int) -> None:
+    """ICO and ICNS entries are decoded by Pillow while it *opens* the file, before any
+    frame limit could apply: read every entry's size from its own header first and refuse
+    the file when one is over the per-frame limit or the file budget."""
+    import struct  # noqa: PLC0415
+
+    sizes: list[tuple[int, int]] = []
+    if data[:4] == b"\x00\x00\x01\x00" and len(data) >= 6:
+        n = struct.unpack("<H", data[4:6])[0]
+        for i in range(n):
+            e = data[6 + 16 * i:22 + 16 * i]
+            if len(e) < 16:
+                break
+            size, off = struct.unpack("<II", e[8:16])
+            dim = _embedded_size(data[off:off + min(size, 4096)])
+            if dim is not None:
+                sizes.append(dim)
+    elif data[:4] == b"icns":
+        pos = 8
+        while pos + 8 <= len(data):
+            kind, length = data[pos:pos + 4], struct.unpack(">I", data[pos + 4:pos + 8])[0]
+            if length < 8:
+                break
+            dim = _embedded_size(data[pos + 8:pos + min(length, 4096)])
+            if dim is not None:
+                sizes.append(dim)
+            pos += length
+    else:
+        return
+    total = 0
+    for w, h in sizes:
+        if w * h > max_pixels:
+            raise ImageBudgetError(f"{name}: an icon entry of {w}x{h} is larger than the {max_pixels:,}-pixel "
+                                   "limit per frame.")
+        total = max(total, w * h)   # Pillow decodes one entry
+    if total > budget:
+        raise ImageBudgetError(f"{name}: an icon entry of {total:,} pixels is over the file budget of "
+                               f"{budget:,} decoded pixels (set {ENV_MAX_FILE_PIXELS} to change it).")
+
+
 class FrameDecoder:
     """Decodes the frames / pages of an image held in memory one at a time, within budget.
 
@@ -330,6 +432,7 @@ class FrameDecoder:
         from PIL import Image  # noqa: PLC0415
 
         try:
+            _precheck_icons(self.data, self.name, self.max_pixels, self.budget)
             with warnings.catch_warnings():
                 # Our own pixel limits replace Pillow's warnings; nothing reaches stderr raw.
                 warnings.simplefilter("ignore")
@@ -458,6 +561,18 @@ def encode_frames(frames_u8: list[np.ndarray], loaded, fh) -> str:
     from PIL import Image  # noqa: PLC0415
 
     fmt = output_format(loaded.format, len(frames_u8))
+    if len(frames_u8) > 1 and fmt != "TIFF" and len({f.shape for f in frames_u8}) > 1:
+        # Animation writers draw a smaller frame over the previous one: a picture nobody
+        # checked. Each frame is put whole on a black canvas of the largest size instead.
+        ch = max(f.shape[0] for f in frames_u8)
+        cw = max(f.shape[1] for f in frames_u8)
+
+        def canvas(f):
+            c = np.zeros((ch, cw, 3), np.uint8)
+            c[:f.shape[0], :f.shape[1]] = f
+            return c
+
+        frames_u8 = [canvas(f) for f in frames_u8]
     ims = [Image.fromarray(np.ascontiguousarray(f)) for f in frames_u8]
     kw: dict = {}
     if len(ims) > 1:

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+import skimage.data
+from PIL import Image, ImageCms, ImageSequence
 
 from safet2i.cli import main
 from safet2i.filter import SafetyFilter
@@ -632,3 +633,49 @@ def test_file_swapped_after_reading_is_never_written(tmp_path, monkeypatch, flt,
     else:  # re-encoded JPEG: close to the checked pixels, far from the swapped-in face
         assert diff.mean() < 3, f"the output differs from the checked pixels (mean {diff.mean():.1f})"
     assert not unsafe_images(flt, embedded_images(data, "output")), "the unchecked face reached --out"
+
+
+# --------------------------------------------------------------------------- review follow-ups
+
+
+def test_frames_of_different_sizes_never_combine_into_an_unchecked_picture(tmp_path):
+    """Review: an MPO whose frame 0 is the astronaut with the top rows greyed and whose frame 1
+    is only those top rows (neither flagged) became an APNG where frame 1 was drawn over
+    frame 0, showing the whole face. Each frame now lies whole on a black canvas."""
+    from safet2i.cli import main as cli
+
+    a = skimage.data.astronaut()
+    f0 = a.copy()
+    f0[:110] = 128
+    src = tmp_path / "split.mpo"
+    Image.fromarray(f0).save(src, format="MPO", save_all=True, append_images=[Image.fromarray(a[:110].copy())],
+                             quality=100)
+    out = tmp_path / "out"
+    assert cli(["filter", str(src), "--out", str(out), "--policy", "face-only", "-q"]) == 0
+    written = out / "split.png"
+    flt = SafetyFilter(["nudenet"], "face-only", "pass")
+    with Image.open(written) as im:
+        frames = [np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(im)]
+    assert len(frames) == 2
+    assert not any(v.unsafe for v in flt.check(frames))
+    assert np.abs(frames[1][:110].astype(int) - a[:110]).mean() < 4      # frame 1 (JPEG-decoded) alone,
+    assert not frames[1][110:].any()                                      # on black
+
+
+def test_icon_entries_are_sized_before_pillow_decodes_them(tmp_path):
+    """Review: an ICO whose directory says 16x16 but holds a 13000x13000 PNG was decoded by
+    Pillow while opening (772 MB) before any limit applied."""
+    import struct
+
+    from safet2i.errors import ImageBudgetError
+    from safet2i.images import decode_image_bytes
+
+    b = io.BytesIO()
+    Image.new("RGB", (13000, 13000), (200, 100, 50)).save(b, "PNG", compress_level=9)
+    png = b.getvalue()
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    with pytest.raises(ImageBudgetError, match="icon entry of 13000x13000"):
+        decode_image_bytes(ico, "bomb.ico")
+    icns = b"icns" + struct.pack(">I", 8 + 8 + len(png)) + b"ic07" + struct.pack(">I", 8 + len(png)) + png
+    with pytest.raises(ImageBudgetError, match="icon entry"):
+        decode_image_bytes(icns, "bomb.icns", max_file_pixels=1_000_000)

@@ -107,3 +107,35 @@ def test_16_files_of_12000px_stay_under_the_memory_budget(workdir):
     res = fm.run_scenario("png-16x12000", workdir, KILL_ABOVE_GB)
     problems = fm.check(res)
     assert not problems, "\n".join(problems) + "\n" + _explain(res)
+
+
+def test_16_bit_and_float_frames_are_converted_in_bands(monkeypatch):
+    """Review: a 12000x12000 float32 TIFF (1 MB on disk) peaked at 6.3 GB through int64 /
+    float32 whole-image temporaries. Conversion now goes in row bands: no temporary is
+    larger than a band, and the result equals the whole-image formula."""
+    import numpy as np
+    from PIL import Image
+
+    import safet2i.images as images
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", 1000)      # many bands on a small image
+    rng = np.random.default_rng(3)
+    a16 = (rng.random((97, 60)) * 65535).astype(np.uint16)
+    got = images.pil_to_rgb(Image.fromarray(a16))
+    ref = ((a16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    assert got.shape == (97, 60, 3) and all(np.array_equal(got[:, :, c], ref) for c in range(3))
+    f = (rng.random((97, 60)) * 3).astype(np.float32)
+    got = images.pil_to_rgb(Image.fromarray(f))
+    ref = np.clip(np.rint(f / f.max() * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(got[:, :, 0], ref)
+    seen = []
+    real = images._bands
+
+    def spy(im):
+        for y0, band in real(im):
+            seen.append(band.size)
+            yield y0, band
+
+    monkeypatch.setattr(images, "_bands", spy)
+    images.pil_to_rgb(Image.fromarray(f))
+    assert seen and max(seen) <= 1000
