@@ -42,9 +42,11 @@ def _colour(text: str) -> tuple[float, float, float]:
             return tuple(int(t[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
         vals = [float(v) for v in text.split(",")]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"colour must be #rrggbb or r,g,b: {text}") from exc
+        raise argparse.ArgumentTypeError(f"--colour must be #rrggbb or r,g,b: {text}") from exc
     if len(vals) != 3:
-        raise argparse.ArgumentTypeError(f"colour must be #rrggbb or r,g,b: {text}")
+        raise argparse.ArgumentTypeError(f"--colour must be #rrggbb or r,g,b: {text}")
+    if not all(np.isfinite(v) and 0 <= v <= 255 for v in vals):
+        raise argparse.ArgumentTypeError(f"--colour values must be in 0..1 or 0..255, not {text}")
     return tuple(v / 255.0 if max(vals) > 1 else v for v in vals)
 
 

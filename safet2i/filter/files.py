@@ -47,6 +47,8 @@ BATCH_PIXELS = 64_000_000
 #: Largest number of pixels converted to float32 at once while censoring (a chunk of frames).
 CENSOR_CHUNK_PIXELS = 16_000_000
 TMP_SUFFIX = ".safet2i-tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
@@ -127,6 +129,7 @@ def atomic_write(target: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600: outputs get the user's usual mode
         os.replace(tmp, target)
     except BaseException:
         try:

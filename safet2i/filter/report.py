@@ -69,7 +69,7 @@ def _write(path_or_fh, text: str) -> None:
 
 def write_json(report: dict, path) -> None:
     """``path``: a file path or an open binary file."""
-    _write(path, json.dumps(report, indent=2) + "\n")
+    _write(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")   # names: replacement characters
 
 
 def thumbnail_data_uri(img_u8: np.ndarray, size: int = 192) -> str:

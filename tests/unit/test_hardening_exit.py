@@ -150,5 +150,6 @@ def test_undecodable_file_name_in_reports(tmp_path, benign_set):
     assert code == 0
     text = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert "caf\ufffd.png" in text
+    assert "caf\ufffd.png" in (tmp_path / "r.json").read_text(encoding="utf-8")   # JSON too, no lone \\udcXX
     assert report(tmp_path / "r.json")["files"][0]["verdict"] == "safe"
     assert os.path.exists(os.fsencode(str(tmp_path / "out")) + b"/caf\xe9.png")

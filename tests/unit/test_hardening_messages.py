@@ -112,3 +112,22 @@ def test_large_feather_uses_the_linear_time_path_and_matches_the_exact_one(monke
     assert got[hard == 1].min() == 1.0
     huge = censor.unsafe_mask(v, pol, 1024.0)            # capped at the image size: all covered
     assert not kernels and huge.min() > 0.5 and huge[hard == 1].min() == 1.0
+
+
+@pytest.mark.parametrize("value", ["300,0,0", "nan,0,0", "inf,1,1", "-1,0,0", "#12"])
+def test_colour_out_of_range_is_a_usage_error_naming_the_option(tmp_path, folder, capsys, value):
+    code = run("filter", folder, "--out", tmp_path / "out", f"--colour={value}")
+    assert code == 64 and "--colour" in capsys.readouterr().err
+
+
+def test_outputs_and_reports_get_the_usual_file_mode(tmp_path, folder):
+    old = os.umask(0o022)
+    try:
+        assert run("filter", folder, "--out", tmp_path / "out", "--report", tmp_path / "r.json", "-q") == 0
+    finally:
+        os.umask(old)
+    import safet2i.filter.files as files
+
+    want = 0o666 & ~files._UMASK
+    assert (os.stat(tmp_path / "out" / "chelsea.png").st_mode & 0o777) == want
+    assert (os.stat(tmp_path / "r.json").st_mode & 0o777) == want
