@@ -2,7 +2,7 @@
 
 After Li, Zhang, Sun, Yang, "Detect-and-Guide: Self-regulation of Diffusion Models for Safe
 Text-to-Image Generation via Guideline Token Optimization", CVPR 2025 (arXiv 2503.15197).
-Stage 2 (detection + adaptive guidance) as described in ``shared/docs/methods.md`` §6.2;
+Stage 2 (detection + adaptive guidance) as described in the paper (summary: the methods table of ``docs/guidance.md``);
 labelled *-style* because the official code was not available to check every constant.
 
 Given the unsafe-concept branch's cross-attention map Â (normalised to [0, 1] per image)::
