@@ -55,6 +55,15 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+def _lstat_or_skip(path: Path, skip):
+    """``os.lstat(path)``, or None after recording why the entry is skipped."""
+    try:
+        return os.lstat(path)
+    except OSError as exc:
+        skip(path, f"cannot be read ({exc.strerror})")
+        return None
+
+
 def collect(paths: list[str], exclude: list[Path] = ()) -> tuple[list[tuple[Path, Path]], list[dict]]:
     """Inputs under ``paths``: ``([(file, path relative to its argument), ...], skipped)``.
 
@@ -86,11 +95,8 @@ def collect(paths: list[str], exclude: list[Path] = ()) -> tuple[list[tuple[Path
             rootp = Path(root)
             keep = []
             for d in sorted(dirs):
-                dp = rootp / d
-                try:
-                    st = os.lstat(dp)
-                except OSError as exc:
-                    skip(dp, f"cannot be read ({exc.strerror})")
+                dp, st = rootp / d, _lstat_or_skip(rootp / d, skip)
+                if st is None:
                     continue
                 if stat.S_ISLNK(st.st_mode):
                     skip(dp, "symbolic link to a folder (not followed)")
@@ -100,11 +106,8 @@ def collect(paths: list[str], exclude: list[Path] = ()) -> tuple[list[tuple[Path
                     keep.append(d)
             dirs[:] = keep
             for n in sorted(names):
-                fp = rootp / n
-                try:
-                    st = os.lstat(fp)
-                except OSError as exc:
-                    skip(fp, f"cannot be read ({exc.strerror})")
+                fp, st = rootp / n, _lstat_or_skip(rootp / n, skip)
+                if st is None:
                     continue
                 if stat.S_ISLNK(st.st_mode):
                     skip(fp, "symbolic link (not followed)")

@@ -5,52 +5,13 @@
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from safet2i.cli import main
-
-
-def run(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:   # argparse errors exit through SystemExit
-        return exc.code
-
-
-def sha(p) -> str:
-    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
-
-
-def tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def report(path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def by_name(rep) -> dict:
-    return {Path(f["path"]).name: f for f in rep["files"]}
-
-
-@pytest.fixture
-def folder(tmp_path, benign_set):
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.fromarray(benign_set["astronaut"]).save(src / "astronaut.png")
-    Image.fromarray(benign_set["chelsea"]).save(src / "chelsea.png")
-    return src
-
-
-
+from filter_cli_kit import by_name, folder, report, run, sha, tree  # noqa: F401  (folder: fixture)
 
 
 @pytest.mark.parametrize("option,value", [
