@@ -1,7 +1,8 @@
 """SAFREE-style prompt-embedding steering: Yoon, Yu, Patil, Yao, Bansal, "SAFREE:
 Training-Free and Adaptive Guard for Safe Text-to-Image and Video Generation", ICLR 2025
-(arXiv 2410.12761). Implemented from the equations (``shared/docs/methods.md`` §2); the
-official code has no licence and is not used.
+(arXiv 2410.12761). Implemented from the equations (``docs/steering.md``); the official
+code has no licence and is not used. How a prompt is planned over a host's text encoders:
+:mod:`safet2i.steering.plan`.
 
 Notation: rows h_j ∈ R^d of the prompt's conditioning H (one 77-token chunk), pooled
 vectors p = H[eos] taken from the *same* encoder and layer (identical to CLIP's pooler output
@@ -158,43 +159,6 @@ def concept_projector(key, concepts: list[str], encode_pooled, owner=None) -> to
         _SUBSPACES.pop(next(iter(_SUBSPACES)))
     _SUBSPACES[cache_key] = (weakref.ref(owner) if owner is not None else None, p_c)
     return p_c
-
-
-def steer_sequence(
-    chunk_ids: list[list[int]],
-    rows: torch.Tensor,
-    encode_rows,
-    p_concept: torch.Tensor,
-    eos_id: int,
-    truncate: bool = False,
-    **kw,
-) -> list[SteerResult]:
-    """Steer every 77-token chunk of one prompt.
-
-    ``chunk_ids``: token ids per chunk (BOS first); ``rows`` [chunks·L, d] the prompt's
-    conditioning; ``encode_rows(list of id lists) -> [N, L, d]`` encodes variants with the
-    same encoder and layer. All leave-one-out variants of a chunk are encoded as one batch.
-    ``truncate``: pass the variants cut after the EOS token. CLIP text encoders are causal,
-    so the EOS row does not depend on the padding after it; this makes a short prompt's
-    leave-one-out pass several times cheaper. Only for encoders that accept short inputs.
-    """
-    length = rows.shape[0] // max(1, len(chunk_ids))
-    results = []
-    for c, ids in enumerate(chunk_ids):
-        chunk_rows = rows[c * length:(c + 1) * length]
-        eos = first_index(list(ids), eos_id)
-        n = max(0, min(eos, length) - 1)
-        if n < 2:
-            results.append(SteerResult(chunk_rows))
-            continue
-        variants = []
-        for i in range(1, n + 1):
-            v = list(ids[: eos + 1]) if truncate and eos < length else list(ids)
-            v[i] = MASK_TOKEN
-            variants.append(v)
-        loo = encode_rows(variants)[:, min(eos, length - 1)]  # pooled = the EOS row
-        results.append(steer_chunk(chunk_rows, loo, p_concept, n, **kw))
-    return results
 
 
 def packed_layout(original: list[int], variants: list[list[int]]):
