@@ -17,6 +17,7 @@ replaced; on exit the UNet is restored even after an error.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -183,15 +184,38 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
 # --------------------------------------------------------------------------- prompt steering
 
 
-def _encoders(pipe):
-    """(tokenizer, text encoder, feature slice, hidden-state layer) per encoder, matching how
-    the pipeline builds ``prompt_embeds`` (SD: last hidden state; SDXL: penultimate of both)."""
+class HFTextEncoder:
+    """A transformers CLIP text encoder + tokenizer as the core's steering ``TextEncoder``, built
+    as the pipeline builds ``prompt_embeds``: one chunk, padded and truncated to the tokenizer's
+    length; SD: last hidden state, SDXL: penultimate hidden state of both encoders."""
+
+    accepts_short = True   # causal: the end-token row does not depend on what follows it
+
+    def __init__(self, name: str, tokenizer, model, layer: int | None, width: int | None):
+        self.name, self.tokenizer, self.model, self.layer, self.width = name, tokenizer, model, layer, width
+        self.end_id = tokenizer.eos_token_id
+
+    def chunks(self, text):
+        tok = self.tokenizer
+        return [(tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids, None)]
+
+    def encode(self, id_lists, data=None):
+        with torch.no_grad():
+            out = self.model(torch.tensor(id_lists, device=self.model.device),
+                             output_hidden_states=self.layer is not None)
+        return out.hidden_states[self.layer] if self.layer is not None else out[0]
+
+    def token_text(self, ids):
+        return [self.tokenizer.convert_ids_to_tokens(int(i)).replace("</w>", "") for i in ids]
+
+
+def _encoders(pipe) -> list[HFTextEncoder]:
+    """The pipeline's text encoders in the order their rows are concatenated in ``prompt_embeds``."""
     if getattr(pipe, "text_encoder_2", None) is not None:
-        d1 = pipe.text_encoder.config.hidden_size
-        d2 = pipe.text_encoder_2.config.hidden_size
-        return [(pipe.tokenizer, pipe.text_encoder, slice(0, d1), -2),
-                (pipe.tokenizer_2, pipe.text_encoder_2, slice(d1, d1 + d2), -2)]
-    return [(pipe.tokenizer, pipe.text_encoder, slice(None), None)]
+        return [HFTextEncoder("text_encoder", pipe.tokenizer, pipe.text_encoder, -2, pipe.text_encoder.config.hidden_size),
+                HFTextEncoder("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2, -2,
+                              pipe.text_encoder_2.config.hidden_size)]
+    return [HFTextEncoder("text_encoder", pipe.tokenizer, pipe.text_encoder, None, None)]
 
 
 def weights_state(module) -> tuple:
@@ -224,50 +248,23 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     (weakly referenced) and the state of its weights (:func:`weights_state`), so merging a
     LoRA into the encoder in place or changing its PEFT adapters gives a new subspace. Single-token prompts are never steered (SAFREE's rule).
     """
-    from .steering import SVF_PRESETS, concept_projector, load_concepts, steer_sequence  # noqa: PLC0415
+    from . import steering  # noqa: PLC0415  (steering.concept_projector looked up at call time)
 
     svf_name = "nudity"
     if isinstance(concepts, str):
-        concepts, svf_name = load_concepts(concepts)
-    device = pipe.text_encoder.device
+        concepts, svf_name = steering.load_concepts(concepts)
     with torch.no_grad():
-        original = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+        original = pipe.encode_prompt(prompt=prompt, device=pipe.text_encoder.device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)[0]
-    steered, report, fraction = original, [], 0.0
-    for tok, enc, sl, layer in _encoders(pipe):
-        def rows_of(id_lists, enc=enc, layer=layer):
-            with torch.no_grad():
-                out = enc(torch.tensor(id_lists, device=device), output_hidden_states=layer is not None)
-            return out.hidden_states[layer] if layer is not None else out[0]
-
-        def ids_of(text, tok=tok):
-            return tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-
-        eos = tok.eos_token_id
-
-        def pooled(texts, ids_of=ids_of, rows_of=rows_of, eos=eos):
-            ids = [ids_of(t) for t in texts]
-            rows = rows_of(ids)
-            return torch.stack([rows[i, ids[i].index(eos)] for i in range(len(ids))])
-
-        p_c = concept_projector((id(enc), layer, weights_state(enc)), concepts, pooled, owner=enc)
-        ids = ids_of(prompt)
-        rows = original[0, :, sl]
-        res = steer_sequence([ids], rows, rows_of, p_c, eos, truncate=True, alpha=alpha, order=order,
-                             svf=SVF_PRESETS[svf_name] if self_validating else None)[0]
-        if res.changed:
-            if steered is original:
-                steered = original.clone()
-            steered[0, :, sl] = res.rows
-        fraction = max(fraction, res.fraction)
-        entry = {"triggers": res.triggers, "trigger_words": [tok.convert_ids_to_tokens(ids[t]).replace("</w>", "")
-                                                                for t in res.triggers],
-                 "beta": round(res.beta, 4), "t_prime": res.t_prime}
-        n_tokens = max(0, min(ids.index(eos) if eos in ids else len(ids), len(ids)) - 1)
-        if n_tokens < 2:
-            entry["note"] = f"prompt too short to steer ({n_tokens} token{'' if n_tokens == 1 else 's'})"
-        report.append(entry)
-    return steered, original, fraction, report
+    encoders = _encoders(pipe)
+    projectors = [steering.concept_projector((id(e.model), e.layer, weights_state(e.model)), concepts,
+                                             functools.partial(steering.end_rows, e), owner=e.model)
+                  for e in encoders]
+    plan = steering.SteeringPlan(encoders, projectors, prompt, original[0], alpha=alpha, order=order,
+                                 svf=steering.SVF_PRESETS[svf_name] if self_validating else None)
+    out = plan.steer(original[0])
+    steered = out.rows[None] if out.changed else original
+    return steered, original, out.fraction, plan.entries(out)
 
 
 def switch_after(fraction: float, original: torch.Tensor):
