@@ -118,3 +118,31 @@ def test_steering_that_never_ran_blocks_the_images(start):
     p, processed = webui.txt2img(PROMPT, steps=2, args=args_for(webui, svf=False))
     assert "concept steering did not run" in p._safet2i_job.failed
     assert "blocked" in processed.infotexts[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_are_told_apart_by_the_webuis_bookkeeping(start, variant):
+    """A batch of two prompts, one with an ``AND`` part: every row gets its own text's steering.
+    Where the webui hands the callback its denoiser (all but A1111 <= 1.7), each row's text comes
+    from the webui's own conditioning structure and is checked once per webui tensor; without it,
+    rows are recognised by content."""
+    webui = start(variant, kind="sd1-text")
+    engine = webui.shared.sd_model.engine
+    other = "an oil painting of a nude man in a dark forest"
+    texts = [PROMPT, other, "a red bicycle"]
+    refs = {t: reference(engine, ["nude"], t, svf=None) for t in texts}
+    assert refs[PROMPT][1].changed and refs[other][1].changed
+    seen = capture(webui)
+    p, _ = webui.txt2img([PROMPT, f"{other} AND a red bicycle"], batch_size=2, steps=3,
+                         args=args_for(webui, svf=False))
+    hook = p._safet2i_job.steering
+    assert not p._safet2i_job.failed, p._safet2i_job.failed
+    assert seen
+    for _, _, rows in seen:
+        assert rows.shape[0] == 3                       # image 1; image 2 and its AND part
+        for row, text in zip(rows, (PROMPT, other, "a red bicycle")):
+            torch.testing.assert_close(row[:77].double(), refs[text][1].rows.double(), rtol=0, atol=1e-6)
+    if variant == "a1111-1.7":
+        assert len(hook._rows) == 3 and not hook._bound
+    else:
+        assert len(hook._bound) == 3 and not hook._rows
