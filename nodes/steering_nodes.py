@@ -1,14 +1,18 @@
 """ComfyUI node of the prompt layer (V3): SAFREE-style steering of a prompt's conditioning.
 
-The node encodes the prompt itself (it needs the token ids), steers each 77-token chunk with
-``safet2i.steering`` per text encoder (SDXL: CLIP-L and OpenCLIP-bigG parts separately;
-SD2.x: its penultimate-layer rows), and returns CONDITIONING whose time ranges implement the
-self-validating window: steered rows for the first (t'+1)/50 of the schedule, the original
-afterwards. A prompt with no trigger token comes back as its plain encoding.
+The steering itself is the core's :class:`safet2i.steering.SteeringPlan`; this module gives it
+ComfyUI's text encoders (:class:`_ClipEncoder`: ComfyUI's own tokenizer, weighted encode and,
+for the leave-one-out pass, a packed causal run of its CLIP modules) and applies the
+self-validating window ComfyUI's way: CONDITIONING whose time ranges use the steered rows for
+the first (t'+1)/50 of the schedule and the original afterwards. SDXL: CLIP-L and
+OpenCLIP-bigG parts separately; SD2.x: its penultimate-layer rows. A prompt with no trigger
+token comes back as its plain encoding.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 
@@ -16,27 +20,26 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from ..safet2i.steering import SVF_PRESETS, concept_projector, load_concepts, steer_sequence
+from ..safet2i.steering import SVF_PRESETS, SteeringPlan, concept_projector, end_rows, load_concepts, report_lines
 from ..safet2i.steering.concepts import preset_choices
-from ..safet2i.steering.safree import first_index, packed_layout
+from ..safet2i.steering.plan import channel_slices, packed_encode
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
 EOS = 49407
-#: The steered and the original entry share one boundary, ``(t'+1)/50 - BOUNDARY_EPS`` as
-#: ComfyUI schedule percent. ComfyUI makes an entry active for ``timestep_end <= sigma <=
-#: timestep_start`` (both ends inclusive), so a sigma exactly at a shared boundary would make
-#: both entries active and averaged; ComfyUI's uniform schedulers (normal, sgm_uniform) do hit
-#: ``percent_to_sigma((t'+1)/50)`` exactly (e.g. sgm_uniform at 50 steps, step t'+1).
-#: Moving the shared boundary down by 1e-6 leaves no sigma without an active entry, gives the
-#: step at exactly (t'+1)/50 to the original entry as the DDIM-50 reference does, and no
-#: built-in scheduler at 1..400 steps samples the moved boundary (integration test).
+#: The steered and the original entry share the boundary ``(t'+1)/50 - BOUNDARY_EPS`` (schedule
+#: percent): ComfyUI's entry ranges are inclusive at both ends, so at a sigma exactly on a shared
+#: boundary both would be averaged (docs/steering.md, "The self-validating window in the hosts").
 BOUNDARY_EPS = 1e-6
 #: Order of the encoders' channel blocks in ComfyUI's concatenated conditioning, per tokenizer
 #: key set (SDXL: ``torch.cat([clip_l, clip_g], -1)`` in ``SDXLClipModel.encode_token_weights``).
 LAYOUTS = {("l",): ("l",), ("h",): ("h",), ("g", "l"): ("l", "g")}
 #: Widths of the full-size encoders, used only when a sub-model's width cannot be read.
 FULL_WIDTHS = {"l": 768, "g": 1280}
+
+log = logging.getLogger("safet2i")
+#: Sub-models (by id) whose packed encode did not reproduce ComfyUI's own: full-length encodes only.
+_NO_TRUNCATION: set[int] = set()
 
 
 def _encoder_width(clip, key: str) -> int | None:
@@ -49,49 +52,29 @@ def _encoder_width(clip, key: str) -> int | None:
 
 
 def _splits(clip, tokens: dict, dim: int):
-    """(key, lo, hi) channel slice of each encoder in the conditioning of width ``dim``.
-
-    SDXL: CLIP-L first, then OpenCLIP-bigG; the slices come from the encoders' actual widths
-    (768 and 1280 for the full-size models), so a resized encoder is never steered on another
-    encoder's channels."""
+    """(key, lo, hi) channel slice of each encoder in the conditioning of width ``dim``: SDXL
+    CLIP-L first, then OpenCLIP-bigG, from the encoders' actual widths (768 and 1280 full-size)."""
     keys = tuple(sorted(tokens))
     if keys not in LAYOUTS:
         raise SafeT2IError(f"SAFREE-style steering supports SD1.x, SD2.x and SDXL text encoders, not {keys}.")
     order = LAYOUTS[keys]
-    if len(order) == 1:
-        return ((order[0], 0, dim),)
-    widths = [_encoder_width(clip, k) or FULL_WIDTHS[k] for k in order]
-    if sum(widths) != dim:
-        raise SafeT2IError(f"SAFREE-style steering: the {'+'.join(order)} encoder widths {widths} do not add "
-                           f"up to the conditioning width {dim}.")
-    out, lo = [], 0
-    for k, w in zip(order, widths):
-        out.append((k, lo, lo + w))
-        lo += w
-    return tuple(out)
+    widths = [None] if len(order) == 1 else [_encoder_width(clip, k) or FULL_WIDTHS[k] for k in order]
+    return tuple((k, s.start, s.stop) for k, s in zip(order, channel_slices(widths, dim, list(order))))
 
 
 def _ids(chunk) -> list[int]:
     return [int(t[0]) for t in chunk]
 
 
-log = logging.getLogger("safet2i")
-#: Sub-models (by id) whose truncated encode did not reproduce ComfyUI's own: full-length encodes only.
-_NO_TRUNCATION: set[int] = set()
-
-
 def _truncated_encoder(clip, key: str):
-    """Leave-one-out EOS rows through ComfyUI's own CLIP modules with shared prefixes, or None.
+    """(sub-model, ``encode_packed``) for ComfyUI's ``clip_<key>``, or None.
 
-    ComfyUI's CLIP forward adds all 77 position embeddings, so it only takes 77-token inputs.
-    The leave-one-out pass needs only each variant's EOS row, and CLIP text encoders are
-    causal: that row depends on the tokens up to the EOS only, and a variant's rows before
-    its masked token equal the prompt's. So the prompt (cut after its EOS) and every
-    variant's suffix are encoded as ONE packed sequence (:func:`packed_layout`) by the same
-    modules (token embedding, position embeddings by position, the encoder layers with the
-    packed causal mask, the final layer norm, the layer selection of ``SDClipModel.forward``):
-    about half the token rows of encoding every variant. Every call is checked against
-    ComfyUI's own encode of the prompt (see ``steer_text``).
+    ComfyUI's CLIP forward adds all 77 position embeddings, so it only takes 77-token inputs;
+    the core's packed leave-one-out encode (:func:`packed_encode`) needs one causal run over a
+    packed sequence with explicit positions and mask. This is that run, by ComfyUI's own modules
+    (token embedding, position embeddings by position, the encoder layers with the packed mask,
+    the final layer norm, the layer selection of ``SDClipModel.forward``). The core checks every
+    packed encode against ComfyUI's own encode of the prompt.
     """
     sub = getattr(clip.cond_stage_model, f"clip_{key}", None)
     text_model = getattr(getattr(sub, "transformer", None), "text_model", None)
@@ -106,15 +89,13 @@ def _truncated_encoder(clip, key: str):
         return None
     import comfy.ops
 
-    def encode(original: list[int], variants: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt rows [L, d], each variant's last row [N, d])."""
+    def run(ids: list[int], positions: list[int], allowed: torch.Tensor) -> torch.Tensor:
         clip.load_model()
         emb = text_model.embeddings
         device = emb.token_embedding.weight.device
-        ids, pos, allowed, last = packed_layout(original, variants)
         ids_t = torch.tensor([ids], dtype=torch.long, device=device)
         table = comfy.ops.cast_to(emb.position_embedding.weight, dtype=torch.float32, device=device)
-        x = emb.token_embedding(ids_t, out_dtype=torch.float32) + table[torch.tensor(pos, device=device)][None]
+        x = emb.token_embedding(ids_t, out_dtype=torch.float32) + table[torch.tensor(positions, device=device)][None]
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=device)
         mask.masked_fill_(~allowed.to(device), -torch.finfo(x.dtype).max)
         hidden = sub.layer == "hidden"
@@ -123,10 +104,9 @@ def _truncated_encoder(clip, key: str):
             out = text_model.final_layer_norm(x)
         else:
             out = text_model.final_layer_norm(inter) if sub.layer_norm_hidden_state else inter
-        out = out[0].float()
-        return out[:len(original)], out[last.to(device)]
+        return out[0].float()
 
-    return sub, encode
+    return sub, functools.partial(packed_encode, run)
 
 
 def subspace_key(clip) -> tuple:
@@ -147,102 +127,67 @@ def token_strings(clip, key: str, ids: list[int]) -> list[str]:
     return [t.replace("</w>", "") for t in hf.convert_ids_to_tokens(list(ids))]
 
 
+class _ClipEncoder:
+    """ComfyUI's ``clip_<key>`` as the core's ``TextEncoder``: ``clip.tokenize`` chunks and
+    ``clip.encode_from_tokens`` rows (variants keep the prompt's token weights) on this encoder's
+    channels. ``memo`` (per prompt, shared by the encoders): tokens and plain encodes per text."""
+
+    end_id = EOS
+
+    def __init__(self, clip, key: str, cut: slice, width: int | None, memo: dict):
+        self.clip, self.name, self.cut, self.width, self.memo = clip, key, cut, width, memo
+        self.sub, self.encode_packed = _truncated_encoder(clip, key) or (None, None)
+
+    def chunks(self, text):
+        if text not in self.memo:
+            self.memo[text] = self.clip.tokenize(text)
+        tokens = self.memo[text]
+        return [(_ids(c), (tokens, k)) for k, c in enumerate(tokens[self.name])]
+
+    def encode(self, id_lists, data):
+        out = []
+        for (tokens, k), run in itertools.groupby(zip(id_lists, data), key=lambda x: x[1]):   # one encode per chunk
+            group = [list(ids) for ids, _ in run]
+            if all(ids == _ids(tokens[self.name][k]) for ids in group):        # the text itself: its plain encode
+                if id(tokens) not in self.memo:
+                    rows = self.clip.encode_from_tokens(tokens)
+                    self.memo[id(tokens)] = rows.unflatten(1, (len(tokens[self.name]), -1))[0]
+                out.append(self.memo[id(tokens)][k:k + 1].expand(len(group), -1, -1))
+            else:
+                rows = self.clip.encode_from_tokens({kk: [[(ids[m], *t[1:]) for m, t in enumerate(c[k])] for ids in group]
+                                                     for kk, c in tokens.items()})
+                out.append(rows.unflatten(1, (len(group), -1))[0])
+        return torch.cat(out)[..., self.cut]
+
+    def token_text(self, ids):
+        return token_strings(self.clip, self.name, ids)
+
+    def packed_failed(self, difference: float) -> None:
+        _NO_TRUNCATION.add(id(self.sub))
+        log.warning("SafeT2I: the short leave-one-out encode of the %s text encoder differs from ComfyUI's "
+                    "(max %.3g); using full-length encodes", self.name, difference)
+        self.encode_packed = None
+
+
 def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float, order: str, svf: bool):
+    """(positive CONDITIONING, report) of ``text`` steered away from ``concepts``."""
     tokens = clip.tokenize(text)
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    splits = _splits(clip, tokens, cond.shape[-1])
-    n_chunks = len(next(iter(tokens.values())))
-
-    def encode_variants(variant_tokens: dict) -> torch.Tensor:
-        out = clip.encode_from_tokens(variant_tokens)
-        n = len(next(iter(variant_tokens.values())))
-        return out.reshape(n, out.shape[1] // n, out.shape[2])
-
-    def concept_rows(texts):
-        rows = []
-        for t in texts:
-            tk = clip.tokenize(t)
-            enc = clip.encode_from_tokens(tk)[0]
-            rows.append((tk, enc))
-        return rows
-
-    cache_key = subspace_key(clip)
-    steered = cond.clone()
-    report = {"concepts": len(concepts), "order": order, "chunks": []}
-    fraction, changed = 0.0, False
-    encoded_concepts = None
-    for key, lo, hi in splits:
-        def pooled_of(texts, key=key, lo=lo, hi=hi):
-            nonlocal encoded_concepts
-            encoded_concepts = encoded_concepts or concept_rows(texts)
-            return torch.stack([enc[_ids(tk[key][0]).index(EOS), lo:hi] for tk, enc in encoded_concepts])
-
-        p_c = concept_projector((cache_key, key), concepts, pooled_of, owner=clip.cond_stage_model)
-
-        def encode_rows(id_lists, key=key, lo=lo, hi=hi):
-            # Leave-one-out variants, all encoders changed at the same position, one batch.
-            base = {k: v for k, v in tokens.items()}
-            variants = {}
-            for k, chunks in base.items():
-                template = chunks[chunk_index]
-                variants[k] = [[(ids[i], template[i][1]) + tuple(template[i][2:]) for i in range(len(template))]
-                               for ids in id_lists]
-            return encode_variants(variants)[:, :, lo:hi]
-
-        chunk_ids = [_ids(c) for c in tokens[key]]
-        fast = _truncated_encoder(clip, key)
-        for chunk_index in range(n_chunks):
-            rows = cond[0, :, lo:hi]
-            length = rows.shape[0] // n_chunks
-            chunk_rows = rows[chunk_index * length:(chunk_index + 1) * length]
-            full_ids = chunk_ids[chunk_index]
-            eos = first_index(full_ids, EOS)
-
-            def encode_short(id_lists, key=key, chunk_rows=chunk_rows, full_ids=full_ids, eos=eos):
-                # The prompt itself rides along: its EOS row must equal ComfyUI's own encode,
-                # otherwise this sub-model gets full-length encodes from now on.
-                nonlocal fast
-                if fast is not None:
-                    prompt_rows, last_rows = fast[1](full_ids[:eos + 1], [list(v) for v in id_lists])
-                    ref = chunk_rows[eos].to(prompt_rows)
-                    tol = 1e-4 * max(1.0, float(ref.abs().max()))
-                    if torch.allclose(prompt_rows[eos], ref, rtol=1e-4, atol=tol):
-                        # steer_sequence reads only the EOS (last) row of each variant.
-                        out = torch.zeros((len(id_lists), eos + 1, last_rows.shape[-1]), dtype=last_rows.dtype,
-                                          device=last_rows.device)
-                        out[:, eos] = last_rows
-                        return out
-                    _NO_TRUNCATION.add(id(fast[0]))
-                    log.warning("SafeT2I: the short leave-one-out encode of the %s text encoder differs from "
-                                "ComfyUI's (max %.3g); using full-length encodes", key,
-                                float((prompt_rows[eos] - ref).abs().max()))
-                    fast = None
-                return encode_rows([list(ids) + full_ids[len(ids):] for ids in id_lists])
-
-            res = steer_sequence(
-                [full_ids], chunk_rows, encode_short, p_c, EOS, truncate=fast is not None,
-                alpha=alpha, order=order, svf=SVF_PRESETS[svf_name] if svf else None,
-            )[0]
-            if res.changed:
-                changed = True
-                fraction = max(fraction, res.fraction)
-                steered[0, chunk_index * length:(chunk_index + 1) * length, lo:hi] = res.rows
-            entry = {
-                "encoder": key, "chunk": chunk_index, "triggers": res.triggers,
-                "trigger_tokens": [chunk_ids[chunk_index][t] for t in res.triggers],
-                "trigger_words": token_strings(clip, key, [chunk_ids[chunk_index][t] for t in res.triggers]),
-                "beta": round(res.beta, 4), "t_prime": res.t_prime,
-            }
-            n_tokens = max(0, min(eos, length) - 1)
-            if n_tokens < 2:  # SAFREE's rule: the trigger test needs another token to compare with
-                entry["note"] = f"prompt too short to steer ({n_tokens} token{'' if n_tokens == 1 else 's'})"
-            report["chunks"].append(entry)
-    report["steered_fraction"] = round(fraction, 4)
-    if not changed:
+    memo, multi = {text: tokens}, len(tokens) > 1
+    encoders = [_ClipEncoder(clip, key, slice(lo, hi), hi - lo if multi else None, memo)
+                for key, lo, hi in _splits(clip, tokens, cond.shape[-1])]
+    projectors = [concept_projector((subspace_key(clip), e.name), concepts, functools.partial(end_rows, e),
+                                    owner=clip.cond_stage_model) for e in encoders]
+    plan = SteeringPlan(encoders, projectors, text, cond[0], alpha=alpha, order=order,
+                        svf=SVF_PRESETS[svf_name] if svf else None)
+    out = plan.steer(cond[0])
+    report = plan.report(out, len(concepts))
+    if not out.changed:
         return [[cond, {"pooled_output": pooled}]], report
-    if fraction >= 1.0:
+    steered = out.rows[None]
+    if out.fraction >= 1.0:
         return [[steered, {"pooled_output": pooled}]], report
-    boundary = fraction - BOUNDARY_EPS
+    boundary = out.fraction - BOUNDARY_EPS
     report["boundary_percent"] = boundary
     return [
         [steered, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": boundary}],
@@ -297,17 +242,7 @@ class SafeT2IPromptSteer(io.ComfyNode):
             negative = clip.encode_from_tokens_scheduled(clip.tokenize(", ".join(items)))
         elif negative is None:
             negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        lines = [f"SAFREE-style steering: {len(items)} concepts, steered for {rep['steered_fraction']:.0%} of the steps"]
-        for c in rep["chunks"]:
-            if c["triggers"]:
-                words = ", ".join(repr(w) for w in c["trigger_words"])
-                lines.append(f"{c['encoder']} chunk {c['chunk']}: trigger tokens {words} at positions {c['triggers']}, "
-                             f"β = {c['beta']}, t' = {c['t_prime']}")
-            elif "note" in c:
-                lines.append(f"{c['encoder']} chunk {c['chunk']}: {c['note']}")
-        if not any(c["triggers"] for c in rep["chunks"]):
-            lines.append("no trigger token: conditioning unchanged")
-        return io.NodeOutput(positive, negative, json.dumps(rep), ui=ui.PreviewText("\n".join(lines)))
+        return io.NodeOutput(positive, negative, json.dumps(rep), ui=ui.PreviewText("\n".join(report_lines(rep))))
 
 
 class SafeT2ILatentReattention(io.ComfyNode):
