@@ -23,6 +23,7 @@ import modules.scripts as scripts
 from modules import script_callbacks, shared
 
 from . import TITLE
+from .settings import SECTION, default_config, enforcement, guard_options_api, on_ui_settings, opt  # noqa: F401
 from .config import (
     DEFAULT_CONCEPT, ENFORCE_ACTIONS, FILTER_ACTIONS, GUIDANCE_METHODS, POLICIES, SLD_PRESET_NAMES, JobConfig,
     parse_infotext,
@@ -36,36 +37,7 @@ from .filtering import blocked_image, filter_image, verdict_text, was_checked
 from .guidance import GuidanceHook, make_method
 
 log = logging.getLogger("safet2i")
-SECTION = ("safet2i", "SafeT2I")
-
-
-# --------------------------------------------------------------------------- operator settings
-
-def enforcement() -> dict | None:
-    """``--safet2i-enforce`` (preload.py): cannot be changed from the UI, the API or override_settings."""
-    opts = getattr(shared, "cmd_opts", None)
-    if not getattr(opts, "safet2i_enforce", False):
-        return None
-    policy = getattr(opts, "safet2i_enforce_policy", "strict-5") or "strict-5"
-    action = getattr(opts, "safet2i_enforce_action", "blur") or "blur"
-    if policy not in POLICIES or action not in ENFORCE_ACTIONS:
-        # A bad flag must not disable enforcement: fall back to the strictest sensible values.
-        log.error("SafeT2I: invalid enforcement flags (%s, %s); using strict-5 / placeholder", policy, action)
-        policy, action = "strict-5", "placeholder"
-    return {"policy": policy, "action": action}
-
-
-def default_config(enforce: dict | None = None) -> JobConfig:
-    """Settings for a check no job asked for (a save outside a job, the Extras safety net, the
-    API route's defaults): the operator's policy and action when enforced."""
-    if not enforce:
-        return JobConfig()
-    return JobConfig(filter_enabled=True, filter_policy=enforce["policy"], filter_action=enforce["action"],
-                     enforced=True)
-
-
-def _opt(key: str, default):
-    return getattr(shared.opts, key, default) if hasattr(shared, "opts") else default
+_opt = opt
 
 
 def _refresh_button(component, refresh, tab: str):
@@ -75,19 +47,6 @@ def _refresh_button(component, refresh, tab: str):
     except Exception:  # noqa: BLE001 - older webuis / stand-ins: no button
         return None
     return create_refresh_button(component, lambda: None, refresh, f"safet2i_lora_refresh_{tab}")
-
-
-def on_ui_settings():
-    section = SECTION
-    add = shared.opts.add_option
-    OptionInfo = shared.OptionInfo
-    add("safet2i_filter_default", OptionInfo(True, "Output filter on by default", section=section, restrict_api=True))
-    add("safet2i_filter_policy", OptionInfo("strict-5", "Default filter policy", section=section, restrict_api=True))
-    add("safet2i_filter_action", OptionInfo("blur", "Default filter action", section=section, restrict_api=True))
-    add("safet2i_previews", OptionInfo("filter", "Live previews: 'filter' (check each preview) or 'hide'",
-                                       section=section, restrict_api=True))
-    add("safet2i_guidance_method", OptionInfo("SLD", "Default guidance method", section=section))
-    add("safet2i_guidance_preset", OptionInfo("MEDIUM", "Default SLD preset", section=section))
 
 
 # --------------------------------------------------------------------------- job state
@@ -637,6 +596,7 @@ def register_callbacks() -> None:
         script_callbacks.on_cfg_denoised(_on_cfg_denoised)
     script_callbacks.on_before_image_saved(_on_before_image_saved)
     script_callbacks.on_app_started(_on_app_started)
+    guard_options_api()
     _enforce_extras()
     _REGISTERED.append(True)
 

@@ -312,7 +312,10 @@ class SafetyWeights:
             return []
         base = base_tensors(sd_model, self.part, module)
         wrong = []
-        for k, h in self.rep.pairs.items():
+        # a second name of a replaced tensor (Forge's token embedding) is checked like the first
+        of = {h: k for k, h in self.rep.pairs.items()}
+        checks = list(self.rep.pairs.items()) + [(of[h], a) for a, h in self.rep.aliases.items()]
+        for k, h in checks:
             t = base.get(h)
             if t is None:
                 wrong.append(h)
@@ -335,7 +338,8 @@ class SafetyWeights:
             return
         try:
             wrong = self.differing(every=True)
-            if wrong and wrong[0] not in ("<model>", "<module>") and len(wrong) < len(self.rep.pairs):
+            if wrong and wrong[0] not in ("<model>", "<module>") and \
+                    len(wrong) < len(self.rep.pairs) + len(self.rep.aliases):
                 raise WeightsLayerError(f"the model was partly changed during the job: {len(wrong)} of the "
                                         f"{len(self.rep.pairs)} replaced tensors are no longer the file's "
                                         f"(e.g. {wrong[:3]}), the others still are")
@@ -403,7 +407,7 @@ def prepare(choice: str, sd_model, part: str = "auto") -> SafetyWeights:
     if fw.component == "text_encoder" and p.prefix is None:
         raise WeightsLayerError(f"{what}: {where} is not a CLIP text encoder with transformers names "
                                 "(SD2's OpenCLIP is not supported)")
-    rep = core.plan(what, fw.component, p.tensors, host, p.pairs, p.required, where, p.ignored)
+    rep = core.plan(what, fw.component, p.tensors, host, p.pairs, p.required, where, p.ignored, aliases=p.aliases)
     state = core.check_manifest(fw, rep)
     core.require_whole(rep)
     sw = SafetyWeights(choice, fw.sha256, fw.component, where, rep, sd_model, module)

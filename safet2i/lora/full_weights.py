@@ -114,6 +114,33 @@ def text_encoder_weights(host_keys, file_tensors: dict, prefix: str = "") -> lis
     return out
 
 
+def host_aliases(host: dict, keys: list[str], prefer=()) -> tuple[list[str], dict[str, str]]:
+    """``keys`` less those naming a tensor another key already names, and {dropped key: kept key}.
+
+    A host may register one parameter under two names (Forge's ``CLIPEmbeddingForTextualInversion``:
+    ``token_embedding.weight`` and ``token_embedding.wrapped.weight``); replacing one replaces
+    both, so the part has one tensor there, not two. The same tensor means the same object or the
+    same storage, offset, shape, stride and dtype (never two tensors without storage: meta tensors
+    have no address). A key in ``prefer`` (the paired keys) is kept over its aliases."""
+    preferred = set(prefer)
+
+    def ident(t):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return ("id", id(t))
+        if not ptr or getattr(t, "is_meta", False):
+            return ("id", id(t))
+        return ("mem", str(t.device), ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    first: dict = {}
+    for k in sorted(keys, key=lambda k: k not in preferred):    # stable: preferred keys first
+        first.setdefault(ident(host[k]), k)
+    kept = set(first.values())
+    aliases = {k: first[ident(host[k])] for k in keys if k not in kept}
+    return [k for k in keys if k in kept], aliases
+
+
 def drop_index_buffers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers ``CLIPTextModel`` files (before 4.31) carry ``position_ids``: an index table, not a weight."""
     ignored = sorted(k for k, v in tensors.items() if k.endswith("position_ids") and not v.is_floating_point())
@@ -129,6 +156,7 @@ class Pairing:
     required: list[str]                # host keys the file must replace (the whole part)
     ignored: list[str]                 # file keys left out (``position_ids``)
     prefix: str | None                 # host prefix of the part (text encoder: None when no CLIP found)
+    aliases: dict[str, str] = field(default_factory=dict)   # host key → the key of ``required`` it is the same tensor as
 
 
 def pair(fw, host: dict, unet_names: Callable[[], dict[str, str]] | None = None, unet_prefix: str = "") -> Pairing:
@@ -149,7 +177,8 @@ def pair(fw, host: dict, unet_names: Callable[[], dict[str, str]] | None = None,
     tensors, ignored = drop_index_buffers(tensors)
     prefix, pairs = text_encoder_map(host, tensors)
     required = text_encoder_weights(host, tensors, prefix) if prefix is not None else []
-    return Pairing(tensors, pairs, required, ignored, prefix)
+    required, aliases = host_aliases(host, required, pairs.values())
+    return Pairing(tensors, pairs, required, ignored, prefix, aliases)
 
 
 # --------------------------------------------------------------------------- bit-exact proof
@@ -186,6 +215,7 @@ class Replacement:
     total: int                                 # host tensors the part has (that a file must replace)
     ignored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)                 # host keys the file leaves as they were
+    aliases: dict[str, str] = field(default_factory=dict)            # host key → replaced key, the same tensor
     backup: dict[str, torch.Tensor] = field(default_factory=dict)   # host key → CPU copy of the original
     applied: bool = False
 
@@ -204,7 +234,7 @@ class Replacement:
 
 def plan(what: str, part: str, tensors: dict[str, torch.Tensor], host: dict[str, torch.Tensor],
          pairs: dict[str, str], required: list[str], host_name: str, ignored: list[str] | None = None,
-         allow_partial: bool = False, partial_hint: str = "") -> Replacement:
+         allow_partial: bool = False, partial_hint: str = "", aliases: dict[str, str] | None = None) -> Replacement:
     """Check the file before anything changes: every file tensor → a host tensor of the same
     shape (``pairs``; with ``allow_partial`` the others are left out, but a file matching
     nothing is refused regardless). Raises :class:`WeightsError` naming the keys otherwise.
@@ -233,6 +263,8 @@ def plan(what: str, part: str, tensors: dict[str, torch.Tensor], host: dict[str,
     chosen = {s.source_key: s.host_key for s in cov.matched}
     rep = Replacement(what, part, host_name, chosen, dict(tensors), cov, len(required), list(ignored or []))
     rep.missing = [k for k in required if k not in targets]
+    # a second name of a replaced tensor (:func:`host_aliases`) is replaced with it, and proven by :func:`apply`
+    rep.aliases = {a: h for a, h in (aliases or {}).items() if h in targets}
     return rep
 
 
@@ -267,6 +299,9 @@ def apply(rep: Replacement, host: dict[str, torch.Tensor]) -> None:
             dst.data.copy_(rep.tensors[k].to(dtype=dst.dtype))
         rep.applied = True
         wrong = [h for k, h in rep.pairs.items() if not same_bits(host[h], rep.tensors[k].to(host[h].dtype))]
+        of = {h: k for k, h in rep.pairs.items()}
+        wrong += [a for a, h in rep.aliases.items()
+                  if a not in host or not same_bits(host[a], rep.tensors[of[h]].to(host[a].dtype))]
         if wrong:
             raise WeightsError(f"{rep.what}: after copying, {len(wrong)} weights of {rep.host} differ from the file "
                                f"(e.g. {wrong[:3]}); the model is NOT the safety model.")
@@ -300,5 +335,6 @@ def check_file_part(fw, part: str) -> None:
 
 
 __all__ = ["Pairing", "Replacement", "WeightsError", "apply", "check_file_part", "check_manifest", "drop_index_buffers",
+           "host_aliases",
            "pair", "plan", "require_whole", "restore", "same_bits", "text_encoder_map", "text_encoder_weights",
            "unet_key_map"]

@@ -48,6 +48,28 @@ def test_enforcement_cannot_be_switched_off_by_the_api_or_override_settings(star
     assert (our_cfg(p).filter_policy, our_cfg(p).filter_action) == ("broad-9", "fill")
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_options_api_cannot_change_the_filter_settings(start, variant):
+    """Forge's POST /sdapi/v1/options does not honour ``restrict_api`` (it calls
+    ``sysinfo.set_config`` without ``is_api``): the extension drops its restricted keys there;
+    the other options of the request still change, and the Settings tab still can."""
+    webui = start(variant)
+    from modules.api.api import Api
+    opts = webui.shared.opts
+    Api(None, None).set_config({"safet2i_filter_default": False, "safet2i_filter_policy": "face-only",
+                                "safet2i_filter_action": "pass", "safet2i_previews": "hide",
+                                "safet2i_guidance_preset": "STRONG"})
+    assert (opts.safet2i_filter_default, opts.safet2i_filter_policy, opts.safet2i_filter_action,
+            opts.safet2i_previews) == (True, "strict-5", "blur", "filter")
+    assert opts.safet2i_guidance_preset == "STRONG"            # not restricted: the request ran
+    if variant in ("forge", "reforge"):
+        assert webui.shared.opts.saved["safet2i_filter_default"] is True
+        from modules import sysinfo
+        sysinfo.set_config({"safet2i_filter_policy": "x"})      # the guard is installed once
+        assert sysinfo.set_config._safet2i_guard and opts.safet2i_filter_policy == "strict-5"
+    assert opts.set("safet2i_filter_policy", "broad-9") is True   # the Settings tab (is_api=False)
+
+
 def test_enforcement_flags_are_validated_by_the_parser(start):
     with pytest.raises(SystemExit):
         start("a1111-1.10", argv=["--safet2i-enforce", "--safet2i-enforce-action", "pass"])

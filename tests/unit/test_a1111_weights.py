@@ -126,6 +126,52 @@ def test_text_encoder_replaced_bit_for_bit_and_restored(folder, host_dtype):
     assert_same(snapshot(te), before)
 
 
+class ForgeTokenEmbedding(torch.nn.Module):
+    """Forge's CLIPEmbeddingForTextualInversion: the embedding under ``.wrapped`` and its weight
+    registered again as ``.weight`` (one Parameter, two state-dict names)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.wrapped = inner
+        self.weight = inner.weight
+
+
+def test_forge_token_embedding_alias_is_replaced_proven_and_restored(folder):
+    clip = tiny_clip(0)
+    emb = clip.text_model.embeddings
+    emb.token_embedding = ForgeTokenEmbedding(emb.token_embedding)
+    te = torch.nn.Module()
+    te.clip_l = torch.nn.Module()
+    te.clip_l.transformer = clip
+    names = [k for k in te.state_dict() if "token_embedding" in k]
+    assert len(names) == 2                          # the host lists the one tensor twice
+    before = snapshot(te)
+    file_sd = tiny_clip(1).state_dict()
+    sw = W.prepare(save(folder, "te.safetensors", file_sd), sd_model(te=te))
+    assert sw.rep.missing == [] and len(sw.rep.pairs) == sw.rep.total == len(file_sd)
+    (alias, kept), = sw.rep.aliases.items()
+    assert sorted((alias, kept)) == sorted(names)
+    W.apply(sw)
+    after = snapshot(te)
+    for name in names:                              # both names hold the file's embedding
+        assert torch.equal(after[name], file_sd["text_model.embeddings.token_embedding.weight"]), name
+    assert sw.differing(every=True) == []
+    assert "verified]" in sw.infotext() and f"text_encoder {sw.rep.total}/{sw.rep.total}" in sw.infotext()
+    sw.restore()
+    assert_same(snapshot(te), before)
+
+
+def test_an_alias_that_differs_after_the_copy_is_refused(tmp_path):
+    """The core proves each second name too: a host whose two names are two tensors that only
+    looked like one (here: the alias map handed in by hand) is refused and left as it was."""
+    host = {"a.weight": torch.zeros(2, 2), "b.weight": torch.zeros(2, 2)}
+    rep = core.plan("te", "text_encoder", {"a.weight": torch.ones(2, 2)}, host, {"a.weight": "a.weight"},
+                    ["a.weight"], "host", aliases={"b.weight": "a.weight"})
+    with pytest.raises(core.WeightsError, match="differ from the file"):
+        core.apply(rep, host)
+    assert torch.equal(host["a.weight"], torch.zeros(2, 2)) and not rep.applied
+
+
 def test_a1111_lora_backups_are_unmerged_first(folder):
     te = a1111_cond_stage(tiny_clip(0))
     q = te.wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj

@@ -133,13 +133,6 @@ def test_filter_route_is_served_with_api(webui):
     assert code == 422, out
 
 
-#: Known gaps found by this tier (the test turns into a failure once the gap is fixed, so the
-#: mark is then removed): {variant: reason}.
-FORGE_OPTIONS_GAP = ("Forge's /sdapi/v1/options calls modules.sysinfo.set_config(req) without is_api=True, so "
-                     "restrict_api is not applied there (A1111 passes is_api=True; override_settings is fine)")
-FORGE_TE_ALIAS_GAP = ("Forge's CLIPEmbeddingForTextualInversion registers the token embedding twice "
-                      "(token_embedding.weight and token_embedding.wrapped.weight, one Parameter); the "
-                      "full-weights coverage counts 197 host tensors, replaces 196 and blocks the job")
 SETTINGS = {"safet2i_filter_default": True, "safet2i_filter_policy": "strict-5", "safet2i_filter_action": "blur",
             "safet2i_previews": "filter"}
 
@@ -152,8 +145,8 @@ def saved_settings(webui) -> dict:
     return {k: saved.get(k, v) for k, v in SETTINGS.items()}
 
 
-def test_filter_settings_cannot_be_changed_through_the_options_route(webui, request):
-    request.applymarker(pytest.mark.xfail(webui.variant == "forge", reason=FORGE_OPTIONS_GAP, strict=True))
+def test_filter_settings_cannot_be_changed_through_the_options_route(webui):
+    """Forge's route does not honour ``restrict_api``; the extension drops its keys there (settings.py)."""
     before = saved_settings(webui)
     try:
         code, out = webui.request("POST", "/sdapi/v1/options", {
@@ -241,8 +234,8 @@ def test_safety_lora_in_release_layout_is_converted_loaded_and_verified(webui, b
     assert r["info"]["prompt"] == "a photo of a nude person"
 
 
-def test_full_text_encoder_weights_replace_the_encoder_for_the_job(webui, baseline, request):
-    request.applymarker(pytest.mark.xfail(webui.variant == "forge", reason=FORGE_TE_ALIAS_GAP, strict=True))
+def test_full_text_encoder_weights_replace_the_encoder_for_the_job(webui, baseline):
+    """Forge registers the token embedding under two names (one Parameter): both count as replaced."""
     g = torch.Generator().manual_seed(11)
     te = {}
     for key, shape in clip_shapes():

@@ -15,6 +15,17 @@ class Api:
     def add_api_route(self, path: str, endpoint, **kwargs):
         return self.app.add_api_route(path, endpoint, **kwargs)
 
+    def set_config(self, req: dict):
+        """``POST /sdapi/v1/options``: Forge hands the request to ``sysinfo.set_config`` (imported
+        at each request, without ``is_api``); A1111 sets each option with ``is_api=True``."""
+        if _variant.forge_like():
+            from modules.sysinfo import set_config
+            return set_config(req)
+        from modules import shared
+        for k, v in req.items():
+            shared.opts.set(k, v, is_api=True)
+        return True
+
     def get_script(self, script_name, script_runner):
         if script_name is None or script_name == "":
             return None, None
