@@ -90,9 +90,10 @@ class GuidanceRun:
             out = executor(x, timestep, model_options, seed)
             if not self.step.applied:
                 raise SafeT2IError(
-                    f"SafeT2I {self.method.name} guidance did not run in this step: another node replaced ComfyUI's "
-                    "pre-CFG functions or sampling function after SafeT2I. The image is not produced unguided; "
-                    "remove that node or apply it before the SafeT2I guidance node.")
+                    f"SafeT2I {self.method.name} guidance did not run in this step: the sampler's guider computes CFG "
+                    "without ComfyUI's sampling function or pre-CFG functions (e.g. DualCFGGuider), or another node replaced "
+                    "the pre-CFG functions after SafeT2I. The image is not produced unguided; use CFGGuider or "
+                    "KSampler, and apply such nodes before the SafeT2I guidance node.")
             return out
         finally:
             self.step = None

@@ -197,3 +197,42 @@ def test_guidance_kept_from_running_stops_the_run(comfy, tiny_checkpoint):
     assert entry["status"]["status_str"] == "error"
     assert "did not run in this step" in json.dumps(entry["status"]["messages"])
     assert not entry.get("outputs", {}).get("10")
+
+
+@pytest.mark.parametrize("style", ["regular", "nested"])
+def test_a_guider_that_bypasses_the_pre_cfg_functions_stops_the_run(comfy, tiny_checkpoint, style):
+    """DualCFGGuider computes CFG from its own calc_cond_batch call and runs no pre-CFG function:
+    before, the guidance was silently absent; now it is an error, never an unguided image.
+    (PerpNegGuider runs the pre-CFG list itself and is guided.)"""
+    g = chain_graph(tiny_checkpoint, ["sld"], "dualcfg")
+    g["20"] = {"class_type": "DualCFGGuider", "inputs": {"model": ["30", 0], "cond1": ["2", 0], "cond2": ["15", 0],
+                                                         "negative": ["3", 0], "cfg_conds": 7.0,
+                                                         "cfg_cond2_negative": 7.0, "style": style}}
+    g["21"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
+    g["22"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["23"] = {"class_type": "BasicScheduler", "inputs": {"model": ["30", 0], "scheduler": "normal", "steps": STEPS,
+                                                          "denoise": 1.0}}
+    g["7"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["21", 0], "guider": ["20", 0],
+                                                                "sampler": ["22", 0], "sigmas": ["23", 0],
+                                                                "latent_image": ["4", 0]}}
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "error"
+    assert "did not run in this step" in json.dumps(entry["status"]["messages"])
+    assert not entry.get("outputs", {}).get("10")
+
+
+def test_perp_neg_guider_runs_the_guidance(comfy, tiny_checkpoint):
+    g = chain_graph(tiny_checkpoint, ["sld"], "perpneg")
+    g["20"] = {"class_type": "PerpNegGuider", "inputs": {"model": ["30", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                         "empty_conditioning": ["3", 0], "cfg": 7.0, "neg_scale": 1.0}}
+    g["21"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
+    g["22"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["23"] = {"class_type": "BasicScheduler", "inputs": {"model": ["30", 0], "scheduler": "normal", "steps": STEPS,
+                                                          "denoise": 1.0}}
+    g["7"] = {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["21", 0], "guider": ["20", 0],
+                                                                "sampler": ["22", 0], "sigmas": ["23", 0],
+                                                                "latent_image": ["4", 0]}}
+    entry = run_ok(comfy, g)
+    assert f"{STEPS}/{STEPS} steps guided" in guided_steps(entry)
+    steps = json.loads(entry["outputs"]["31"]["text"][0])
+    assert all(sorted(s["calls"][0]) == [0, 1, 2, 3] for s in steps)   # pos, neg, empty + the concept, one batch
