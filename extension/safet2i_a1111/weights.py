@@ -320,8 +320,8 @@ class SafetyWeights:
             if t is None:
                 wrong.append(h)
                 continue
-            mark = (id(t), t.data_ptr(), t._version, t.device, t.dtype)
-            if not every and self.proven.get(h) == mark:
+            mark = _mark(t)
+            if not every and mark is not None and self.proven.get(h) == mark:
                 continue
             if core.same_bits(t, self.rep.tensors[k].to(t.dtype)):
                 self.proven[h] = mark
@@ -366,6 +366,17 @@ class SafetyWeights:
             _mark_modified(self.sd_model, why)
             raise WeightsLayerError(why) from exc
         self.restored = True
+
+
+def _mark(t) -> tuple | None:
+    """What :meth:`SafetyWeights.differing` remembers of a tensor proven equal; None for an
+    inference tensor (Forge loads and runs models under ``torch.inference_mode``): it has no
+    version counter, so it is compared again at every check."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return (id(t), t.data_ptr(), version, t.device, t.dtype)
 
 
 def check_applied(sw: SafetyWeights, sd_model, where: str, full: bool = True) -> None:

@@ -161,6 +161,25 @@ def test_forge_token_embedding_alias_is_replaced_proven_and_restored(folder):
     assert_same(snapshot(te), before)
 
 
+def test_inference_tensors_are_checked_at_every_check(folder):
+    """Forge loads and samples under ``torch.inference_mode``: its tensors have no version
+    counter, so a proven tensor cannot be remembered and is compared again each time."""
+    with torch.inference_mode():
+        te = a1111_cond_stage(tiny_clip(0))
+        before = snapshot(te)
+        file_sd = tiny_clip(1).state_dict()
+        sw = W.prepare(save(folder, "te.safetensors", file_sd), sd_model(te=te))
+        W.apply(sw)
+        assert sw.differing() == [] and not any(sw.proven.values())     # nothing to remember
+        q = te.wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj.weight
+        kept = q.clone()
+        q.add_(1.0)
+        assert sw.differing() == ["wrapped.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"]
+        q.copy_(kept)
+        sw.restore()
+        assert_same(snapshot(te), before)
+
+
 def test_an_alias_that_differs_after_the_copy_is_refused(tmp_path):
     """The core proves each second name too: a host whose two names are two tensors that only
     looked like one (here: the alias map handed in by hand) is refused and left as it was."""
