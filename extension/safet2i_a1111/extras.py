@@ -6,6 +6,7 @@ from modules import scripts_postprocessing
 
 from .config import FILTER_ACTIONS, POLICIES, JobConfig
 from .filtering import blocked_image, filter_image
+from .settings import default_config, enforcement
 
 
 class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
@@ -24,8 +25,6 @@ class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
 
     def process(self, pp, enabled=True, policy="strict-5", action="blur"):
         try:
-            from .script import default_config, enforcement  # noqa: PLC0415
-
             enforce = enforcement()
             try:
                 cfg = JobConfig.from_args([False, "SLD", "MEDIUM", "", enabled, policy, action], enforce)

@@ -27,14 +27,15 @@ INJECTIONS = {
     "process": ("JobConfig.infotext", False),
     "process_batch": ("_encode_concept", True),
     "process_before_every_sampling": ("forge_guidance.patch_unet", True),
-    "cfg_denoiser": ("_is_eps_sampler", True),
+    "cfg_denoiser": ("callbacks:_is_eps_sampler", True),
     "postprocess_batch": ("Job.check_guided", True),
     "postprocess_image": ("verdict_text", False),
 }
 
 
 def inject(monkeypatch, target: str):
-    mod = script_module()
+    module, _, target = target.rpartition(":")           # "module:name" for another module of ours
+    mod = sys.modules[f"safet2i_a1111.{module}"] if module else script_module()
     owner_name, _, attr = target.rpartition(".")
     owner = mod
     for part in owner_name.split(".") if owner_name else []:
@@ -78,7 +79,7 @@ def test_an_exception_in_postprocess_blocks_what_is_returned(start, monkeypatch,
 def test_a_failing_save_check_writes_a_placeholder(start, monkeypatch, variant):
     webui = start(variant)
     webui.shared.opts.save_images_before_face_restoration = True
-    monkeypatch.setattr(script_module(), "filter_image", boom)
+    monkeypatch.setattr(sys.modules["safet2i_a1111.callbacks"], "filter_image", boom)   # the save hook's
     p, processed = webui.txt2img("a", steps=2, restore_faces=True)
     from PIL import Image
     files = webui.saved("*-before-face-restoration.png")

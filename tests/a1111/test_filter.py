@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import inspect
+import sys
 
 import numpy as np
 import pytest
@@ -45,7 +46,8 @@ def spy_filter(monkeypatch):
         seen.append((image.size, caller, o))
         return o
 
-    monkeypatch.setattr(script, "filter_image", spy)
+    for name in ("script", "callbacks", "route"):      # every module of ours that filters
+        monkeypatch.setattr(sys.modules[f"safet2i_a1111.{name}"], "filter_image", spy)
     return seen
 
 

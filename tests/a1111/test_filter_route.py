@@ -129,12 +129,12 @@ def test_pages_of_different_sizes_are_not_drawn_over_each_other(api, coffee):
 
 
 def test_an_internal_failure_is_500_without_an_image(api, monkeypatch, safe_b64):
-    script = sys.modules["safet2i_a1111.script"]
+    route = sys.modules["safet2i_a1111.route"]
 
     def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(script, "_encode_frames", broken)
+    monkeypatch.setattr(route, "_encode_frames", broken)
     r = api.app.client.post(ROUTE, json={"image": safe_b64})
     assert r.status_code == 500 and "image" not in r.json() and "disk full" in r.json()["error"]
 

@@ -90,9 +90,9 @@ def test_enforced_extras_are_checked_even_with_our_extras_script_off(start, monk
     webui = start(variant, argv=ENFORCE)
     webui.shared.opts.postprocessing_disable_in_extras = ["SafeT2I output filter"]
     seen = []
-    script = sys.modules["safet2i_a1111.script"]
-    original = script.filter_image
-    monkeypatch.setattr(script, "filter_image", lambda im, pol, act: seen.append((pol, act)) or original(im, pol, act))
+    callbacks = sys.modules["safet2i_a1111.callbacks"]        # the Extras safety net
+    original = callbacks.filter_image
+    monkeypatch.setattr(callbacks, "filter_image", lambda im, pol, act: seen.append((pol, act)) or original(im, pol, act))
     image = Image.new("RGB", (64, 64), "white")
     outputs, _, _ = webui.extras(image, save_output=False)
     from safet2i_a1111.filtering import was_checked
