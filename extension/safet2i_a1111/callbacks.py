@@ -63,7 +63,7 @@ def _unet_replaced() -> str | None:
     forward to; the weights in the model (safety weights, a merged safety LoRA) are then unused."""
     try:
         from modules import sd_unet  # noqa: PLC0415
-    except Exception:  # noqa: BLE001 - no such module: nothing replaces the UNet
+    except ImportError:        # no such module: nothing replaces the UNet
         return None
     current = getattr(sd_unet, "current_unet", None)
     if current is None:
@@ -164,7 +164,7 @@ def _guard_callback(fn):
     def callback(params):
         try:
             return fn(params)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job = current_job()
             if job is not None and job.error is None:
                 job.error = f"{fn.__name__.strip('_')} failed: {type(exc).__name__}: {exc}"
@@ -193,7 +193,7 @@ def _enforce_extras() -> None:
         return
     try:
         from modules import scripts_postprocessing  # noqa: PLC0415
-    except Exception:  # noqa: BLE001 - no Extras tab
+    except ImportError:        # no Extras tab
         return
     runner = scripts_postprocessing.ScriptPostprocessingRunner
     if getattr(runner.run, "_safet2i", False):

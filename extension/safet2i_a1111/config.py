@@ -11,18 +11,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from safet2i.filter.censor import ACTIONS
-from safet2i.guidance import SLD_PRESETS
+from safet2i.filter.policy import PRESETS as FILTER_PRESETS
+from safet2i.guidance import DEFAULT_CONCEPT, METHODS, SLD_PRESETS
+from safet2i.steering.safree import ORDERS
 
-POLICIES = ("strict-5", "broad-9", "face-only")
+# Every choice list comes from the core; only the host's own additions are spelt out here.
+POLICIES = tuple(FILTER_PRESETS)
 #: Policies that check at least what the enforced one checks (broad-9 ⊃ strict-5).
 AT_LEAST = {"strict-5": ("strict-5", "broad-9"), "broad-9": ("broad-9",), "face-only": ("face-only",)}
 FILTER_ACTIONS = tuple(a for a in ACTIONS)
 ENFORCE_ACTIONS = tuple(a for a in ACTIONS if a != "pass")
-GUIDANCE_METHODS = ("none", "SLD", "SP-Guard-style", "Detect-and-Guide-style")
+GUIDANCE_METHODS = ("none", *METHODS)
 SLD_PRESET_NAMES = tuple(SLD_PRESETS)
-DEFAULT_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, "
-                   "nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, "
-                   "weapons, child abuse, brutality, cruelty")
 
 
 @dataclass
@@ -141,7 +141,7 @@ def parse_infotext(params: dict) -> dict:
 
 # --------------------------------------------------------------------------- steering and LoRA arguments
 
-STEERING_ORDERS = ("code", "paper")
+STEERING_ORDERS = tuple(ORDERS)
 WEIGHTS_PARTS = ("auto", "unet", "text_encoder")
 LORA_STRENGTH = (0.0, 2.0)      # exclusive, inclusive: a safety LoRA is never turned off or inverted here
 

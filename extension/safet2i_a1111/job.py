@@ -80,7 +80,7 @@ class Job:
             return
         try:
             weights_layer.check_applied(sw, getattr(p if p is not None else self.p, "sd_model", None), where, full)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             self.fail("safety weights", exc)
 
     def check_layers(self, where: str, p=None) -> None:
@@ -106,7 +106,7 @@ def _fallback_config() -> JobConfig:
     cfg = JobConfig()
     try:
         enforce = enforcement()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - fail closed: whatever broke, enforce the strictest handling
         enforce = {"policy": "strict-5", "action": "placeholder"}
     if enforce:
         cfg.enforced, cfg.filter_enabled = True, True

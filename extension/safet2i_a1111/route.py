@@ -215,7 +215,7 @@ def _on_app_started(demo, app):
         from fastapi import Request  # noqa: PLC0415  (the webui's own server)
         from fastapi.concurrency import run_in_threadpool  # noqa: PLC0415
         from fastapi.responses import JSONResponse  # noqa: PLC0415
-    except Exception as exc:  # noqa: BLE001
+    except (ValueError, ImportError) as exc:     # a bad SAFET2I_API_MAX_BODY; no FastAPI security module
         log.error("SafeT2I: /safet2i/filter is not served: %s", exc)
         return
 

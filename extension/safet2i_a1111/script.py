@@ -158,7 +158,7 @@ class SafeT2IScript(scripts.Script):
                 job.lora = lora_layer.prepare(job.cfg.lora_file, p.sd_model, job.cfg.lora_strength,
                                               job.cfg.lora_allow_partial)
                 p.extra_generation_params["SafeT2I LoRA coverage"] = job.lora.infotext()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
                 job.fail("safety LoRA", exc)
 
     def _apply_weights(self, p, job: Job) -> None:
@@ -190,7 +190,7 @@ class SafeT2IScript(scripts.Script):
             if sw.part == "text_encoder":             # conds cached before are the original encoder's
                 weights_layer.clear_cond_caches(p)
             p.extra_generation_params["SafeT2I weights"] = sw.infotext()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("safety weights", exc)
 
     def before_process_batch(self, p, *args, **kwargs):
@@ -201,7 +201,7 @@ class SafeT2IScript(scripts.Script):
             return
         try:
             lora_layer.add_tag(kwargs.get("prompts", p.prompts), job.lora)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("safety LoRA", exc)
 
     def after_extra_networks_activate(self, p, *args, **kwargs):
@@ -213,7 +213,7 @@ class SafeT2IScript(scripts.Script):
         try:
             loaded = lora_layer.verify_loaded(p, job.lora)
             p.extra_generation_params["SafeT2I LoRA coverage"] = f"{job.lora.infotext()} loaded {loaded}"
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("safety LoRA", exc)
 
     def _layers_batch(self, p, job: Job) -> None:
@@ -225,7 +225,7 @@ class SafeT2IScript(scripts.Script):
                     raise lora_layer.LoraLayerError("the webui did not activate extra networks for this batch "
                                                     "(disabled?); the safety LoRA is not applied")
                 lora_layer.add_hires(p, job.lora)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
                 job.fail("safety LoRA", exc)
                 return
         if not job.cfg.steering_enabled:
@@ -240,7 +240,7 @@ class SafeT2IScript(scripts.Script):
             job.steering_texts = candidate_texts(list(p.prompts) + hires, steps)
             job.steering.prepare(job.steering_texts)
             p.extra_generation_params["SafeT2I steering report"] = job.steering.report(job.steering_texts)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("steering", exc)
 
     def process_batch(self, p, *args, **kwargs):
@@ -268,7 +268,7 @@ class SafeT2IScript(scripts.Script):
                 job.hook = GuidanceHook(make_method(job.cfg.guidance_method, job.cfg.guidance_preset), concept,
                                         eps_prediction=_is_eps_sampler(p))
                 job.runs.append(job.hook)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("guidance could not start", exc)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -289,7 +289,7 @@ class SafeT2IScript(scripts.Script):
                                             job.concept, job)
             if run is not None:
                 job.runs.append(run)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("guidance could not start", exc)
 
     @staticmethod
@@ -302,7 +302,7 @@ class SafeT2IScript(scripts.Script):
                 lora_layer.check_merged([patchers["clip"]], job.lora, "text encoder")
             if "unet" in patchers:
                 job.lora.sampled.append(patchers["unet"])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("safety LoRA", exc)
 
     @staticmethod
@@ -312,7 +312,7 @@ class SafeT2IScript(scripts.Script):
         try:
             sampled, job.lora.sampled = job.lora.sampled, []
             lora_layer.check_merged(sampled, job.lora, f"UNet of the {where}")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             job.fail("safety LoRA", exc)
 
     def before_hr(self, p, *args):
@@ -331,7 +331,7 @@ class SafeT2IScript(scripts.Script):
         if job.lora is not None and not job.failed:
             try:
                 lora_layer.check_verified(job.lora, where)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
                 job.fail("safety LoRA", exc)
 
     # -- the output filter -----------------------------------------------------
@@ -352,7 +352,7 @@ class SafeT2IScript(scripts.Script):
                 text = verdict_text(o)
             else:
                 return
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             pp.image = blocked_image(getattr(pp.image, "size", (64, 64)), "error")
             text = f"blocked (error: {exc})"
         job.verdicts[index] = text
@@ -383,7 +383,7 @@ class SafeT2IScript(scripts.Script):
                     if "parameters" in getattr(image, "info", {}):
                         new.info["parameters"] = image.info["parameters"]
                     images[i] = new
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
             log.error("SafeT2I: final check failed, images replaced by placeholders: %s", exc)
             if job is not None and job.error is None:
                 job.error = f"final check failed: {type(exc).__name__}: {exc}"
@@ -409,7 +409,7 @@ def _hook_failed(script, name: str, p, args, exc: Exception) -> None:
         job = Job(_fallback_config(), p)
         try:
             p._safet2i_job = job
-        except Exception:  # noqa: BLE001
+        except (AttributeError, TypeError):      # a p that takes no attributes: the job is still active
             pass
         _ACTIVE.append(job)
     if job.error is None:

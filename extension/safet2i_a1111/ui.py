@@ -16,7 +16,7 @@ def _refresh_button(component, refresh, tab: str):
     """The webui's own refresh button (``modules.ui_common.create_refresh_button``) when present."""
     try:
         from modules.ui_common import create_refresh_button  # noqa: PLC0415
-    except Exception:  # noqa: BLE001 - older webuis / stand-ins: no button
+    except ImportError:        # older webuis: no button
         return None
     return create_refresh_button(component, lambda: None, refresh, f"safet2i_lora_refresh_{tab}")
 
