@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from safet2i.filter.censor import ACTIONS
-from safet2i.filter.policy import PRESETS as FILTER_PRESETS
+from safet2i.filter.policy import DEFAULT_POLICY, PRESETS as FILTER_PRESETS
 from safet2i.guidance import DEFAULT_CONCEPT, METHODS, SLD_PRESETS
 from safet2i.steering.safree import ORDERS
 
@@ -33,7 +33,7 @@ class JobConfig:
     guidance_preset: str = "MEDIUM"
     guidance_concept: str = DEFAULT_CONCEPT
     filter_enabled: bool = True
-    filter_policy: str = "strict-5"
+    filter_policy: str = DEFAULT_POLICY
     filter_action: str = "blur"
     enforced: bool = False      # not a UI argument: set from the command line
     # Prompt layer (steering.py), appended after the arguments above.

@@ -6,7 +6,7 @@ from modules import scripts_postprocessing
 
 from .config import FILTER_ACTIONS, POLICIES, JobConfig
 from .filtering import blocked_image, filter_image
-from .settings import default_config, enforcement
+from .settings import DEFAULTS, default_config, enforcement
 
 
 class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
@@ -19,8 +19,8 @@ class SafeT2IExtras(scripts_postprocessing.ScriptPostprocessing):
         from modules.ui_components import InputAccordion  # noqa: PLC0415
 
         with InputAccordion(True, label="SafeT2I output filter") as enabled:
-            policy = gr.Dropdown(list(POLICIES), value="strict-5", label="Policy")
-            action = gr.Dropdown(list(FILTER_ACTIONS), value="blur", label="Action")
+            policy = gr.Dropdown(list(POLICIES), value=DEFAULTS.filter_policy, label="Policy")
+            action = gr.Dropdown(list(FILTER_ACTIONS), value=DEFAULTS.filter_action, label="Action")
         return {"enabled": enabled, "policy": policy, "action": action}
 
     def process(self, pp, enabled=True, policy="strict-5", action="blur"):

@@ -22,6 +22,8 @@ from modules import shared
 from .config import ENFORCE_ACTIONS, POLICIES, JobConfig
 
 log = logging.getLogger("safet2i")
+#: The UI's defaults: :class:`JobConfig`'s (one source for the settings, the accordion and Extras).
+DEFAULTS = JobConfig()
 SECTION = ("safet2i", "SafeT2I")
 
 #: Settings that could switch the filter off or weaken it: never changed through the API.
@@ -58,13 +60,13 @@ def opt(key: str, default):
 def on_ui_settings():
     add = shared.opts.add_option
     OptionInfo = shared.OptionInfo
-    add("safet2i_filter_default", OptionInfo(True, "Output filter on by default", section=SECTION, restrict_api=True))
-    add("safet2i_filter_policy", OptionInfo("strict-5", "Default filter policy", section=SECTION, restrict_api=True))
-    add("safet2i_filter_action", OptionInfo("blur", "Default filter action", section=SECTION, restrict_api=True))
+    add("safet2i_filter_default", OptionInfo(DEFAULTS.filter_enabled, "Output filter on by default", section=SECTION, restrict_api=True))
+    add("safet2i_filter_policy", OptionInfo(DEFAULTS.filter_policy, "Default filter policy", section=SECTION, restrict_api=True))
+    add("safet2i_filter_action", OptionInfo(DEFAULTS.filter_action, "Default filter action", section=SECTION, restrict_api=True))
     add("safet2i_previews", OptionInfo("filter", "Live previews: 'filter' (check each preview) or 'hide'",
                                        section=SECTION, restrict_api=True))
-    add("safet2i_guidance_method", OptionInfo("SLD", "Default guidance method", section=SECTION))
-    add("safet2i_guidance_preset", OptionInfo("MEDIUM", "Default SLD preset", section=SECTION))
+    add("safet2i_guidance_method", OptionInfo(DEFAULTS.guidance_method, "Default guidance method", section=SECTION))
+    add("safet2i_guidance_preset", OptionInfo(DEFAULTS.guidance_preset, "Default SLD preset", section=SECTION))
 
 
 def guard_options_api() -> bool:

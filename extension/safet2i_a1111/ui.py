@@ -9,6 +9,7 @@ from .config import (
     DEFAULT_CONCEPT, FILTER_ACTIONS, GUIDANCE_METHODS, LORA_STRENGTH, POLICIES, SLD_PRESET_NAMES, STEERING_ORDERS,
     JobConfig, parse_infotext, steering_presets,
 )
+from .settings import DEFAULTS as D
 from .settings import enforcement, opt as _opt
 
 
@@ -48,21 +49,21 @@ def build(is_img2img):
                 weights_part = gr.Dropdown(list(weights_layer.PARTS), value="auto",
                                            label="Replaces (auto: from the file's keys)")
             with InputAccordion(False, label="Concept steering (prompt, SAFREE-style)") as steering_enabled:
-                steer_concepts = gr.Dropdown(list(steering_presets()), value="nudity", label="Concepts")
+                steer_concepts = gr.Dropdown(list(steering_presets()), value=D.steering_concepts, label="Concepts")
                 steer_custom = gr.Textbox("", label="Custom concepts (one per line or comma-separated)", lines=2)
                 with gr.Row():
                     steer_alpha = gr.Number(0.01, label="Trigger margin α (0-10)")
                     steer_order = gr.Dropdown(list(STEERING_ORDERS), value="code", label="Projection order")
                     steer_svf = gr.Checkbox(True, label="Self-validating window (steer the first t' of 50 steps)")
             with InputAccordion(False, label="Safety guidance (sampler)") as guidance_enabled:
-                method = gr.Dropdown(list(GUIDANCE_METHODS), value=_opt("safet2i_guidance_method", "SLD"),
+                method = gr.Dropdown(list(GUIDANCE_METHODS), value=_opt("safet2i_guidance_method", D.guidance_method),
                                      label="Method")
-                preset = gr.Dropdown(list(SLD_PRESET_NAMES), value=_opt("safet2i_guidance_preset", "MEDIUM"),
+                preset = gr.Dropdown(list(SLD_PRESET_NAMES), value=_opt("safet2i_guidance_preset", D.guidance_preset),
                                      label="SLD preset")
                 concept = gr.Textbox(DEFAULT_CONCEPT, label="Unsafe concept", lines=2)
             with InputAccordion(bool(_opt("safet2i_filter_default", True)), label="Output filter") as filter_enabled:
-                policy = gr.Dropdown(list(POLICIES), value=_opt("safet2i_filter_policy", "strict-5"), label="Policy")
-                action = gr.Dropdown(list(FILTER_ACTIONS), value=_opt("safet2i_filter_action", "blur"),
+                policy = gr.Dropdown(list(POLICIES), value=_opt("safet2i_filter_policy", D.filter_policy), label="Policy")
+                action = gr.Dropdown(list(FILTER_ACTIONS), value=_opt("safet2i_filter_action", D.filter_action),
                                      label="Action")
                 if enforcement():
                     gr.Markdown("The operator enforces the output filter on this server.")
