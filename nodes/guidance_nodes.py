@@ -31,6 +31,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
+from ..safet2i.guidance.sld import CARD_PRESETS
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
     SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised, token_attention,
@@ -276,7 +277,7 @@ class SafeT2ISLD(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Conditioning.Input("concept", tooltip="From SafeT2I Safety Concept or any text encode."),
-                io.Combo.Input("preset", options=["WEAK", "MEDIUM", "STRONG", "MAX", "WEAK-DIFFUSERS", "custom"],
+                io.Combo.Input("preset", options=[*SLD_PRESETS, "custom"],
                                default="MEDIUM", tooltip="SLD model-card presets (WEAK-DIFFUSERS: diffusers' "
                                                          "WEAK, s_S = 20); 'custom' uses the values below."),
                 io.Float.Input("guidance_scale", default=1000.0, min=0.0, max=100000.0, step=1.0,
@@ -375,7 +376,7 @@ class SafeT2IDetectGuide(io.ComfyNode):
                 io.Float.Input("low", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="editing region threshold"),
                 io.Float.Input("skip_coverage", default=0.8, min=0.0, max=1.0, step=0.01,
                                tooltip="No guidance when the detected region covers more of the image than this."),
-                io.Combo.Input("sld_gate", options=["none", "WEAK", "MEDIUM", "STRONG", "MAX"], default="none",
+                io.Combo.Input("sld_gate", options=["none", *CARD_PRESETS], default="none",
                                tooltip="Also apply SLD's elementwise gate (the paper's 'DAG + SLD')."),
                 io.Combo.Input("guideline_embeddings", options=["none"] + files, default="none",
                                tooltip=".safetensors [tokens, dim] in models/embeddings, from Stage 1 optimisation."),

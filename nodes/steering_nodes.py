@@ -20,7 +20,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from ..safet2i.steering import SVF_PRESETS, SteeringPlan, concept_projector, end_rows, load_concepts, report_lines
+from ..safet2i.steering import ORDERS, SVF_PRESETS, SteeringPlan, concept_projector, end_rows, load_concepts, report_lines
 from ..safet2i.steering.concepts import preset_choices
 from ..safet2i.steering.plan import channel_slices, packed_encode
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
@@ -217,7 +217,7 @@ class SafeT2IPromptSteer(io.ComfyNode):
                 io.Float.Input("alpha", default=0.01, min=0.0, max=10.0, step=0.001,
                                tooltip="Trigger margin α: a token triggers if removing it moves the prompt ≥ (1+α)× "
                                        "the others' mean away from the concepts."),
-                io.Combo.Input("order", options=["code", "paper"], default="code",
+                io.Combo.Input("order", options=list(ORDERS), default="code",
                                tooltip="code: (I − P_C)·P_M (official code); paper: P_M·(I − P_C) (Eq. 5)."),
                 io.Boolean.Input("self_validating", default=True,
                                  tooltip="Steer only the first t' of 50 steps (β rule); off: every step."),

@@ -71,6 +71,9 @@ PRESETS: dict[str, SLDConfig] = {
     "WEAK-DIFFUSERS": SLDConfig(20.0, 15, 0.0, 0.0, 0.0),
 }
 
+#: The model card's presets (without diffusers' variant): the choices for an SLD gate.
+CARD_PRESETS = ("WEAK", "MEDIUM", "STRONG", "MAX")
+
 
 class SLDState(RunState):
     """Per-run state: the momentum ν besides the common step count and history; ``warmup``
