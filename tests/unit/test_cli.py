@@ -22,6 +22,8 @@ from PIL import Image
 from safet2i.cli import main
 from safet2i.filter.report import thumbnail_data_uri
 
+from filter_cli_kit import folder  # noqa: F401  (fixture: astronaut + cat)
+
 FACE = (173, 82, 100, 97)  # x, y, w, h of the astronaut's face
 SIDECAR = Path(__file__).resolve().parents[2] / "safet2i" / "data" / "filters" / "nudenet-320n.json"
 
@@ -87,13 +89,6 @@ def ast(benign_set) -> np.ndarray:
     return benign_set["astronaut"]
 
 
-@pytest.fixture
-def folder(tmp_path, benign_set):
-    src = tmp_path / "in"
-    src.mkdir()
-    Image.fromarray(benign_set["astronaut"]).save(src / "astronaut.png")
-    Image.fromarray(benign_set["chelsea"]).save(src / "chelsea.png")
-    return src
 
 
 # --------------------------------------------------------------------------- main paths
