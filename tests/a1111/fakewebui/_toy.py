@@ -215,13 +215,25 @@ class ToyTextEngine:
         return self.ids[word]
 
     def tokenize_line(self, line: str):
-        ids = [self._id(w) for w in str(line).lower().replace(",", " ").split()]
-        chunks = []
-        for start in range(0, max(1, len(ids)), self.chunk_length):
-            part = ids[start:start + self.chunk_length]
-            pad = self.chunk_length + 1 - len(part)
-            chunks.append(_Chunk([self.id_start] + part + [self.id_end] * pad, [1.0] * (self.chunk_length + 2)))
-        return chunks, len(ids)
+        """The webui's own loop (``sd_hijack_clip.tokenize_line``, without emphasis, commas
+        and embeddings): tokens are collected until a chunk holds ``chunk_length``, then
+        the chunk is closed with BOS in front and EOS padding behind."""
+        chunks, current, count = [], [], 0
+
+        def next_chunk():
+            nonlocal current
+            tokens = [self.id_start] + current + [self.id_end] * (self.chunk_length + 1 - len(current))
+            chunks.append(_Chunk(tokens, [1.0] * len(tokens)))
+            current = []
+
+        for word in str(line).lower().replace(",", " ").split():
+            if len(current) == self.chunk_length:
+                next_chunk()
+            current.append(self._id(word))
+            count += 1
+        if current or not chunks:
+            next_chunk()
+        return chunks, count
 
     def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
         table = torch.stack([_vec(w, self.dim, "tok") for w in self.words])
