@@ -133,14 +133,65 @@ def to_uint8_rgb(img) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def to_float_rgb(img) -> np.ndarray:
-    """One image -> ``float32 [H,W,3]`` in 0..1 (a copy only where conversion needs one)."""
-    arr = ensure_rgb(to_numpy(img))
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
-    return arr.astype(np.float32, copy=False)
+def _numpy_of(x) -> np.ndarray:
+    """A NumPy view of an array, tensor or PIL image; an unconvertible dtype is refused."""
+    if _is_pil(x):
+        return pil_to_rgb(x)        # the same conversion check() uses for PIL images
+    try:
+        return to_numpy(x)
+    except (TypeError, RuntimeError) as exc:      # e.g. torch float8 / uint32 on older torch
+        raise ImageInputError(
+            f"Unsupported image dtype {getattr(x, 'dtype', type(x).__name__)}: {exc}"
+        ) from exc
+
+
+def to_float_rgb(frame) -> np.ndarray:
+    """One image -> ``float32 [H,W,3]`` in [0, 1]: exactly the pixels that are judged and
+    returned by ``SafetyFilter.run``. ``uint8``, ``uint16`` and ``bool`` are scaled; floats
+    outside [0, 1] are clipped (NaN / inf refused); every other dtype (signed integers,
+    ``uint32``/``uint64``) is refused, never guessed at. Never writes into the input."""
+    arr = ensure_rgb(_numpy_of(frame))
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageInputError(f"Empty image of shape {tuple(arr.shape)}.")
+    dt = arr.dtype
+    if dt == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if dt == np.uint16:
+        return arr.astype(np.float32) / np.float32(65535.0)
+    if dt == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(dt, np.floating):
+        with np.errstate(over="ignore", invalid="ignore"):     # overflow -> inf -> refused below
+            f = arr.astype(np.float32, copy=False)
+        if not np.isfinite(f).all():
+            raise ImageInputError(
+                "The image contains NaN or infinite values (or values beyond the float32 range); "
+                "refusing to check it."
+            )
+        if f.min() < 0.0 or f.max() > 1.0:
+            f = np.clip(f, 0.0, 1.0)            # a new array: judged and returned clipped
+        return f
+    raise ImageInputError(
+        f"Unsupported image dtype {dt}: give uint8 (0..255), uint16 (0..65535), bool, or floats "
+        "in 0..1. Integer arrays other than uint8/uint16 are refused, not guessed at."
+    )
+
+
+def _frames(images) -> list:
+    """A batch (``[B,H,W,C]`` / ``[H,W,C]`` array or tensor, or a list of images) as a list."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    arr = _numpy_of(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ImageInputError(f"Expected a batch [B, H, W, C], got shape {tuple(arr.shape)}.")
+    return list(arr)
+
+
+def batch_to_float(images) -> list[np.ndarray]:
+    """A batch -> list of float32 ``[H,W,3]`` in [0, 1] (:func:`to_float_rgb` per image)."""
+    return [to_float_rgb(f) for f in _frames(images)]
 
 
 def batch_to_uint8(images) -> list[np.ndarray]:

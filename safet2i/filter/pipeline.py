@@ -4,7 +4,7 @@ Hosts call :meth:`SafetyFilter.check` (verdicts only) or :meth:`SafetyFilter.run
 (verdicts, masks and censored copies). Both take a whole batch and check every image.
 Any failure raises: there is no path on which an image leaves unchecked.
 
-Input types (:func:`checked_float_rgb`). ``run`` judges exactly the pixels it returns:
+Input types (:func:`safet2i.images.to_float_rgb`). ``run`` judges exactly the pixels it returns:
 
 * ``uint8`` (0..255), ``uint16`` (0..65535), ``bool`` (0/1) are scaled to 0..1;
 * floating point (``float16``/``bfloat16``/``float32``/``float64``) is read as 0..1; values
@@ -20,63 +20,19 @@ still trips a model is escalated to ``fill`` of the flagged regions, then to ``p
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ImageInputError, ModelLoadError, SafeT2IError, UnsafeContentError
-from ..images import batch_to_uint8, ensure_rgb, float_to_uint8, pil_to_rgb, to_numpy
+from ..images import batch_to_float, batch_to_uint8, float_to_uint8
+from ..images import to_float_rgb as checked_float_rgb
 from .censor import ACTIONS, REGION_ACTIONS, censor, placeholder, unsafe_mask
 from .cost import ImageVerdict, judge
 from .detectors import OnnxModel, load_model
 from .policy import Policy, check_policy_labels, get_policy
 
 DEFAULT_MODELS = ("nudenet",)
-
-
-def _numpy_of(x) -> np.ndarray:
-    """A NumPy view of an array, tensor or PIL image; an unconvertible dtype is refused."""
-    pil = sys.modules.get("PIL.Image")
-    if pil is not None and isinstance(x, pil.Image):
-        return pil_to_rgb(x)        # the same conversion check() uses for PIL images
-    try:
-        return to_numpy(x)
-    except (TypeError, RuntimeError) as exc:      # e.g. torch float8 / uint32 on older torch
-        raise ImageInputError(
-            f"Unsupported image dtype {getattr(x, 'dtype', type(x).__name__)}: {exc}"
-        ) from exc
-
-
-def checked_float_rgb(frame) -> np.ndarray:
-    """One image -> ``float32 [H,W,3]`` in [0, 1]: exactly the pixels that are judged and
-    returned (see the module docstring for the dtype rules). A view where no conversion is
-    needed; never writes into the input."""
-    arr = ensure_rgb(_numpy_of(frame))
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageInputError(f"Empty image of shape {tuple(arr.shape)}.")
-    dt = arr.dtype
-    if dt == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    if dt == np.uint16:
-        return arr.astype(np.float32) / np.float32(65535.0)
-    if dt == np.bool_:
-        return arr.astype(np.float32)
-    if np.issubdtype(dt, np.floating):
-        with np.errstate(over="ignore", invalid="ignore"):     # overflow -> inf -> refused below
-            f = arr.astype(np.float32, copy=False)
-        if not np.isfinite(f).all():
-            raise ImageInputError(
-                "The image contains NaN or infinite values (or values beyond the float32 range); "
-                "refusing to check it."
-            )
-        if f.min() < 0.0 or f.max() > 1.0:
-            f = np.clip(f, 0.0, 1.0)            # a new array: judged and returned clipped
-        return f
-    raise ImageInputError(
-        f"Unsupported image dtype {dt}: give uint8 (0..255), uint16 (0..65535), bool, or floats "
-        "in 0..1. Integer arrays other than uint8/uint16 are refused, not guessed at."
-    )
 
 
 @dataclass
@@ -254,15 +210,8 @@ class SafetyFilter:
 
     @staticmethod
     def _float_batch(images) -> list[np.ndarray]:
-        """A batch as a list of float32 ``[H,W,3]`` in [0, 1] (:func:`checked_float_rgb`)."""
-        if isinstance(images, (list, tuple)):
-            return [checked_float_rgb(i) for i in images]
-        arr = _numpy_of(images)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4:
-            raise ImageInputError(f"Expected a batch [B, H, W, C], got shape {tuple(arr.shape)}.")
-        return [checked_float_rgb(f) for f in arr]
+        """A batch as a list of float32 ``[H,W,3]`` in [0, 1] (:func:`safet2i.images.to_float_rgb`)."""
+        return batch_to_float(images)
 
     def describe(self) -> dict:
         return {
