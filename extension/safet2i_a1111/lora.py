@@ -32,7 +32,6 @@ writing into the same weights would fight it. So SafeT2I:
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -241,7 +240,7 @@ def _slug(text: str) -> str:
 def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = False) -> Path:
     """Write (or reuse) the kohya-key copy of ``lf`` in ``<lora_dir>/safet2i-converted/``."""
     from safetensors import safe_open  # noqa: PLC0415
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safet2i.fileio import save_safetensors  # noqa: PLC0415
 
     cache = lora_dir / CACHE_DIRNAME
     if cache.is_symlink() or (cache.exists() and not cache.is_dir()):
@@ -266,13 +265,7 @@ def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = Fa
                                  "(move it away)")
         if existing == meta and _written_ok(out, state):
             return out
-    tmp = cache / f".{out.name}.{os.getpid()}.part"
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_safetensors(out, state, meta)
     if not _written_ok(out, state):
         raise LoraLayerError(f"{out}: the converted file does not read back as written")
     return out

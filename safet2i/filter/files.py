@@ -21,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import _UMASK, TMP_SUFFIX, atomic_write  # noqa: F401  (re-exported for the CLI and tests)
 from ..errors import ImageInputError, MissingDependencyError, ModelLoadError, ModelRunError, SafeT2IError
 from ..images import (
     ENV_MAX_FILE_PIXELS, MAX_FILE_PIXELS, FrameDecoder, env_budget, encode_frames, output_format, read_file_bytes,
@@ -46,9 +46,7 @@ ENV_BATCH_PIXELS = "SAFET2I_MAX_BATCH_PIXELS"
 BATCH_PIXELS = 64_000_000
 #: Largest number of pixels converted to float32 at once while censoring (a chunk of frames).
 CENSOR_CHUNK_PIXELS = 16_000_000
-TMP_SUFFIX = ".safet2i-tmp"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
 
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
@@ -120,26 +118,6 @@ def collect(paths: list[str], exclude: list[Path] = ()) -> tuple[list[tuple[Path
                 else:
                     out.append((fp, fp.relative_to(p)))
     return out, skipped
-
-
-def atomic_write(target: Path, write) -> None:
-    """``write(fh)`` into a temporary file next to ``target``, flushed to disk, then renamed
-    over ``target`` (a link at ``target`` is replaced, never written through). On any
-    failure the temporary file is removed and nothing appears under ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name[:64] + ".", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w+b") as fh:   # readable too: multi-page TIFF writing seeks back
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600: outputs get the user's usual mode
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def guard_destination(path: Path, overwrite: bool, inputs: set, what: str) -> Path:

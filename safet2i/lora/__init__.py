@@ -242,7 +242,7 @@ def convert_lora(path: str | os.PathLike, out: str | os.PathLike | None = None, 
     (alpha written explicitly) whose every target is read back and compared. The output's
     metadata records what vouched for the file (``safet2i_check``, ``safet2i_note``, ...).
     Returns :func:`check_convertible`'s report with ``out`` and ``targets`` added."""
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from ..fileio import save_safetensors  # noqa: PLC0415
 
     if to != "kohya":
         raise ModelLoadError(f"unknown output format {to!r}; only 'kohya' is written")
@@ -262,13 +262,7 @@ def convert_lora(path: str | os.PathLike, out: str | os.PathLike | None = None, 
             "safet2i_release": rep["release"] or "none",
             "safet2i_base": rep["base"] or "none",
             "safet2i_architectures": ",".join(rep["architectures"]) or "unknown"}
-    tmp = dst.with_name(dst.name + ".part")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_safetensors(dst, state, meta)
     try:
         _same_targets(lf.targets, load_lora(dst).targets, single)
     except SafeT2IError as exc:

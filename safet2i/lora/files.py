@@ -360,21 +360,16 @@ def convert_pickle_report(src: str | os.PathLike, dst: str | os.PathLike | None 
     if not flat:
         raise ModelLoadError(f"{src}: contains no tensors" + (f" (only: {'; '.join(skipped[:12])})" if skipped else "")
                              + ".")
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from ..fileio import save_safetensors  # noqa: PLC0415
 
     meta = {"converted_from": src.name, "converted_by": "safet2i convert", "source_sha256": file_sha256(src)}
     if skipped:
         meta["safet2i_skipped"] = json.dumps(skipped)
-    tmp = dst.with_name(dst.name + ".part")
     try:
         # Shared storage (tied weights) must be cloned for safetensors.
-        save_file({k: v.detach().clone().contiguous() for k, v in flat.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, dst)
+        save_safetensors(dst, {k: v.detach().clone().contiguous() for k, v in flat.items()}, meta)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ModelLoadError(f"{dst}: cannot be written ({exc}).") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return PickleConversion(dst, list(flat), skipped)
 
 

@@ -1,0 +1,41 @@
+"""Writing files safely: one mechanism for every file SafeT2I writes (filter outputs and
+reports, converted LoRAs and checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+TMP_SUFFIX = ".safet2i-tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(target: str | os.PathLike, write) -> None:
+    """``write(fh)`` into a temporary file next to ``target``, flushed to disk, then renamed
+    over ``target`` (a link at ``target`` is replaced, never written through). On any
+    failure the temporary file is removed and nothing appears under ``target``."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix="." + target.name[:64] + ".", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "w+b") as fh:   # readable too: multi-page TIFF writing seeks back
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600: outputs get the user's usual mode
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_safetensors(target: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` through :func:`atomic_write`."""
+    from safetensors.torch import save  # noqa: PLC0415
+
+    data = save(tensors, metadata=metadata)
+    atomic_write(target, lambda fh: fh.write(data))
