@@ -136,24 +136,18 @@ def _parse_request(body: bytes) -> tuple[bytes, str, str]:
 
 
 def _encode_frames(images: list, durations: list[int], loop) -> bytes:
-    """PNG for one frame; an animated PNG (lossless, frame timing and loop kept) for several.
-    Frames of different sizes (multi-page TIFF, MPO) are each placed at the top left of a black
-    canvas the size of the largest: an animated PNG would otherwise show a smaller frame over
-    the previous one, a picture nobody checked."""
+    """PNG for one frame; an animated PNG (lossless, frame timing and loop kept) for several,
+    written by the core's :func:`safet2i.images.encode_frames` (frames of different sizes
+    each whole on a black canvas, never drawn over one another)."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from safet2i.images import encode_frames  # noqa: PLC0415
+
     buf = io.BytesIO()
-    if len(images) == 1:
-        images[0].save(buf, "PNG")
-    else:
-        if len({im.size for im in images}) > 1:
-            size = (max(im.width for im in images), max(im.height for im in images))
-            padded = []
-            for im in images:
-                canvas = Image.new("RGB", size, (0, 0, 0))
-                canvas.paste(im.convert("RGB"), (0, 0))
-                padded.append(canvas)
-            images = padded
-        images[0].save(buf, "PNG", save_all=True, append_images=images[1:],
-                       duration=[max(int(d), 0) for d in durations], loop=loop if isinstance(loop, int) else 0)
+    meta = SimpleNamespace(format="PNG", durations=list(durations), loop=loop if isinstance(loop, int) else 0)
+    encode_frames([np.asarray(im.convert("RGB")) for im in images], meta, buf)
     return buf.getvalue()
 
 
