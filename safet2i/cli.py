@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .errors import SafeT2IError
 
-from .filter.files import EXIT_BROKEN, EXIT_FATAL, EXIT_REPORT, EXIT_UNSAFE, EXIT_USAGE, IMAGE_EXTS  # noqa: F401
+from .filter.files import EXIT_BROKEN, EXIT_FATAL, EXIT_REPORT, EXIT_UNSAFE, EXIT_USAGE  # noqa: F401  (documented codes)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,14 +200,6 @@ def run_convert(args) -> int:
 # --------------------------------------------------------------------------- filter
 
 
-def collect(paths: list[str]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its argument's root) for every image under ``paths``
-    (:func:`safet2i.filter.files.collect` without the skipped entries)."""
-    from .filter.files import collect as _collect  # noqa: PLC0415
-
-    return _collect(paths)[0]
-
-
 def run_filter(args) -> int:
     from .filter import SafetyFilter, get_policy, parse_thresholds
     from .filter.files import FileFilter, atomic_write, guard_destination
@@ -261,10 +253,7 @@ def run_filter(args) -> int:
             bar.close()
     files = run.files
 
-    report = build_report(flt.describe(), files)
-    report["skipped"] = skipped
-    report["summary"]["skipped"] = len(skipped)
-    report["summary"]["errors"] = sum(1 for f in files if f.get("error"))
+    report = build_report(flt.describe(), files, skipped)
     for opt, p in reports.items():
         try:
             if opt == "report":

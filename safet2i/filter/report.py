@@ -32,9 +32,12 @@ def pin_warnings(filter_description: dict) -> list[str]:
     ]
 
 
-def build_report(filter_description: dict, files: list[dict]) -> dict:
+def build_report(filter_description: dict, files: list[dict], skipped: list[dict] | None = None) -> dict:
     """``files``: one dict per input (``path``, ``output``, ``verdict`` in
-    safe/unsafe/blocked/error, ``cost``, ``error``, ``images`` = per-frame verdict dicts)."""
+    safe/unsafe/blocked/error, ``cost``, ``error``, ``images`` = per-frame verdict dicts).
+    ``errors`` counts every file with an error, including an unsafe one whose output could
+    not be written; ``skipped``: entries of the input folders not filtered, with reasons."""
+    skipped = list(skipped or [])
     return {
         "safet2i": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -44,11 +47,13 @@ def build_report(filter_description: dict, files: list[dict]) -> dict:
             "images": sum(len(f.get("images", [])) for f in files),
             "safe": sum(f["verdict"] == "safe" for f in files),
             "unsafe": sum(f["verdict"] in ("unsafe", "blocked") for f in files),
-            "errors": sum(f["verdict"] == "error" for f in files),
+            "errors": sum(bool(f.get("error")) for f in files),
+            "skipped": len(skipped),
         },
         # Names of the models no sidecar sha256 pins (also flagged per model in filter.models).
         "unpinned_models": [m.get("name") for m in unpinned_models(filter_description)],
         "files": files,
+        "skipped": skipped,
     }
 
 
