@@ -22,13 +22,11 @@ import functools
 import torch
 
 from safet2i.errors import SafeT2IError
-from safet2i.steering import SVF_PRESETS, SteeringPlan, Steered, concept_projector, end_rows, load_concepts
+from safet2i.steering import SVF_PRESETS, concept_projector, end_rows, load_concepts
+from safet2i.steering.book import PlanBook
 
 from .text_engines import Encoder, HFClipEngine, SteeringError, _forge_load_text_encoders, find_encoders
 
-#: Minimum |cos| between every row of a text's chunks and its reference encode for rows to
-#: count as "encoded from that text" (fp16 vs fp32 encodes agree to ~1e-4).
-MATCH = 0.99
 #: sd-webui-controlnet prepends one marker row of ±1024 to every cond (hook.py).
 CONTROLNET_MARK = 1024.0
 
@@ -108,22 +106,18 @@ def webui_rows(params, n_rows: int) -> list[tuple[str | None, torch.Tensor]] | N
 
 # --------------------------------------------------------------------------- the hook
 
-class SteeringHook:
-    """One job's steering: concepts and settings, the per-text plans, caches and counters."""
+class SteeringHook(PlanBook):
+    """One job's steering: the core's plans of the batch's texts (:class:`PlanBook`), the
+    webui's encoders and the call counters."""
 
     def __init__(self, encoders: list[Encoder], concepts: list[str], svf_name: str = "nudity", *,
                  alpha: float = 0.01, order: str = "code", self_validating: bool = True):
         if not encoders:
             raise SteeringError("no text encoder to steer")
-        self.encoders, self.concepts = encoders, list(concepts)
-        self.kw = dict(alpha=float(alpha), order=order, svf=SVF_PRESETS[svf_name] if self_validating else None)
-        self.p_c = [concept_projector(("a1111", id(e.engine), id(self)), self.concepts, functools.partial(end_rows, e))
-                    for e in encoders]
-        self.plans: dict[str, SteeringPlan] = {}
-        self.reference: dict[str, Steered] = {}       # each plan on its own encode (for the report)
-        self._bound: dict[int, tuple[torch.Tensor, SteeringPlan]] = {}     # webui tensor -> plan
-        self._rows: dict[int, tuple[torch.Tensor, SteeringPlan]] = {}      # row index -> plan (no bookkeeping)
-        self._steered: dict[str, tuple[torch.Tensor, Steered]] = {}
+        self.concepts = list(concepts)
+        p_c = [concept_projector(("a1111", id(e.engine), id(self)), self.concepts, functools.partial(end_rows, e))
+               for e in encoders]
+        super().__init__(encoders, p_c, alpha=alpha, order=order, svf=SVF_PRESETS[svf_name] if self_validating else None)
         self.calls = self.steered_calls = 0
         self.before_encode = lambda: None
 
@@ -135,37 +129,32 @@ class SteeringHook:
         hook.before_encode = lambda: _forge_load_text_encoders(sd_model)
         return hook
 
-    # -- process_batch -------------------------------------------------------
     def prepare(self, texts: list[str]) -> None:
-        if any(t not in self.plans for t in texts):
+        """process_batch: plan every text the batch can condition on."""
+        if self.missing(texts):
             self.before_encode()
         with _refusing():
-            for text in texts:
-                if text not in self.plans:
-                    plan = self.plans[text] = SteeringPlan(self.encoders, self.p_c, text, **self.kw)
-                    self.reference[text] = plan.steer(plan.own_rows())
+            super().prepare(texts)
 
-    # -- on_cfg_denoiser -----------------------------------------------------
     def apply(self, params) -> bool:
-        """Replace ``params.text_cond`` by a steered copy when a row is inside its window.
-        Returns whether it did."""
+        """on_cfg_denoiser: replace ``params.text_cond`` by a steered copy when a row is inside
+        its window. Returns whether it did."""
         tc = params.text_cond
         cross = tc["crossattn"] if isinstance(tc, dict) else tc
         if not torch.is_tensor(cross) or cross.dim() != 3:
             raise SteeringError(f"unexpected text conditioning {type(tc).__name__}")
         step, total = _progress(params)
         self.calls += 1
-        if not self.plans:
-            raise SteeringError("steering was not prepared for this batch")
-        length = next(iter(self.plans.values())).length
         with _refusing():
-            next(iter(self.plans.values())).slices(cross.shape[-1])
-            offset = self._offset(cross, length)
+            first = self.first()
+            first.slices(cross.shape[-1])
+            offset = self._offset(cross, first.length)
             bookkeeping = webui_rows(params, cross.shape[0])
             writes = []
             for r in range(cross.shape[0]):
-                plan = self._plan_of(r, cross[r], bookkeeping[r] if bookkeeping else None, offset)
-                out = self._steer(plan, cross[r, offset:offset + len(plan.chunks[0]) * length])
+                text, source = bookkeeping[r] if bookkeeping else (None, None)
+                plan = self.plan_of(r, cross[r], offset, source, text)
+                out = self.steer(plan, cross[r, offset:offset + len(plan.chunks[0]) * first.length])
                 if out.fraction > 0.0 and step < out.fraction * total:
                     writes.append((r, slice(offset, offset + out.rows.shape[0]), out.rows))
         if not writes:
@@ -195,50 +184,6 @@ class SteeringHook:
             return 1     # ControlNet's marker row stays as it is
         raise SteeringError(f"the conditioning has {cross.shape[1]} tokens, not whole {length}-token chunks "
                             "(another extension changed it); steering refuses")
-
-    def _plan_of(self, r: int, row: torch.Tensor, webui, offset: int) -> SteeringPlan:
-        """The plan of row ``r``: bound once per webui tensor, else once per distinct row."""
-        if webui is not None:
-            text, tensor = webui
-            if tensor.shape[0] <= row.shape[0] and torch.equal(row[:tensor.shape[0]], tensor.to(row)):
-                hit = self._bound.get(id(tensor))
-                if hit is None or hit[0] is not tensor:
-                    hit = self._bound[id(tensor)] = (tensor, self._recognise(r, tensor, offset, text))
-                return hit[1]
-        cached = self._rows.get(r)
-        if cached is not None and cached[0].shape == row.shape and torch.equal(cached[0], row):
-            return cached[1]
-        plan = self._recognise(r, row, offset)
-        self._rows[r] = (row.clone(), plan)
-        return plan
-
-    def _recognise(self, r: int, rows: torch.Tensor, offset: int, text: str | None = None) -> SteeringPlan:
-        """The plan whose reference encode ``rows`` match (only ``text``'s when the webui named it)."""
-        candidates = [self.plans[text]] if text in self.plans else list(self.plans.values())
-        score, best = max(((plan.similarity(rows[offset:]), plan) for plan in candidates), key=lambda x: x[0])
-        if score < MATCH:
-            raise SteeringError(
-                f"cond row {r} does not match any prompt of this batch (best |cos| {score:.3f}): the prompt was "
-                "changed by another extension, a refiner or hires checkpoint switched models, or guidance rows were "
-                "added first; steering refuses")
-        return best
-
-    def _steer(self, plan: SteeringPlan, live: torch.Tensor) -> Steered:
-        hit = self._steered.get(plan.text)
-        if hit is not None and hit[0].shape == live.shape and torch.equal(hit[0], live):
-            return hit[1]
-        out = plan.steer(live.detach().cpu())
-        out = Steered(out.rows.to(live.device, live.dtype), out.results)
-        self._steered[plan.text] = (live.clone(), out)
-        return out
-
-    # -- report --------------------------------------------------------------
-    def describe(self, texts: list[str] | None = None) -> str:
-        """Trigger tokens, β and t' of the texts (the reference encodes), for the infotext."""
-        parts = [part for text in (texts if texts is not None else list(self.plans)) if text in self.plans
-                 for part in self.plans[text].summary(self.reference[text])]
-        parts = list(dict.fromkeys(parts))
-        return "; ".join(parts) if parts else "no trigger token"
 
     def report(self, texts: list[str] | None = None) -> str:
         return f"{self.describe(texts)} (steered {self.steered_calls} of {self.calls} model calls)"

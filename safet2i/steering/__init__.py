@@ -2,6 +2,7 @@
 subspace (Yoon et al., ICLR 2025). Host-agnostic: hosts pass a small adapter per text encoder
 (:class:`~safet2i.steering.plan.TextEncoder`) and keep only their step window."""
 
+from .book import PlanBook
 from .concepts import CONCEPT_PRESETS, load_concepts
 from .plan import SteeringPlan, Steered, TextEncoder, end_rows, report_lines, steer_sequence
 from .safree import (
@@ -10,7 +11,7 @@ from .safree import (
 )
 
 __all__ = [
-    "CONCEPT_PRESETS", "ORDERS", "SVF_PRESETS", "Steered", "SteerResult", "SteeringPlan", "TextEncoder",
+    "CONCEPT_PRESETS", "ORDERS", "PlanBook", "SVF_PRESETS", "Steered", "SteerResult", "SteeringPlan", "TextEncoder",
     "concept_projector", "end_rows", "load_concepts", "project_rows", "projector", "report_lines", "steer_chunk",
     "steer_sequence", "svf_steps", "trigger_tokens",
 ]

@@ -242,3 +242,41 @@ def test_encoders_that_chunk_a_prompt_differently_are_refused():
     b.chunks = lambda text: Encoder.chunks(b, text)[:1]
     with pytest.raises(SafeT2IError, match="chunk this prompt differently"):
         SteeringPlan([a, b], [None, None], PROMPT)
+
+
+def test_plan_book_binds_rows_by_source_or_content_and_refuses_strangers():
+    """The core's row binding (A1111/Forge callback): by the host's source tensor once, else by content."""
+    from safet2i.steering import PlanBook
+
+    encoders = [Encoder("a", 1, 8)]
+    book = PlanBook(encoders, [projector(end_rows(encoders[0], ["nude"]))], svf=None)
+    with pytest.raises(SafeT2IError, match="not prepared"):
+        book.first()
+    other_text = "a red bicycle near a quiet lake"
+    book.prepare([PROMPT, other_text])
+    assert not book.missing([PROMPT]) and book.missing(["unplanned"])
+    own, other = book.plans[PROMPT].own_rows(), book.plans[other_text].own_rows()
+    assert book.plan_of(0, own * 2.0) is book.plans[PROMPT]                    # by content (emphasis rescales)
+    assert book.plan_of(1, torch.cat([other, other[:L]])) is book.plans[other_text]
+    marked = torch.cat([torch.full((1, 8), 1024.0, dtype=own.dtype), own])     # a host prefix row kept out
+    assert book.plan_of(2, marked, offset=1) is book.plans[PROMPT]
+    with pytest.raises(SafeT2IError, match="cond row 3 does not match"):
+        book.plan_of(3, torch.randn(own.shape, dtype=own.dtype))
+    # Bound through the host's source tensor: recognised once (the text it names), then reused.
+    source = own.clone()
+    assert book.plan_of(4, source, source=source, text=PROMPT) is book.plans[PROMPT]
+    book.plans[PROMPT], kept = book.plans[other_text], book.plans[PROMPT]   # a second recognition would differ
+    assert book.plan_of(4, source, source=source, text=PROMPT) is kept
+    book.plans[PROMPT] = kept
+    with pytest.raises(SafeT2IError, match="does not match"):             # the named text is the only candidate
+        book.plan_of(5, other.clone(), source=other.clone(), text=PROMPT)
+    # Steering of live rows: the plan's, once per distinct content, on the rows' dtype.
+    live = own.float()
+    first = book.steer(book.plans[PROMPT], live)
+    assert first.changed and first.rows.dtype == torch.float32
+    assert torch.allclose(first.rows.double(), book.plans[PROMPT].steer(own).rows, atol=1e-5)
+    assert book.steer(book.plans[PROMPT], live.clone()) is first
+    assert book.steer(book.plans[PROMPT], live * 2.0) is not first
+    plan = book.plans[PROMPT]
+    assert book.describe([PROMPT]) == "; ".join(plan.summary(plan.steer(own))) != ""
+    assert book.describe(["unplanned"]) == "no trigger token"
