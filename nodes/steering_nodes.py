@@ -22,7 +22,7 @@ from comfy_api.latest import io, ui
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.steering import ORDERS, SVF_PRESETS, SteeringPlan, concept_projector, end_rows, load_concepts, report_lines
 from ..safet2i.steering.concepts import preset_choices
-from ..safet2i.steering.plan import channel_slices, packed_encode
+from ..safet2i.steering.plan import channel_slices, packed_encode, token_words
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
@@ -118,15 +118,6 @@ def subspace_key(clip) -> tuple:
     return (id(clip.cond_stage_model), getattr(clip, "layer_idx", None), getattr(patcher, "patches_uuid", None))
 
 
-def token_strings(clip, key: str, ids: list[int]) -> list[str]:
-    """Decoded tokens (CLIP BPE, without the ``</w>`` end-of-word marker) of ``ids``."""
-    sub = getattr(getattr(clip, "tokenizer", None), f"clip_{key}", None)
-    hf = getattr(sub, "tokenizer", None)
-    if hf is None or not hasattr(hf, "convert_ids_to_tokens"):
-        return [str(i) for i in ids]
-    return [t.replace("</w>", "") for t in hf.convert_ids_to_tokens(list(ids))]
-
-
 class _ClipEncoder:
     """ComfyUI's ``clip_<key>`` as the core's ``TextEncoder``: ``clip.tokenize`` chunks and
     ``clip.encode_from_tokens`` rows (variants keep the prompt's token weights) on this encoder's
@@ -160,7 +151,7 @@ class _ClipEncoder:
         return torch.cat(out)[..., self.cut]
 
     def token_text(self, ids):
-        return token_strings(self.clip, self.name, ids)
+        return token_words(getattr(getattr(self.clip.tokenizer, f"clip_{self.name}", None), "tokenizer", None), ids)
 
     def packed_failed(self, difference: float) -> None:
         _NO_TRUNCATION.add(id(self.sub))

@@ -24,6 +24,7 @@ import torch
 from .errors import SafeT2IError
 from .guidance.dag import aggregate_attention, token_attention
 from .guidance.spaces import from_eps, to_eps
+from .steering.plan import token_words
 
 
 def encode_concept(pipe, concept: str):
@@ -206,7 +207,7 @@ class HFTextEncoder:
         return out.hidden_states[self.layer] if self.layer is not None else out[0]
 
     def token_text(self, ids):
-        return [self.tokenizer.convert_ids_to_tokens(int(i)).replace("</w>", "") for i in ids]
+        return token_words(self.tokenizer, ids)
 
 
 def _encoders(pipe) -> list[HFTextEncoder]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
 from safet2i.errors import SafeT2IError
+from safet2i.steering.plan import token_words
 from safet2i.steering.safree import first_index
 
 
@@ -125,19 +127,11 @@ class Encoder:
 
     def token_text(self, ids: list[int]) -> list[str]:
         tok = getattr(self.engine, "tokenizer", None) or getattr(getattr(self.engine, "wrapped", None), "tokenizer", None)
-        return [_token_text(tok, int(t)) for t in ids]
-
-
-def _token_text(tok, token: int) -> str:
-    try:
-        if tok is not None and hasattr(tok, "convert_ids_to_tokens"):
-            text = tok.convert_ids_to_tokens(token)
-        else:
-            from open_clip import tokenizer as oc  # noqa: PLC0415  (A1111's OpenCLIP engines)
-            text = oc._tokenizer.decoder[token]
-    except Exception:  # noqa: BLE001 - a report detail only
-        return f"#{token}"
-    return str(text).replace("</w>", "")
+        if not hasattr(tok, "convert_ids_to_tokens"):
+            with contextlib.suppress(ImportError):
+                from open_clip import tokenizer as oc  # noqa: PLC0415  (A1111's OpenCLIP engines)
+                tok = SimpleNamespace(convert_ids_to_tokens=lambda i: oc._tokenizer.decoder.get(i, f"#{i}"))
+        return token_words(tok, ids)
 
 
 def find_encoders(sd_model) -> list[Encoder]:

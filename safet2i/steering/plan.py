@@ -61,6 +61,13 @@ class TextEncoder(Protocol):
         """How each token reads (for reports)."""
 
 
+def token_words(tokenizer, ids: list[int]) -> list[str]:
+    """How CLIP BPE tokens read, without the end-of-word marker (``#id`` where ``tokenizer``
+    has no ``convert_ids_to_tokens``): ``TextEncoder.token_text`` of the CLIP hosts."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    return [str(convert(int(i)) if convert is not None else f"#{int(i)}").replace("</w>", "") for i in ids]
+
+
 def chunk_span(ids: list[int], end_id: int) -> tuple[int, int]:
     """(row of the first end token, prompt tokens n): the prompt occupies rows 1..n."""
     eos = first_index(list(ids), end_id)
