@@ -107,23 +107,50 @@ def test_kohya_in_lora_folder_is_used_as_is_elsewhere_copied(folders):
     assert L.prepare("Lora/sub/safe_kohya.safetensors", SD1, folders=folders, networks=networks).converted
 
 
-def test_choices_and_path_tricks(folders, tmp_path):
+def _choice_tree(folders, tmp_path):
+    """Two loadable choices, the conversion cache, a link leading outside and a pickle."""
     save(folders["Lora"] / "a.safetensors", write_layout(attn1_specs(), "kohya"))
     save(folders["safety_models"] / "d" / "b.safetensors", write_layout(attn1_specs(), "diffusers"))
     L.prepare("safety_models/d/b.safetensors", SD1, folders=folders)        # creates the cache
     outside = save(tmp_path / "outside.safetensors", write_layout(attn1_specs(), "diffusers"))
     (folders["Lora"] / "link.safetensors").symlink_to(outside)
     (folders["Lora"] / "x.ckpt").write_bytes(b"\x80\x02")
+
+
+def test_choices_and_path_tricks(folders, tmp_path):
+    _choice_tree(folders, tmp_path)
     choices = L.list_choices(folders)
     assert choices == ["None", "Lora/a.safetensors", "safety_models/d/b.safetensors"]
-    bad = ["Lora/../outside.safetensors", "safety_models/../../etc/passwd", "/etc/passwd", "Lora//etc/x.safetensors",
-           "Lora\\..\\outside.safetensors", "nope/a.safetensors", "Lora/link.safetensors", "Lora/x.ckpt",
-           "Lora/./a.safetensors", "None", "", "Lora/missing.safetensors", "Lora/a.safetensors\x00.txt",
-           f"Lora/{L.CACHE_DIRNAME}/" + next((folders["Lora"] / L.CACHE_DIRNAME).iterdir()).name]
-    for choice in bad:
-        with pytest.raises(L.LoraLayerError):
-            L.resolve_choice(choice, folders)
     assert L.resolve_choice("Lora/a.safetensors", folders) == folders["Lora"] / "a.safetensors"
+
+
+CACHED = object()   # stands for the file the conversion wrote into the cache folder
+
+BAD_CHOICES = {
+    "parent-of-lora": "Lora/../outside.safetensors",
+    "parent-of-safety-models": "safety_models/../../etc/passwd",
+    "absolute": "/etc/passwd",
+    "double-slash": "Lora//etc/x.safetensors",
+    "backslash-parent": "Lora\\..\\outside.safetensors",
+    "unknown-folder": "nope/a.safetensors",
+    "symlink-outside": "Lora/link.safetensors",
+    "pickle": "Lora/x.ckpt",
+    "dot-segment": "Lora/./a.safetensors",
+    "None": "None",
+    "empty": "",
+    "missing": "Lora/missing.safetensors",
+    "nul-byte": "Lora/a.safetensors\x00.txt",
+    "cache-file": CACHED,
+}
+
+
+@pytest.mark.parametrize("choice", list(BAD_CHOICES.values()), ids=list(BAD_CHOICES))
+def test_a_tricky_choice_is_refused(folders, tmp_path, choice):
+    _choice_tree(folders, tmp_path)
+    if choice is CACHED:
+        choice = f"Lora/{L.CACHE_DIRNAME}/" + next((folders["Lora"] / L.CACHE_DIRNAME).iterdir()).name
+    with pytest.raises(L.LoraLayerError):
+        L.resolve_choice(choice, folders)
 
 
 def test_foreign_file_in_the_cache_is_never_overwritten(folders):
@@ -142,17 +169,24 @@ def test_foreign_file_in_the_cache_is_never_overwritten(folders):
         L.prepare("safety_models/duo.safetensors", SD1, folders=folders)
 
 
-def test_wrong_architecture_partial_coverage_and_peft_dora(folders):
+@pytest.mark.parametrize("partial", [False, True], ids=["strict", "allow-partial"])
+def test_wrong_architecture_is_refused_even_with_allow_partial(folders, partial):
     save(folders["Lora"] / "sd1.safetensors", write_layout(attn1_specs(), "diffusers"))
     sdxl = SimpleNamespace(is_sdxl=True, conditioner=SimpleNamespace(embedders=[]))
-    for partial in (False, True):      # an SD1 attn1 LoRA shares 20 of its 64 shapes with SDXL: still refused
-        with pytest.raises(ModelLoadError, match="made for SD1.x.*Refused even with allow_partial"):
-            L.prepare("Lora/sd1.safetensors", sdxl, allow_partial=partial, folders=folders)
+    # an SD1 attn1 LoRA shares 20 of its 64 shapes with SDXL: still refused
+    with pytest.raises(ModelLoadError, match="made for SD1.x.*Refused even with allow_partial"):
+        L.prepare("Lora/sd1.safetensors", sdxl, allow_partial=partial, folders=folders)
+
+
+def test_a_file_that_patches_nothing_is_refused_even_with_allow_partial(folders):
     junk = {"lora_unet_no_such_block.lora_down.weight": torch.ones(2, 8),
             "lora_unet_no_such_block.lora_up.weight": torch.ones(8, 2)}
     save(folders["Lora"] / "junk.safetensors", junk)
     with pytest.raises(CoverageError, match="patches NOTHING"):
         L.prepare("Lora/junk.safetensors", SD1, allow_partial=True, folders=folders)
+
+
+def test_partial_coverage_needs_allow_partial_and_is_marked(folders):
     # SD1 attn1 weights plus three modules no base model has: partial everywhere.
     extra = [Module(f"down_blocks.0.attentions.0.transformer_blocks.0.attn3.to_{x}", "-", (320, 320)) for x in "qkv"]
     mixed = attn1_specs() + make_specs(extra, rank=4, seed=9)
@@ -162,6 +196,9 @@ def test_wrong_architecture_partial_coverage_and_peft_dora(folders):
     lora = L.prepare("Lora/mixed.safetensors", SD1, allow_partial=True, folders=folders)
     assert lora.targets == 64 and lora.total == 67 and lora.filename.stem.endswith("-partial")
     kohya_check(lora.filename, attn1_specs())
+
+
+def test_peft_dora_is_refused(folders):
     specs = attn1_specs()
     for s in specs:
         s.dora = torch.ones(s.up.shape[0])
