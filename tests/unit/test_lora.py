@@ -234,19 +234,19 @@ def test_all_layouts_merge_to_the_same_weights_on_a_tiny_unet(tiny):
             assert torch.equal(v, first[k]), (layout, k)
 
 
-def test_kohya_alpha_scale_merges_numerically(tiny):
+@pytest.mark.parametrize("layout", ["kohya", "kohya-ldm"])
+def test_kohya_alpha_scale_merges_numerically(tiny, layout):
     unet, _ = tiny
     resolve, params = host_resolver(unet)
     specs = make_specs(tiny_unet_modules(unet), rank=2, seed=9, alpha=3.0)  # scale 1.5
-    for layout in ("kohya", "kohya-ldm"):
-        targets = parse(write_layout(specs, layout))
-        assert {t.scale for t in targets} == {1.5}
-        for t in targets:
-            key, shape = resolve(t)
-            s = next(x for x in specs if f"unet.{x.diffusers}" == key)
-            w = params["unet"][key.split(".", 1)[1]]
-            got = merged(w, t, 0.25).double().numpy()
-            np.testing.assert_allclose(got, w.detach().double().numpy() + 0.25 * s.delta64(), rtol=1e-6, atol=1e-7)
+    targets = parse(write_layout(specs, layout))
+    assert {t.scale for t in targets} == {1.5}
+    for t in targets:
+        key, shape = resolve(t)
+        s = next(x for x in specs if f"unet.{x.diffusers}" == key)
+        w = params["unet"][key.split(".", 1)[1]]
+        got = merged(w, t, 0.25).double().numpy()
+        np.testing.assert_allclose(got, w.detach().double().numpy() + 0.25 * s.delta64(), rtol=1e-6, atol=1e-7)
 
 
 def _peft_layers(model):
@@ -429,17 +429,17 @@ def test_kohya_dora_scale_follows_comfyui(axis, conv, tmp_path):
     _same_targets(back, [t])
 
 
-def test_conv_lora_3x3_down_1x1_up():
+@pytest.mark.parametrize("layout", ["kohya", "peft-unet", "kohya-ldm"])
+def test_conv_lora_3x3_down_1x1_up(layout):
     mods = _inv("sd1", lambda n: n.endswith(("resnets.0.conv1", "conv_shortcut")) or n in ("conv_in", "conv_out"))
     specs = make_specs(mods, rank=3, seed=2, alpha=6.0)
-    for layout in ("kohya", "peft-unet", "kohya-ldm"):
-        targets = parse(write_layout(specs, layout))
-        to_diffusers_naming(targets, "sd1")
-        for s in specs:
-            (t,) = [t for t in targets if t.module == s.diffusers]
-            assert t.weight_shape == s_shape(s) == inventory("sd1")["unet"][s.diffusers].shape
-            np.testing.assert_allclose(t.delta().numpy(), s.delta64() / s.scale * _expected_scale(layout, s),
-                                       rtol=1e-12)
+    targets = parse(write_layout(specs, layout))
+    to_diffusers_naming(targets, "sd1")
+    for s in specs:
+        (t,) = [t for t in targets if t.module == s.diffusers]
+        assert t.weight_shape == s_shape(s) == inventory("sd1")["unet"][s.diffusers].shape
+        np.testing.assert_allclose(t.delta().numpy(), s.delta64() / s.scale * _expected_scale(layout, s),
+                                   rtol=1e-12)
     assert any(s.down.shape[2:] == (3, 3) and s.up.shape[2:] == (1, 1) for s in specs)
 
 
@@ -447,72 +447,92 @@ def s_shape(s: Spec):
     return (s.up.shape[0], s.down.shape[1], *s.down.shape[2:])
 
 
-def test_sdxl_kohya_text_encoders_and_deep_transformer_blocks(tmp_path):
+def _sdxl_deep_modules():
     unet = _inv("sdxl", lambda n: "transformer_blocks.9." in n or n.endswith("attn2.to_k"))
     te1 = _inv("sdxl", lambda n: "layers.11." in n, "te1")
     te2 = _inv("sdxl", lambda n: "layers.31." in n or n == "text_projection", "te2")
+    return unet, te1, te2
+
+
+@pytest.mark.parametrize("layout", ["kohya", "kohya-ldm", "peft-unet", "diffusers"])
+def test_sdxl_kohya_text_encoders_and_deep_transformer_blocks(layout):
+    unet, te1, te2 = _sdxl_deep_modules()
     assert any(m.diffusers == "text_projection" for m in te2)
     specs = make_specs(unet, rank=2, seed=1, alpha=4.0) + make_specs(te1, "te1", seed=2, alpha=4.0) + \
         make_specs(te2, "te2", seed=3, alpha=4.0)
-    for layout in ("kohya", "kohya-ldm", "peft-unet", "diffusers"):
-        sd = write_layout(specs, layout, sdxl=True)
-        if layout.startswith("kohya"):
-            assert any(k.startswith("lora_te1_text_model_encoder_layers_11_") for k in sd)
-            assert "lora_te2_text_projection.lora_down.weight" in sd
-            assert any(k.startswith(("lora_unet_input_blocks_8_1_transformer_blocks_9_",
-                                     "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_")) for k in sd)
-        else:
-            assert any(k.startswith("text_encoder_2.text_model.encoder.layers.31.") for k in sd)
-        targets = parse(sd)
-        assert len(targets) == len(specs)
-        assert {t.component for t in targets} == {"unet", "te1", "te2"}
-        assert {t.scale for t in targets} == ({2.0} if layout.startswith("kohya") else {1.0})
-        assert full_matches(targets) == ["sdxl"]
-        to_diffusers_naming(targets, "sdxl")
-        assert {(t.component, t.module) for t in targets} == {(s.component, s.diffusers) for s in specs}
-        kohya = to_kohya(targets)
-        assert any(k.startswith("lora_te1_") for k in kohya) and not any(k.startswith("lora_te_t") for k in kohya)
-        back = parse(kohya)
-        to_diffusers_naming(back, "sdxl")
-        _same_targets(back, targets)
+    sd = write_layout(specs, layout, sdxl=True)
+    if layout.startswith("kohya"):
+        assert any(k.startswith("lora_te1_text_model_encoder_layers_11_") for k in sd)
+        assert "lora_te2_text_projection.lora_down.weight" in sd
+        assert any(k.startswith(("lora_unet_input_blocks_8_1_transformer_blocks_9_",
+                                 "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_")) for k in sd)
+    else:
+        assert any(k.startswith("text_encoder_2.text_model.encoder.layers.31.") for k in sd)
+    targets = parse(sd)
+    assert len(targets) == len(specs)
+    assert {t.component for t in targets} == {"unet", "te1", "te2"}
+    assert {t.scale for t in targets} == ({2.0} if layout.startswith("kohya") else {1.0})
+    assert full_matches(targets) == ["sdxl"]
+    to_diffusers_naming(targets, "sdxl")
+    assert {(t.component, t.module) for t in targets} == {(s.component, s.diffusers) for s in specs}
+    kohya = to_kohya(targets)
+    assert any(k.startswith("lora_te1_") for k in kohya) and not any(k.startswith("lora_te_t") for k in kohya)
+    back = parse(kohya)
+    to_diffusers_naming(back, "sdxl")
+    _same_targets(back, targets)
+
+
+def test_sdxl_text_only_file_with_te1_uses_the_single_encoder_prefix():
     # an SDXL text-only file with te1 only uses kohya's single-encoder prefix
+    _, te1, _ = _sdxl_deep_modules()
     t1 = parse(write_layout(make_specs(te1, "te1"), "kohya", sdxl=True))
     assert all(k.startswith("lora_te_") for k in to_kohya(t1))
     assert kohya_name(t1[0], single_text_encoder=False).startswith("lora_te1_")
 
 
-def test_text_encoder_key_variants():
-    (m,) = _inv("sd1", lambda n: n == "text_model.encoder.layers.0.self_attn.q_proj", "te1")
+TE_STEM = "text_model.encoder.layers.0.self_attn.q_proj"
+TE_VARIANTS = {
+    "kohya": lambda a, b: {f"lora_te_{TE_STEM.replace('.', '_')}.lora_down.weight": a,
+                           f"lora_te_{TE_STEM.replace('.', '_')}.lora_up.weight": b},
+    "peft": lambda a, b: {f"text_encoder.{TE_STEM}.lora_A.weight": a, f"text_encoder.{TE_STEM}.lora_B.weight": b},
+    "diffusers": lambda a, b: {f"text_encoder.{TE_STEM}.lora.down.weight": a,
+                               f"text_encoder.{TE_STEM}.lora.up.weight": b},
+    "linear-layer": lambda a, b: {f"text_encoder.{TE_STEM}.lora_linear_layer.down.weight": a,
+                                  f"text_encoder.{TE_STEM}.lora_linear_layer.up.weight": b},
+    "bare": lambda a, b: {f"{TE_STEM}.lora_A.weight": a, f"{TE_STEM}.lora_B.weight": b},
+}
+
+
+def _te_spec():
+    (m,) = _inv("sd1", lambda n: n == TE_STEM, "te1")
     (s,) = make_specs([m], "te1", rank=2)
-    a, b = s.down, s.up
-    stem = "text_model.encoder.layers.0.self_attn.q_proj"
-    variants = {
-        "kohya": {f"lora_te_{stem.replace('.', '_')}.lora_down.weight": a,
-                  f"lora_te_{stem.replace('.', '_')}.lora_up.weight": b},
-        "peft": {f"text_encoder.{stem}.lora_A.weight": a, f"text_encoder.{stem}.lora_B.weight": b},
-        "diffusers": {f"text_encoder.{stem}.lora.down.weight": a, f"text_encoder.{stem}.lora.up.weight": b},
-        "linear-layer": {f"text_encoder.{stem}.lora_linear_layer.down.weight": a,
-                         f"text_encoder.{stem}.lora_linear_layer.up.weight": b},
-        "bare": {f"{stem}.lora_A.weight": a, f"{stem}.lora_B.weight": b},
-    }
-    for name, sd in variants.items():
-        (t,) = parse(sd)
-        assert (t.component, t.module, t.naming) == ("te1", stem, "diffusers"), name
-        assert torch.equal(t.down, a) and torch.equal(t.up, b)
-    assert full_matches(parse(variants["kohya"])) == ["sd1", "sdxl"]  # CLIP-L is SD1's and SDXL's first encoder
+    return s.down, s.up
 
 
+@pytest.mark.parametrize("name", list(TE_VARIANTS))
+def test_text_encoder_key_variants(name):
+    a, b = _te_spec()
+    (t,) = parse(TE_VARIANTS[name](a, b))
+    assert (t.component, t.module, t.naming) == ("te1", TE_STEM, "diffusers"), name
+    assert torch.equal(t.down, a) and torch.equal(t.up, b)
+
+
+def test_a_kohya_clip_l_file_fits_sd1_and_sdxl():
+    a, b = _te_spec()
+    assert full_matches(parse(TE_VARIANTS["kohya"](a, b))) == ["sd1", "sdxl"]  # CLIP-L is SD1's and SDXL's first encoder
+
+
+@pytest.mark.parametrize("suffix", ["", ".default"], ids=["no-adapter-name", "default-adapter"])
 @pytest.mark.parametrize("prefix", ["unet.", "base_model.model.", "", "diffusion_model."])
-def test_peft_prefixes_and_default_adapter_name(prefix):
+def test_peft_prefixes_and_default_adapter_name(prefix, suffix):
     (m,) = _inv("sd1", lambda n: n == "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_v")
     (s,) = make_specs([m], rank=2, seed=4)
     path = m.ldm if prefix == "diffusion_model." else m.diffusers
-    for suffix in ("", ".default"):
-        sd = {f"{prefix}{path}.lora_A{suffix}.weight": s.down, f"{prefix}{path}.lora_B{suffix}.weight": s.up}
-        (t,) = parse(sd)
-        assert (t.component, t.module) == ("unet", path) and t.scale == 1.0
-        to_diffusers_naming([t], "sd1")
-        assert t.module == m.diffusers
+    sd = {f"{prefix}{path}.lora_A{suffix}.weight": s.down, f"{prefix}{path}.lora_B{suffix}.weight": s.up}
+    (t,) = parse(sd)
+    assert (t.component, t.module) == ("unet", path) and t.scale == 1.0
+    to_diffusers_naming([t], "sd1")
+    assert t.module == m.diffusers
 
 
 def test_old_attention_processor_names():
@@ -535,22 +555,31 @@ def _file(arch, pred, layout="diffusers", comp="unet", seed=0):
     return parse(write_layout(make_specs(_inv(arch, pred, comp), comp, seed=seed), layout))
 
 
-def test_detect_architecture_by_shapes():
-    attn1 = _file("sd1", lambda n: ".attn1." in n)
-    assert full_matches(attn1) == ["sd1", "sd2"]
-    with_k = _file("sd1", lambda n: ".attn1." in n or n.endswith("attn2.to_k"))
-    assert full_matches(with_k) == ["sd1"]
-    sd2 = _file("sd2", lambda n: n.endswith("attn2.to_k"))
-    assert full_matches(sd2) == ["sd2"]
-    sd2_proj = _file("sd2", lambda n: n.endswith("proj_in"))   # Linear in SD2, 1×1 conv in SD1
-    assert full_matches(sd2_proj) == ["sd2"] and full_matches(_file("sd1", lambda n: n.endswith("proj_in"))) == ["sd1"]
-    xl = _file("sdxl", lambda n: ".attn1." in n)
-    assert full_matches(xl) == ["sdxl"]
-    covs = detect_architectures(with_k)
+def _sd1_attn1_and_attn2_k(n):
+    return ".attn1." in n or n.endswith("attn2.to_k")
+
+
+SHAPE_CASES = {   # id: (arch the file is made from, module filter, layout, component), the bases it fits
+    "sd1-attn1": (("sd1", lambda n: ".attn1." in n), ["sd1", "sd2"]),
+    "sd1-attn1-and-attn2-k": (("sd1", _sd1_attn1_and_attn2_k), ["sd1"]),
+    "sd2-attn2-k": (("sd2", lambda n: n.endswith("attn2.to_k")), ["sd2"]),
+    "sd2-proj-in": (("sd2", lambda n: n.endswith("proj_in")), ["sd2"]),      # Linear in SD2, 1×1 conv in SD1
+    "sd1-proj-in": (("sd1", lambda n: n.endswith("proj_in")), ["sd1"]),
+    "sdxl-attn1": (("sdxl", lambda n: ".attn1." in n), ["sdxl"]),
+    "sd2-text-kohya": (("sd2", lambda n: "layers.22." in n, "kohya", "te1"), ["sd2"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPE_CASES))
+def test_detect_architecture_by_shapes(case):
+    args, fits = SHAPE_CASES[case]
+    assert full_matches(_file(*args)) == fits
+
+
+def test_detected_architectures_list_the_full_match_first_and_why_others_fail():
+    covs = detect_architectures(_file("sd1", _sd1_attn1_and_attn2_k))
     assert next(iter(covs)) == "sd1" and not covs["sd1"].unmatched
     assert covs["sd2"].unmatched and all(s.reason.startswith("shape") for s in covs["sd2"].unmatched)
-    sd2_te = _file("sd2", lambda n: "layers.22." in n, "kohya", "te1")
-    assert full_matches(sd2_te) == ["sd2"]
 
 
 def test_require_full_names_unmatched_keys():
