@@ -228,7 +228,9 @@ def test_patch_proof_counts_new_patches_not_inherited_ones():
     assert old_check == []                                              # would have accepted w.b
 
 
-def test_diffusers_host_refuses_bad_strengths_before_changing_anything(tmp_path):
+@pytest.mark.parametrize("s, match", [(-1.0, r"strength = -1\.0 is negative"), (0.0, "strength = 0 switches off")],
+                         ids=["negative", "zero"])
+def test_diffusers_host_refuses_bad_strengths_before_changing_anything(tmp_path, s, match):
     from safet2i.diffusers_adapter import load_safety_lora
 
     from tiny_diffusers import tiny_sd_pipeline
@@ -237,43 +239,62 @@ def test_diffusers_host_refuses_bad_strengths_before_changing_anything(tmp_path)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     mods = [m for m in unet_modules(UNetConfig.from_diffusers(pipe.unet.config)) if ".attn1." in m.diffusers]
     save_file(write_layout(make_specs(mods, rank=4), "diffusers"), str(tmp_path / "l.safetensors"))
-    for s, match in ((-1.0, r"strength = -1\.0 is negative"), (0.0, "strength = 0 switches off")):
-        with pytest.raises(SafeT2IError, match=match):
-            load_safety_lora(pipe, tmp_path / "l.safetensors", strength=s)
+    with pytest.raises(SafeT2IError, match=match):
+        load_safety_lora(pipe, tmp_path / "l.safetensors", strength=s)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
 
 
-def test_a_release_named_file_with_the_releases_contents_is_checked_for_its_architecture(tmp_path):
-    """DUO's violence LoRAs were released as gun/blood/horror/suffer.safetensors. Under that
-    name a file with exactly DUO's contents (attn1, rank 32, 64 targets: it fits SD2 by shape)
-    is taken for the release for the architecture check; other contents under the name are not."""
-    from safet2i.lora import check_made_for
-    from safet2i.diffusers_adapter import host_arch, load_safety_lora
-
-    f = tmp_path / "gun.safetensors"
+@pytest.fixture(scope="module")
+def gun(tmp_path_factory):
+    """DUO's violence LoRAs were released as gun/blood/horror/suffer.safetensors: a file with
+    exactly DUO's contents (attn1, rank 32, 64 targets: it fits SD2 by shape) under that name."""
+    f = tmp_path_factory.mktemp("release") / "gun.safetensors"
     _duo(f)
-    lf = load_lora(f)
+    return f
+
+
+@pytest.mark.parametrize("host", ["sd2", "sdxl"])
+def test_a_release_named_file_with_the_releases_contents_is_checked_for_its_architecture(gun, host):
+    """Under the release's name a file with exactly DUO's contents is taken for the release for
+    the architecture check."""
+    from safet2i.lora import check_made_for
+
+    lf = load_lora(gun)
     assert lf.entry is None and lf.architectures == ["sd1", "sd2"]
     check_made_for(lf, "sd1", "x")
     check_made_for(lf, None, "x")
-    for host in ("sd2", "sdxl"):
-        with pytest.raises(ModelLoadError, match=r"duo-violence-gun.*made for Stable Diffusion v1\.4.*"
-                                                 r"Identified by its release name gun\.safetensors"):
-            check_made_for(lf, host, "Safety LoRA gun.safetensors")
+    with pytest.raises(ModelLoadError, match=r"duo-violence-gun.*made for Stable Diffusion v1\.4.*"
+                                             r"Identified by its release name gun\.safetensors"):
+        check_made_for(lf, host, "Safety LoRA gun.safetensors")
+
+
+@pytest.mark.parametrize("allow_partial", [False, True], ids=["strict", "allow-partial"])
+def test_a_release_named_file_is_refused_by_a_diffusers_host_of_another_architecture(gun, allow_partial):
+    from safet2i.diffusers_adapter import host_arch, load_safety_lora
+
     pipe = types.SimpleNamespace(unet=meta_unet(UNET_KW["sd2"]))
     assert host_arch(pipe) == "sd2"
-    for allow_partial in (False, True):
-        with pytest.raises(ModelLoadError, match="Identified by its release name"):
-            load_safety_lora(pipe, f, allow_partial=allow_partial)
+    with pytest.raises(ModelLoadError, match="Identified by its release name"):
+        load_safety_lora(pipe, gun, allow_partial=allow_partial)
+
+
+def test_other_contents_under_a_release_name_decide_nothing(tmp_path):
     # not DUO's contents (rank 2 cross-attention): the name alone decides nothing
+    from safet2i.lora import check_made_for
+
     g = tmp_path / "other" / "gun.safetensors"
     g.parent.mkdir()
     mods = [m for name, m in inventory("sd1")["unet"].items() if name.endswith("attn1.to_q")]
     save_file(write_layout(make_specs(mods, rank=2), "kohya"), str(g))
     check_made_for(load_lora(g), "sd2", "x")
+
+
+def test_the_releases_contents_under_an_unknown_name_are_checked_by_shape(gun, tmp_path):
     # a file that fits SD1 completely but not SDXL, unknown to the manifest: refused by shape
+    from safet2i.lora import check_made_for
+
     h = tmp_path / "mine.safetensors"
-    h.write_bytes(f.read_bytes())
+    h.write_bytes(gun.read_bytes())
     with pytest.raises(ModelLoadError, match="made for SD1.x.*Refused even with allow_partial"):
         check_made_for(load_lora(h), "sdxl", "x")
     check_made_for(load_lora(h), "sd2", "x")          # SD2 fits it completely and nothing says otherwise
