@@ -113,11 +113,14 @@ def test_a_policy_file_with_a_typo_is_an_error(tmp_path):
         SafetyFilter(["nudenet"], str(path), "blur")                # a policy given by file name
 
 
-def test_presets_whose_labels_the_models_do_not_emit_stay_legitimate(face):
+@pytest.mark.parametrize("preset", ["strict-5", "broad-9", "face-only"])
+def test_presets_whose_labels_the_models_do_not_emit_stay_legitimate(face, preset):
     # strict-5 / broad-9 / face-only with Open-NSFW only: the classifier's sidecar threshold applies.
-    for preset in ("strict-5", "broad-9", "face-only"):
-        flt = SafetyFilter(["opennsfw"], preset, "blur")
-        assert flt.check([face])[0].findings                       # nsfw / sfw scores are judged
+    flt = SafetyFilter(["opennsfw"], preset, "blur")
+    assert flt.check([face])[0].findings                       # nsfw / sfw scores are judged
+
+
+def test_labels_the_user_typed_are_checked_even_when_a_preset_has_them():
     # ...but labels the *user* typed are checked, even when a preset has them
     with pytest.raises(PolicyError, match="FEMALE_BREAST_EXPOSED.*opennsfw"):
         SafetyFilter(["opennsfw"], get_policy("strict-5", "FEMALE_BREAST_EXPOSED=0.5"), "blur")
@@ -179,21 +182,21 @@ def test_minimum_strengths_follow_the_region_sizes():
     assert min_strength("pixelate", whole) == pytest.approx(30.0)
 
 
-def test_weak_strengths_are_raised_to_the_minimum_and_hide_the_face(face, judge_filter):
+@pytest.mark.parametrize("action, weak", [("blur", 1.0), ("blur", 2.0), ("pixelate", 1.0)])
+def test_weak_strengths_are_raised_to_the_minimum_and_hide_the_face(face, judge_filter, action, weak):
     f = face.astype(np.float32) / 255.0
     assert face_score(judge_filter, f) > 0.7
-    for action, weak in (("blur", 1.0), ("blur", 2.0), ("pixelate", 1.0)):
-        flt = SafetyFilter(["nudenet"], "face-only", action, strength=weak)
-        v = flt.check([face])[0]
-        m = flt.mask(v)
-        plain = censor(f, m, action, strength=weak)                 # the minimum applies here too
-        assert face_score(judge_filter, plain) < 0.5, (action, weak)
-        before = f.copy()
-        out = flt.run(f[None])
-        np.testing.assert_array_equal(f, before)                   # the input is never written
-        assert out.verdicts[0].escalated is None                     # the minimum alone was enough
-        assert face_score(judge_filter, out.images[0]) < 0.5
-        np.testing.assert_array_equal(out.images[0][m == 0], f[m == 0])
+    flt = SafetyFilter(["nudenet"], "face-only", action, strength=weak)
+    v = flt.check([face])[0]
+    m = flt.mask(v)
+    plain = censor(f, m, action, strength=weak)                 # the minimum applies here too
+    assert face_score(judge_filter, plain) < 0.5, (action, weak)
+    before = f.copy()
+    out = flt.run(f[None])
+    np.testing.assert_array_equal(f, before)                   # the input is never written
+    assert out.verdicts[0].escalated is None                     # the minimum alone was enough
+    assert face_score(judge_filter, out.images[0]) < 0.5
+    np.testing.assert_array_equal(out.images[0][m == 0], f[m == 0])
 
 
 @pytest.fixture
