@@ -24,6 +24,7 @@ from ..safet2i.steering import ORDERS, SVF_PRESETS, SteeringPlan, concept_projec
 from ..safet2i.steering.concepts import preset_choices
 from ..safet2i.steering.plan import channel_slices, packed_encode, token_words
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
+from ..safet2i.steering.settings import CONFIGURATIONS, CUSTOM, SteeringSettings, concepts_negative, configure, describe
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
 
 EOS = 49407
@@ -216,6 +217,10 @@ class SafeT2IPromptSteer(io.ComfyNode):
                                  tooltip="Also output the concept list as the negative prompt, as SAFREE's runs do."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Passed through as 'negative' unless concepts_as_negative is on."),
+                io.Combo.Input("configuration", options=list(CONFIGURATIONS), default=CUSTOM, optional=True,
+                               tooltip="'SAFREE (paper configuration)': the paper's runs (nudity concepts, α 0.01, "
+                                       "code order, self-validating on, off on SDXL, concepts as the negative "
+                                       "prompt), overriding the inputs above; 'custom settings': the inputs above."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive"),
@@ -226,11 +231,15 @@ class SafeT2IPromptSteer(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text, concepts, custom_concepts="", alpha=0.01, order="code", self_validating=True,
-                concepts_as_negative=False, negative=None) -> io.NodeOutput:
-        items, svf_name = load_concepts(concepts, custom_concepts)
-        positive, rep = steer_text(clip, text, items, svf_name, alpha, order, self_validating)
-        if concepts_as_negative:
-            negative = clip.encode_from_tokens_scheduled(clip.tokenize(", ".join(items)))
+                concepts_as_negative=False, negative=None, configuration=CUSTOM) -> io.NodeOutput:
+        own = SteeringSettings(concepts, custom_concepts, alpha, order, self_validating, concepts_as_negative)
+        arch = "sdxl" if getattr(clip.cond_stage_model, "clip_g", None) is not None else None
+        s = configure(configuration, own, arch)
+        items, svf_name = load_concepts(s.concepts, s.custom)
+        positive, rep = steer_text(clip, text, items, svf_name, s.alpha, s.order, s.self_validating)
+        rep["configuration"] = describe(configuration, s)
+        if s.concepts_as_negative:
+            negative = clip.encode_from_tokens_scheduled(clip.tokenize(concepts_negative(items)))
         elif negative is None:
             negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         return io.NodeOutput(positive, negative, json.dumps(rep), ui=ui.PreviewText("\n".join(report_lines(rep))))

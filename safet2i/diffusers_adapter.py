@@ -247,7 +247,9 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     unchanged). ``original`` is the pipeline's own ``encode_prompt`` output; with no trigger
     token ``steered`` is that very tensor. The concept subspace is cached per text encoder
     (weakly referenced) and the state of its weights (:func:`weights_state`), so merging a
-    LoRA into the encoder in place or changing its PEFT adapters gives a new subspace. Single-token prompts are never steered (SAFREE's rule).
+    LoRA into the encoder in place or changing its PEFT adapters gives a new subspace. A one-token
+    prompt is steered when removing the token moves it away from the concepts (docs/steering.md).
+    Concepts as negative prompt and the paper's configuration: :func:`steering_pipeline_kwargs`.
     """
     from . import steering  # noqa: PLC0415  (steering.concept_projector looked up at call time)
 
@@ -266,6 +268,38 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     out = plan.steer(original[0])
     steered = out.rows[None] if out.changed else original
     return steered, original, out.fraction, plan.entries(out)
+
+
+def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nudity", *, configuration: str = "custom settings",
+                             negative_prompt: str = "", alpha: float = 0.01, order: str = "code",
+                             self_validating: bool = True, concepts_as_negative: bool = False) -> tuple[dict, dict]:
+    """``(kwargs, report)``: ``pipe(prompt=None, **kwargs, ...)`` runs ``prompt`` steered (and,
+    with ``concepts_as_negative``, with the concept list joined by ", " after ``negative_prompt``
+    as the negative prompt, as SAFREE's runs do). ``configuration="SAFREE (paper
+    configuration)"`` runs it as the paper did (``safet2i.steering.settings.PAPER``: the nudity
+    concepts, α 0.01, code order, self-validating on, off for SDXL, concepts as negative),
+    overriding the other settings. SDXL: the pipeline's pooled embeddings are passed, unchanged."""
+    from .steering import load_concepts  # noqa: PLC0415
+    from .steering.settings import SteeringSettings, concepts_negative, configure, describe  # noqa: PLC0415
+
+    own = SteeringSettings(concepts, "", alpha, order, self_validating, concepts_as_negative) if isinstance(concepts, str) \
+        else SteeringSettings("custom", "\n".join(concepts), alpha, order, self_validating, concepts_as_negative)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    s = configure(configuration, own, "sdxl" if sdxl else None)
+    items, _ = load_concepts(s.concepts, s.custom)
+    steered, original, fraction, entries = steer_prompt(pipe, prompt, s.concepts if s.concepts != "custom" else items,
+                                                        alpha=s.alpha, order=s.order, self_validating=s.self_validating)
+    kwargs = steering_kwargs(steered, original, fraction)
+    negative = concepts_negative(items, negative_prompt) if s.concepts_as_negative else negative_prompt
+    if negative:
+        kwargs["negative_prompt"] = negative
+    if sdxl:
+        with torch.no_grad():
+            kwargs["pooled_prompt_embeds"] = pipe.encode_prompt(prompt=prompt, device=pipe.text_encoder.device,
+                                                                num_images_per_prompt=1,
+                                                                do_classifier_free_guidance=False)[2]
+    return kwargs, {"configuration": describe(configuration, s), "concepts": len(items),
+                    "steered_fraction": round(fraction, 4), "chunks": entries}
 
 
 def switch_after(fraction: float, original: torch.Tensor):

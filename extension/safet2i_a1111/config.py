@@ -14,6 +14,7 @@ from safet2i.filter.censor import ACTIONS
 from safet2i.filter.policy import DEFAULT_POLICY, PRESETS as FILTER_PRESETS
 from safet2i.guidance import DEFAULT_CONCEPT, METHODS, SLD_PRESETS
 from safet2i.steering.safree import ORDERS
+from safet2i.steering.settings import CONFIGURATIONS, CUSTOM, SteeringSettings, configure
 
 # Every choice list comes from the core; only the host's own additions are spelt out here.
 POLICIES = tuple(FILTER_PRESETS)
@@ -52,6 +53,9 @@ class JobConfig:
     weights_enabled: bool = False
     weights_file: str = "None"
     weights_part: str = "auto"      # auto (from the file's keys) | unet | text_encoder
+    # Prompt layer, appended later (issue 21): SAFREE's negative prompt and named configurations.
+    steering_concepts_as_negative: bool = False
+    steering_configuration: str = CUSTOM
 
     @classmethod
     def arg_names(cls) -> list[str]:
@@ -84,6 +88,12 @@ class JobConfig:
         if self.filter_action not in FILTER_ACTIONS:
             raise ValueError(f"SafeT2I: unknown filter action {self.filter_action!r}; use one of {FILTER_ACTIONS}")
         validate_layers(self)
+
+    def steering(self, arch: str | None) -> SteeringSettings:
+        """The steering settings of this job (a named configuration overrides the others)."""
+        own = SteeringSettings(self.steering_concepts, self.steering_custom, self.steering_alpha, self.steering_order,
+                               self.steering_self_validating, self.steering_concepts_as_negative)
+        return configure(self.steering_configuration, own, arch)
 
     @property
     def guidance_active(self) -> bool:
@@ -158,6 +168,10 @@ def validate_layers(cfg: JobConfig) -> None:
     # API callers send JSON: "false" must not read as True.
     cfg.steering_enabled, cfg.lora_enabled = as_bool(cfg.steering_enabled), as_bool(cfg.lora_enabled)
     cfg.steering_self_validating = as_bool(cfg.steering_self_validating)
+    cfg.steering_concepts_as_negative = as_bool(cfg.steering_concepts_as_negative)
+    if cfg.steering_configuration not in CONFIGURATIONS:
+        raise ValueError(f"SafeT2I: unknown steering configuration {cfg.steering_configuration!r}; "
+                         f"use one of {CONFIGURATIONS}")
     cfg.lora_allow_partial = as_bool(cfg.lora_allow_partial)
     cfg.steering_alpha, cfg.lora_strength = float(cfg.steering_alpha), float(cfg.lora_strength)
     cfg.steering_custom, cfg.lora_file = str(cfg.steering_custom or ""), str(cfg.lora_file or "None")
@@ -184,7 +198,10 @@ def layers_infotext(cfg: JobConfig) -> dict[str, str]:
     out = {}
     if cfg.steering_enabled:
         out["SafeT2I steering"] = (f"{cfg.steering_concepts} alpha={cfg.steering_alpha:g} order={cfg.steering_order} "
-                                   f"svf={'on' if cfg.steering_self_validating else 'off'}")
+                                   f"svf={'on' if cfg.steering_self_validating else 'off'}"
+                                   + (" negative=concepts" if cfg.steering_concepts_as_negative else ""))
+        if cfg.steering_configuration != CUSTOM:
+            out["SafeT2I steering configuration"] = cfg.steering_configuration
         if cfg.steering_concepts == "custom":
             out["SafeT2I steering concepts"] = cfg.steering_custom
     if cfg.lora_enabled:
@@ -231,6 +248,10 @@ def parse_layers_infotext(params: dict) -> dict:
                 out["steering_order"] = value
             elif key == "svf" and value in ("on", "off"):
                 out["steering_self_validating"] = value == "on"
+        out["steering_concepts_as_negative"] = "negative=concepts" in words[1:]
+    if "SafeT2I steering" in params:      # a configuration applies to this image's steering only
+        configuration = str(params.get("SafeT2I steering configuration", CUSTOM)).strip()
+        out["steering_configuration"] = configuration if configuration in CONFIGURATIONS else CUSTOM
     if "SafeT2I steering concepts" in params:
         out["steering_custom"] = params["SafeT2I steering concepts"]
     if "SafeT2I LoRA" in params:

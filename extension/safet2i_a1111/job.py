@@ -29,6 +29,7 @@ class Job:
     lora: lora_layer.SafetyLora | None = None     # model layer (lora.py)
     weights: weights_layer.SafetyWeights | None = None   # model layer (weights.py): full safety weights
     steering_texts: list = field(default_factory=list)   # the texts of the current batch (report)
+    steering_settings: object = None              # the job's effective SteeringSettings (set in process)
     concept: object = None                        # Forge/reForge: the concept embedding of the batch
     runs: list = field(default_factory=list)      # guidance hooks / UNet-patch runs (steps_guided each)
     guided_mark: int = 0                          # guided steps counted at the last check

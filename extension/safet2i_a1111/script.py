@@ -22,6 +22,9 @@ import logging
 import modules.scripts as scripts
 from modules import shared
 
+from safet2i.steering import load_concepts
+from safet2i.steering.settings import concepts_negative
+
 from . import TITLE, forge_guidance, ui
 from . import lora as lora_layer
 from . import weights as weights_layer
@@ -36,6 +39,12 @@ from .job import _ACTIVE, Job, _fallback_config, _job
 from .route import _encode_frames, _on_app_started, api_max_body  # noqa: F401
 from .settings import enforcement, opt as _opt
 from .steering import SteeringHook, candidate_texts
+
+
+def _arch(sd_model) -> str | None:
+    """The model family a named steering configuration depends on (the paper's SDXL runs)."""
+    return "sdxl" if getattr(sd_model, "is_sdxl", False) else None
+
 
 log = logging.getLogger("safet2i")
 
@@ -144,6 +153,8 @@ class SafeT2IScript(scripts.Script):
         if job is None:
             return
         p.extra_generation_params.update(job.cfg.infotext())
+        if job.cfg.steering_enabled and not job.failed:
+            self._steering_settings(p, job)
         modified = weights_layer.modified(p.sd_model)
         if modified and not job.failed:
             job.fail(modified)
@@ -160,6 +171,22 @@ class SafeT2IScript(scripts.Script):
                 p.extra_generation_params["SafeT2I LoRA coverage"] = job.lora.infotext()
             except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
                 job.fail("safety LoRA", exc)
+
+    def _steering_settings(self, p, job: Job) -> None:
+        """The job's steering settings (a named configuration applied for this model family) and,
+        with concepts as negative, the concept list added to every negative prompt of the job
+        (after ``setup_prompts``, before the batches: the infotext shows it)."""
+        try:
+            job.steering_settings = s = job.cfg.steering(_arch(p.sd_model))
+            if s.concepts_as_negative:
+                items, _ = load_concepts(s.concepts, s.custom)
+                for name in ("all_negative_prompts", "all_hr_negative_prompts"):
+                    if isinstance(getattr(p, name, None), list):
+                        setattr(p, name, [concepts_negative(items, n) for n in getattr(p, name)])
+                if getattr(p, "all_negative_prompts", None) and hasattr(p, "main_negative_prompt"):
+                    p.main_negative_prompt = p.all_negative_prompts[0]
+        except Exception as exc:  # noqa: BLE001 - fail closed: any error in the layer blocks the job
+            job.fail("steering", exc)
 
     def _apply_weights(self, p, job: Job) -> None:
         """Full safety weights into the loaded model for this job; the originals come back in
@@ -232,9 +259,9 @@ class SafeT2IScript(scripts.Script):
             return
         try:
             if job.steering is None:
-                job.steering = SteeringHook.for_model(
-                    p.sd_model, job.cfg.steering_concepts, job.cfg.steering_custom, alpha=job.cfg.steering_alpha,
-                    order=job.cfg.steering_order, self_validating=job.cfg.steering_self_validating)
+                s = job.steering_settings or job.cfg.steering(_arch(p.sd_model))
+                job.steering = SteeringHook.for_model(p.sd_model, s.concepts, s.custom, alpha=s.alpha, order=s.order,
+                                                      self_validating=s.self_validating)
             hires = list(getattr(p, "hr_prompts", None) or []) if getattr(p, "enable_hr", False) else []
             steps = [p.steps, getattr(p, "hr_second_pass_steps", 0) or p.steps]
             job.steering_texts = candidate_texts(list(p.prompts) + hires, steps)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import lora as lora_layer
 from . import weights as weights_layer
 from .config import (
-    DEFAULT_CONCEPT, FILTER_ACTIONS, GUIDANCE_METHODS, LORA_STRENGTH, POLICIES, SLD_PRESET_NAMES, STEERING_ORDERS,
+    CONFIGURATIONS, CUSTOM, DEFAULT_CONCEPT, FILTER_ACTIONS, GUIDANCE_METHODS, LORA_STRENGTH, POLICIES, SLD_PRESET_NAMES, STEERING_ORDERS,
     JobConfig, parse_infotext, steering_presets,
 )
 from .settings import DEFAULTS as D
@@ -55,6 +55,10 @@ def build(is_img2img):
                     steer_alpha = gr.Number(0.01, label="Trigger margin α (0-10)")
                     steer_order = gr.Dropdown(list(STEERING_ORDERS), value="code", label="Projection order")
                     steer_svf = gr.Checkbox(True, label="Self-validating window (steer the first t' of 50 steps)")
+                with gr.Row():
+                    steer_negative = gr.Checkbox(False, label="Concepts as negative prompt (as SAFREE's runs)")
+                    steer_config = gr.Dropdown(list(CONFIGURATIONS), value=CUSTOM, label="Configuration (a named one "
+                                               "overrides the settings above)")
             with InputAccordion(False, label="Safety guidance (sampler)") as guidance_enabled:
                 method = gr.Dropdown(list(GUIDANCE_METHODS), value=_opt("safet2i_guidance_method", D.guidance_method),
                                      label="Method")
@@ -70,12 +74,12 @@ def build(is_img2img):
     components = [guidance_enabled, method, preset, concept, filter_enabled, policy, action,
                   steering_enabled, steer_concepts, steer_custom, steer_alpha, steer_order, steer_svf,
                   lora_enabled, lora_file, lora_strength, lora_partial,
-                  weights_enabled, weights_file, weights_part]
+                  weights_enabled, weights_file, weights_part, steer_negative, steer_config]
     names = JobConfig.arg_names()
     assert len(components) == len(names)
     infotext_fields = [(c, (lambda key: (lambda params: parse_infotext(params).get(key, None)))(n))
                             for c, n in zip(components, names)]
     paste_field_names = ["SafeT2I guidance", "SafeT2I concept", "SafeT2I filter", "SafeT2I steering",
-                              "SafeT2I steering concepts", "SafeT2I LoRA", "SafeT2I LoRA strength",
+                              "SafeT2I steering concepts", "SafeT2I steering configuration", "SafeT2I LoRA", "SafeT2I LoRA strength",
                               "SafeT2I LoRA partial", "SafeT2I weights", "SafeT2I weights part"]
     return components, infotext_fields, paste_field_names

@@ -97,12 +97,12 @@ def packed_encode(run, original: list[int], variants: list[list[int]]) -> tuple[
 
 
 def leave_one_out(encoder: TextEncoder, ids: list[int], data=None, rows: torch.Tensor | None = None):
-    """End-token rows [n, d] of the chunk's leave-one-out variants (None below 2 prompt tokens).
+    """End-token rows [n, d] of the chunk's leave-one-out variants (None for an empty chunk).
 
     ``rows``: the host's own rows [L, d] of the chunk on this encoder's channels; a packed
     encode is used only when they are there to check it against."""
     eos, n = chunk_span(ids, encoder.end_id)
-    if n < 2:
+    if n < 1:
         return None
     variants, length = leave_one_out_ids(ids, n), len(ids)
     cut = eos < length
@@ -150,13 +150,11 @@ class ChunkPlan:
     n: int                            # prompt tokens (rows 1..n)
     loo: torch.Tensor | None          # [n, d] end-token rows of the leave-one-out variants
     rows: torch.Tensor | None = None  # [L, d] the encoder's own rows (plans built without host rows)
+    pooled: torch.Tensor | None = None  # [d] the chunk's own end-token row (one-token chunks: the trigger test)
 
     @property
     def note(self) -> str | None:
-        """SAFREE's rule: the trigger test needs another token to compare with."""
-        if self.n >= 2:
-            return None
-        return f"prompt too short to steer ({self.n} token{'' if self.n == 1 else 's'})"
+        return "empty prompt: nothing to steer" if self.n < 1 else None
 
 
 @dataclass
@@ -202,7 +200,9 @@ class SteeringPlan:
                 host = None if rows is None else rows[k * self.length:(k + 1) * self.length, slices[e]]
                 own = encoder.encode([ids], [data])[0] if rows is None else None
                 loo = leave_one_out(encoder, ids, data, host)
-                plans.append(ChunkPlan(e, k, ids, chunk_span(ids, encoder.end_id)[1], loo, own))
+                eos, n = chunk_span(ids, encoder.end_id)
+                pooled = (own if host is None else host)[min(eos, self.length - 1)] if n == 1 else None
+                plans.append(ChunkPlan(e, k, ids, n, loo, own, pooled))
             self.chunks.append(plans)
         if rows is None:
             self.widths = [c[0].rows.shape[-1] for c in self.chunks]
@@ -239,7 +239,7 @@ class SteeringPlan:
                 span = slice(c.index * self.length, (c.index + 1) * self.length)
                 part = rows[span, slices[e]]
                 res = SteerResult(part) if c.loo is None else steer_chunk(part, c.loo, self.projectors[e], c.n,
-                                                                          **self.settings)
+                                                                          pooled=c.pooled, **self.settings)
                 if res.changed:
                     if out is rows:
                         out = rows.clone()
@@ -283,6 +283,8 @@ def report_lines(report: dict) -> list[str]:
     """The report as a few lines of text (ComfyUI's preview)."""
     lines = [f"SAFREE-style steering: {report['concepts']} concepts, steered for {report['steered_fraction']:.0%} "
              "of the steps"]
+    if "configuration" in report:
+        lines.append(f"settings: {report['configuration']}")
     for c in report["chunks"]:
         if c["triggers"]:
             words = ", ".join(repr(w) for w in c["trigger_words"])
@@ -329,8 +331,10 @@ def steer_sequence(
     for c, ids in enumerate(chunk_ids):
         chunk_rows = rows[c * length:(c + 1) * length]
         loo = leave_one_out(encoder, list(ids))
+        eos, n = chunk_span(list(ids), eos_id)
         if loo is None:
             results.append(SteerResult(chunk_rows))
         else:
-            results.append(steer_chunk(chunk_rows, loo, p_concept, chunk_span(list(ids), eos_id)[1], **kw))
+            pooled = chunk_rows[min(eos, length - 1)] if n == 1 else None
+            results.append(steer_chunk(chunk_rows, loo, p_concept, n, pooled=pooled, **kw))
     return results

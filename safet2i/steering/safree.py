@@ -11,6 +11,7 @@ for SD1.x; consistent for SD2.x's penultimate layer and each SDXL encoder)::
     C    = [pool(k_1) … pool(k_K)]             concept subspace,  P_C = C (CᵀC)⁺ Cᵀ
     M    = [pool(T with token i := id 0) …]    leave-one-token-out, P_M = M (MᵀM)⁺ Mᵀ
     d_i  = ‖(I − P_C) p_\\i‖                    trigger iff d_i ≥ (1 + α) · mean_{j≠i} d_j
+                                               (one token: d_1 ≥ (1 + α) · ‖(I − P_C) p‖)
     h'_j = (I − P_C) P_M h_j                   (official code's order; the paper prints P_M (I − P_C))
     β    = 1 − mean_j cos(h_j, h'_j)           over BOS, prompt tokens and the first EOS
     t'   = round(up_t · sigmoid(2k · (10β − t0)))     steered rows for steps i ≤ t' of 50
@@ -40,14 +41,24 @@ def projector(vectors: torch.Tensor) -> torch.Tensor:
     return a @ torch.linalg.pinv(a.T @ a) @ a.T
 
 
-def trigger_tokens(loo_pooled: torch.Tensor, p_concept: torch.Tensor, alpha: float = 0.01) -> list[int]:
+def trigger_tokens(loo_pooled: torch.Tensor, p_concept: torch.Tensor, alpha: float = 0.01,
+                   pooled: torch.Tensor | None = None) -> list[int]:
     """Indices i (0-based among the prompt's n tokens) whose removal pushes the prompt
-    notably farther from the concept subspace. ``loo_pooled`` [n, d]."""
+    notably farther from the concept subspace. ``loo_pooled`` [n, d].
+
+    One token (n = 1) has no other token to compare with; it is compared with the prompt
+    itself, ``pooled`` [d] (its own pooled vector): a trigger iff ‖(I − P_C) p_\\1‖ ≥ (1 + α) ·
+    ‖(I − P_C) p‖. A lone concept word lies in the subspace (distance 0) and always triggers;
+    without ``pooled`` a lone token is never a trigger. (The released code's mean over no other
+    token is NaN, which it counts as a trigger: every lone token, ``cat`` too, is steered.)"""
     n = loo_pooled.shape[0]
-    if n < 2:
+    if n < 1 or (n == 1 and pooled is None):
         return []
     eye = torch.eye(p_concept.shape[0], dtype=torch.float64, device=p_concept.device)
-    dist = ((eye - p_concept) @ loo_pooled.to(device=p_concept.device, dtype=torch.float64).T).norm(dim=0)  # [n]
+    vectors = loo_pooled if n > 1 else torch.cat([loo_pooled, pooled.reshape(1, -1).to(loo_pooled)])
+    dist = ((eye - p_concept) @ vectors.to(device=p_concept.device, dtype=torch.float64).T).norm(dim=0)
+    if n == 1:
+        return [0] if dist[0] >= (1.0 + alpha) * dist[1] else []
     others = (dist.sum() - dist) / (n - 1)
     return [i for i in range(n) if dist[i] >= (1.0 + alpha) * others[i]]
 
@@ -95,15 +106,17 @@ def steer_chunk(
     order: str = "code",
     svf: tuple[float, float] | None = SVF_PRESETS["nudity"],
     up_t: float = 10.0,
+    pooled: torch.Tensor | None = None,
 ) -> SteerResult:
     """Steer one 77-row chunk whose prompt tokens occupy rows 1..n_tokens (BOS at 0, EOS at
-    n_tokens + 1). ``loo_pooled`` [n, d]: pooled vectors with each token replaced in turn.
+    n_tokens + 1). ``loo_pooled`` [n, d]: pooled vectors with each token replaced in turn;
+    ``pooled`` [d]: the chunk's own pooled vector (the one-token trigger test needs it).
     ``svf=None`` steers every step (t' = 50)."""
     if n_tokens < 1 or loo_pooled.shape[0] != n_tokens:
         return SteerResult(rows)
     p_concept = p_concept.to(rows.device)  # all float64 work on the rows' device
     loo_pooled = loo_pooled.to(rows.device)
-    trig = trigger_tokens(loo_pooled, p_concept, alpha)
+    trig = trigger_tokens(loo_pooled, p_concept, alpha, pooled)
     if not trig:
         return SteerResult(rows)
     p_input = projector(loo_pooled)

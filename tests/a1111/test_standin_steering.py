@@ -146,3 +146,51 @@ def test_rows_are_told_apart_by_the_webuis_bookkeeping(start, variant):
         assert len(hook._rows) == 3 and not hook._bound
     else:
         assert len(hook._bound) == 3 and not hook._rows
+
+
+@pytest.mark.parametrize("variant", ["a1111-1.10", "forge"])
+@pytest.mark.parametrize("negative", ["", "blurry, lowres"], ids=["no-negative", "user-negative"])
+def test_paper_configuration_steers_with_the_paper_settings_and_concepts_as_negative(start, variant, negative):
+    """SAFREE (paper configuration): the 17 nudity concepts, α 0.01, code order, self-validating on
+    (SD1), and the concept list joined with ", " after the user's negative prompt in every negative
+    prompt of the job (the infotext shows it); the UI's own steering settings are overridden."""
+    from safet2i.steering import load_concepts
+
+    webui = start(variant, kind="sd1-text")
+    concepts, _ = load_concepts("nudity")
+    joined = ", ".join(concepts)
+    uncond = []
+    webui.callbacks.on_cfg_denoiser(lambda params: uncond.append(params.text_uncond))
+    args = webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom="cat", steering_alpha=5.0,
+                         steering_self_validating=False, steering_configuration="SAFREE (paper configuration)")
+    p, processed = webui.txt2img(PROMPT, negative_prompt=negative, batch_size=2, steps=STEPS, args=args)
+    job = p._safet2i_job
+    assert not job.failed, job.failed
+    want = f"{negative}, {joined}" if negative else joined
+    assert p.all_negative_prompts == [want, want]
+    assert f"Negative prompt: {want}\n" in processed.infotexts[0]
+    assert "SafeT2I steering configuration: SAFREE (paper configuration)" in processed.infotexts[0]
+    s = job.steering_settings
+    assert (s.concepts, s.alpha, s.order, s.self_validating, s.concepts_as_negative) == ("nudity", 0.01, "code", True,
+                                                                                          True)
+    assert job.steering.concepts == concepts and job.steering.kw["alpha"] == 0.01
+    engine = webui.shared.sd_model.engine
+    want_rows = engine.encode_with_transformers(torch.tensor([c.tokens for c in engine.tokenize_line(want)[0]]))
+    assert uncond and all(torch.equal(u[0], want_rows.reshape(-1, want_rows.shape[-1]).to(u)) for u in uncond)
+
+
+@pytest.mark.parametrize("variant", ["a1111-1.10", "reforge"])
+def test_concepts_as_negative_alone_and_pasting_the_infotext_back_adds_nothing_twice(start, variant):
+    from safet2i.steering import load_concepts
+
+    webui = start(variant, kind="sd1-text")
+    args = webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom="nude, naked",
+                         steering_concepts_as_negative=True)
+    p, processed = webui.txt2img(PROMPT, negative_prompt="blurry", steps=STEPS, args=args)
+    assert not p._safet2i_job.failed and p.all_negative_prompts == ["blurry, nude, naked"]
+    assert "negative=concepts" in processed.infotexts[0]
+    assert "SafeT2I steering configuration" not in processed.infotexts[0]
+    assert p._safet2i_job.steering.concepts == load_concepts("custom", "nude, naked")[0]
+    # A negative prompt that already ends with the list (pasted from these parameters) keeps it once.
+    p, _ = webui.txt2img(PROMPT, negative_prompt="blurry, nude, naked", steps=STEPS, args=args)
+    assert p.all_negative_prompts == ["blurry, nude, naked"]

@@ -228,8 +228,38 @@ def test_concepts_as_negative_is_a_plain_encode_of_the_joined_list(comfy, tiny_c
     assert neg.shape == ref.shape and torch.equal(neg, ref)
 
 
-def test_single_token_prompt_is_reported_too_short(comfy, tiny_checkpoint):
+def test_single_concept_word_prompt_is_steered_and_empty_prompt_reported(comfy, tiny_checkpoint):
+    """A lone concept word is steered (docs/steering.md, one-token prompts); an empty prompt says so."""
     entry = run_ok(comfy, steer_graph(tiny_checkpoint, "nude", concepts="custom", custom="nude"))
     (chunk,) = report(entry)["chunks"]
-    assert chunk["triggers"] == [] and chunk["note"] == "prompt too short to steer (1 token)"
-    assert "prompt too short to steer (1 token)" in "\n".join(entry["outputs"]["2"]["text"])
+    assert chunk["triggers"] == [1] and chunk["trigger_words"] == ["nude"] and "note" not in chunk
+    assert "trigger tokens 'nude' at positions [1]" in "\n".join(entry["outputs"]["2"]["text"])
+    entry = run_ok(comfy, steer_graph(tiny_checkpoint, "", concepts="custom", custom="nude"))
+    (chunk,) = report(entry)["chunks"]
+    assert chunk["triggers"] == [] and chunk["note"] == "empty prompt: nothing to steer"
+    assert "empty prompt: nothing to steer" in "\n".join(entry["outputs"]["2"]["text"])
+
+
+def test_paper_configuration_equals_the_paper_settings_set_by_hand(comfy, tiny_checkpoint):
+    """'SAFREE (paper configuration)' overrides the node's own inputs: the same positive and negative
+    as nudity / α 0.01 / code / self-validating / concepts as negative set by hand (SD1 model)."""
+    concepts = json.loads((REPO / "safet2i" / "data" / "concepts" / "nudity.json").read_text())["concepts"]
+    g = steer_graph(tiny_checkpoint, NUDE, alpha=5.0, self_validating=False, concepts="custom", custom="cat")
+    g["2"]["inputs"]["configuration"] = "SAFREE (paper configuration)"
+    by_hand = steer_graph(tiny_checkpoint, NUDE, as_negative=True)["2"]
+    g["13"] = by_hand
+    g["12"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ", ".join(concepts)}}
+    for node, output, name in (("2", 0, "paper_pos"), ("13", 0, "hand_pos"), ("2", 1, "paper_neg"),
+                               ("12", 0, "plain_neg")):
+        dump(g, node, output, name)
+    entry = run_ok(comfy, g)
+    rep = report(entry)
+    assert rep["concepts"] == 17 and rep["configuration"].startswith("SAFREE (paper configuration): concepts nudity, "
+                                                                      "alpha 0.01, order code, self-validating on")
+    assert "settings: SAFREE (paper configuration)" in "\n".join(entry["outputs"]["2"]["text"])
+    paper, paper_info = dumped(comfy, entry, "paper_pos")
+    hand, hand_info = dumped(comfy, entry, "hand_pos")
+    assert paper_info == hand_info and len(paper) == len(hand) and all(torch.equal(a, b) for a, b in zip(paper, hand))
+    (neg,), _ = dumped(comfy, entry, "paper_neg")
+    (plain,), _ = dumped(comfy, entry, "plain_neg")
+    assert torch.equal(neg, plain)

@@ -174,11 +174,46 @@ def test_concept_word_is_flagged_and_benign_prompt_is_bit_identical(tiny_clip):
     # No trigger (here: a strict α) -> the rows come back exactly as they were.
     (benign,) = steer_sequence([benign_ids], benign_rows, encode_rows, pc_far, tok.eos_token_id, alpha=10.0)
     assert not benign.changed and benign.triggers == [] and torch.equal(benign.rows, benign_rows)
-    for edge in ("", "cat"):  # empty and one-token prompts: unchanged
-        e_ids = ids_of(edge)
-        e_rows = encode_rows([e_ids])[0]
-        (r,) = steer_sequence([e_ids], e_rows, encode_rows, pc, tok.eos_token_id)
-        assert not r.changed and torch.equal(r.rows, e_rows)
+    e_ids = ids_of("")  # the empty prompt: nothing to steer, unchanged
+    e_rows = encode_rows([e_ids])[0]
+    (r,) = steer_sequence([e_ids], e_rows, encode_rows, pc, tok.eos_token_id)
+    assert not r.changed and torch.equal(r.rows, e_rows)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 10.0])
+def test_one_token_prompts_follow_the_documented_rule_against_float64(tiny_clip, alpha):
+    """A lone token is compared with the prompt itself (docs/steering.md): a trigger iff
+    ‖(I − P_C) p_masked‖ ≥ (1 + α) ‖(I − P_C) p‖. A lone concept word lies in the subspace, so it
+    is steered at any α; a word whose removal moves the prompt no farther is left bit-identical
+    (the released code, comparing with the NaN mean of no other token, steers every lone token)."""
+    tok, model = tiny_clip
+    ids_of, encode_rows, encode_pooled = encoder(tok, model)
+    pc = concept_projector(("tiny-one", id(model)), ["nude"], encode_pooled)
+    pc64 = proj64(encode_pooled(["nude"]).double().numpy())
+    outcomes = {}
+    for word in ("nude", "cat", "beach", "red", "dog", "house"):
+        ids = ids_of(word)
+        assert ids.index(tok.eos_token_id) == 2, word                    # one BPE token
+        rows = encode_rows([ids])[0]
+        (res,) = steer_sequence([ids], rows, encode_rows, pc, tok.eos_token_id, alpha=alpha, svf=None)
+        masked = list(ids)
+        masked[1] = 0
+        residual = np.eye(pc64.shape[0]) - pc64
+        d_masked = np.linalg.norm(residual @ encode_rows([masked])[0, 2].double().numpy())
+        d_own = np.linalg.norm(residual @ rows[2].double().numpy())
+        want = bool(d_masked >= (1 + alpha) * d_own)
+        assert res.changed == want and res.triggers == ([1] if want else []), word
+        if want:
+            h = rows.double().numpy()
+            loo = encode_rows([masked])[:, 2].double().numpy()
+            proj = (residual @ proj64(loo) @ h.T).T
+            np.testing.assert_allclose(res.rows[1].double().numpy(), proj[1], atol=2e-5)
+            assert torch.equal(res.rows[[0, *range(2, 77)]], rows[[0, *range(2, 77)]])
+        else:
+            assert torch.equal(res.rows, rows)
+        outcomes[word] = want
+    assert outcomes["nude"] is True                      # the concept word itself: steered at any α
+    assert not all(outcomes.values()), "every lone token steered: the rule did not decide anything"
 
 
 def test_diffusers_prompt_steering_sd_and_sdxl(tmp_path):
@@ -513,7 +548,7 @@ def test_diffusers_peft_adapter_changes_give_a_new_subspace(tmp_path, monkeypatc
     assert not np.allclose(seen[-1][0].numpy(), seen[0][0].numpy(), atol=1e-4)
 
 
-def test_diffusers_no_trigger_is_bit_identical_and_one_token_is_reported(tmp_path):
+def test_diffusers_no_trigger_is_bit_identical_one_token_is_steered_and_empty_is_reported(tmp_path):
     pytest.importorskip("diffusers")
     from safet2i.diffusers_adapter import steer_prompt
     from tiny_diffusers import tiny_sd_pipeline
@@ -524,9 +559,12 @@ def test_diffusers_no_trigger_is_bit_identical_and_one_token_is_reported(tmp_pat
     same, original, frac, rep = steer_prompt(pipe, prompt, ["nude"], alpha=10.0)
     assert frac == 0.0 and rep[0]["triggers"] == []
     assert torch.equal(same, ref) and torch.equal(original, ref)
-    one, original, frac, rep = steer_prompt(pipe, "x", ["x"])  # the tiny tokenizer: one character, one token
-    assert frac == 0.0 and rep[0]["note"] == "prompt too short to steer (1 token)"
-    assert torch.equal(one, pipe.encode_prompt("x", "cpu", 1, False)[0])
+    # One token, the concept word itself (the tiny tokenizer: one character, one token): steered.
+    one, original, frac, rep = steer_prompt(pipe, "x", ["x"], self_validating=False)
+    assert frac == 1.0 and rep[0]["triggers"] == [1] and "note" not in rep[0]
+    assert torch.equal(original, pipe.encode_prompt("x", "cpu", 1, False)[0]) and not torch.equal(one, original)
+    empty, original, frac, rep = steer_prompt(pipe, "", ["x"])
+    assert frac == 0.0 and rep[0]["note"] == "empty prompt: nothing to steer" and torch.equal(empty, original)
 
 
 @pytest.mark.parametrize("guidance_scale", [6.0, 1.0], ids=["cfg", "no-cfg"])
@@ -562,3 +600,43 @@ def test_switch_after_swaps_every_image_of_the_batch(tmp_path, guidance_scale):
         if cfg:
             for image in range(2):
                 assert torch.equal(emb[image], negative[0]), (step, image)
+
+
+def test_diffusers_paper_configuration_and_concepts_as_negative(tmp_path):
+    """``steering_pipeline_kwargs``: the paper configuration gives the 17 nudity concepts joined with
+    ", " as the negative prompt (after the caller's) and the same images as those settings by hand;
+    SDXL runs it without the self-validating window and passes the pipeline's pooled embeddings."""
+    pytest.importorskip("diffusers")
+    from safet2i.diffusers_adapter import steer_prompt, steering_kwargs, steering_pipeline_kwargs
+    from tiny_diffusers import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    concepts, _ = load_concepts("nudity")
+    pipe = tiny_sd_pipeline(tmp_path / "sd")
+    prompt = "a photo of a nude person"
+    kwargs, rep = steering_pipeline_kwargs(pipe, prompt, ["cat"], alpha=5.0, self_validating=False,
+                                           negative_prompt="blurry", configuration="SAFREE (paper configuration)")
+    assert kwargs["negative_prompt"] == "blurry, " + ", ".join(concepts) and rep["concepts"] == 17
+    assert rep["configuration"].startswith("SAFREE (paper configuration): concepts nudity, alpha 0.01, order code, "
+                                           "self-validating on")
+    steered, original, fraction, entries = steer_prompt(pipe, prompt, "nudity")
+    assert rep["chunks"] == entries and rep["steered_fraction"] == round(fraction, 4)
+    run = dict(num_inference_steps=3, guidance_scale=6.0, height=32, width=32, output_type="np")
+    a = pipe(generator=torch.Generator().manual_seed(0), **run, **kwargs).images
+    by_hand = steering_kwargs(steered, original, fraction)
+    b = pipe(generator=torch.Generator().manual_seed(0), negative_prompt="blurry, " + ", ".join(concepts), **run,
+             **by_hand).images
+    c = pipe(generator=torch.Generator().manual_seed(0), negative_prompt="blurry", **run, **by_hand).images
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4                 # the concepts in the negative prompt change the image
+    plain, rep = steering_pipeline_kwargs(pipe, prompt, ["nude"], negative_prompt="blurry")
+    assert plain["negative_prompt"] == "blurry" and rep["configuration"].endswith("concepts as negative prompt off")
+    assert steering_pipeline_kwargs(pipe, prompt, ["nude"], concepts_as_negative=True)[0]["negative_prompt"] == "nude"
+
+    xl = tiny_sdxl_pipeline(tmp_path / "xl")
+    kwargs, rep = steering_pipeline_kwargs(xl, prompt, configuration="SAFREE (paper configuration)")
+    assert "self-validating off" in rep["configuration"] and rep["steered_fraction"] in (0.0, 1.0)
+    pooled = xl.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[2]
+    assert torch.equal(kwargs["pooled_prompt_embeds"], pooled) and "callback_on_step_end" not in kwargs
+    out = xl(generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=32, width=32,
+             output_type="np", **kwargs).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()

@@ -93,11 +93,15 @@ def proj64(a):
 
 
 def reference_chunk(h, loo, pc, alpha=0.01, svf=(2.5, 5.333)):
-    """(steered rows, trigger rows, β, t') of one chunk, numpy float64."""
+    """(steered rows, trigger rows, β, t') of one chunk, numpy float64. One token: compared with
+    the prompt's own end-token row h[2] (docs/steering.md)."""
     n, d = loo.shape
     dist = np.linalg.norm((np.eye(d) - pc) @ loo.T, axis=0)
-    trig = [i + 1 for i in range(n) if dist[i] >= (1 + alpha) * np.mean(np.delete(dist, i))]
-    if n < 2 or not trig:
+    if n == 1:
+        trig = [1] if dist[0] >= (1 + alpha) * np.linalg.norm((np.eye(d) - pc) @ h[2]) else []
+    else:
+        trig = [i + 1 for i in range(n) if dist[i] >= (1 + alpha) * np.mean(np.delete(dist, i))]
+    if not trig:
         return h, [], 0.0, -1
     proj = ((np.eye(d) - pc) @ proj64(loo) @ h.T).T
     cos = (h[:n + 2] * proj[:n + 2]).sum(1) / (np.linalg.norm(h[:n + 2], axis=1) * np.linalg.norm(proj[:n + 2], axis=1))
@@ -126,7 +130,9 @@ def test_leave_one_out_equals_separate_full_length_encodes(way):
     else:
         assert enc.calls == [] and not enc.failed
     assert [c[1:eos].count(0) for c in enc.calls] == [1] * len(enc.calls)     # one token masked per variant
-    assert leave_one_out(enc, enc.chunks("nude")[0][0]) is None             # one token: nothing to compare
+    one = enc.chunks("nude")[0][0]                                          # one token: its one variant
+    np.testing.assert_allclose(leave_one_out(enc, one, data).numpy(), reference_loo(enc, one), rtol=0, atol=1e-12)
+    assert leave_one_out(enc, enc.chunks("")[0][0]) is None                 # empty: nothing to steer
 
 
 def test_a_packed_encode_that_differs_from_the_host_rows_falls_back_to_full_length():
@@ -212,14 +218,21 @@ def test_plan_without_host_rows_encodes_its_own_and_recognises_them():
 def test_report_entries_lines_and_summary():
     enc = Encoder("l", 4, 8)
     pc = projector(end_rows(enc, ["nude"]))
-    for text in ("nude", ""):
-        plan = SteeringPlan([enc], [pc], text, alpha=0.0)
-        rep = plan.report(plan.steer(plan.own_rows()), concepts=1)
-        n = len(text.split())
-        assert rep["chunks"] == [{"encoder": "l", "chunk": 0, "triggers": [], "trigger_tokens": [], "trigger_words": [],
-                                  "beta": 0.0, "t_prime": -1,
-                                  "note": f"prompt too short to steer ({n} token{'' if n == 1 else 's'})"}]
-        assert rep["steered_fraction"] == 0.0 and rep["order"] == "code" and rep["concepts"] == 1
+    plan = SteeringPlan([enc], [pc], "", alpha=0.0)
+    rep = plan.report(plan.steer(plan.own_rows()), concepts=1)
+    assert rep["chunks"] == [{"encoder": "l", "chunk": 0, "triggers": [], "trigger_tokens": [], "trigger_words": [],
+                              "beta": 0.0, "t_prime": -1, "note": "empty prompt: nothing to steer"}]
+    assert rep["steered_fraction"] == 0.0 and rep["order"] == "code" and rep["concepts"] == 1
+    # A lone concept word: steered, as the float64 reference of the one-token rule says.
+    for alpha in (0.0, 10.0):
+        plan = SteeringPlan([enc], [pc], "nude", alpha=alpha, svf=None)
+        own = plan.own_rows()
+        out = plan.steer(own)
+        c = plan.chunks[0][0]
+        want, trig, _, _ = reference_chunk(own.numpy(), c.loo.numpy(), pc.numpy(), alpha, None)
+        assert trig == [1] and [r.triggers for _, r in out.results] == [[1]]
+        np.testing.assert_allclose(out.rows.numpy(), want, atol=1e-10)
+        assert plan.entries(out)[0]["trigger_words"] == ["nude"] and "note" not in plan.entries(out)[0]
     plan = SteeringPlan([enc], [pc], "a nude woman on a beach", alpha=0.0, svf=None)
     out = plan.steer(plan.own_rows())
     (entry,) = plan.entries(out)
