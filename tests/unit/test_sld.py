@@ -114,6 +114,33 @@ def test_matches_stable_diffusion_pipeline_safe(pipes, config, steps):
     assert pipe.unet.forward.__func__ is type(pipe.unet).forward  # restored
 
 
+@pytest.mark.parametrize("steps", [50, 10])
+def test_default_scaled_warmup_equals_diffusers_at_50_steps_and_differs_by_design_at_10(pipes, steps):
+    """docs/guidance.md, "Parity with diffusers, precisely": with the default warm-up (δ scaled to
+    the run) MEDIUM equals diffusers at 50 steps; at 10 steps diffusers' δ = 10 covers the whole run
+    (its guidance never applies: the plain CFG image) while ours guides from step 2."""
+    from safet2i.diffusers_adapter import safety_guidance
+
+    pipe, safe = pipes
+    safe.safety_concept = CONCEPT
+    config = SLD_PRESETS["MEDIUM"]
+    kw = dict(prompt="a photo of a person on a beach", num_inference_steps=steps, guidance_scale=7.5,
+              height=32, width=32, output_type="np")
+    ref = safe(**kw, generator=torch.Generator().manual_seed(7), sld_guidance_scale=config.guidance_scale,
+               sld_warmup_steps=config.warmup_steps, sld_threshold=config.threshold,
+               sld_momentum_scale=config.momentum_scale, sld_mom_beta=config.mom_beta).images
+    with safety_guidance(pipe, SLDGuidance("MEDIUM"), CONCEPT) as method:
+        ours = pipe(**kw, generator=torch.Generator().manual_seed(7)).images
+    plain = pipe(**kw, generator=torch.Generator().manual_seed(7)).images
+    assert method.state.warmup == round(10 * steps / 50)
+    if steps == 50:
+        np.testing.assert_allclose(ours, ref, atol=2e-5)
+        assert np.abs(plain - ref).max() > 1e-3
+    else:
+        np.testing.assert_allclose(ref, plain, atol=1e-4)       # diffusers: warm-up covers the run
+        assert np.abs(ours - ref).max() > 1e-3                   # ours: guided from step 2
+
+
 def test_scaled_warmup_and_new_runs_reset(pipes):
     from safet2i.diffusers_adapter import safety_guidance
 

@@ -33,6 +33,31 @@ def test_projector_matches_pinv_formula_and_is_a_projector():
     assert round(np.trace(p)) == 2
 
 
+@pytest.mark.parametrize("spread", [1e-3, 3e-4])
+def test_projection_of_an_ill_conditioned_concept_matrix_stays_float64_accurate(spread):
+    """Concept vectors nearly alike (as SAFREE's 17 "sexual …" concepts are) make CᵀC ill-conditioned.
+    The float64 projector stays within 1e-4 of the exact projector onto their span (an orthonormal
+    basis from a float64 QR, an algorithm that never forms CᵀC); the same formula in float32, as the
+    released code computes it, is far off: a regression to float32 fails this test."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=64)
+    vecs = torch.tensor(base + spread * rng.normal(size=(6, 64)), dtype=torch.float32)   # float32, as hosts give them
+    exact = np.linalg.qr(vecs.double().numpy().T)[0]
+    exact = exact @ exact.T
+    ours = projector(vecs)
+    assert ours.dtype == torch.float64
+    assert np.abs(ours.numpy() - exact).max() < 1e-4
+    a = vecs.T                                                                            # the formula in float32
+    float32 = (a @ torch.linalg.pinv(a.T @ a) @ a.T).double().numpy()
+    assert np.abs(float32 - exact).max() > 1e-2, "the case is not ill-conditioned enough to catch float32"
+    # The steering built on it: rows projected with the exact projector agree too.
+    rows, pooled = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)), torch.randn(3, 64).double()
+    p_m = projector(pooled)
+    got = project_rows(rows, ours, p_m).numpy()
+    want = ((np.eye(64) - exact) @ p_m.numpy() @ rows.double().numpy().T).T
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
 def test_trigger_rule_matches_reference():
     rng = np.random.default_rng(1)
     concept = rng.normal(size=(2, 6))

@@ -293,3 +293,70 @@ def test_plan_book_binds_rows_by_source_or_content_and_refuses_strangers():
     plan = book.plans[PROMPT]
     assert book.describe([PROMPT]) == "; ".join(plan.summary(plan.steer(own))) != ""
     assert book.describe(["unplanned"]) == "no trigger token"
+
+
+class BagEncoder:
+    """A causal encoder whose meaning is known: row j is the normalised sum of the embeddings of
+    tokens 0..j (like CLIP, the end-token row sums up the prompt and is normalised at the end).
+    ``nude`` is ten times a unit direction u; the other words are random unit vectors orthogonal
+    to u; the mask token
+    ("!", id 0) adds nothing. A prompt whose end-token row has a u part is nearer the concept
+    subspace; removing ``nude`` takes that part away, removing any other word does not. 75-token
+    chunks, BOS + tokens + EOS padding, as the CLIP hosts chunk."""
+
+    name, end_id, width, length = "bag", EOS, 32, 77
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.u = torch.nn.functional.normalize(torch.randn(self.width, generator=g, dtype=torch.float64), dim=0)
+        self.g, self.vocab, self.emb = g, {"nude": 3}, {0: torch.zeros(self.width, dtype=torch.float64),
+                                                       3: 10.0 * self.u}
+        for special in (BOS, EOS):
+            self.emb[special] = 0.1 * torch.randn(self.width, generator=g, dtype=torch.float64)
+
+    def _id(self, word):
+        if word not in self.vocab:
+            self.vocab[word] = i = 4 + len(self.vocab)
+            e = torch.randn(self.width, generator=self.g, dtype=torch.float64)
+            self.emb[i] = torch.nn.functional.normalize(e - (e @ self.u) * self.u, dim=0)     # orthogonal to u
+        return self.vocab[word]
+
+    def chunks(self, text):
+        ids = [self._id(w) for w in text.split()]
+        return [([BOS] + ids[s:s + 75] + [EOS] * (76 - len(ids[s:s + 75])), None)
+                for s in range(0, max(1, len(ids)), 75)]
+
+    def encode(self, id_lists, data=None):
+        out = torch.stack([torch.stack([self.emb[i] for i in ids]).cumsum(0) for ids in id_lists])
+        return out / out.norm(dim=-1, keepdim=True)
+
+    def token_text(self, ids):
+        words = {i: w for w, i in self.vocab.items()}
+        return [words.get(i, f"#{i}") for i in ids]
+
+
+@pytest.mark.parametrize("where", [8, 84], ids=["trigger-in-chunk-1", "trigger-in-chunk-2"])
+def test_a_90_token_prompt_is_steered_in_the_chunk_that_holds_the_trigger(where):
+    """docs/steering.md, long prompts: SafeT2I steers prompts of 76+ tokens chunk by chunk (the
+    released SAFREE code cuts its leave-one-out variants to 77 tokens without an end token and so
+    never steers them). The trigger is found in the first or the second chunk, only that chunk
+    changes, and each chunk matches the float64 reference of SAFREE's equations."""
+    enc = BagEncoder()
+    words = ("a quiet museum hall with tall windows and wooden benches under soft light " * 8).split()[:89]
+    words.insert(where, "nude")
+    text = " ".join(words)
+    pc = projector(end_rows(enc, ["nude"]))
+    plan = SteeringPlan([enc], [pc], text, svf=None)
+    assert len(plan.chunks[0]) == 2 and sum(c.n for c in plan.chunks[0]) == 90
+    own = plan.own_rows()
+    out = plan.steer(own)
+    hit = 0 if where < 75 else 1
+    for (c, res), h in zip(out.results, own.split(77)):
+        want, trig, _, _ = reference_chunk(h.numpy(), c.loo.numpy(), pc.numpy(), 0.01, None)
+        assert res.triggers == trig
+        np.testing.assert_allclose(out.rows[c.index * 77:(c.index + 1) * 77].numpy(), want, atol=1e-12)
+        if c.index == hit:
+            assert trig == [c.ids.index(3)] and plan.entries(out)[c.index]["trigger_words"] == ["nude"]
+        else:
+            assert trig == [] and torch.equal(out.rows[c.index * 77:(c.index + 1) * 77], h)
+    assert out.fraction == 1.0
