@@ -74,22 +74,35 @@ def test_full_weights_replace_the_unet_for_the_job_only(start, variant):
     assert all(np.array_equal(a, b) for a, b in zip(pixels(plain), pixels(again)))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_weights_failures_block_the_images(start, monkeypatch, variant):
-    webui = start(variant)
-    good = write_weights(webui)
+def write_failing_weights(webui) -> dict:
+    """The good file and two that fail, side by side; the choices by failure."""
+    write_weights(webui)
     bad = write_weights(webui, "wrong_shape.safetensors", {"out.0.weight": torch.ones(5, dtype=torch.float64),
                                                             "out.0.bias": B})
     partial = write_weights(webui, "partial.safetensors", {"out.0.weight": W})
-    original = {k: v.clone() for k, v in unet(webui).state_dict().items()}
+    return {"wrong-shape": bad, "partial": partial, "outside-the-folder": "safety_models/../x.safetensors"}
+
+
+@pytest.mark.parametrize("failure, reason", [("wrong-shape", "match no tensor"), ("partial", "partial file"),
+                                             ("outside-the-folder", "refused")],
+                         ids=["wrong-shape", "partial", "outside-the-folder"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weights_failures_block_the_images(start, variant, failure, reason):
+    webui = start(variant)
+    choice = write_failing_weights(webui)[failure]
     from safet2i_a1111.filtering import was_checked
-    for choice, reason in ((bad, "match no tensor"), (partial, "partial file"),
-                           ("safety_models/../x.safetensors", "refused")):
-        p, processed = webui.txt2img("a photo", steps=2, args=webui.ui_args(weights_enabled=True, weights_file=choice))
-        assert p._safet2i_job.failed and reason in p._safet2i_job.failed, p._safet2i_job.failed
-        assert all(was_checked(im) for im in processed.images)
-        assert all(np.asarray(im).std() < 20 for im in processed.images)        # placeholders
-        assert all("blocked" in t and "safety weights" in t for t in processed.infotexts)
+    p, processed = webui.txt2img("a photo", steps=2, args=webui.ui_args(weights_enabled=True, weights_file=choice))
+    assert p._safet2i_job.failed and reason in p._safet2i_job.failed, p._safet2i_job.failed
+    assert all(was_checked(im) for im in processed.images)
+    assert all(np.asarray(im).std() < 20 for im in processed.images)        # placeholders
+    assert all("blocked" in t and "safety weights" in t for t in processed.infotexts)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_failure_after_the_weights_were_applied_blocks_and_restores(start, monkeypatch, variant):
+    webui = start(variant)
+    good = write_weights(webui)
+    original = {k: v.clone() for k, v in unet(webui).state_dict().items()}
     # an injected failure during sampling (after the weights were applied): blocked, still restored
     import safet2i_a1111.script as S
 

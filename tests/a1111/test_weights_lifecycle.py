@@ -38,28 +38,37 @@ def weights_args(webui, choice, **kw):
     return webui.ui_args(filter_enabled=False, weights_enabled=True, weights_file=choice, **kw)
 
 
+@pytest.mark.parametrize("kw, reason", [
+    ({"enable_hr": True, "hr_scale": 2.0, "hr_checkpoint_name": "other.safetensors [abc]"},
+     "hires-fix checkpoint (other.safetensors [abc])"),
+    ({"refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8}, "a refiner (refiner.safetensors)"),
+], ids=["hires-checkpoint", "refiner"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_hires_checkpoint_and_refiner_are_refused(start, variant):
+def test_hires_checkpoint_and_refiner_are_refused(start, variant, kw, reason):
     webui = start(variant)
     choice = write_weights(webui)
     original = state(webui)
-    cases = [({"enable_hr": True, "hr_scale": 2.0, "hr_checkpoint_name": "other.safetensors [abc]"},
-              "hires-fix checkpoint (other.safetensors [abc])"),
-             ({"refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8}, "a refiner (refiner.safetensors)")]
-    for kw, reason in cases:
-        p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), **kw)
-        failed = p._safet2i_job.failed
-        assert failed and reason in failed and "Use same checkpoint" in failed, failed
-        assert placeholders(processed)
-        assert same_state(webui, original)            # nothing was applied
-    # the same checkpoint for the hires pass, or a refiner that never switches in: applied and verified
-    for kw in ({"enable_hr": True, "hr_scale": 2.0, "hr_checkpoint_name": "Use same checkpoint"},
-               {"refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 1.0},
-               {"refiner_checkpoint": "None"}):
-        p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), **kw)
-        assert p._safet2i_job.failed is None, (kw, p._safet2i_job.failed)
-        assert "unet 2/2 verified]" in processed.infotexts[0]
-        assert same_state(webui, original)
+    p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), **kw)
+    failed = p._safet2i_job.failed
+    assert failed and reason in failed and "Use same checkpoint" in failed, failed
+    assert placeholders(processed)
+    assert same_state(webui, original)            # nothing was applied
+
+
+# the same checkpoint for the hires pass, or a refiner that never switches in: applied and verified
+@pytest.mark.parametrize("kw", [{"enable_hr": True, "hr_scale": 2.0, "hr_checkpoint_name": "Use same checkpoint"},
+                                {"refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 1.0},
+                                {"refiner_checkpoint": "None"}],
+                         ids=["hires-same-checkpoint", "refiner-switch-at-1", "refiner-none"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_same_checkpoint_hires_and_a_refiner_that_never_switches_in_are_applied(start, variant, kw):
+    webui = start(variant)
+    choice = write_weights(webui)
+    original = state(webui)
+    p, processed = webui.txt2img("a photo", steps=2, args=weights_args(webui, choice), **kw)
+    assert p._safet2i_job.failed is None, (kw, p._safet2i_job.failed)
+    assert "unet 2/2 verified]" in processed.infotexts[0]
+    assert same_state(webui, original)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
