@@ -270,9 +270,10 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     return steered, original, out.fraction, plan.entries(out)
 
 
-def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nudity", *, configuration: str = "custom settings",
-                             negative_prompt: str = "", alpha: float = 0.01, order: str = "code",
-                             self_validating: bool = True, concepts_as_negative: bool = False) -> tuple[dict, dict]:
+def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nudity", *,
+                             configuration: str = "custom settings", negative_prompt: str = "",
+                             alpha: float = 0.01, order: str = "code", self_validating: bool = True,
+                             concepts_as_negative: bool = False) -> tuple[dict, dict]:
     """``(kwargs, report)``: ``pipe(prompt=None, **kwargs, ...)`` runs ``prompt`` steered (and,
     with ``concepts_as_negative``, with the concept list joined by ", " after ``negative_prompt``
     as the negative prompt, as SAFREE's runs do). ``configuration="SAFREE (paper
@@ -282,8 +283,8 @@ def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nud
     from .steering import load_concepts  # noqa: PLC0415
     from .steering.settings import SteeringSettings, concepts_negative, configure, describe  # noqa: PLC0415
 
-    own = SteeringSettings(concepts, "", alpha, order, self_validating, concepts_as_negative) if isinstance(concepts, str) \
-        else SteeringSettings("custom", "\n".join(concepts), alpha, order, self_validating, concepts_as_negative)
+    named, custom = (concepts, "") if isinstance(concepts, str) else ("custom", "\n".join(concepts))
+    own = SteeringSettings(named, custom, alpha, order, self_validating, concepts_as_negative)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     s = configure(configuration, own, "sdxl" if sdxl else None)
     items, _ = load_concepts(s.concepts, s.custom)

@@ -117,7 +117,8 @@ class SteeringHook(PlanBook):
         self.concepts = list(concepts)
         p_c = [concept_projector(("a1111", id(e.engine), id(self)), self.concepts, functools.partial(end_rows, e))
                for e in encoders]
-        super().__init__(encoders, p_c, alpha=alpha, order=order, svf=SVF_PRESETS[svf_name] if self_validating else None)
+        super().__init__(encoders, p_c, alpha=alpha, order=order,
+                         svf=SVF_PRESETS[svf_name] if self_validating else None)
         self.calls = self.steered_calls = 0
         self.before_encode = lambda: None
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from . import lora as lora_layer
 from . import weights as weights_layer
 from .config import (
-    CONFIGURATIONS, CUSTOM, DEFAULT_CONCEPT, FILTER_ACTIONS, GUIDANCE_METHODS, LORA_STRENGTH, POLICIES, SLD_PRESET_NAMES, STEERING_ORDERS,
-    JobConfig, parse_infotext, steering_presets,
+    CONFIGURATIONS, CUSTOM, DEFAULT_CONCEPT, FILTER_ACTIONS, GUIDANCE_METHODS, LORA_STRENGTH, POLICIES,
+    SLD_PRESET_NAMES, STEERING_ORDERS, JobConfig, parse_infotext, steering_presets,
 )
 from .settings import DEFAULTS as D
 from .settings import enforcement, opt as _opt
@@ -80,6 +80,6 @@ def build(is_img2img):
     infotext_fields = [(c, (lambda key: (lambda params: parse_infotext(params).get(key, None)))(n))
                             for c, n in zip(components, names)]
     paste_field_names = ["SafeT2I guidance", "SafeT2I concept", "SafeT2I filter", "SafeT2I steering",
-                              "SafeT2I steering concepts", "SafeT2I steering configuration", "SafeT2I LoRA", "SafeT2I LoRA strength",
-                              "SafeT2I LoRA partial", "SafeT2I weights", "SafeT2I weights part"]
+                              "SafeT2I steering concepts", "SafeT2I steering configuration", "SafeT2I LoRA",
+                              "SafeT2I LoRA strength", "SafeT2I LoRA partial", "SafeT2I weights", "SafeT2I weights part"]
     return components, infotext_fields, paste_field_names

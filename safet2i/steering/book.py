@@ -63,7 +63,8 @@ class PlanBook:
         ``source``: the host tensor ``row`` was stacked from (bound to a plan once per tensor,
         used only while ``row`` starts with it); ``text``: its text when the host names it.
         Otherwise the binding is kept per ``key`` (e.g. the row index) and distinct content."""
-        if source is not None and source.shape[0] <= row.shape[0] and torch.equal(row[:source.shape[0]], source.to(row)):
+        fits = source is not None and source.shape[0] <= row.shape[0]
+        if fits and torch.equal(row[:source.shape[0]], source.to(row)):
             hit = self._bound.get(id(source))
             if hit is None or hit[0] is not source:
                 hit = self._bound[id(source)] = (source, self.recognise(key, source[offset:], text))
