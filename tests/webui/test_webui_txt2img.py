@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +31,11 @@ ARG_NAMES = ("guidance_enabled", "guidance_method", "guidance_preset", "guidance
              "filter_enabled", "filter_policy", "filter_action",
              "steering_enabled", "steering_concepts", "steering_custom", "steering_alpha", "steering_order",
              "steering_self_validating", "lora_enabled", "lora_file", "lora_strength", "lora_allow_partial",
-             "weights_enabled", "weights_file", "weights_part")
+             "weights_enabled", "weights_file", "weights_part",
+             "steering_concepts_as_negative", "steering_configuration")
 DEFAULTS = dict(zip(ARG_NAMES, (False, "SLD", "MEDIUM", DEFAULT_CONCEPT, True, "strict-5", "blur",
                                 False, "nudity", "", 0.01, "code", True, False, "None", 1.0, False,
-                                False, "None", "auto")))
+                                False, "None", "auto", False, "custom settings")))
 
 
 def args(**changed) -> list:
@@ -194,6 +196,21 @@ def test_steering_steers_every_model_call_without_the_window(webui, baseline):
     report = p["SafeT2I steering report"]
     assert "nude" in report and report.endswith("(steered 2 of 2 model calls)"), report
     assert p["SafeT2I verdict"] == "safe", p
+    assert changed(r["pixels"][0], baseline) > 0
+
+
+def test_paper_configuration_puts_the_concepts_after_the_negative_prompt(webui, baseline):
+    """SAFREE (paper configuration): the webui's own infotext shows the concept list after the
+    request's negative prompt, the configuration key, and the steering ran (the report)."""
+    nudity = json.loads((Path(__file__).resolve().parents[2] / "safet2i" / "data" / "concepts" / "nudity.json")
+                        .read_text())["concepts"]
+    r = webui.txt2img(args(steering_enabled=True, steering_configuration="SAFREE (paper configuration)"),
+                      negative_prompt="blurry")
+    p = params(r)
+    assert p["SafeT2I steering configuration"] == "SAFREE (paper configuration)", p
+    assert "steered" in p["SafeT2I steering report"], p
+    lines = r["info"]["infotexts"][0].splitlines()
+    assert "Negative prompt: blurry, " + ", ".join(nudity) in lines, lines
     assert changed(r["pixels"][0], baseline) > 0
 
 
