@@ -14,22 +14,19 @@ The webui's ``app`` is a ``fastapi.FastAPI``; extensions add routes to it in
   request has its body read by nobody but itself;
 * ``async def`` endpoints run on the event loop, plain ``def`` ones in the thread pool;
 * ``HTTPException`` becomes a JSON ``{"detail": ...}`` response with its status and headers;
-  a ``Response`` returned is sent as is; anything else is sent as JSON with status 200;
-  other exceptions propagate to the caller (``TestClient``'s default);
+  a ``Response`` returned is sent as is; other exceptions propagate to the caller
+  (``TestClient``'s default);
 * ``Request.stream()`` yields the body in the chunks the server received, then ``b""``;
-  ``Request.headers`` is case-insensitive.
+  ``Request.headers`` has the names in lower case.
 
-Body parameters (pydantic models / ``dict`` read from JSON) are not modelled: adding such a
-route raises ``NotImplementedError`` rather than behaving differently from FastAPI.
+Only ``Request`` and ``Depends`` parameters are modelled (no query or body parameters).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import typing
-from collections.abc import Mapping
 
 __all__ = ["Depends", "FastAPI", "HTTPException", "Request"]
 
@@ -51,57 +48,19 @@ def Depends(dependency=None):  # noqa: N802 - FastAPI's name
     return _Depends(dependency)
 
 
-class Headers(Mapping):
-    """Case-insensitive, read-only request headers."""
-
-    def __init__(self, items=()):
-        self._items = [(str(k).lower(), str(v)) for k, v in (items.items() if isinstance(items, Mapping) else items)]
-
-    def __getitem__(self, key):
-        key = key.lower()
-        for k, v in self._items:
-            if k == key:
-                return v
-        raise KeyError(key)
-
-    def __iter__(self):
-        return iter(dict(self._items))
-
-    def __len__(self):
-        return len(dict(self._items))
-
-
 class Request:
     def __init__(self, method: str, path: str, headers=(), chunks=()):
         self.method = method.upper()
         self.path = path
-        self.headers = Headers(headers)
+        self.headers = {str(k).lower(): str(v) for k, v in headers}
         self._chunks = iter(chunks)
-        self._consumed = False
-        self._body: bytes | None = None
         self.received = 0          # stand-in internal: body bytes the app pulled from the server
 
     async def stream(self):
-        if self._body is not None:
-            yield self._body
-            yield b""
-            return
-        if self._consumed:
-            raise RuntimeError("Stream consumed")
-        self._consumed = True
         for chunk in self._chunks:
-            if chunk:
-                self.received += len(chunk)
-                yield bytes(chunk)
+            self.received += len(chunk)
+            yield bytes(chunk)
         yield b""
-
-    async def body(self) -> bytes:
-        if self._body is None:
-            self._body = b"".join([c async for c in self.stream()])
-        return self._body
-
-    async def json(self):
-        return json.loads(await self.body())
 
 
 # ---------------------------------------------------------------------------- routing
@@ -114,22 +73,14 @@ def _analyse(call) -> list[tuple[str, object]]:
     """``[(parameter name, Request | _Depends)]``: what to pass ``call``; checked when the
     route is added, as FastAPI does."""
     target = _callable_target(call)
-    hints = typing.get_type_hints(target)          # NameError for an unresolvable annotation
+    typing.get_type_hints(target)          # NameError for an unresolvable annotation
     plan = []
     for name, param in inspect.signature(target).parameters.items():
-        hint = hints.get(name)
         if isinstance(param.default, _Depends):
-            dep = param.default
-            if dep.dependency is None:
-                raise NotImplementedError(f"stand-in: Depends() without a callable for {name!r}")
-            _analyse(dep.dependency)
-            plan.append((name, dep))
-        elif isinstance(hint, type) and issubclass(hint, Request):
+            _analyse(param.default.dependency)
+            plan.append((name, param.default))
+        else:            # annotated ``Request``
             plan.append((name, Request))
-        else:
-            raise NotImplementedError(
-                f"stand-in FastAPI: parameter {name!r} ({hint!r}) of {getattr(target, '__qualname__', call)} "
-                "would be a query/body parameter; only Request and Depends parameters are modelled")
     return plan
 
 
@@ -150,11 +101,8 @@ class APIRoute:
         self.endpoint = endpoint
         self.methods = {m.upper() for m in (methods or ["GET"])}
         self.dependencies = list(dependencies or [])
-        self.kwargs = kwargs
         _analyse(endpoint)
         for dep in self.dependencies:
-            if not isinstance(dep, _Depends):
-                raise TypeError("dependencies must be Depends(...)")
             _analyse(dep.dependency)
 
 
@@ -166,23 +114,17 @@ class FastAPI:
         self.routes.append(APIRoute(path, endpoint, **kwargs))
 
     async def _handle(self, request: Request):
-        from .responses import JSONResponse, Response
+        from .responses import JSONResponse
 
-        routes = [r for r in self.routes if r.path == request.path]
-        if not routes:
-            return JSONResponse({"detail": "Not Found"}, status_code=404)
-        route = next((r for r in routes if request.method in r.methods), None)
+        route = next((r for r in self.routes if r.path == request.path and request.method in r.methods), None)
         if route is None:
-            return JSONResponse({"detail": "Method Not Allowed"}, status_code=405)
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         try:
             for dep in route.dependencies:
                 await _call(dep.dependency, request)
-            result = await _call(route.endpoint, request)
+            return await _call(route.endpoint, request)      # the route's own Response
         except HTTPException as exc:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        if isinstance(result, Response):
-            return result
-        return JSONResponse(result)
 
     def _serve(self, request: Request):
         return asyncio.run(self._handle(request))

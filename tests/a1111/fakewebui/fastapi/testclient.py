@@ -40,10 +40,6 @@ class TestClient:
         if auth is not None:
             user, password = auth
             hdrs["authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        if content is None:
-            content = b""
-        if isinstance(content, str):
-            content = content.encode("utf-8")
         if isinstance(content, (bytes, bytearray)):
             hdrs.setdefault("content-length", str(len(content)))
             chunks = (bytes(content[i:i + CHUNK]) for i in range(0, len(content), CHUNK))
@@ -56,6 +52,3 @@ class TestClient:
 
     def post(self, url: str, **kwargs) -> TestResponse:
         return self.request("POST", url, **kwargs)
-
-    def get(self, url: str, **kwargs) -> TestResponse:
-        return self.request("GET", url, **kwargs)
