@@ -1,29 +1,17 @@
 """Stand-in for the built-in Lora extension's ``network.py`` (A1111/reForge
 ``extensions-builtin/Lora``, Forge ``extensions-builtin/sd_forge_lora``): ``NetworkOnDisk`` (a
-file the webui can load, its alias and hash) and ``Network`` (a loaded network: multipliers and,
-on A1111, one entry in ``modules`` per model layer a key matched)."""
+file the webui can load and its hash) and ``Network`` (a loaded network: multipliers and, on
+A1111, one entry in ``modules`` per model layer a key matched)."""
 
 import hashlib
-import os
 
 
 class NetworkOnDisk:
     def __init__(self, name, filename):
         self.name = name
         self.filename = filename
-        self.metadata = {}
-        self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
-        if self.is_safetensors:
-            try:
-                from safetensors import safe_open
-                with safe_open(filename, framework="pt", device="cpu") as f:
-                    self.metadata = dict(f.metadata() or {})
-            except Exception:   # upstream: errors.display(e, f"reading lora {filename}")
-                self.metadata = {}
-        self.alias = self.metadata.get('ss_output_name', self.name)
         self.hash = None
         self.shorthash = None
-        self.set_hash(self.metadata.get('sshs_model_hash') or '')
 
     def set_hash(self, v):
         self.hash = v
@@ -35,9 +23,6 @@ class NetworkOnDisk:
             with open(self.filename, "rb") as f:
                 self.set_hash(hashlib.sha256(f.read()).hexdigest())
 
-    def get_alias(self):
-        return self.alias
-
 
 class Network:  # LoraModule
     def __init__(self, name, network_on_disk: NetworkOnDisk):
@@ -45,8 +30,5 @@ class Network:  # LoraModule
         self.network_on_disk = network_on_disk
         self.te_multiplier = 1.0
         self.unet_multiplier = 1.0
-        self.dyn_dim = None
         self.modules = {}
-        self.bundle_embeddings = {}
-        self.mtime = None
         self.mentioned_name = None

@@ -4,8 +4,8 @@
   (``available_network_aliases``), ``load_network`` reads the file and matches every kohya key
   against ``sd_model.network_layer_mapping`` (``assign_network_names_to_compvis_modules``: the
   UNet's and text encoder's module names with ``.`` → ``_``) after
-  ``convert_diffusers_name_to_compvis`` (and the ``lora_unet`` → ``diffusion_model`` /
-  ``lora_te1_text_model`` fallbacks); a matched layer becomes one entry of ``net.modules``,
+  ``convert_diffusers_name_to_compvis`` (and the ``lora_unet`` → ``diffusion_model``
+  fallback); a matched layer becomes one entry of ``net.modules``,
   unmatched keys are only logged ("Network … didn't match keys") and skipped. The network is
   appended to ``loaded_networks`` with its ``te_multiplier``/``unet_multiplier``.
 * Forge (``sd_forge_lora/networks.py``) and reForge (``Lora/networks.py``): the same
@@ -15,8 +15,7 @@
   ``ldm_patched.modules.sd``) maps the file's keys through ``model_lora_keys_unet`` /
   ``model_lora_keys_clip`` to the model's weight keys and adds the patches to clones of the
   UNet and CLIP patchers (``add_patches`` keeps only keys the model has); unmatched keys are
-  logged (Forge: more than 12 unmatched keys is a "version mismatch" and nothing is loaded).
-  ``forge_objects_after_applying_lora`` is the result.
+  logged. ``forge_objects_after_applying_lora`` is the result.
 
 The toy model's LoRA-targetable layers are ``_toy.LORA_UNET_LAYERS`` / ``LORA_TE_LAYERS``.
 Names starting with ``_`` are the stand-in's own (upstream they are variant-specific helpers).
@@ -30,7 +29,7 @@ import re
 
 import network
 from _variant import VARIANT as _VARIANT
-from modules import errors, shared
+from modules import shared
 
 _FORGE_LIKE = _VARIANT in ("forge", "reforge")
 log = logging.getLogger("lora")
@@ -38,65 +37,34 @@ log = logging.getLogger("lora")
 
 # ----------------------------------------------------------------------------- key names
 
-_suffix_conversion = {
-    "attentions": {},
-    "resnets": {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-                "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"},
-}
-
-
-def _convert_diffusers_name_to_compvis(key, is_sd2=False):
-    """A1111 ``convert_diffusers_name_to_compvis`` (the SD1 UNet blocks and text encoder)."""
-    def match(match_list, regex_text):
-        r = re.compile(regex_text)
-        m = re.match(r, key)
-        if not m:
-            return False
-        match_list.clear()
-        match_list.extend([int(x) if re.match(re.compile(r"^\d+$"), x) else x for x in m.groups()])
-        return True
-
-    m = []
-    if match(m, r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        suffix = _suffix_conversion.get(m[1], {}).get(m[3], m[3])
-        return f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
-    if match(m, r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
-        suffix = _suffix_conversion.get(m[0], {}).get(m[2], m[2])
-        return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_{suffix}"
-    if match(m, r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        suffix = _suffix_conversion.get(m[1], {}).get(m[3], m[3])
-        return f"diffusion_model_output_blocks_{m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
-    if match(m, r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
-        return f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"
-    return key
+def _convert_diffusers_name_to_compvis(key):
+    """A1111 ``convert_diffusers_name_to_compvis`` for the layers the toy model has (SD1's
+    down-block attentions and the text encoder's layers); other keys are left as they are."""
+    m = re.match(r"lora_unet_down_blocks_(\d+)_attentions_(\d+)_(.+)", key)
+    if m:
+        return f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[2])}_1_{m[3]}"
+    m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
+    return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}" if m else key
 
 
 def _assign_network_names_to_compvis_modules(sd_model):
     """A1111: ``network_layer_mapping`` over ``cond_stage_model.wrapped`` and ``model``
     (the toy keeps those layers in ``sd_model.lora_layers``)."""
     mapping = {}
-    layers = getattr(sd_model, "lora_layers", None)
-    if layers is not None:
-        for name, module in layers.te.named_modules():
-            mapping[name.replace(".", "_")] = module
-        for name, module in layers.unet.named_modules(prefix="diffusion_model"):
-            mapping[name.replace(".", "_")] = module
+    layers = sd_model.lora_layers
+    for name, module in layers.te.named_modules():
+        mapping[name.replace(".", "_")] = module
+    for name, module in layers.unet.named_modules(prefix="diffusion_model"):
+        mapping[name.replace(".", "_")] = module
     sd_model.network_layer_mapping = mapping
 
 
 def _ldm_to_diffusers(ldm):
-    """The inverse of the block renaming (``unet_to_diffusers`` for SD1's attention blocks)."""
+    """The diffusers name of an SD1 down-block attention layer (``unet_to_diffusers``)."""
     m = re.match(r"input_blocks\.(\d+)\.1\.(.+)$", ldm)
     if m and int(m.group(1)) > 0:
         n = int(m.group(1)) - 1
         return f"down_blocks.{n // 3}.attentions.{n % 3}.{m.group(2)}"
-    m = re.match(r"middle_block\.1\.(.+)$", ldm)
-    if m:
-        return f"mid_block.attentions.0.{m.group(1)}"
-    m = re.match(r"output_blocks\.(\d+)\.1\.(.+)$", ldm)
-    if m:
-        n = int(m.group(1))
-        return f"up_blocks.{n // 3}.attentions.{n % 3}.{m.group(2)}"
     return None
 
 
@@ -144,37 +112,29 @@ def _load_lora(lora, to_load):
 
 
 def _load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename='default'):
-    """Forge ``networks.load_lora_for_models`` / reForge ``ldm_patched.modules.sd``'s."""
-    unet_keys = _model_lora_keys_unet(model.model, {}) if model is not None else {}
-    clip_keys = _model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    """Forge ``networks.load_lora_for_models`` / reForge ``ldm_patched.modules.sd``'s: the
+    patches go to clones of the UNet and CLIP patchers (keys the file has and the model lacks
+    are logged and skipped)."""
+    unet_keys = _model_lora_keys_unet(model.model, {})
+    clip_keys = _model_lora_keys_clip(clip.cond_stage_model, {})
     if _VARIANT == "forge":
         lora_unet, lora_unmatch = _load_lora(lora, unet_keys)
         lora_clip, lora_unmatch = _load_lora(lora_unmatch, clip_keys)
-        if len(lora_unmatch) > 12:
-            print(f'[LORA] LoRA version mismatch for {type(model.model).__name__}: {filename}')
-            return model, clip
         if len(lora_unmatch) > 0:
             print(f'[LORA] Loading {filename} with unmatched keys {list(lora_unmatch.keys())}')
-        new_model = model.clone() if model is not None else None
-        new_clip = clip.clone() if clip is not None else None
-        if new_model is not None and len(lora_unet) > 0:
-            new_model.add_patches(filename=filename, patches=lora_unet, strength_patch=strength_model)
-            model = new_model
-        if new_clip is not None and len(lora_clip) > 0:
-            new_clip.add_patches(filename=filename, patches=lora_clip, strength_patch=strength_clip)
-            clip = new_clip
+        model = model.clone()
+        model.add_patches(filename=filename, patches=lora_unet, strength_patch=strength_model)
+        clip = clip.clone()
+        clip.add_patches(filename=filename, patches=lora_clip, strength_patch=strength_clip)
         return model, clip
     # reForge (ComfyUI): one key map, both clones get the patches their model has
     loaded, unmatched = _load_lora(lora, {**unet_keys, **clip_keys})
     for x in unmatched:
         log.warning("lora key not loaded: %s", x)
-    new_model = model.clone() if model is not None else None
-    k = set(new_model.add_patches(loaded, strength_model)) if new_model is not None else set()
-    new_clip = clip.clone() if clip is not None else None
-    k1 = set(new_clip.add_patches(loaded, strength_clip)) if new_clip is not None else set()
-    for x in loaded:
-        if x not in k and x not in k1:
-            log.warning("NOT LOADED %s", x)
+    new_model = model.clone()
+    new_model.add_patches(loaded, strength_model)
+    new_clip = clip.clone()
+    new_clip.add_patches(loaded, strength_clip)
     return new_model, new_clip
 
 
@@ -187,7 +147,6 @@ def _load_lora_state_dict(filename):
 
 def load_network(name, network_on_disk):
     net = network.Network(name, network_on_disk)
-    net.mtime = os.path.getmtime(network_on_disk.filename)
     if _FORGE_LIKE:
         return net
     sd = _load_lora_state_dict(network_on_disk.filename)
@@ -198,58 +157,38 @@ def load_network(name, network_on_disk):
     matched_networks = {}
     for key_network, weight in sd.items():
         key_network_without_network_parts, _, network_part = key_network.partition(".")
-        key = _convert_diffusers_name_to_compvis(key_network_without_network_parts, False)
+        key = _convert_diffusers_name_to_compvis(key_network_without_network_parts)
         sd_module = sd_model.network_layer_mapping.get(key, None)
         if sd_module is None and "lora_unet" in key_network_without_network_parts:
             key = key_network_without_network_parts.replace("lora_unet", "diffusion_model")
-            sd_module = sd_model.network_layer_mapping.get(key, None)
-        elif sd_module is None and "lora_te1_text_model" in key_network_without_network_parts:
-            key = key_network_without_network_parts.replace("lora_te1_text_model", "transformer_text_model")
             sd_module = sd_model.network_layer_mapping.get(key, None)
         if sd_module is None:
             keys_failed_to_match[key_network] = key
             continue
         matched_networks.setdefault(key, {})[network_part] = weight
-    for key, weights in matched_networks.items():
-        if "lora_up.weight" in weights and "lora_down.weight" in weights:   # network_lora.ModuleTypeLora
-            net.modules[key] = weights
-        else:
-            raise AssertionError(f"Could not find a module type (out of lora) that would accept those keys: "
-                                 f"{', '.join(weights)}")
+    for key, weights in matched_networks.items():     # network_lora.ModuleTypeLora: up and down weights
+        net.modules[key] = weights
     if keys_failed_to_match:
         logging.debug(f"Network {network_on_disk.filename} didn't match keys: {keys_failed_to_match}")
     return net
 
 
-def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
+def load_networks(names, te_multipliers=None, unet_multipliers=None):
+    """Each name resolved through ``available_network_aliases`` (a name it lacks is skipped:
+    "Lora not found"), loaded and appended to ``loaded_networks``; Forge/reForge then apply the
+    set to the model's patchers (see the module docstring)."""
     current_sd = shared.sd_model
-    if current_sd is None:
-        return
     loaded_networks.clear()
-    networks_on_disk = [available_networks.get(name, None) if name.lower() in forbidden_network_aliases
-                        else available_network_aliases.get(name, None) for name in names]
-    if any(x is None for x in networks_on_disk):
-        list_available_networks()
-        networks_on_disk = [available_networks.get(name, None) if name.lower() in forbidden_network_aliases
-                            else available_network_aliases.get(name, None) for name in names]
-    failed_to_load_networks = []
+    networks_on_disk = [available_network_aliases.get(name, None) for name in names]
     for i, (network_on_disk, name) in enumerate(zip(networks_on_disk, names)):
         if network_on_disk is None:
-            failed_to_load_networks.append(name)
             continue
-        try:
-            net = load_network(name, network_on_disk)
-        except Exception as e:
-            errors.display(e, f"loading network {network_on_disk.filename}")
-            continue
+        net = load_network(name, network_on_disk)
         net.mentioned_name = name
         network_on_disk.read_hash()
-        net.te_multiplier = te_multipliers[i] if te_multipliers else 1.0
-        net.unet_multiplier = unet_multipliers[i] if unet_multipliers else 1.0
-        net.dyn_dim = dyn_dims[i] if dyn_dims else 1.0
+        net.te_multiplier = te_multipliers[i]
+        net.unet_multiplier = unet_multipliers[i]
         loaded_networks.append(net)
-    if failed_to_load_networks:
-        logging.info(f"Lora not found: {', '.join(failed_to_load_networks)}")   # upstream: a console line / popup
     if not _FORGE_LIKE:
         return
     compiled_lora_targets = []
@@ -271,33 +210,13 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
     current_sd.forge_objects_after_applying_lora = current_sd.forge_objects.shallow_copy()
 
 
-def process_network_files(names: list[str] | None = None):
-    lora_dir = shared.cmd_opts.lora_dir
-    candidates = [os.path.join(root, f) for root, _, files in os.walk(lora_dir, followlinks=True) for f in files
-                  if os.path.splitext(f)[1].lower() in (".pt", ".ckpt", ".safetensors")]
-    for filename in sorted(candidates):
-        name = os.path.splitext(os.path.basename(filename))[0]
-        if names and name not in names:
-            continue
-        entry = network.NetworkOnDisk(name, filename)
-        available_networks[name] = entry
-        if entry.alias in available_network_aliases:
-            forbidden_network_aliases[entry.alias.lower()] = 1
-        available_network_aliases[name] = entry
-        available_network_aliases[entry.alias] = entry
-
-
-def update_available_networks_by_names(names: list[str]):
-    process_network_files(names)
-
-
 def list_available_networks():
+    """Upstream scans the Lora folder (``--lora-dir``) into the two dicts below; the stand-in's
+    folder starts empty, and files are made known by ``available_networks[name] = …`` (as
+    extensions do)."""
     available_networks.clear()
     available_network_aliases.clear()
-    forbidden_network_aliases.clear()
-    forbidden_network_aliases.update({"none": 1, "Addams": 1})
     os.makedirs(shared.cmd_opts.lora_dir, exist_ok=True)
-    process_network_files()
 
 
 extra_network_lora = None
@@ -305,6 +224,5 @@ extra_network_lora = None
 available_networks = {}
 available_network_aliases = {}
 loaded_networks = []
-forbidden_network_aliases = {}
 
 list_available_networks()
