@@ -169,8 +169,6 @@ class ToyMath:
         """x0 estimate for k-diffusion input x (x = x0 + σ·ε), σ per row."""
         x = x.to(DTYPE)
         s = torch.as_tensor(sigma, dtype=DTYPE).reshape(-1, 1, 1, 1)
-        if s.shape[0] == 1 and x.shape[0] > 1:
-            s = s.expand(x.shape[0], 1, 1, 1)
         c_in = 1.0 / torch.sqrt(s ** 2 + 1.0)
         ctx = ctx.to(DTYPE)
         b = ctx[:, 1:5, :4].mean(dim=1).reshape(-1, 4, 1, 1)
@@ -215,25 +213,13 @@ class ToyTextEngine:
         return self.ids[word]
 
     def tokenize_line(self, line: str):
-        """The webui's own loop (``sd_hijack_clip.tokenize_line``, without emphasis, commas
-        and embeddings): tokens are collected until a chunk holds ``chunk_length``, then
-        the chunk is closed with BOS in front and EOS padding behind."""
-        chunks, current, count = [], [], 0
-
-        def next_chunk():
-            nonlocal current
-            tokens = [self.id_start] + current + [self.id_end] * (self.chunk_length + 1 - len(current))
-            chunks.append(_Chunk(tokens, [1.0] * len(tokens)))
-            current = []
-
-        for word in str(line).lower().replace(",", " ").split():
-            if len(current) == self.chunk_length:
-                next_chunk()
-            current.append(self._id(word))
-            count += 1
-        if current or not chunks:
-            next_chunk()
-        return chunks, count
+        """The webui's ``tokenize_line`` (``sd_hijack_clip``) for a prompt of at most
+        ``chunk_length`` tokens (one chunk; no emphasis, commas or embeddings): BOS in front,
+        EOS padding behind."""
+        ids = [self._id(word) for word in str(line).lower().replace(",", " ").split()]
+        assert len(ids) <= self.chunk_length, "the toy text engine makes one chunk"
+        tokens = [self.id_start] + ids + [self.id_end] * (self.chunk_length + 1 - len(ids))
+        return [_Chunk(tokens, [1.0] * len(tokens))], len(ids)
 
     def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
         table = torch.stack([_vec(w, self.dim, "tok") for w in self.words])
@@ -242,14 +228,9 @@ class ToyTextEngine:
         return v + 0.5 * v.cumsum(dim=1) / steps
 
     def encode(self, prompts) -> torch.Tensor:
-        """The conditioning the webui builds: the chunks' rows side by side (no emphasis)."""
-        out = []
-        for prompt in prompts:
-            chunks, _ = self.tokenize_line(prompt)
-            out.append(torch.cat([self.encode_with_transformers(torch.tensor([c.tokens]))[0] for c in chunks]))
-        width = max(o.shape[0] for o in out)
-        return torch.stack([torch.cat([o, o[-TOKENS:].repeat(width // TOKENS - o.shape[0] // TOKENS, 1)])
-                            for o in out])
+        """The conditioning the webui builds: the chunk's rows (no emphasis)."""
+        tokens = torch.tensor([self.tokenize_line(prompt)[0][0].tokens for prompt in prompts])
+        return self.encode_with_transformers(tokens)
 
 
 class ToyVAE:
@@ -307,13 +288,10 @@ class _Info:
 
 
 class _Predictor:
-    """Forge ``KModel.predictor`` / reForge ``model_sampling``: the σ table."""
+    """Forge ``KModel.predictor`` (reForge ``model_sampling``): the σ table."""
 
     def __init__(self):
         self.sigmas = sigma_of_t(torch.arange(1000))
-
-    def timestep(self, sigma):
-        return t_of_sigma(sigma)
 
 
 class ToyKModel:
@@ -322,18 +300,13 @@ class ToyKModel:
     def __init__(self, math_: ToyMath):
         self.math = math_
         self.predictor = _Predictor()
-        self.model_sampling = self.predictor
         self.diffusion_model = math_.unet      # the UNet's parameters (full safety weights)
-        self.device = "cpu"
         self.rows = 0          # UNet rows evaluated (cost checks)
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, y=None, control=None, transformer_options=None,
                     **kwargs):
         self.rows += x.shape[0]
         return self.math.x0(x, t, c_crossattn, y, c_concat)
-
-    def memory_required(self, input_shape, **kwargs):
-        return 0
 
     def named_parameters(self):
         """``diffusion_model.…`` keys, as the KModel's (what Forge's ``add_patches`` matches)."""
@@ -353,24 +326,17 @@ class ToySdModel:
         # "sd1-text": SD1 whose text encoder is a ToyTextEngine (steering through the stand-in).
         self.engine = ToyTextEngine(16) if kind == "sd1-text" else None
         kind = "sd1" if kind == "sd1-text" else kind
-        self.kind = kind
         self.math = ToyMath(24, 12) if kind == "sdxl" else ToyMath(16)
         self.vae = ToyVAE(self.math, self._encode_plain)
         self.is_sdxl = kind == "sdxl"
         self.is_sd1 = kind == "sd1"
         self.is_sd2 = False
         self.is_sd3 = kind == "sd3"
-        self.model = type("DiffusionWrapper", (), {"conditioning_key": "crossattn"})()
+        self.model = type("DiffusionWrapper", (), {})()
         self.model.diffusion_model = self.math.unet
-        self.cond_stage_key = "txt"
-        self.parameterization = "eps"
         self.sd_checkpoint_info = _Info()
         self.sd_model_hash = "0123456789"
-        self.latent_channels = 4
         self.alphas_cumprod = alphas_cumprod()
-        self.first_stage_model = type("VAE", (), {"dtype": DTYPE})()
-        empty = self._encode_plain([""])
-        self.cond_stage_model_empty_prompt = (empty["crossattn"] if isinstance(empty, dict) else empty)[0:1]
         self.encoded: list[list[str]] = []     # every get_learned_conditioning call
         self.rows = 0                           # UNet rows evaluated (A1111 path)
         self.kmodel = ToyKModel(self.math)
@@ -424,11 +390,8 @@ class ToySdModel:
             from modules_forge.unet_patcher import UnetPatcher
             unet = UnetPatcher(self.kmodel, load_device="cpu", offload_device="cpu")
             objects = ForgeSD(unet, None, None, None)
-        if self.engine is not None:
-            # Forge: the engine hangs off the model; both keep the text encoder's patcher in clip.
-            objects.clip = type("ToyClip", (), {"patcher": type("ToyClipPatcher", (), {})()})()
-            if variant == "forge":
-                self.text_processing_engine = self.engine
+        if self.engine is not None and variant == "forge":
+            self.text_processing_engine = self.engine      # Forge: the engine hangs off the model
         if self.lora_layers is not None:
             # The text encoder's patcher (its LoRA patches are recorded there); the engine stays.
             if variant == "forge":

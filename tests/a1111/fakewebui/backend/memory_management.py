@@ -9,7 +9,6 @@ current_loaded_models = []
 class LoadedModel:
     def __init__(self, model):
         self.model = model
-        self.device = model.load_device
 
     def model_load(self):
         self.model.refresh_loras()

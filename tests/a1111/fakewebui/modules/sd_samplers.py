@@ -1,7 +1,7 @@
 """Stand-in for ``modules/sd_samplers.py``: "Euler" (k-diffusion, x0 predictions) and "DDIM"
 (timesteps, ε predictions)."""
 
-from modules.sd_samplers_common import sample_to_image, samples_to_image_grid  # noqa: F401
+from modules.sd_samplers_common import sample_to_image  # noqa: F401
 
 
 def create_sampler(name, model):
@@ -10,7 +10,5 @@ def create_sampler(name, model):
         return sd_samplers_kdiffusion.KDiffusionSampler("sample_euler", model)
     if name == "Heun":        # second order: two model calls per step but the last
         return sd_samplers_kdiffusion.KDiffusionSampler("sample_heun", model)
-    if name == "DDIM":
-        return sd_samplers_timesteps.CompVisSampler("ddim", model)
-    raise ValueError(f"stand-in has no sampler {name!r}")
+    return sd_samplers_timesteps.CompVisSampler("ddim", model)   # "DDIM"
 

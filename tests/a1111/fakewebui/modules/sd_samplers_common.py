@@ -8,9 +8,6 @@ import torch
 from PIL import Image
 
 from modules import _variant, shared
-from modules.shared import opts
-
-approximation_indexes = {"Full": 0, "Approx NN": 1, "Approx cheap": 2, "TAESD": 3}
 
 
 def samples_to_images_tensor(sample, approximation=None, model=None):
@@ -33,26 +30,17 @@ def sample_to_image(samples, index=0, approximation=None):
     return single_sample_to_image(samples[index], approximation)
 
 
-def samples_to_image_grid(samples, approximation=None):
-    from modules import images
-    return images.image_grid([single_sample_to_image(sample, approximation) for sample in samples])
-
-
 def images_tensor_to_samples(image, approximation=None, model=None):
     model = model or shared.sd_model
     return model.get_first_stage_encoding(model.encode_first_stage(image * 2 - 1))
 
 
 def store_latent(decoded):
-    shared.state.current_latent = decoded
-    if opts.live_previews_enable and opts.show_progress_every_n_steps > 0 \
-            and shared.state.sampling_step % opts.show_progress_every_n_steps == 0:
-        if not shared.parallel_processing_allowed:
-            shared.state.assign_current_image(sample_to_image(decoded))
-
-
-class InterruptedException(BaseException):
-    pass
+    """Upstream keeps the latent for the progress API; without parallel processing (the API's
+    one-job-at-a-time mode) the preview image is made right here (every step: the stand-in has
+    no "Live preview display period")."""
+    if not shared.parallel_processing_allowed:
+        shared.state.assign_current_image(sample_to_image(decoded))
 
 
 def setup_img2img_steps(p, steps=None):
@@ -74,18 +62,10 @@ def _forge_sampling_prepare(x):
         sampling_prepare(shared.sd_model.forge_objects.unet, x=x)
 
 
-def apply_refiner(cfg_denoiser):
-    return False
-
-
 class Sampler:
     def __init__(self, funcname):
         self.funcname = funcname
-        self.func = funcname
-        self.config = None
         self.last_latent = None
-        self.s_min_uncond = None
-        self.p = None
         self.model_wrap_cfg = None
         self.sampler_extra_args = None
 
@@ -97,21 +77,15 @@ class Sampler:
         self.model_wrap_cfg.total_steps = steps * 2 - 1 if self.funcname == "sample_heun" else steps
         shared.state.sampling_steps = steps
         shared.state.sampling_step = 0
-        try:
-            return func()
-        except InterruptedException:
-            return self.last_latent
+        return func()
 
     def initialize(self, p) -> dict:
-        self.p = p
         self.model_wrap_cfg.p = p
         self.model_wrap_cfg.mask = p.mask if hasattr(p, 'mask') else None
         self.model_wrap_cfg.nmask = p.nmask if hasattr(p, 'nmask') else None
         self.model_wrap_cfg.step = 0
-        self.model_wrap_cfg.image_cfg_scale = getattr(p, 'image_cfg_scale', None)
-        self.s_min_uncond = getattr(p, 's_min_uncond', 0.0) or 0.0
         return {}
 
     def _extra_args(self, p, conditioning, unconditional_conditioning, image_conditioning):
         return {'cond': conditioning, 'image_cond': image_conditioning, 'uncond': unconditional_conditioning,
-                'cond_scale': p.cfg_scale, 's_min_uncond': self.s_min_uncond}
+                'cond_scale': p.cfg_scale, 's_min_uncond': 0.0}      # NGMS is not modelled

@@ -15,8 +15,6 @@ class _CompVisDenoiser(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner_model = model
-        from _toy import sigma_of_t
-        self.sigmas = sigma_of_t(torch.arange(1000))
 
     def get_sigmas(self, n):
         from _toy import sigma_of_t
@@ -61,8 +59,7 @@ def _sample_euler(model, x, sigmas, extra_args, callback):
     for i in range(len(sigmas) - 1):
         s_in = x.new_ones([x.shape[0]])
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'denoised': denoised})
+        callback({'x': x, 'i': i, 'sigma': sigmas[i], 'denoised': denoised})
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
     return x
@@ -73,8 +70,7 @@ def _sample_heun(model, x, sigmas, extra_args, callback):
         s_in = x.new_ones([x.shape[0]])
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         d = (x - denoised) / sigmas[i]
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'denoised': denoised})
+        callback({'x': x, 'i': i, 'sigma': sigmas[i], 'denoised': denoised})
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt

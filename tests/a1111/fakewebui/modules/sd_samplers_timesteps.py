@@ -48,8 +48,7 @@ def _ddim(model, x, timesteps, extra_args, callback):
         t_in = torch.full((x.shape[0],), t, dtype=torch.float64)
         eps = model(x, t_in, **extra_args)
         pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': t, 'denoised': pred_x0})
+        callback({'x': x, 'i': i, 'sigma': t, 'denoised': pred_x0})
         x = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * eps
     return x
 
@@ -72,19 +71,3 @@ class CompVisSampler(sd_samplers_common.Sampler):
         self.sampler_extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
         return self.launch_sampling(steps, lambda: _ddim(self.model_wrap_cfg, x, timesteps, self.sampler_extra_args,
                                                          self.callback_state))
-
-    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
-                       image_conditioning=None):
-        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
-        timesteps = self.get_timesteps(p, steps)
-        timesteps_sched = timesteps[:t_enc]
-        alphas = shared.sd_model.alphas_cumprod
-        t0 = timesteps[t_enc] if t_enc < len(timesteps) else timesteps[-1]
-        xi = x * alphas[t0].sqrt() + noise * (1 - alphas[t0]).sqrt()
-        sd_samplers_common._forge_sampling_prepare(x)
-        self.initialize(p)
-        self.model_wrap_cfg.init_latent = x
-        self.last_latent = x
-        self.sampler_extra_args = self._extra_args(p, conditioning, unconditional_conditioning, image_conditioning)
-        return self.launch_sampling(t_enc + 1, lambda: _ddim(self.model_wrap_cfg, xi, timesteps_sched,
-                                                             self.sampler_extra_args, self.callback_state))

@@ -2,7 +2,8 @@
 all patcher clones of it). ``refresh(lora_patches)`` does nothing when the set's hash
 (``str(list(lora_patches.keys()))``) is the one merged already (unless ``force_refresh``);
 else it puts the backed-up weights back, then merges every patch into its weight (new
-``Parameter``s), backing up each weight first, and records ``loaded_hash``."""
+``Parameter``s), backing up each weight first, and records ``loaded_hash``. (Not modelled:
+"online" LoRAs, applied in the layers' forward.)"""
 
 import torch
 
@@ -25,7 +26,6 @@ class LoraLoader:
     def __init__(self, model):
         self.model = model
         self.backup = {}
-        self.online_backup = []
         self.loaded_hash = str([])
 
     @torch.inference_mode()
@@ -34,31 +34,15 @@ class LoraLoader:
         if hashes == self.loaded_hash and not force_refresh:
             return
         all_patches = {}
-        for (_, _, _, online_mode), patches in lora_patches.items():
+        for patches in lora_patches.values():
             for key, current_patches in patches.items():
-                all_patches[(key, online_mode)] = all_patches.get((key, online_mode), []) + current_patches
-        for m in set(self.online_backup):
-            del m.forge_online_loras
-        self.online_backup = []
+                all_patches[key] = all_patches.get(key, []) + current_patches
         for k, w in self.backup.items():
-            if not isinstance(w, torch.nn.Parameter):
-                w = torch.nn.Parameter(w, requires_grad=False)
             utils.set_attr_raw(self.model, k, w)
         self.backup = {}
-        for (key, online_mode), current_patches in all_patches.items():
-            try:
-                parent_layer, child_key, weight = utils.get_attr_with_parent(self.model, key)
-                assert isinstance(weight, torch.nn.Parameter)
-            except Exception:
-                raise ValueError(f"Wrong LoRA Key: {key}")
-            if online_mode:
-                if not hasattr(parent_layer, 'forge_online_loras'):
-                    parent_layer.forge_online_loras = {}
-                parent_layer.forge_online_loras[child_key] = current_patches
-                self.online_backup.append(parent_layer)
-                continue
-            if key not in self.backup:
-                self.backup[key] = weight.to(device=offload_device)
+        for key, current_patches in all_patches.items():
+            parent_layer, child_key, weight = utils.get_attr_with_parent(self.model, key)
+            self.backup[key] = weight.to(device=offload_device)
             weight = _merged(weight, current_patches)
             utils.set_attr_raw(self.model, key, torch.nn.Parameter(weight, requires_grad=False))
         self.loaded_hash = hashes

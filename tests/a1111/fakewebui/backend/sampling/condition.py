@@ -1,16 +1,6 @@
 """Stand-in for Forge's ``backend/sampling/condition.py``: A1111 conds → cond dicts."""
 
-import math
-
 import torch
-
-
-def repeat_to_batch_size(tensor, batch_size):
-    if tensor.shape[0] > batch_size:
-        return tensor[:batch_size]
-    if tensor.shape[0] < batch_size:
-        return tensor.repeat([math.ceil(batch_size / tensor.shape[0])] + [1] * (len(tensor.shape) - 1))[:batch_size]
-    return tensor
 
 
 class Condition:
@@ -21,20 +11,13 @@ class Condition:
         return self.__class__(cond)
 
     def process_cond(self, batch_size, device, **kwargs):
-        return self._copy_with(repeat_to_batch_size(self.cond, batch_size).to(device))
-
-    def can_concat(self, other):
-        return self.cond.shape == other.cond.shape
+        return self._copy_with(self.cond.to(device))      # upstream repeats it to the batch size
 
     def concat(self, others):
         return torch.cat([self.cond] + [x.cond for x in others])
 
 
 class ConditionCrossAttn(Condition):
-    def can_concat(self, other):
-        s1, s2 = self.cond.shape, other.cond.shape
-        return s1 == s2 or (s1[0] == s2[0] and s1[2] == s2[2])
-
     def concat(self, others):
         conds = [self.cond] + [x.cond for x in others]
         n = max(c.shape[1] for c in conds)
@@ -42,8 +25,6 @@ class ConditionCrossAttn(Condition):
 
 
 def compile_conditions(cond):
-    if cond is None:
-        return None
     if isinstance(cond, torch.Tensor):
         return [dict(cross_attn=cond, model_conds=dict(c_crossattn=ConditionCrossAttn(cond)))]
     cross_attn = cond['crossattn']

@@ -1,10 +1,10 @@
 """Stand-in for Forge's ``backend/sampling/sampling_function.py``.
 
-``sampling_function`` (called by the CFG denoiser) compiles the A1111 conds, adds the
-inpainting ``c_concat`` and ControlNet, runs ``conditioning_modifiers``, then
-``sampling_function_inner``: pre-cfg functions → ``calc_cond_uncond_batch`` (one UNet batch;
-each cond dict weighted by its ``strength``) → the cfg function (``args['cond']`` is
-x − cond_denoised) or ``uncond + s·(cond − uncond)`` → post-cfg functions. All in x0 space.
+``sampling_function`` (called by the CFG denoiser) compiles the A1111 conds, runs the UNet
+patcher's ``conditioning_modifiers``, then ``sampling_function_inner``:
+``calc_cond_uncond_batch`` (one UNet batch; each cond dict weighted by its ``strength``) →
+``uncond + s·(cond − uncond)`` → post-cfg functions. All in x0 space. (Not modelled: pre-cfg
+and custom cfg functions, the inpainting ``c_concat``, ControlNet.)
 """
 
 import collections
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from backend.sampling.condition import Condition, compile_conditions, compile_weighted_conditions
+from backend.sampling.condition import compile_conditions, compile_weighted_conditions
 
 
 def get_area_and_mult(conds, x_in, timestep_in):
@@ -40,17 +40,11 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     to_run = [(get_area_and_mult(x, x_in, timestep), 0) for x in cond]
     if uncond is not None:
         to_run += [(get_area_and_mult(x, x_in, timestep), 1) for x in uncond]
-    if not to_run:
-        return out_cond, out_uncond
     input_x = torch.cat([p.input_x for p, _ in to_run])
     c = cond_cat([p.conditioning for p, _ in to_run])
     c['transformer_options'] = {"cond_or_uncond": [k for _, k in to_run], "sigmas": timestep}
     timestep_ = torch.cat([timestep] * len(to_run))
-    if 'model_function_wrapper' in model_options:
-        output = model_options['model_function_wrapper'](model.apply_model, {
-            "input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": [k for _, k in to_run]})
-    else:
-        output = model.apply_model(input_x, timestep_, **c)
+    output = model.apply_model(input_x, timestep_, **c)
     for o, (p, kind) in zip(output.chunk(len(to_run)), to_run):
         if kind == 0:
             out_cond += o * p.mult
@@ -61,22 +55,15 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
     return out_cond / out_count, out_uncond / out_uncond_count
 
 
-def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None,
-                            return_full=False):
+def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
+    """Returns ``(cfg_result, cond_pred, uncond_pred)`` (upstream: with ``return_full=True``)."""
     edit_strength = sum((item['strength'] if 'strength' in item else 1) for item in cond)
     if math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization", False):
         uncond_ = None
     else:
         uncond_ = uncond
-    for fn in model_options.get("sampler_pre_cfg_function", []):
-        model, cond, uncond_, x, timestep, model_options = fn(model, cond, uncond_, x, timestep, model_options)
     cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
-    if "sampler_cfg_function" in model_options:
-        args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale, "timestep": timestep,
-                "input": x, "sigma": timestep, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
-                "model": model, "model_options": model_options}
-        cfg_result = x - model_options["sampler_cfg_function"](args)
-    elif not math.isclose(edit_strength, 1.0):
+    if not math.isclose(edit_strength, 1.0):
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
     else:
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
@@ -84,35 +71,22 @@ def sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_
         args = {"denoised": cfg_result, "cond": cond, "uncond": uncond, "model": model, "uncond_denoised": uncond_pred,
                 "cond_denoised": cond_pred, "sigma": timestep, "model_options": model_options, "input": x}
         cfg_result = fn(args)
-    if return_full:
-        return cfg_result, cond_pred, uncond_pred
-    return cfg_result
+    return cfg_result, cond_pred, uncond_pred
 
 
 def sampling_function(self, denoiser_params, cond_scale, cond_composition):
     unet_patcher = self.inner_model.inner_model.forge_objects.unet
     model = unet_patcher.model
-    control = unet_patcher.controlnet_linked_list
-    extra_concat_condition = unet_patcher.extra_concat_condition
     x = denoiser_params.x
     timestep = denoiser_params.sigma
     uncond = compile_conditions(denoiser_params.text_uncond)
     cond = compile_weighted_conditions(denoiser_params.text_cond, cond_composition)
     model_options = unet_patcher.model_options
     seed = self.p.seeds[0]
-    image_cond_in = extra_concat_condition if extra_concat_condition is not None else denoiser_params.image_cond
-    if isinstance(image_cond_in, torch.Tensor) and image_cond_in.shape[0] == x.shape[0] \
-            and image_cond_in.shape[2] == x.shape[2] and image_cond_in.shape[3] == x.shape[3]:
-        for h in (uncond or []) + cond:
-            h['model_conds']['c_concat'] = Condition(image_cond_in)
-    if control is not None:
-        for h in cond + (uncond or []):
-            h['control'] = control
     for modifier in model_options.get('conditioning_modifiers', []):
         model, x, timestep, uncond, cond, cond_scale, model_options, seed = modifier(
             model, x, timestep, uncond, cond, cond_scale, model_options, seed)
-    return sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, seed,
-                                   return_full=True)
+    return sampling_function_inner(model, x, timestep, uncond, cond, cond_scale, model_options, seed)
 
 
 def sampling_prepare(unet, x):
@@ -121,7 +95,3 @@ def sampling_prepare(unet, x):
     from backend import memory_management
     memory_management.load_models_gpu(models=[unet] + list(unet.extra_model_patchers_during_sampling),
                                       memory_required=unet.memory_required(list(x.shape)))
-
-
-def sampling_cleanup(unet):
-    return

@@ -1,8 +1,7 @@
 """Stand-in for reForge's ``ldm_patched/modules/samplers.py`` (ComfyUI's sampling function):
-``calc_cond_batch`` (or the patcher's ``sampler_calc_cond_batch_function``) → pre-cfg
-functions (``args['conds_out']`` = [cond, uncond] denoised; may replace them) → ``cfg_function``
-(the patcher's cfg function, or uncond + s·(cond − uncond); cond only when uncond is None)
-→ post-cfg functions. x0 space."""
+``calc_cond_batch`` → pre-cfg functions (``args['conds_out']`` = [cond, uncond] denoised; may
+replace them) → ``cfg_function`` (uncond + s·(cond − uncond)) → post-cfg functions. x0 space.
+(Not modelled: a patcher's own cfg or batch functions, the UNet function wrapper.)"""
 
 import collections
 import math
@@ -34,21 +33,16 @@ def calc_cond_batch(model, conds, x_in, timestep, model_options):
     for i, cond in enumerate(conds):
         for x in cond or []:
             to_run.append((get_area_and_mult(x, x_in, timestep), i))
-    if to_run:
-        input_x = torch.cat([p.input_x for p, _ in to_run])
-        c = cond_cat([p.conditioning for p, _ in to_run])
-        cond_or_uncond = [i for _, i in to_run]
-        c['transformer_options'] = {**model_options.get('transformer_options', {}),
-                                    "cond_or_uncond": cond_or_uncond, "sigmas": timestep}
-        timestep_ = torch.cat([timestep] * len(to_run))
-        if 'model_function_wrapper' in model_options:
-            output = model_options['model_function_wrapper'](model.apply_model, {
-                "input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": cond_or_uncond})
-        else:
-            output = model.apply_model(input_x, timestep_, **c)
-        for o, (p, i) in zip(output.chunk(len(to_run)), to_run):
-            out_conds[i] += o * p.mult
-            out_counts[i] += p.mult
+    input_x = torch.cat([p.input_x for p, _ in to_run])
+    c = cond_cat([p.conditioning for p, _ in to_run])
+    cond_or_uncond = [i for _, i in to_run]
+    c['transformer_options'] = {**model_options.get('transformer_options', {}),
+                                "cond_or_uncond": cond_or_uncond, "sigmas": timestep}
+    timestep_ = torch.cat([timestep] * len(to_run))
+    output = model.apply_model(input_x, timestep_, **c)
+    for o, (p, i) in zip(output.chunk(len(to_run)), to_run):
+        out_conds[i] += o * p.mult
+        out_counts[i] += p.mult
     return [out_conds[i] / out_counts[i] for i in range(len(conds))]
 
 
@@ -58,15 +52,7 @@ def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
 
 def cfg_function(model, cond_pred, uncond_pred, cond_scale, x, timestep, model_options={}, cond=None, uncond=None):
     edit_strength = sum((item.get('strength', 1) for item in cond))
-    if "sampler_cfg_function" in model_options:
-        args = {"cond": x - cond_pred, "uncond": x - uncond_pred if uncond_pred is not None else None,
-                "cond_scale": cond_scale, "timestep": timestep, "input": x, "sigma": timestep,
-                "cond_denoised": cond_pred, "uncond_denoised": uncond_pred, "model": model,
-                "model_options": model_options}
-        cfg_result = x - model_options["sampler_cfg_function"](args)
-    elif uncond_pred is None:
-        cfg_result = cond_pred
-    elif not math.isclose(edit_strength, 1.0):
+    if not math.isclose(edit_strength, 1.0):
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale * edit_strength
     else:
         cfg_result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
@@ -84,11 +70,7 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
     else:
         uncond_ = uncond
     conds = [cond, uncond_]
-    if "sampler_calc_cond_batch_function" in model_options:
-        args = {"conds": conds, "input": x, "sigma": timestep, "model": model, "model_options": model_options}
-        out = model_options["sampler_calc_cond_batch_function"](args)
-    else:
-        out = calc_cond_batch(model, conds, x, timestep, model_options)
+    out = calc_cond_batch(model, conds, x, timestep, model_options)
     for fn in model_options.get("sampler_pre_cfg_function", []):
         args = {"conds": conds, "conds_out": out, "cond_scale": cond_scale, "timestep": timestep, "input": x,
                 "sigma": timestep, "model": model, "model_options": model_options}
