@@ -9,7 +9,6 @@ without ``name=`` and unordered), ``forge`` (lllyasviel Forge 2, ``backend/``) a
 
 import os
 
-VARIANTS = ("a1111-1.10", "a1111-1.7", "forge", "reforge")
 VARIANT = os.environ.get("FAKEWEBUI_VARIANT", "a1111-1.10")
 
 

@@ -3,20 +3,16 @@
 import sys
 import traceback
 
-_reported: list[tuple[str, BaseException | None]] = []   # stand-in: what upstream would print
-
 
 def report(message: str, *, exc_info: bool = False) -> None:
-    exc = sys.exc_info()[1] if exc_info else None
-    _reported.append((message, exc))
     print(message, file=sys.stderr)
-    if exc is not None:
-        traceback.print_exception(exc, file=sys.stderr)
+    if exc_info:
+        traceback.print_exc()
 
 
 def display(e: Exception, task, *, full_traceback=False):
-    _reported.append((f"{task}: {e}", e))
+    print(f"{task}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def record_exception():
-    _reported.append(("recorded", sys.exc_info()[1]))
+    """Upstream keeps the exception for the sysinfo page; the stand-in does not."""

@@ -14,16 +14,12 @@ re_extra_net = re.compile(r"<(\w+):([^>]+)>")
 
 
 class ExtraNetworkParams:
+    """``<name:a:b>`` → ``items`` ``["a", "b"]``, all positional here (upstream also reads
+    ``key=value`` items into ``named``)."""
+
     def __init__(self, items=None):
         self.items = items or []
-        self.positional = []
-        self.named = {}
-        for item in self.items:
-            parts = item.split('=', 2) if isinstance(item, str) else [item]
-            if len(parts) == 2:
-                self.named[parts[0]] = parts[1]
-            else:
-                self.positional.append(item)
+        self.positional = list(self.items)
 
     def __eq__(self, other):
         return self.items == other.items
@@ -33,12 +29,6 @@ class ExtraNetwork:
     def __init__(self, name):
         self.name = name
 
-    def activate(self, p, params_list):
-        raise NotImplementedError
-
-    def deactivate(self, p):
-        raise NotImplementedError
-
 
 def register_extra_network(extra_network):
     extra_network_registry[extra_network.name] = extra_network
@@ -46,24 +36,18 @@ def register_extra_network(extra_network):
 
 def activate(p, extra_network_data):
     for name, args in (extra_network_data or {}).items():
-        net = extra_network_registry.get(name)
-        if net is None:
-            continue
+        net = extra_network_registry[name]
         try:
             net.activate(p, args)
         except Exception as e:
             errors.display(e, f"activating extra network {name}")
-    if p.scripts is not None:
-        p.scripts.after_extra_networks_activate(p, batch_number=p.iteration, prompts=p.prompts, seeds=p.seeds,
-                                                subseeds=p.subseeds, extra_network_data=extra_network_data)
+    p.scripts.after_extra_networks_activate(p, batch_number=p.iteration, prompts=p.prompts, seeds=p.seeds,
+                                            subseeds=p.subseeds, extra_network_data=extra_network_data)
 
 
 def deactivate(p, extra_network_data):
-    for name, net in extra_network_registry.items():
-        try:
-            net.deactivate(p)
-        except Exception as e:
-            errors.display(e, f"deactivating extra network {name}")
+    for net in extra_network_registry.values():
+        net.deactivate(p)
 
 
 def parse_prompt(prompt):

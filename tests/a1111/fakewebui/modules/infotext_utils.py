@@ -6,6 +6,4 @@ from modules import _variant
 if _variant.is_17():   # 1.7 names it generation_parameters_copypaste
     raise ImportError("modules.infotext_utils does not exist before A1111 1.8")
 
-from modules._infotext_impl import (  # noqa: E402,F401
-    connect_paste, parse_generation_parameters, quote, re_imagesize, re_param, re_param_code, unquote,
-)
+from modules._infotext_impl import connect_paste, parse_generation_parameters, quote  # noqa: E402,F401

@@ -4,5 +4,4 @@ import os
 import tempfile
 
 script_path = os.environ.get("FAKEWEBUI_ROOT") or tempfile.mkdtemp(prefix="fakewebui-")
-data_path = script_path
 models_path = os.path.join(script_path, "models")

@@ -7,11 +7,14 @@ calls the script hooks in the upstream order:
 ``process_batch`` → conds → [Forge/reForge: fresh ``forge_objects``] →
 ``process_before_every_sampling`` (A1111 ≥ 1.10, Forge, reForge; again before the hires
 pass, after ``before_hr``) → sampling (CFG callbacks; live previews) → [hires fix:
-"-before-highres-fix" saves] → ``post_sample`` → ``postprocess_batch`` →
+"-before-highres-fix" saves] → ``postprocess_batch`` →
 ``postprocess_batch_list`` → per image: ["-before-face-restoration" save] →
 ``postprocess_image`` (crop of "inpaint only masked") → ``postprocess_maskoverlay`` →
 ["-before-color-correction" save] → overlay composite → ``postprocess_image_after_composite``
 (absent in 1.7) → sample save → grid (+ grid save) → ``postprocess``.
+
+img2img: one init image; a mask is inpainted "only masked" (cropped to the mask's box, pasted
+back over the original).
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 import modules.face_restoration
 import modules.images as images
 import modules.shared as shared
 from modules import _variant, extra_networks, prompt_parser, rng, sd_samplers, scripts
 from modules.sd_samplers_common import decode_first_stage, images_tensor_to_samples
-from modules.shared import opts, state
+from modules.shared import opts
 
 opt_C = 4
 opt_f = 8
@@ -45,35 +48,19 @@ def _uncrop(image, dest_size, paste_loc):
     return base_image
 
 
-if _V17:
-    def apply_overlay(image, paste_loc, index, overlays):
-        if overlays is None or index >= len(overlays):
-            return image
-        overlay = overlays[index]
-        if paste_loc is not None:
-            image = _uncrop(image, (overlay.width, overlay.height), paste_loc)
-        image = image.convert('RGBA')
-        image.alpha_composite(overlay)
-        return image.convert('RGB')
-else:
-    def apply_overlay(image, paste_loc, overlay):
-        if overlay is None:
-            return image, image.copy()
-        if paste_loc is not None:
-            image = _uncrop(image, (overlay.width, overlay.height), paste_loc)
-        original_denoised_image = image.copy()
-        image = image.convert('RGBA')
-        image.alpha_composite(overlay)
-        image = image.convert('RGB')
-        return image, original_denoised_image
+def _apply_overlay(image, paste_loc, overlay):
+    """Upstream ``apply_overlay``: the sample pasted back at its place and the original
+    (outside the mask) composited over it."""
+    if overlay is None:
+        return image
+    image = _uncrop(image, (overlay.width, overlay.height), paste_loc)
+    image = image.convert('RGBA')
+    image.alpha_composite(overlay)
+    return image.convert('RGB')
 
 
 def create_binary_mask(image):
-    if image.mode == 'RGBA' and image.getextrema()[-1] != (255, 255):
-        image = image.split()[-1].convert("L")
-    else:
-        image = image.convert('L')
-    return image.point(lambda x: 255 if x > 128 else 0)
+    return image.convert('L').point(lambda x: 255 if x > 128 else 0)
 
 
 class DecodedSamples(list):
@@ -98,12 +85,9 @@ class StableDiffusionProcessing:
     outpath_grids: str = None
     prompt: str = ""
     negative_prompt: str = ""
-    styles: list = None
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
     sampler_name: str = None
     batch_size: int = 1
     n_iter: int = 1
@@ -112,28 +96,19 @@ class StableDiffusionProcessing:
     width: int = 512
     height: int = 512
     restore_faces: bool = None
-    tiling: bool = None
-    do_not_save_samples: bool = False
-    do_not_save_grid: bool = False
     extra_generation_params: dict = None
     overlay_images: list = None
-    eta: float = None
     denoising_strength: float = None
-    s_min_uncond: float = None
     override_settings: dict = None
-    override_settings_restore_afterwards: bool = True
-    disable_extra_networks: bool = False
     refiner_checkpoint: str = None
     refiner_switch_at: float = None
 
-    scripts_value: Any = field(default=None, init=False)
+    scripts: Any = field(default=None, init=False)
     script_args_value: list = field(default=None, init=False)
-    scripts_setup_complete: bool = field(default=False, init=False)
 
     cached_uc = [None, None]
     cached_c = [None, None]
 
-    comments: dict = None
     sampler: Any = field(default=None, init=False)
     paste_to: tuple = field(default=None, init=False)
     is_hr_pass: bool = field(default=False, init=False)
@@ -153,17 +128,11 @@ class StableDiffusionProcessing:
     seeds: list = field(default=None, init=False)
     subseeds: list = field(default=None, init=False)
     extra_network_data: dict = field(default=None, init=False)
-    sd_model_name: str = field(default=None, init=False)
-    sd_model_hash: str = field(default=None, init=False)
     is_api: bool = field(default=False, init=False)
 
     def __post_init__(self):
-        self.comments = {}
-        if self.styles is None:
-            self.styles = []
         self.extra_generation_params = self.extra_generation_params or {}
         self.override_settings = self.override_settings or {}
-        self.script_args = self.script_args or {}
         self.cached_uc = StableDiffusionProcessing.cached_uc
         self.cached_c = StableDiffusionProcessing.cached_c
 
@@ -176,40 +145,17 @@ class StableDiffusionProcessing:
         pass
 
     @property
-    def scripts(self):
-        return self.scripts_value
-
-    @scripts.setter
-    def scripts(self, value):
-        self.scripts_value = value
-        if self.scripts_value and self.script_args_value and not self.scripts_setup_complete:
-            self.setup_scripts()
-
-    @property
     def script_args(self):
         return self.script_args_value
 
     @script_args.setter
     def script_args(self, value):
+        """Upstream: setting the arguments of a ``p`` that has its scripts runs their ``setup``."""
         self.script_args_value = value
-        if self.scripts_value and self.script_args_value and not self.scripts_setup_complete:
-            self.setup_scripts()
-
-    def setup_scripts(self):
-        self.scripts_setup_complete = True
-        self.scripts.setup_scrips(self, is_ui=not self.is_api)
-
-    def comment(self, text):
-        self.comments[text] = 1
+        self.scripts.setup_scrips(self)
 
     def txt2img_image_conditioning(self, x, width=None, height=None):
         return x.new_zeros(x.shape[0], 5, 1, 1)
-
-    def init(self, all_prompts, all_seeds, all_subseeds):
-        pass
-
-    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
-        raise NotImplementedError()
 
     def close(self):
         self.sampler = None
@@ -221,10 +167,7 @@ class StableDiffusionProcessing:
             self.all_prompts = self.prompt
         else:
             self.all_prompts = self.batch_size * self.n_iter * [self.prompt]
-        if isinstance(self.negative_prompt, list):
-            self.all_negative_prompts = self.negative_prompt
-        else:
-            self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
+        self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
         self.main_prompt = self.all_prompts[0]
         self.main_negative_prompt = self.all_negative_prompts[0]
 
@@ -255,50 +198,23 @@ class StableDiffusionProcessing:
         self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, prompts, self.steps,
                                              [self.cached_c], self.extra_network_data)
 
-    def get_conds(self):
-        return self.c, self.uc
-
     def parse_extra_network_prompts(self):
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
 
-    def save_samples(self) -> bool:
-        return opts.samples_save and not self.do_not_save_samples
-
 
 class Processed:
-    def __init__(self, p: StableDiffusionProcessing, images_list, seed=-1, info="", subseed=None,
-                 all_prompts=None, all_negative_prompts=None, all_seeds=None, all_subseeds=None,
-                 index_of_first_image=0, infotexts=None, comments=""):
+    def __init__(self, p: StableDiffusionProcessing, images_list, *, info="", index_of_first_image=0,
+                 infotexts=None):
         self.images = images_list
-        self.prompt = p.prompt
-        self.negative_prompt = p.negative_prompt
-        self.seed = seed
-        self.subseed = subseed
         self.info = info
-        self.comments = "".join(f"{comment}\n" for comment in p.comments)
-        self.width = p.width
-        self.height = p.height
-        self.batch_size = p.batch_size
-        self.cfg_scale = p.cfg_scale
-        self.steps = p.steps
-        self.extra_generation_params = p.extra_generation_params
         self.index_of_first_image = index_of_first_image
-        self.all_prompts = all_prompts or p.all_prompts or [self.prompt]
-        self.all_negative_prompts = all_negative_prompts or p.all_negative_prompts or [self.negative_prompt]
-        self.all_seeds = all_seeds or p.all_seeds or [self.seed]
-        self.all_subseeds = all_subseeds or p.all_subseeds or [self.subseed]
-        self.infotexts = infotexts or [info] * len(images_list)
-
-    def infotext(self, p: StableDiffusionProcessing, index):
-        return create_infotext(p, self.all_prompts, self.all_seeds, self.all_subseeds, comments=[],
-                               position_in_batch=index % self.batch_size, iteration=index // self.batch_size)
+        self.infotexts = infotexts
 
 
 def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0, position_in_batch=0,
                     use_main_prompt=False, index=None, all_negative_prompts=None):
-    """``Key: value`` pairs of the job and ``p.extra_generation_params`` (values may be a str,
-    a list with one entry per image of the job, or a callable ``f(p=…, index=…, **kw)``)."""
-    from modules.infotext_utils import quote  # noqa: PLC0415
+    """``Key: value`` pairs of the job and ``p.extra_generation_params`` (``None`` values left out)."""
+    from modules._infotext_impl import quote  # noqa: PLC0415
     if use_main_prompt:
         index = 0
     elif index is None:
@@ -315,53 +231,21 @@ def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iter
         "Size": f"{p.width}x{p.height}",
         **p.extra_generation_params,
     }
-    for key, value in generation_params.items():
-        try:
-            if isinstance(value, list):
-                generation_params[key] = value[index]
-            elif callable(value):
-                generation_params[key] = value(**locals())
-        except Exception:
-            generation_params[key] = None
     text = ", ".join([k if k == v else f'{k}: {quote(v)}' for k, v in generation_params.items() if v is not None])
     negative_prompt_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt_text}{negative_prompt_text}\n{text}".strip()
 
 
-if _V17:
-    from modules.generation_parameters_copypaste import quote as _quote  # noqa: E402
-
-    def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0,  # noqa: F811
-                        position_in_batch=0, use_main_prompt=False, index=None, all_negative_prompts=None):
-        if use_main_prompt:
-            index = 0
-        elif index is None:
-            index = position_in_batch + iteration * p.batch_size
-        if all_negative_prompts is None:
-            all_negative_prompts = p.all_negative_prompts
-        prompt_text = p.main_prompt if use_main_prompt else all_prompts[index]
-        negative_prompt = p.main_negative_prompt if use_main_prompt else all_negative_prompts[index]
-        params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale,
-                  "Seed": p.all_seeds[0] if use_main_prompt else all_seeds[index], "Size": f"{p.width}x{p.height}",
-                  **p.extra_generation_params}
-        text = ", ".join([k if k == v else f'{k}: {_quote(v)}' for k, v in params.items() if v is not None])
-        negative_prompt_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
-        return f"{prompt_text}{negative_prompt_text}\n{text}".strip()
-
-
 def process_images(p: StableDiffusionProcessing) -> Processed:
-    if p.scripts is not None:
-        p.scripts.before_process(p)
-    stored_opts = {k: opts.data[k] if k in opts.data else opts.get_default(k) for k in p.override_settings.keys()
-                   if k in opts.data}
+    p.scripts.before_process(p)
+    stored_opts = {k: opts.data[k] for k in p.override_settings.keys() if k in opts.data}
     try:
         for k, v in p.override_settings.items():
             opts.set(k, v, is_api=True, run_callbacks=False)
         res = process_images_inner(p)
     finally:
-        if p.override_settings_restore_afterwards:
-            for k, v in stored_opts.items():
-                setattr(opts, k, v)
+        for k, v in stored_opts.items():
+            setattr(opts, k, v)
     return res
 
 
@@ -370,26 +254,19 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
     subseed = get_fixed_seed(p.subseed)
     if p.restore_faces is None:
         p.restore_faces = opts.face_restoration
-    p.sd_model_name = shared.sd_model.sd_checkpoint_info.name_for_extra
-    p.sd_model_hash = shared.sd_model.sd_model_hash
     p.setup_prompts()
     p.all_seeds = [int(seed) + x for x in range(len(p.all_prompts))]
     p.all_subseeds = [int(subseed) + x for x in range(len(p.all_prompts))]
 
-    if p.scripts is not None:
-        p.scripts.process(p)
+    p.scripts.process(p)
 
     infotexts = []
     output_images = []
     with torch.no_grad():
         p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
-        if state.job_count == -1:
-            state.job_count = p.n_iter
 
         for n in range(p.n_iter):
             p.iteration = n
-            if state.interrupted or getattr(state, "stopping_generation", False):
-                break
             if _FORGE_LIKE:
                 p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
             p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
@@ -398,154 +275,97 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
             p.subseeds = p.all_subseeds[n * p.batch_size:(n + 1) * p.batch_size]
             p.rng = rng.ImageRNG((opt_C, p.height // opt_f, p.width // opt_f), p.seeds, subseeds=p.subseeds)
 
-            if p.scripts is not None:
-                p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
-                                               subseeds=p.subseeds)
-            if len(p.prompts) == 0:
-                break
+            p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
+                                           subseeds=p.subseeds)
             p.parse_extra_network_prompts()
-            if not p.disable_extra_networks:
-                extra_networks.activate(p, p.extra_network_data)
+            extra_networks.activate(p, p.extra_network_data)
             if _FORGE_LIKE:
                 p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
-            if p.scripts is not None:
-                p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
+            p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
             p.setup_conds()
 
             samples_ddim = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds,
                                     subseeds=p.subseeds, subseed_strength=p.subseed_strength, prompts=p.prompts)
-            if p.scripts is not None and not _V17:
-                ps = scripts.PostSampleArgs(samples_ddim)
-                p.scripts.post_sample(p, ps)
-                samples_ddim = ps.samples
             if getattr(samples_ddim, 'already_decoded', False):
                 x_samples_ddim = samples_ddim
             else:
                 x_samples_ddim = decode_latent_batch(p.sd_model, samples_ddim)
             x_samples_ddim = torch.stack(x_samples_ddim).float()
             x_samples_ddim = torch.clamp((x_samples_ddim + 1.0) / 2.0, min=0.0, max=1.0)
-            state.nextjob()
 
-            if p.scripts is not None:
-                p.scripts.postprocess_batch(p, x_samples_ddim, batch_number=n)
-                p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
-                p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
-                batch_params = scripts.PostprocessBatchListArgs(list(x_samples_ddim))
-                p.scripts.postprocess_batch_list(p, batch_params, batch_number=n)
-                x_samples_ddim = batch_params.images
+            p.scripts.postprocess_batch(p, x_samples_ddim, batch_number=n)
+            p.prompts = p.all_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            batch_params = scripts.PostprocessBatchListArgs(list(x_samples_ddim))
+            p.scripts.postprocess_batch_list(p, batch_params, batch_number=n)
+            x_samples_ddim = batch_params.images
 
             def infotext(index=0, use_main_prompt=False):
                 return create_infotext(p, p.prompts, p.seeds, p.subseeds, use_main_prompt=use_main_prompt,
                                        index=index, all_negative_prompts=p.negative_prompts)
 
-            save_samples = p.save_samples()
             for i, x_sample in enumerate(x_samples_ddim):
-                p.batch_index = i
                 x_sample = (255. * np.moveaxis(x_sample.cpu().numpy(), 0, 2)).astype(np.uint8)
                 if p.restore_faces:
-                    if save_samples and opts.save_images_before_face_restoration:
+                    if opts.save_images_before_face_restoration:
                         images.save_image(Image.fromarray(x_sample), p.outpath_samples, "", p.seeds[i], p.prompts[i],
                                           opts.samples_format, info=infotext(i), p=p,
                                           suffix="-before-face-restoration")
                     x_sample = modules.face_restoration.restore_faces(x_sample)
                 image = Image.fromarray(x_sample)
-                if p.scripts is not None:
-                    pp = scripts.PostprocessImageArgs(image, i + p.iteration * p.batch_size) \
-                        if _variant.VARIANT == "forge" else scripts.PostprocessImageArgs(image)
-                    p.scripts.postprocess_image(p, pp)
+                pp = _postprocess_image_args(p, image, i)
+                p.scripts.postprocess_image(p, pp)
+                image = pp.image
+                overlay_image = p.overlay_images[i] if p.overlay_images is not None else None
+                if not _V17:
+                    ppmo = scripts.PostProcessMaskOverlayArgs(i, getattr(p, "mask_for_overlay", None), overlay_image)
+                    p.scripts.postprocess_maskoverlay(p, ppmo)
+                    overlay_image = ppmo.overlay_image
+                if p.color_corrections is not None:
+                    if opts.save_images_before_color_correction:
+                        images.save_image(_apply_overlay(image, p.paste_to, overlay_image), p.outpath_samples, "",
+                                          p.seeds[i], p.prompts[i], opts.samples_format, info=infotext(i), p=p,
+                                          suffix="-before-color-correction")
+                    image = _apply_color_correction(p.color_corrections[i], image)
+                image = _apply_overlay(image, p.paste_to, overlay_image)
+                if not _V17:
+                    pp = _postprocess_image_args(p, image, i)
+                    p.scripts.postprocess_image_after_composite(p, pp)
                     image = pp.image
 
-                mask_for_overlay = getattr(p, "mask_for_overlay", None)
-                if _V17:
-                    if p.color_corrections is not None and i < len(p.color_corrections):
-                        if save_samples and opts.save_images_before_color_correction:
-                            image_without_cc = apply_overlay(image, p.paste_to, i, p.overlay_images)
-                            images.save_image(image_without_cc, p.outpath_samples, "", p.seeds[i], p.prompts[i],
-                                              opts.samples_format, info=infotext(i), p=p,
-                                              suffix="-before-color-correction")
-                        image = _apply_color_correction(p.color_corrections[i], image)
-                    image = apply_overlay(image, p.paste_to, i, p.overlay_images)
-                    original_denoised_image = image
-                else:
-                    if not opts.overlay_inpaint:
-                        overlay_image = None
-                    elif getattr(p, "overlay_images", None) is not None and i < len(p.overlay_images):
-                        overlay_image = p.overlay_images[i]
-                    else:
-                        overlay_image = None
-                    if p.scripts is not None:
-                        ppmo = scripts.PostProcessMaskOverlayArgs(i, mask_for_overlay, overlay_image)
-                        p.scripts.postprocess_maskoverlay(p, ppmo)
-                        mask_for_overlay, overlay_image = ppmo.mask_for_overlay, ppmo.overlay_image
-                    if p.color_corrections is not None and i < len(p.color_corrections):
-                        if save_samples and opts.save_images_before_color_correction:
-                            image_without_cc, _ = apply_overlay(image, p.paste_to, overlay_image)
-                            images.save_image(image_without_cc, p.outpath_samples, "", p.seeds[i], p.prompts[i],
-                                              opts.samples_format, info=infotext(i), p=p,
-                                              suffix="-before-color-correction")
-                        image = _apply_color_correction(p.color_corrections[i], image)
-                    image, original_denoised_image = apply_overlay(image, p.paste_to, overlay_image)
-                    if p.scripts is not None:
-                        pp = scripts.PostprocessImageArgs(image, i + p.iteration * p.batch_size) \
-                            if _variant.VARIANT == "forge" else scripts.PostprocessImageArgs(image)
-                        p.scripts.postprocess_image_after_composite(p, pp)
-                        image = pp.image
-
-                if save_samples:
-                    images.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], opts.samples_format,
-                                      info=infotext(i), p=p)
+                images.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], opts.samples_format,
+                                  info=infotext(i), p=p)
                 text = infotext(i)
                 infotexts.append(text)
-                if opts.enable_pnginfo:
-                    image.info["parameters"] = text
+                image.info["parameters"] = text
                 output_images.append(image)
-
-                if mask_for_overlay is not None:
-                    if opts.return_mask or opts.save_mask:
-                        image_mask = mask_for_overlay.convert('RGB')
-                        if save_samples and opts.save_mask:
-                            images.save_image(image_mask, p.outpath_samples, "", p.seeds[i], p.prompts[i],
-                                              opts.samples_format, info=infotext(i), p=p, suffix="-mask")
-                        if opts.return_mask:
-                            output_images.append(image_mask)
-                    if opts.return_mask_composite or opts.save_mask_composite:
-                        image_mask_composite = Image.composite(
-                            original_denoised_image.convert('RGBA').convert('RGBa'), Image.new('RGBa', image.size),
-                            images.resize_image(2, mask_for_overlay, image.width, image.height).convert('L'),
-                        ).convert('RGBA')
-                        if save_samples and opts.save_mask_composite:
-                            images.save_image(image_mask_composite, p.outpath_samples, "", p.seeds[i], p.prompts[i],
-                                              opts.samples_format, info=infotext(i), p=p, suffix="-mask-composite")
-                        if opts.return_mask_composite:
-                            output_images.append(image_mask_composite)
             del x_samples_ddim
 
-        if not infotexts:
-            infotexts.append(Processed(p, []).infotext(p, 0))
         p.color_corrections = None
         index_of_first_image = 0
-        unwanted_grid_because_of_img_count = len(output_images) < 2 and opts.grid_only_if_multiple
-        if (opts.return_grid or opts.grid_save) and not p.do_not_save_grid and not unwanted_grid_because_of_img_count:
+        if len(output_images) > 1:       # the grid: shown first and saved (not for a single picture)
             grid = images.image_grid(output_images, p.batch_size)
-            if opts.return_grid:
-                text = infotext(use_main_prompt=True)
-                infotexts.insert(0, text)
-                if opts.enable_pnginfo:
-                    grid.info["parameters"] = text
-                output_images.insert(0, grid)
-                index_of_first_image = 1
-            if opts.grid_save:
-                images.save_image(grid, p.outpath_grids, "grid", p.all_seeds[0], p.all_prompts[0], opts.grid_format,
-                                  info=infotext(use_main_prompt=True), short_filename=True, p=p, grid=True)
+            text = infotext(use_main_prompt=True)
+            infotexts.insert(0, text)
+            grid.info["parameters"] = text
+            output_images.insert(0, grid)
+            index_of_first_image = 1
+            images.save_image(grid, p.outpath_grids, "grid", p.all_seeds[0], p.all_prompts[0], opts.grid_format,
+                              info=infotext(use_main_prompt=True), short_filename=True, p=p, grid=True)
 
-    if not p.disable_extra_networks and p.extra_network_data:
+    if p.extra_network_data:
         extra_networks.deactivate(p, p.extra_network_data)
 
-    res = Processed(p, images_list=output_images, seed=p.all_seeds[0], info=infotexts[0],
-                    subseed=p.all_subseeds[0], index_of_first_image=index_of_first_image, infotexts=infotexts)
-    if p.scripts is not None:
-        p.scripts.postprocess(p, res)
+    res = Processed(p, output_images, info=infotexts[0], index_of_first_image=index_of_first_image,
+                    infotexts=infotexts)
+    p.scripts.postprocess(p, res)
     return res
+
+
+def _postprocess_image_args(p, image, i):
+    if _variant.VARIANT == "forge":
+        return scripts.PostprocessImageArgs(image, i + p.iteration * p.batch_size)
+    return scripts.PostprocessImageArgs(image)
 
 
 def _apply_color_correction(correction, original_image):
@@ -563,12 +383,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     enable_hr: bool = False
     denoising_strength: float = 0.75
     hr_scale: float = 2.0
-    hr_upscaler: str = None
     hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_prompt: str = ''
-    hr_negative_prompt: str = ''
     hr_checkpoint_name: str = None
     if _variant.VARIANT == "forge":
         hr_additional_modules: list = field(default=None)
@@ -596,17 +411,15 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def init(self, all_prompts, all_seeds, all_subseeds):
         if self.enable_hr:
             self.extra_generation_params["Denoising strength"] = self.denoising_strength
-            self.hr_upscale_to_x = self.hr_resize_x or int(self.width * self.hr_scale)
-            self.hr_upscale_to_y = self.hr_resize_y or int(self.height * self.hr_scale)
+            self.hr_upscale_to_x = int(self.width * self.hr_scale)
+            self.hr_upscale_to_y = int(self.height * self.hr_scale)
             self.extra_generation_params["Hires upscale"] = self.hr_scale
-            if self.hr_upscaler is not None:
-                self.extra_generation_params["Hires upscaler"] = self.hr_upscaler
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
         x = self.rng.next()
         _forge_fresh_unet(self)
-        if self.scripts is not None and not _V17:
+        if not _V17:
             self.scripts.process_before_every_sampling(p=self, x=x, noise=x, c=conditioning,
                                                        uc=unconditional_conditioning)
         samples = self.sampler.sample(self, x, conditioning, unconditional_conditioning,
@@ -616,45 +429,32 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         return self.sample_hr_pass(samples, None, seeds, subseeds, subseed_strength, prompts)
 
     def sample_hr_pass(self, samples, decoded_samples, seeds, subseeds, subseed_strength, prompts):
-        if shared.state.interrupted:
-            return samples
         self.is_hr_pass = True
-        target_width, target_height = self.hr_upscale_to_x, self.hr_upscale_to_y
-
-        def save_intermediate(image, index):
-            if not self.save_samples() or not opts.save_images_before_highres_fix:
-                return
-            if not isinstance(image, Image.Image):
-                image = sd_samplers.sample_to_image(image, index, approximation=0)
-            info = create_infotext(self, self.all_prompts, self.all_seeds, self.all_subseeds, [],
-                                   iteration=self.iteration, position_in_batch=index)
-            images.save_image(image, self.outpath_samples, "", seeds[index], prompts[index], opts.samples_format,
-                              info=info, p=self, suffix="-before-highres-fix")
-
+        if opts.save_images_before_highres_fix:
+            for index in range(samples.shape[0]):
+                info = create_infotext(self, self.all_prompts, self.all_seeds, self.all_subseeds, [],
+                                       iteration=self.iteration, position_in_batch=index)
+                images.save_image(sd_samplers.sample_to_image(samples, index), self.outpath_samples, "",
+                                  seeds[index], prompts[index], opts.samples_format, info=info, p=self,
+                                  suffix="-before-highres-fix")
         self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
-        for i in range(samples.shape[0]):
-            save_intermediate(samples, i)
-        samples = torch.nn.functional.interpolate(samples, size=(target_height // opt_f, target_width // opt_f),
-                                                  mode="nearest")
+        samples = torch.nn.functional.interpolate(samples, size=(self.hr_upscale_to_y // opt_f,
+                                                                 self.hr_upscale_to_x // opt_f), mode="nearest")
         image_conditioning = self.txt2img_image_conditioning(samples)
-        shared.state.nextjob()
         self.rng = rng.ImageRNG(samples.shape[1:], self.seeds, subseeds=self.subseeds)
         noise = self.rng.next()
-        if not self.disable_extra_networks:
-            extra_networks.activate(self, self.hr_extra_network_data)
+        extra_networks.activate(self, self.hr_extra_network_data)
         self.calculate_hr_conds()
         if _variant.VARIANT == "reforge":
             _forge_fresh_unet(self)
-        if self.scripts is not None:
-            self.scripts.before_hr(self)
-            if not _V17:
-                self.scripts.process_before_every_sampling(p=self, x=samples, noise=noise, c=self.hr_c,
-                                                           uc=self.hr_uc)
+        self.scripts.before_hr(self)
+        if not _V17:
+            self.scripts.process_before_every_sampling(p=self, x=samples, noise=noise, c=self.hr_c,
+                                                       uc=self.hr_uc)
         if _variant.VARIANT == "forge":    # Forge resets the UNet and asks again
             _forge_fresh_unet(self)
-            if self.scripts is not None:
-                self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.hr_c,
-                                                           uc=self.hr_uc)
+            self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.hr_c,
+                                                       uc=self.hr_uc)
         samples = self.sampler.sample_img2img(self, samples, noise, self.hr_c, self.hr_uc,
                                               steps=self.hr_second_pass_steps or self.steps,
                                               image_conditioning=image_conditioning)
@@ -663,27 +463,14 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.is_hr_pass = False
         return decoded_samples
 
-    def close(self):
-        super().close()
-        self.hr_c = None
-        self.hr_uc = None
-
     def setup_prompts(self):
         super().setup_prompts()
         if not self.enable_hr:
             return
-        if self.hr_prompt == '':
-            self.hr_prompt = self.prompt
-        if self.hr_negative_prompt == '':
-            self.hr_negative_prompt = self.negative_prompt
-        self.all_hr_prompts = self.hr_prompt if isinstance(self.hr_prompt, list) \
-            else self.batch_size * self.n_iter * [self.hr_prompt]
-        self.all_hr_negative_prompts = self.hr_negative_prompt if isinstance(self.hr_negative_prompt, list) \
-            else self.batch_size * self.n_iter * [self.hr_negative_prompt]
+        self.all_hr_prompts = list(self.all_prompts)            # the hires prompts are the prompts
+        self.all_hr_negative_prompts = list(self.all_negative_prompts)
 
     def calculate_hr_conds(self):
-        if self.hr_c is not None:
-            return
         hr_prompts = prompt_parser.SdConditioning(self.hr_prompts, width=self.hr_upscale_to_x,
                                                   height=self.hr_upscale_to_y)
         hr_negative_prompts = prompt_parser.SdConditioning(self.hr_negative_prompts, width=self.hr_upscale_to_x,
@@ -695,16 +482,6 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.hr_c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, hr_prompts,
                                                 steps, [self.cached_hr_c, self.cached_c], self.hr_extra_network_data,
                                                 steps)
-
-    def setup_conds(self):
-        super().setup_conds()
-        self.hr_uc = None
-        self.hr_c = None
-
-    def get_conds(self):
-        if self.is_hr_pass:
-            return self.hr_c, self.hr_uc
-        return super().get_conds()
 
     def parse_extra_network_prompts(self):
         res = super().parse_extra_network_prompts()
@@ -719,15 +496,10 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 @dataclass(repr=False)
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     init_images: list = None
-    resize_mode: int = 0
     denoising_strength: float = 0.75
     mask: Any = None
-    mask_blur: int = 0
-    inpainting_fill: int = 1
-    inpaint_full_res: bool = True
+    inpaint_full_res: bool = True       # the only inpainting area modelled: "Only masked"
     inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
-    initial_noise_multiplier: float = None
 
     image_mask: Any = field(default=None, init=False)
     nmask: torch.Tensor = field(default=None, init=False)
@@ -739,7 +511,6 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         super().__post_init__()
         self.image_mask = self.mask
         self.mask = None
-        self.initial_noise_multiplier = 1.0 if self.initial_noise_multiplier is None else self.initial_noise_multiplier
 
     def init(self, all_prompts, all_seeds, all_subseeds):
         self.extra_generation_params["Denoising strength"] = self.denoising_strength
@@ -748,59 +519,30 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         image_mask = self.image_mask
         if image_mask is not None:
             image_mask = create_binary_mask(image_mask)
-            if self.inpainting_mask_invert:
-                image_mask = ImageOps.invert(image_mask)
-            if self.mask_blur > 0:
-                image_mask = image_mask.filter(ImageFilter.GaussianBlur(self.mask_blur))
-            if self.inpaint_full_res:
-                self.mask_for_overlay = image_mask
-                mask = image_mask.convert('L')
-                crop_region = _crop_region(mask, self.inpaint_full_res_padding, self.width, self.height)
-                x1, y1, x2, y2 = crop_region
-                mask = mask.crop(crop_region)
-                image_mask = images.resize_image(2, mask, self.width, self.height)
-                self.paste_to = (x1, y1, x2 - x1, y2 - y1)
-                self.extra_generation_params["Inpaint area"] = "Only masked"
-            else:
-                image_mask = images.resize_image(self.resize_mode, image_mask, self.width, self.height)
-                self.mask_for_overlay = image_mask
+            self.mask_for_overlay = image_mask
+            mask = image_mask.convert('L')
+            crop_region = _crop_region(mask, self.inpaint_full_res_padding, self.width, self.height)
+            x1, y1, x2, y2 = crop_region
+            mask = mask.crop(crop_region)
+            image_mask = images.resize_image(2, mask, self.width, self.height)
+            self.paste_to = (x1, y1, x2 - x1, y2 - y1)
+            self.extra_generation_params["Inpaint area"] = "Only masked"
             self.overlay_images = []
 
-        add_color_corrections = opts.img2img_color_correction and self.color_corrections is None
-        if add_color_corrections:
-            self.color_corrections = []
-        imgs = []
-        for img in self.init_images:
-            image = img.convert("RGB")
-            if crop_region is None:
-                image = images.resize_image(self.resize_mode, image, self.width, self.height)
-            if image_mask is not None:
-                if self.mask_for_overlay.size != (image.width, image.height):
-                    self.mask_for_overlay = images.resize_image(self.resize_mode, self.mask_for_overlay,
-                                                                image.width, image.height)
-                image_masked = Image.new('RGBa', (image.width, image.height))
-                image_masked.paste(image.convert("RGBA").convert("RGBa"),
-                                   mask=ImageOps.invert(self.mask_for_overlay.convert('L')))
-                self.overlay_images.append(image_masked.convert('RGBA'))
-            if crop_region is not None:
-                image = image.crop(crop_region)
-                image = images.resize_image(2, image, self.width, self.height)
-            if add_color_corrections:
-                self.color_corrections.append(np.asarray(image))
-            image = np.moveaxis(np.array(image).astype(np.float64) / 255.0, 2, 0)
-            imgs.append(image)
-
-        if len(imgs) == 1:
-            batch_images = np.expand_dims(imgs[0], axis=0).repeat(self.batch_size, axis=0)
-            if self.overlay_images is not None:
-                self.overlay_images = self.overlay_images * self.batch_size
-            if self.color_corrections is not None and len(self.color_corrections) == 1:
-                self.color_corrections = self.color_corrections * self.batch_size
+        image = self.init_images[0].convert("RGB")
+        if crop_region is None:
+            image = images.resize_image(0, image, self.width, self.height)
         else:
-            self.batch_size = len(imgs)
-            batch_images = np.array(imgs)
-        image = torch.from_numpy(batch_images)
-        self.init_latent = images_tensor_to_samples(image, None, self.sd_model)
+            image_masked = Image.new('RGBa', (image.width, image.height))
+            image_masked.paste(image.convert("RGBA").convert("RGBa"),
+                               mask=ImageOps.invert(self.mask_for_overlay.convert('L')))
+            self.overlay_images = [image_masked.convert('RGBA')] * self.batch_size
+            image = images.resize_image(2, image.crop(crop_region), self.width, self.height)
+        if opts.img2img_color_correction and self.color_corrections is None:
+            self.color_corrections = [np.asarray(image)] * self.batch_size
+        image = np.moveaxis(np.array(image).astype(np.float64) / 255.0, 2, 0)
+        batch_images = np.expand_dims(image, axis=0).repeat(self.batch_size, axis=0)
+        self.init_latent = images_tensor_to_samples(torch.from_numpy(batch_images), None, self.sd_model)
         if image_mask is not None:
             latmask = image_mask.convert('RGB').resize((self.init_latent.shape[3], self.init_latent.shape[2]))
             latmask = np.around(np.moveaxis(np.array(latmask, dtype=np.float64), 2, 0)[0] / 255)
@@ -812,18 +554,13 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
         x = self.rng.next()
         _forge_fresh_unet(self)
-        if self.scripts is not None and not _V17:
+        if not _V17:
             self.scripts.process_before_every_sampling(p=self, x=self.init_latent, noise=x, c=conditioning,
                                                        uc=unconditional_conditioning)
         samples = self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
                                               image_conditioning=self.image_conditioning)
         if self.mask is not None:
-            blended_samples = samples * self.nmask + self.init_latent * self.mask
-            if self.scripts is not None and not _V17:
-                mba = scripts.MaskBlendArgs(samples, self.nmask, self.init_latent, self.mask, blended_samples)
-                self.scripts.on_mask_blend(self, mba)
-                blended_samples = mba.blended_latent
-            samples = blended_samples
+            samples = samples * self.nmask + self.init_latent * self.mask
         return samples
 
 

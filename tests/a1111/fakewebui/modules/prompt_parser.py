@@ -113,13 +113,8 @@ def reconstruct_cond_batch(c, current_step):
 
 
 def stack_conds(tensors):
-    token_count = max(x.shape[0] for x in tensors)
-    out = []
-    for t in tensors:
-        if t.shape[0] != token_count:
-            t = torch.vstack([t, t[-1:].repeat([token_count - t.shape[0], 1])])
-        out.append(t)
-    return torch.stack(out)
+    """Upstream pads shorter prompts (repeating their last row); every prompt here has the same length."""
+    return torch.stack(tensors)
 
 
 def reconstruct_multicond_batch(c, current_step):

@@ -1,23 +1,17 @@
 """Stand-in for ``modules/script_callbacks.py``.
 
 Registration (``on_*``), the parameter classes the webui passes, and the invokers, which
-(as upstream) catch and log every exception a callback raises and carry on. A1111 1.7
-registers without ``name=`` and calls callbacks in registration order; 1.10, Forge and
-reForge take ``name=`` and order them (``ordered_callbacks``; no metadata.ini ordering here).
+(as upstream) catch and log every exception a callback raises and carry on. Callbacks run in
+registration order (A1111 1.7 registers without ``name=``; later versions take ``name=`` and
+may reorder them by the user's settings, which the stand-in does not model).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import os
 from collections import namedtuple
 
 from modules import _variant, errors
-
-
-def report_exception(c, job):
-    errors.report(f"Error executing callback {job} for {c.script}", exc_info=True)
 
 
 class ImageSaveParams:
@@ -26,13 +20,6 @@ class ImageSaveParams:
         self.p = p
         self.filename = filename
         self.pnginfo = pnginfo
-
-
-class ExtraNoiseParams:
-    def __init__(self, noise, x, xi):
-        self.noise = noise
-        self.x = x
-        self.xi = xi
 
 
 if _variant.is_17():
@@ -67,145 +54,47 @@ class CFGDenoisedParams:
         self.inner_model = inner_model
 
 
-class AfterCFGCallbackParams:
-    def __init__(self, x, sampling_step, total_sampling_steps):
-        self.x = x
-        self.sampling_step = sampling_step
-        self.total_sampling_steps = total_sampling_steps
+ScriptCallback = namedtuple("ScriptCallback", ["script", "callback"])
 
-
-class ImageGridLoopParams:
-    def __init__(self, imgs, cols, rows):
-        self.imgs = imgs
-        self.cols = cols
-        self.rows = rows
-
-
-if _variant.is_17():
-    ScriptCallback = namedtuple("ScriptCallback", ["script", "callback"])
-else:
-    @dataclasses.dataclass
-    class ScriptCallback:
-        script: str
-        callback: object
-        name: str = "unnamed"
-
-_CATEGORIES = ("app_started", "model_loaded", "ui_tabs", "ui_train_tabs", "ui_settings", "before_image_saved",
-               "image_saved", "extra_noise", "cfg_denoiser", "cfg_denoised", "cfg_after_cfg", "before_component",
-               "after_component", "image_grid", "infotext_pasted", "script_unloaded", "before_ui", "on_reload",
-               "list_optimizers", "list_unets")
-callback_map = {f"callbacks_{c}": [] for c in _CATEGORIES}
-_ordered = {}
-
-
-def _caller_file() -> str:
-    stack = [x for x in inspect.stack() if x.filename != __file__]
-    return stack[0].filename if stack else "unknown file"
-
-
-def _add_17(callbacks, fun):
-    callbacks.append(ScriptCallback(_caller_file(), fun))
-
-
-def _add(callbacks, fun, *, name=None, category='unknown', filename=None):
-    if filename is None:
-        filename = _caller_file()
-    callback_name = f"base/{os.path.basename(filename)}/{category}" + (f"/{name}" if name is not None else "")
-    unique = callback_name
-    for index in range(1000):
-        if not any(x.name == unique for x in callbacks):
-            break
-        unique = f"{callback_name}-{index + 1}"
-    callbacks.append(ScriptCallback(filename, fun, unique))
-
-
-def _ordered_impl(category, unordered_callbacks=None, *, enable_user_sort=True):
-    if unordered_callbacks is None:
-        unordered_callbacks = callback_map.get('callbacks_' + category, [])
-    return list(unordered_callbacks)
-
-
-if _variant.is_17():
-    add_callback = _add_17
-else:
-    add_callback = _add
-    ordered_callbacks = _ordered_impl
-    ordered_callbacks_map = _ordered
-
-
-def _each(category):
-    return _ordered_impl(category)
+callback_map = {f"callbacks_{c}": [] for c in ("app_started", "ui_settings", "before_image_saved", "cfg_denoiser",
+                                               "cfg_denoised", "before_ui")}
 
 
 def clear_callbacks():
     for callback_list in callback_map.values():
         callback_list.clear()
-    _ordered.clear()
 
 
-def _invoke(category, job, *args):
-    for c in _each(category):
+def _invoke(category, *args):
+    for c in callback_map['callbacks_' + category]:
         try:
             c.callback(*args)
         except Exception:
-            report_exception(c, job)
+            errors.report(f"Error executing callback {category}_callback for {c.script}", exc_info=True)
 
 
 def app_started_callback(demo, app):
-    _invoke('app_started', 'app_started_callback', demo, app)
-
-
-def model_loaded_callback(sd_model):
-    _invoke('model_loaded', 'model_loaded_callback', sd_model)
+    _invoke('app_started', demo, app)
 
 
 def ui_settings_callback():
-    _invoke('ui_settings', 'ui_settings_callback')
+    _invoke('ui_settings')
 
 
 def before_ui_callback():
-    _invoke('before_ui', 'before_ui_callback')
+    _invoke('before_ui')
 
 
 def before_image_saved_callback(params: ImageSaveParams):
-    _invoke('before_image_saved', 'before_image_saved_callback', params)
-
-
-def image_saved_callback(params: ImageSaveParams):
-    _invoke('image_saved', 'image_saved_callback', params)
+    _invoke('before_image_saved', params)
 
 
 def cfg_denoiser_callback(params: CFGDenoiserParams):
-    _invoke('cfg_denoiser', 'cfg_denoiser_callback', params)
+    _invoke('cfg_denoiser', params)
 
 
 def cfg_denoised_callback(params: CFGDenoisedParams):
-    _invoke('cfg_denoised', 'cfg_denoised_callback', params)
-
-
-def cfg_after_cfg_callback(params: AfterCFGCallbackParams):
-    _invoke('cfg_after_cfg', 'cfg_after_cfg_callback', params)
-
-
-def image_grid_callback(params: ImageGridLoopParams):
-    _invoke('image_grid', 'image_grid', params)
-
-
-def infotext_pasted_callback(infotext: str, params: dict):
-    _invoke('infotext_pasted', 'infotext_pasted', infotext, params)
-
-
-def script_unloaded_callback():
-    _invoke('script_unloaded', 'script_unloaded')
-
-
-def remove_current_script_callbacks():
-    filename = _caller_file()
-    if filename == 'unknown file':
-        return
-    for callback_list in callback_map.values():
-        for cb in [cb for cb in callback_list if cb.script == filename]:
-            callback_list.remove(cb)
+    _invoke('cfg_denoised', params)
 
 
 def remove_callbacks_for_function(callback_func):
@@ -215,27 +104,21 @@ def remove_callbacks_for_function(callback_func):
 
 
 def _register(category):
+    def add(callback):
+        caller = next((f.filename for f in inspect.stack(0) if f.filename != __file__), "unknown file")
+        callback_map['callbacks_' + category].append(ScriptCallback(caller, callback))
+
     if _variant.is_17():
-        def on(callback):
-            _add_17(callback_map['callbacks_' + category], callback)
-    else:
-        def on(callback, *, name=None):
-            _add(callback_map['callbacks_' + category], callback, name=name, category=category,
-                 filename=_caller_file())
+        return add
+
+    def on(callback, *, name=None):
+        add(callback)
     return on
 
 
 on_app_started = _register('app_started')
-on_model_loaded = _register('model_loaded')
-on_ui_tabs = _register('ui_tabs')
 on_ui_settings = _register('ui_settings')
 on_before_image_saved = _register('before_image_saved')
-on_image_saved = _register('image_saved')
-on_extra_noise = _register('extra_noise')
 on_cfg_denoiser = _register('cfg_denoiser')
 on_cfg_denoised = _register('cfg_denoised')
-on_cfg_after_cfg = _register('cfg_after_cfg')
-on_image_grid = _register('image_grid')
-on_infotext_pasted = _register('infotext_pasted')
-on_script_unloaded = _register('script_unloaded')
 on_before_ui = _register('before_ui')

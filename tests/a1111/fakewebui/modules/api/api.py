@@ -12,9 +12,6 @@ class Api:
         self.app = app
         self.queue_lock = queue_lock
 
-    def add_api_route(self, path: str, endpoint, **kwargs):
-        return self.app.add_api_route(path, endpoint, **kwargs)
-
     def set_config(self, req: dict):
         """``POST /sdapi/v1/options``: Forge hands the request to ``sysinfo.set_config`` (imported
         at each request, without ``is_api``); A1111 sets each option with ``is_api=True``."""
@@ -27,24 +24,17 @@ class Api:
         return True
 
     def get_script(self, script_name, script_runner):
-        if script_name is None or script_name == "":
-            return None, None
         script_idx = [s.title().lower() for s in script_runner.scripts].index(script_name.lower())
         return script_runner.scripts[script_idx]
 
     def init_default_script_args(self, script_runner):
         import gradio as gr
-        last_arg_index = 1
-        for script in script_runner.scripts:
-            if last_arg_index < script.args_to:
-                last_arg_index = script.args_to
-        script_args = [None] * last_arg_index
+        script_args = [None] * max(script.args_to for script in script_runner.scripts)
         script_args[0] = 0
         with gr.Blocks():
             for script in script_runner.scripts:
-                if script.ui(script.is_img2img):
-                    ui_default_values = [elem.value for elem in script.ui(script.is_img2img)]
-                    script_args[script.args_from:script.args_to] = ui_default_values
+                ui_default_values = [elem.value for elem in script.ui(script.is_img2img)]
+                script_args[script.args_from:script.args_to] = ui_default_values
         return script_args
 
     def _init_script_args(self, request, default_script_args, selectable_scripts, selectable_idx, script_runner,
@@ -56,12 +46,9 @@ class Api:
         if request.alwayson_scripts:
             for name in request.alwayson_scripts.keys():
                 script = self.get_script(name, script_runner)
-                if script is None:
-                    raise ValueError(f"always on script {name} not found")
-                if "args" in request.alwayson_scripts[name]:
-                    given = request.alwayson_scripts[name]["args"]
-                    for idx in range(0, min((script.args_to - script.args_from), len(given))):
-                        script_args[script.args_from + idx] = given[idx]
+                given = request.alwayson_scripts[name]["args"]
+                for idx in range(0, min((script.args_to - script.args_from), len(given))):
+                    script_args[script.args_from + idx] = given[idx]
         return script_args
 
     if _variant.is_17():
