@@ -324,11 +324,12 @@ def test_sd2_openclip_text_encoder_is_refused(folder):
 
 def test_arguments_are_appended_validated_and_round_trip():
     names = C.JobConfig.arg_names()
-    assert names[-3:] == ["weights_enabled", "weights_file", "weights_part"]
-    assert names.index("weights_enabled") == names.index("lora_allow_partial") + 1
-    old = C.JobConfig.from_args([getattr(C.JobConfig(), n) for n in names[:-3]])   # older API calls
+    w = names.index("weights_enabled")
+    assert names[w:w + 3] == ["weights_enabled", "weights_file", "weights_part"]   # later arguments come after
+    assert w == names.index("lora_allow_partial") + 1
+    old = C.JobConfig.from_args([getattr(C.JobConfig(), n) for n in names[:w]])   # older API calls
     assert old.weights_enabled is False
-    args = [getattr(C.JobConfig(), n) for n in names[:-3]] + ["false", "None", "auto"]
+    args = [getattr(C.JobConfig(), n) for n in names[:w]] + ["false", "None", "auto"]
     assert C.JobConfig.from_args(args).weights_enabled is False
     with pytest.raises(ValueError, match="no file"):
         C.JobConfig.from_args(args[:-3] + ["true", "None", "auto"])
