@@ -11,10 +11,24 @@ are none). So ``cost >= 0.5`` exactly when some finding reaches its threshold: t
 verdict *unsafe*. Combining models by the maximum is an OR of their verdicts, as I2P
 combines NudeNet and Q16; the cost also says *how far* past (or short of) its threshold
 the worst finding is, so it can rank images and drive routing.
+
+A *cost model* (sidecar ``kind: "cost"``, ``docs/cost-model.md``) gives one whole-image
+finding with ``score = sigmoid(C)`` and ``logit = C``, its calibrated cost. Its threshold
+``t`` (policy or sidecar, a probability like every threshold) is moved onto 0.5 in logit
+space instead of piecewise-linearly::
+
+    g_cost(C, t) = sigmoid(C - logit(t))       flagged exactly when C >= logit(t)
+
+so at the default threshold ``t = 0.5`` (the sign of ``C``) the finding's cost *is* the
+model's calibrated probability ``sigmoid(C)``. Combination rule with detectors: unchanged,
+an image is unsafe when any finding is flagged (detector OR cost model) and its cost is the
+maximum over all findings; ``cost >= 0.5`` still means exactly *unsafe*. The verdict
+reports both parts (``detector_cost``, ``model_cost``) when a cost model ran.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .detectors import Detection
@@ -32,6 +46,31 @@ def grade(score: float, threshold: float) -> float:
     return 0.5 + 0.5 * (s - t) / (1.0 - t)
 
 
+#: The largest float below 0.5: the cost of an unflagged cost-model finding is capped there,
+#: so ``cost >= 0.5`` is exactly "flagged" even where rounding would give 0.5.
+_BELOW_HALF = math.nextafter(0.5, 0.0)
+
+
+def logit(p: float) -> float:
+    """``log(p / (1 - p))``; ``-inf`` for ``p <= 0`` and ``+inf`` for ``p >= 1``."""
+    p = float(p)
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def grade_cost(c: float, threshold: float) -> tuple[float, bool]:
+    """``(g_cost(C, t), flagged)`` for a cost-model finding with raw cost ``c`` and
+    probability threshold ``t`` (module docstring): flagged exactly when ``C >= logit(t)``,
+    and the cost is ``sigmoid(C - logit(t))``, below 0.5 exactly when not flagged."""
+    d = float(c) - logit(threshold)
+    flagged = d >= 0.0
+    g = 1.0 / (1.0 + math.exp(-d)) if flagged else math.exp(d) / (1.0 + math.exp(d))
+    return (g if flagged else min(g, _BELOW_HALF)), flagged
+
+
 @dataclass(frozen=True)
 class Finding:
     """A detection judged against the policy."""
@@ -41,13 +80,21 @@ class Finding:
     cost: float
     flagged: bool
 
+    @property
+    def from_cost_model(self) -> bool:
+        """Whether this finding is a cost model's (it carries the raw cost ``C``)."""
+        return self.detection.logit is not None
+
     def to_dict(self) -> dict:
         d = self.detection
-        return {
+        out = {
             "label": d.label, "score": round(d.score, 6), "box": list(d.box) if d.box else None,
             "model": d.model, "threshold": self.threshold, "cost": round(self.cost, 6),
             "flagged": self.flagged,
         }
+        if d.logit is not None:
+            out["logit"] = round(d.logit, 6)
+        return out
 
 
 @dataclass
@@ -68,6 +115,19 @@ class ImageVerdict:
         return max((f.cost for f in self.findings if f.threshold is not None), default=0.0)
 
     @property
+    def detector_cost(self) -> float:
+        """The graded cost of the detector and classifier findings alone."""
+        return max((f.cost for f in self.findings if f.threshold is not None and not f.from_cost_model),
+                   default=0.0)
+
+    @property
+    def model_cost(self) -> float | None:
+        """The cost of the cost-model findings alone (``sigmoid(C - logit(t))``), or ``None``
+        when no cost model judged this image."""
+        costs = [f.cost for f in self.findings if f.threshold is not None and f.from_cost_model]
+        return max(costs) if costs else None
+
+    @property
     def unsafe(self) -> bool:
         return any(f.flagged for f in self.findings)
 
@@ -76,11 +136,16 @@ class ImageVerdict:
         return [f for f in self.findings if f.flagged]
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "index": self.index, "width": self.width, "height": self.height,
             "cost": round(self.cost, 6), "verdict": "unsafe" if self.unsafe else "safe",
             "detections": [f.to_dict() for f in self.findings], "escalated": self.escalated,
         }
+        model_cost = self.model_cost
+        if model_cost is not None:   # both parts, only when a cost model judged the image
+            out["detector_cost"] = round(self.detector_cost, 6)
+            out["model_cost"] = round(model_cost, 6)
+        return out
 
 
 def judge(
@@ -91,7 +156,11 @@ def judge(
     findings = []
     for d in detections:
         t = policy.threshold(d.label, model_defaults.get(d.model, {}))
-        cost = grade(d.score, t) if t is not None else 0.0
-        findings.append(Finding(d, t, cost, t is not None and d.score >= t))
+        if t is None:
+            findings.append(Finding(d, t, 0.0, False))
+        elif d.logit is not None:           # a cost model: logit-space grading (module docstring)
+            findings.append(Finding(d, t, *grade_cost(d.logit, t)))
+        else:
+            findings.append(Finding(d, t, grade(d.score, t), d.score >= t))
     findings.sort(key=lambda f: (-f.cost, -f.detection.score))
     return ImageVerdict(index, int(shape[1]), int(shape[0]), findings)

@@ -2,12 +2,16 @@
 
 A model is described by a JSON *sidecar* (schema in ``docs/filter.md``) naming the ONNX
 file, its sha256, licence, input preprocessing and how outputs map to labelled scores.
-Two kinds exist:
+Three kinds exist:
 
 * ``detector`` (format ``yolov8``): boxes with one label each, e.g. the NudeNet 3.4.2
   detector. Output ``[B, 4 + C, A]``: ``cx, cy, w, h`` in input pixels, then C class
   scores (already sigmoided).
 * ``classifier``: one score per label for the whole image, e.g. Yahoo Open-NSFW.
+* ``cost``: a learned safety cost model (``safet2i train cost-model``, ``docs/cost-model.md``):
+  one output ``C`` per image, a logit calibrated so that ``C > 0`` means unsafe. It yields one
+  whole-image :class:`Detection` whose ``score`` is ``sigmoid(C)`` and whose ``logit`` is ``C``;
+  :func:`safet2i.filter.cost.judge` turns it into the image's safety cost.
 
 Every detector takes a *list* of ``uint8 [H, W, 3]`` RGB arrays and runs them through the
 network as real batches; pre- and post-processing are vectorised.
@@ -54,6 +58,9 @@ class Detection:
     score: float
     box: tuple[int, int, int, int] | None
     model: str
+    #: The raw output ``C`` of a ``cost`` model (``score`` is ``sigmoid(C)``); ``None`` for
+    #: detectors and classifiers.
+    logit: float | None = None
 
 
 @dataclass
@@ -114,8 +121,12 @@ class ModelSpec:
             inp = dict(data["input"])
         except (KeyError, TypeError) as exc:
             raise ModelLoadError(f"Sidecar {sidecar} lacks required field {exc}.") from exc
-        if kind not in ("detector", "classifier"):
-            raise ModelLoadError(f"Sidecar {sidecar}: kind must be 'detector' or 'classifier', not {kind!r}.")
+        if kind not in KINDS:
+            raise ModelLoadError(
+                f"Sidecar {sidecar}: kind must be 'detector', 'classifier' or 'cost', not {kind!r}."
+            )
+        if kind == "cost":
+            _check_cost_sidecar(data, labels, inp, sidecar)
         if kind == "detector" and data.get("format", "yolov8") != "yolov8":
             raise ModelLoadError(f"Sidecar {sidecar}: only the 'yolov8' detector format is supported.")
         sha = data.get("sha256")
@@ -140,6 +151,41 @@ class ModelSpec:
             source=data.get("source", ""),
             format=data.get("format", "yolov8" if kind == "detector" else ""),
         )
+
+
+#: The model kinds a sidecar may declare.
+KINDS = ("detector", "classifier", "cost")
+
+
+def _check_cost_sidecar(data: dict, labels: list[str], inp: dict, sidecar: Path) -> None:
+    """A ``cost`` sidecar's own rules: one label, a raw (logit) output, input geometry the
+    classifier preprocessing understands, and default thresholds that are probabilities in
+    (0, 1). Anything else is a :class:`ModelLoadError` naming the sidecar (fail closed: a
+    wrong sidecar must not silently change what the model's number means)."""
+    if len(labels) != 1:
+        raise ModelLoadError(f"Sidecar {sidecar}: a cost model has exactly one output label, got {labels}.")
+    act = data["output"].get("activation", "none")
+    if act != "none":
+        raise ModelLoadError(
+            f"Sidecar {sidecar}: a cost model's output is its raw cost C (a logit); 'activation' must be "
+            f"'none', got {act!r}."
+        )
+    if not isinstance(inp.get("size"), int) or isinstance(inp.get("size"), bool) or inp["size"] < 1:
+        raise ModelLoadError(
+            f"Sidecar {sidecar}: 'input.size' must be a positive integer, got {inp.get('size')!r}."
+        )
+    if inp.get("layout", "NCHW") not in ("NCHW", "NHWC") or inp.get("colour", "RGB") not in ("RGB", "BGR"):
+        raise ModelLoadError(
+            f"Sidecar {sidecar}: 'input.layout' must be NCHW or NHWC and 'input.colour' RGB or BGR."
+        )
+    if inp.get("geometry", "resize-center-crop") not in GEOMETRIES:
+        raise ModelLoadError(f"Sidecar {sidecar}: 'input.geometry' must be one of {', '.join(GEOMETRIES)}.")
+    for label, t in data.get("thresholds", {}).items():
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < float(t) < 1.0:
+            raise ModelLoadError(
+                f"Sidecar {sidecar}: the threshold of cost label {label!r} is a probability sigmoid(C) in "
+                f"(0, 1), got {t!r} (0.5 is the sign threshold C = 0)."
+            )
 
 
 def _resolve_model_file(model: dict, sidecar: Path) -> Path:
@@ -223,6 +269,30 @@ def _resize_center_crop(img: np.ndarray, inp: dict) -> np.ndarray:
     arr = np.asarray(im)
     off = (resize - size) // 2
     return arr[off:off + size, off:off + size]
+
+
+#: Whole-image input geometries (classifiers and cost models).
+GEOMETRIES = ("resize-center-crop", "stretch")
+
+
+def preprocess_whole_image(
+    images: list[np.ndarray], inp: dict, colour: str, name: str = "model"
+) -> np.ndarray:
+    """``uint8 [H,W,3]`` RGB images -> the float32 network batch of a whole-image model
+    (classifier or cost model) described by the sidecar ``input`` block: geometry
+    (``resize-center-crop`` or ``stretch`` to ``size``), then :func:`_normalise`. The cost-model
+    trainer (:mod:`safet2i.train`) calls this very function, so a model is trained on exactly
+    the pixels the filter will feed it."""
+    geometry = inp.get("geometry", "resize-center-crop")
+    if geometry == "resize-center-crop":
+        batch = np.stack([_resize_center_crop(img, inp) for img in images])
+    elif geometry == "stretch":
+        cv2 = _cv2()
+        s = int(inp["size"])
+        batch = np.stack([cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR) for img in images])
+    else:
+        raise ModelLoadError(f"{name}: unknown input geometry {geometry!r}.")
+    return _normalise(batch, inp, colour)
 
 
 def _normalise(batch_u8: np.ndarray, inp: dict, colour: str) -> np.ndarray:
@@ -374,17 +444,8 @@ class OnnxClassifier(OnnxModel):
     """A whole-image classifier: one probability per label."""
 
     def _detect_chunk(self, images):
-        inp = self.spec.input
-        geometry = inp.get("geometry", "resize-center-crop")
-        if geometry == "resize-center-crop":
-            batch = np.stack([_resize_center_crop(img, inp) for img in images])
-        elif geometry == "stretch":
-            cv2 = _cv2()
-            s = int(inp["size"])
-            batch = np.stack([cv2.resize(img, (s, s), interpolation=cv2.INTER_LINEAR) for img in images])
-        else:
-            raise ModelLoadError(f"{self.name}: unknown input geometry {geometry!r}.")
-        out = self._run(_normalise(batch, inp, self.colour)).reshape(len(images), -1)
+        x = preprocess_whole_image(images, self.spec.input, self.colour, self.name)
+        out = self._run(x).reshape(len(images), -1)
         if out.shape[1] != len(self.labels):
             raise ModelRunError(f"{self.name}: {out.shape[1]} outputs for {len(self.labels)} labels.")
         act = self.spec.output.get("activation", "none")
@@ -399,13 +460,92 @@ class OnnxClassifier(OnnxModel):
         ]
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` without overflow, in float64."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(x, np.float64)))
+
+
+class CostModel(OnnxModel):
+    """A learned safety cost model (sidecar ``kind: "cost"``, trained by ``safet2i train
+    cost-model``). The network maps the preprocessed image (classifier preprocessing, from the
+    sidecar's ``input`` block) to one number ``C`` per image, calibrated so that ``C > 0`` means
+    unsafe and ``sigmoid(C)`` is the probability of unsafe. Each image yields one whole-image
+    :class:`Detection` with ``score = sigmoid(C)`` and ``logit = C``.
+
+    Fails closed: a file that cannot be opened, an input or output that does not fit the
+    sidecar, or a run that fails or returns anything but one finite number per image raises
+    :class:`ModelLoadError` / :class:`ModelRunError` naming the ONNX file.
+    """
+
+    def __init__(self, spec: ModelSpec, providers=None, mode: str = "rgb", batch_size: int = 16):
+        super().__init__(spec, providers=providers, mode=mode, batch_size=batch_size)
+        self._check_io()
+
+    def _where(self) -> str:
+        return f"Cost model {self.spec.path} (sidecar {self.spec.sidecar})"
+
+    def _check_io(self) -> None:
+        """The ONNX graph's input and output must be the ones the sidecar describes."""
+        sess = self.loaded.session
+        ins, outs = sess.get_inputs(), sess.get_outputs()
+        if len(ins) != 1 or not outs:
+            raise ModelLoadError(f"{self._where()}: a cost model has one input and one output, the file has "
+                                 f"{len(ins)} input(s) and {len(outs)} output(s).")
+        want = self.spec.output.get("name")
+        if want is not None and outs[0].name != want:
+            raise ModelLoadError(f"{self._where()}: the file's output is {outs[0].name!r} but the sidecar "
+                                 f"names {want!r}; the sidecar does not describe this file.")
+        shape, size = list(ins[0].shape), int(self.spec.input["size"])
+        if len(shape) != 4:
+            raise ModelLoadError(f"{self._where()}: input {ins[0].name!r} has shape {shape}; expected an "
+                                 "image batch of rank 4.")
+        nchw = self.spec.input.get("layout", "NCHW") == "NCHW"
+        expect = [3, size, size] if nchw else [size, size, 3]
+        if any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expect)):
+            layout = "NCHW" if nchw else "NHWC"
+            raise ModelLoadError(f"{self._where()}: input {ins[0].name!r} has shape {shape}, but the sidecar "
+                                 f"describes {layout} images of {size} x {size} (expected [batch, "
+                                 f"{', '.join(map(str, expect))}]).")
+        out_shape = list(outs[0].shape)
+        if len(out_shape) not in (1, 2) or (len(out_shape) == 2 and isinstance(out_shape[1], int)
+                                            and out_shape[1] != 1):
+            raise ModelLoadError(f"{self._where()}: output {outs[0].name!r} has shape {out_shape}; a cost "
+                                 "model gives one number per image ([batch] or [batch, 1]).")
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return super()._run(x)
+        except ModelRunError as exc:
+            raise ModelRunError(f"{self._where()} failed: {exc}") from exc
+
+    def costs(self, images: list[np.ndarray]) -> np.ndarray:
+        """The raw costs ``C`` (float64 ``[N]``) of ``uint8 [H,W,3]`` RGB images."""
+        step = self.batch_size
+        out = [self._costs_chunk(images[i:i + step]) for i in range(0, len(images), step)]
+        return np.concatenate(out) if out else np.zeros(0, np.float64)
+
+    def _costs_chunk(self, images) -> np.ndarray:
+        x = preprocess_whole_image(images, self.spec.input, self.colour, self.name)
+        out = self._run(x).reshape(len(images), -1)
+        if out.shape[1] != 1:
+            raise ModelRunError(f"{self._where()}: {out.shape[1]} outputs per image; a cost model gives "
+                                "one (C).")
+        return out[:, 0].astype(np.float64)
+
+    def _detect_chunk(self, images):
+        c = self._costs_chunk(images)
+        p = sigmoid(c)
+        label = self.labels[0]
+        return [[Detection(label, float(pi), None, self.name, float(ci))] for pi, ci in zip(p, c)]
+
+
 _MODELS: dict[tuple, OnnxModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
 def load_model(name: str, providers=None, batch_size: int = 16) -> OnnxModel:
-    """A detector by built-in name (``nudenet``, ``nudenet-reference``, ``opennsfw``) or by
-    sidecar path, loaded once per process and shared."""
+    """A model by built-in name (``nudenet``, ``nudenet-reference``, ``opennsfw``) or by
+    sidecar path (a detector, classifier or cost model), loaded once per process and shared."""
     if name in BUILTIN:
         file, mode = BUILTIN[name]
         sidecar = BUILTIN_DIR / file
@@ -429,7 +569,7 @@ def load_model(name: str, providers=None, batch_size: int = 16) -> OnnxModel:
         model = _MODELS.get(key)
         if model is None:
             spec = ModelSpec.from_file(sidecar)
-            cls = YoloDetector if spec.kind == "detector" else OnnxClassifier
+            cls = {"detector": YoloDetector, "cost": CostModel}.get(spec.kind, OnnxClassifier)
             model = cls(spec, providers=providers, mode=mode, batch_size=batch_size)
             _MODELS[key] = model
         else:

@@ -11,7 +11,10 @@ Presets (class sets and the papers they come from: ``docs/filter.md``, "Policies
               benign pictures: it exercises every censoring path without NSFW material.
 
 Classifier labels (e.g. Open-NSFW's ``nsfw``) use the threshold in the model's sidecar
-unless the policy names that label too. ``custom`` policies come from a string
+unless the policy names that label too. So do cost models (sidecar ``kind: "cost"``, label
+``cost`` by default): their threshold is a probability ``sigmoid(C)`` in [0, 1) like every
+other (0.5 is the sign threshold ``C = 0``), and a policy combines them with detectors by OR
+of the verdicts and the maximum of the costs (``safet2i.filter.cost``). ``custom`` policies come from a string
 ``"LABEL=0.5,OTHER=0.7"``, a JSON object, or a JSON file with ``{"thresholds": {...}}``.
 
 A policy is checked against the models it runs with (:func:`check_policy_labels`, called by
