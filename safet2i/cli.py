@@ -6,6 +6,7 @@
 ``safet2i lora inspect FILE [--base B]``  key format, architecture, rank, targets, coverage
 ``safet2i lora convert FILE --to kohya``  write a file stock ComfyUI and A1111 load fully
 ``safet2i convert FILE``                pickled checkpoint → .safetensors (weights_only load)
+``safet2i train cost-model ...``        train the learned safety cost model, export ONNX (docs/cost-model.md)
 
 Exit status of ``filter`` (bit flags): 0 all safe, 1 something unsafe, 2 something could
 not be read, checked or written, 3 both; 8 (added to those) a report could not be written;
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", help="output file (default: FILE with a .safetensors suffix; "
                                   "FILE.converted.safetensors for a pickle named .safetensors)")
     cv.add_argument("--overwrite", action="store_true")
+
+    from .train.cli import register as register_train  # noqa: PLC0415  (torch only when it runs)
+    register_train(sub)
     return p
 
 
@@ -339,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_lora(args)
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "train":
+            from .train.cli import run as run_train  # noqa: PLC0415
+            return run_train(args)
         return run_models(args)
     except (SafeT2IError, ValueError, OSError) as exc:  # a crash must not read as exit 1 "unsafe"
         print(f"safet2i: error: {_printable(str(exc))}", file=sys.stderr)
