@@ -7,15 +7,17 @@ a bug) yields a black placeholder image and an error verdict instead of the unch
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from safet2i.errors import UnsafeContentError
+from safet2i.errors import ModelLoadError, UnsafeContentError
 from safet2i.filter import SafetyFilter
 from safet2i.images import float_to_uint8
 from safet2i.filter.censor import placeholder
@@ -58,17 +60,49 @@ class Outcome:
     escalated: str | None = None   # "fill" / "placeholder": the censored image still tripped the re-check
 
 
-def get_filter(policy: str, action: str) -> SafetyFilter:
-    """The shared filter for (policy, action). Building it checks the policy against the
-    model's labels (``SafetyFilter`` raises :class:`~safet2i.errors.PolicyError` for a label
-    NudeNet cannot emit, or a policy that could flag nothing); the webui offers only the
-    presets, so that error means a broken install, and :func:`filter_image` fails closed."""
-    key = (policy, action)
+#: The pack's drop-in folder of filter models (sidecar .json next to its .onnx).
+FILTER_DIR = Path(__file__).resolve().parents[2] / "models" / "filters"
+NO_COST_MODEL = "None"
+
+
+def cost_model_choices() -> list[str]:
+    """``None`` and the sidecars of learned cost models (``kind: "cost"``, made by ``safet2i
+    train cost-model``) in :data:`FILTER_DIR`: the operator setting's choices."""
+    out = [NO_COST_MODEL]
+    for f in sorted(FILTER_DIR.glob("*.json")):
+        try:
+            kind = json.loads(f.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):   # not a sidecar: not offered
+            continue
+        if kind == "cost":
+            out.append(f.name)
+    return out
+
+
+def cost_model_path(choice) -> str | None:
+    """The sidecar path of the operator's cost-model setting (None: NudeNet alone). A name that
+    is not a sidecar directly in :data:`FILTER_DIR` is an error (the filter fails closed)."""
+    if choice in (None, "", NO_COST_MODEL):
+        return None
+    name = str(choice)
+    path = FILTER_DIR / name
+    if Path(name).name != name or not name.endswith(".json") or not path.is_file():
+        raise ModelLoadError(f"the SafeT2I cost-model setting {name!r} is not a sidecar .json in {FILTER_DIR}")
+    return str(path)
+
+
+def get_filter(policy: str, action: str, cost_model: str | None = None) -> SafetyFilter:
+    """The shared filter for (policy, action[, cost model sidecar]). Building it checks the
+    policy against the models' labels (``SafetyFilter`` raises
+    :class:`~safet2i.errors.PolicyError` for a label NudeNet cannot emit, or a policy that could
+    flag nothing); the webui offers only the presets, so that error means a broken install, and
+    :func:`filter_image` fails closed. NudeNet's packaged sidecar pins its file's sha256; a
+    cost model's sidecar, written by ``safet2i train cost-model``, pins its own."""
+    key = (policy, action, cost_model)
     with _LOCK:
         if key not in _FILTERS:
-            # Built-in NudeNet only: its packaged sidecar pins the file's sha256, so no user
-            # (unpinned) model can reach the webui and no "unpinned" mark is needed here.
-            _FILTERS[key] = SafetyFilter(["nudenet"], policy=policy, action=action)
+            models = ["nudenet"] + ([cost_model] if cost_model else [])
+            _FILTERS[key] = SafetyFilter(models, policy=policy, action=action)
         return _FILTERS[key]
 
 
@@ -88,7 +122,9 @@ def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
     """Check one image; never raises, never returns the original when something went wrong."""
     size = getattr(image, "size", (64, 64))
     try:
-        flt = get_filter(policy, action)
+        from .settings import opt  # noqa: PLC0415  (the webui's options; not at import time)
+
+        flt = get_filter(policy, action, cost_model_path(opt("safet2i_cost_model", NO_COST_MODEL)))
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         try:
             out = flt.run([rgb])

@@ -27,7 +27,8 @@ DEFAULTS = JobConfig()
 SECTION = ("safet2i", "SafeT2I")
 
 #: Settings that could switch the filter off or weaken it: never changed through the API.
-RESTRICTED = ("safet2i_filter_default", "safet2i_filter_policy", "safet2i_filter_action", "safet2i_previews")
+RESTRICTED = ("safet2i_filter_default", "safet2i_filter_policy", "safet2i_filter_action", "safet2i_previews",
+              "safet2i_cost_model")
 
 
 def enforcement() -> dict | None:
@@ -65,6 +66,17 @@ def on_ui_settings():
     add("safet2i_filter_action", OptionInfo(DEFAULTS.filter_action, "Default filter action", section=SECTION, restrict_api=True))
     add("safet2i_previews", OptionInfo("filter", "Live previews: 'filter' (check each preview) or 'hide'",
                                        section=SECTION, restrict_api=True))
+    from .filtering import NO_COST_MODEL, cost_model_choices  # noqa: PLC0415
+
+    try:
+        import gradio as gr  # noqa: PLC0415
+        dropdown = getattr(gr, "Dropdown", None)
+    except ImportError:
+        dropdown = None
+    add("safet2i_cost_model", OptionInfo(
+        NO_COST_MODEL, "Learned cost model checked with NudeNet (a 'safet2i train cost-model' sidecar in the "
+        "pack's models/filters; unsafe if either flags)", dropdown, lambda: {"choices": cost_model_choices()},
+        section=SECTION, restrict_api=True))
     add("safet2i_guidance_method", OptionInfo(DEFAULTS.guidance_method, "Default guidance method", section=SECTION))
     add("safet2i_guidance_preset", OptionInfo(DEFAULTS.guidance_preset, "Default SLD preset", section=SECTION))
 

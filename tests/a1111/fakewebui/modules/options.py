@@ -3,10 +3,14 @@ and ``override_settings``)."""
 
 
 class OptionInfo:
-    def __init__(self, default=None, label="", *, section=None, restrict_api=False):
+    def __init__(self, default=None, label="", component=None, component_args=None, *, section=None,
+                 refresh=None, restrict_api=False):
         self.default = default
         self.label = label
+        self.component = component
+        self.component_args = component_args      # a dict, or a function returning one (the Settings tab)
         self.section = section
+        self.refresh = refresh
         self.restrict_api = restrict_api
 
 
