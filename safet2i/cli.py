@@ -7,6 +7,7 @@
 ``safet2i lora convert FILE --to kohya``  write a file stock ComfyUI and A1111 load fully
 ``safet2i convert FILE``                pickled checkpoint → .safetensors (weights_only load)
 ``safet2i train cost-model ...``        train the learned safety cost model, export ONNX (docs/cost-model.md)
+``safet2i lab train ...``               train the efficacy lab's tiny text-to-image model (docs/lab.md)
 
 Exit status of ``filter`` (bit flags): 0 all safe, 1 something unsafe, 2 something could
 not be read, checked or written, 3 both; 8 (added to those) a report could not be written;
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train.cli import register as register_train  # noqa: PLC0415  (torch only when it runs)
     register_train(sub)
+    from .lab.cli import register as register_lab  # noqa: PLC0415
+    register_lab(sub)
     return p
 
 
@@ -346,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train.cli import run as run_train  # noqa: PLC0415
             return run_train(args)
+        if args.command == "lab":
+            from .lab.cli import run as run_lab  # noqa: PLC0415
+            return run_lab(args)
         return run_models(args)
     except (SafeT2IError, ValueError, OSError) as exc:  # a crash must not read as exit 1 "unsafe"
         print(f"safet2i: error: {_printable(str(exc))}", file=sys.stderr)

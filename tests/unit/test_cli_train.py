@@ -39,3 +39,20 @@ def test_train_cost_model_on_the_world_then_filter_with_it(tmp_path):
         (finding,) = f["images"][0]["detections"]
         assert finding["label"] == "cost" and finding["model"] == "cost"
         assert finding["flagged"] == (finding["logit"] >= 0) == (f["verdict"] == "unsafe")
+
+
+def test_lab_train_quick_through_the_main_command_is_cached(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from safet2i.lab.tokenizer import clip_tokenizer
+
+    try:
+        clip_tokenizer()
+    except Exception as exc:  # noqa: BLE001 - the tokenizer's file comes from open-clip-torch
+        pytest.skip(f"no CLIP BPE file here: {exc}")
+    args = ["lab", "train", "--quick", "--cache", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (tmp_path / folder.rsplit("/", 1)[-1] / "model_index.json").is_file()
+    assert main(args) == 0                                            # cached: the same folder again
+    assert capsys.readouterr().out.strip().splitlines()[-1] == folder
