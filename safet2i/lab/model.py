@@ -629,7 +629,8 @@ def train(cfg: LabModelConfig | None = None, cache_dir: str | Path | None = None
     ``checkpoint_every`` steps or ``checkpoint_seconds`` seconds and at the end of the
     autoencoder phase; ``resume=True`` continues from there (on CPU the result is bit-identical
     to an uninterrupted run: every random draw is a function of the seed and the step),
-    ``resume=False`` starts over. ``callback(phase, step, loss)`` is called after every step
+    ``resume=False`` starts over. ``<hash>.lock`` keeps a second process off the same config.
+    ``callback(phase, step, loss)`` is called after every step
     (``step`` counts the steps done in the phase; an exception from it stops training after the
     checkpoints so far). A tqdm bar shows progress unless ``progress=False``.
     """
@@ -642,6 +643,58 @@ def train(cfg: LabModelConfig | None = None, cache_dir: str | Path | None = None
                            "remove it and train again")
     _require_diffusers()
     device = _check_device(device)
+    with _training_lock(folder.with_name(folder.name + ".lock")):
+        if is_finished(folder, cfg):  # another process finished it while we waited
+            return folder
+        return _train(cfg, folder, device, resume, progress, checkpoint_every, checkpoint_seconds, callback)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _training_lock(path: Path):
+    """Hold ``path`` (holding our pid) while training, so two processes never write the same
+    checkpoint; a lock left by a process that is gone is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise SafeT2IError(f"another process (pid {pid}) is training this lab model; wait for it to "
+                                   f"finish, or delete {path} if that process is gone") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        break
+    else:
+        raise SafeT2IError(f"cannot take the training lock {path}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _train(cfg: LabModelConfig, folder: Path, device: str, resume: bool, progress: bool,
+           checkpoint_every: int, checkpoint_seconds: float, callback: Callback | None) -> Path:
+    """:func:`train`'s work once the lock is held."""
     import torch  # noqa: PLC0415
 
     partial = folder.with_name(folder.name + ".partial")

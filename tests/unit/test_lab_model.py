@@ -275,6 +275,25 @@ def test_no_resume_starts_over(tmp_path, monkeypatch):
     assert steps == [0, 1]  # the autoencoder phase ran again from the start
 
 
+@needs_bpe
+def test_a_second_process_on_the_same_config_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = micro(vae_steps=1, steps=1)
+    lock = tmp_path / (cfg.config_hash() + ".lock")
+    lock.write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(SafeT2IError, match=r"another process \(pid \d+\) is training"):
+        train(cfg, cache_dir=tmp_path, progress=False)
+    assert not (tmp_path / cfg.config_hash()).exists() and lock.exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    lock.write_text(gone)  # its process has exited
+    assert lab_model.is_finished(train(cfg, cache_dir=tmp_path, progress=False), cfg)
+    assert not lock.exists()
+
+
 def test_cuda_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
