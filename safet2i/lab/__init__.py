@@ -2,12 +2,25 @@
 
 The world (:mod:`safet2i.lab.world`, see docs/lab.md): deterministic captioned images with
 ground-truth concept masks. The model (:mod:`safet2i.lab.model`): a tiny Stable-Diffusion-
-structured text-to-image model trained on the world (``safet2i lab train``). The bench and
-the results table are later parts of the lab.
+structured text-to-image model trained on the world (``safet2i lab train``). The judge
+(:mod:`safet2i.lab.judge`): an attribute classifier, a rule-based concept measure and the
+quality gate a model must pass before the lab reports efficacy numbers. The bench and the
+results table are later parts of the lab.
 """
 
 from __future__ import annotations
 
+from .judge import (
+    AttributeClassifier,
+    GateReport,
+    JudgeConfig,
+    attribute_accuracy,
+    concept_fraction,
+    concept_present_rule,
+    judge_images,
+    load_judge,
+    quality_gate,
+)
 from .model import LabModelConfig, build_pipeline, load_pipeline, model_folder, train, training_info
 from .tokenizer import clip_tokenizer
 from .world import (
@@ -31,6 +44,15 @@ from .world import (
 )
 
 __all__ = [
+    "AttributeClassifier",
+    "GateReport",
+    "JudgeConfig",
+    "attribute_accuracy",
+    "concept_fraction",
+    "concept_present_rule",
+    "judge_images",
+    "load_judge",
+    "quality_gate",
     "LabModelConfig",
     "build_pipeline",
     "clip_tokenizer",
