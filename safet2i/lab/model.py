@@ -61,7 +61,10 @@ class LabModelConfig:
     per autoencoder level (the latent side is ``size / 2**(len - 1)``); ``unet_channels`` and
     ``unet_cross_attention`` one entry per UNet level (cross-attention on or off there; the
     mid block always has it); ``unet_heads`` attention heads (diffusers'
-    ``attention_head_dim``, which counts heads); ``text_width``, ``text_layers``,
+    ``attention_head_dim``, which counts heads); ``unet_pooled_text`` adds an attention-pooled
+    summary of the text encoder's hidden states to the timestep embedding (diffusers'
+    ``addition_embed_type="text"``, as SDXL and Imagen add pooled text), which conditions every
+    resnet block and makes the text binding learnable in a CPU budget; ``text_width``, ``text_layers``,
     ``text_heads`` the CLIP text encoder (its width is the UNet's cross-attention width).
 
     Recipe: ``vae_steps`` x ``vae_batch_size`` autoencoder steps (L1 + L2 reconstruction, object
@@ -90,6 +93,7 @@ class LabModelConfig:
     unet_cross_attention: tuple[bool, ...] = (False, True, True)
     layers_per_block: int = 1
     unet_heads: int = 4
+    unet_pooled_text: bool = True
     norm_groups: int = 32
     text_width: int = 128
     text_layers: int = 4
@@ -246,7 +250,9 @@ def build_components(cfg: LabModelConfig, tokenizer: Any = None) -> dict[str, An
             sample_size=cfg.latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
             layers_per_block=cfg.layers_per_block, block_out_channels=cfg.unet_channels,
             down_block_types=down, up_block_types=up, cross_attention_dim=cfg.text_width,
-            attention_head_dim=cfg.unet_heads, norm_num_groups=cfg.norm_groups)
+            attention_head_dim=cfg.unet_heads, norm_num_groups=cfg.norm_groups,
+            addition_embed_type="text" if cfg.unet_pooled_text else None,
+            addition_embed_type_num_heads=cfg.unet_heads)
         torch.manual_seed(cfg.seed + 2)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,

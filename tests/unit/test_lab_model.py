@@ -127,7 +127,8 @@ def test_default_architecture():
     cfg = LabModelConfig()
     pipe = lab_model.build_pipeline(cfg)
     assert pipe.vae_scale_factor == 2 and cfg.latent_size == 16
-    assert lab_model.parameter_counts(pipe) == {"vae": 658375, "unet": 10860676, "text_encoder": 7127424}
+    assert lab_model.parameter_counts(pipe) == {"vae": 658375, "unet": 10944132, "text_encoder": 7127424}
+    assert pipe.unet.config.addition_embed_type == "text"  # pooled text in the timestep embedding
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 128
     assert pipe.scheduler.config.prediction_type == "epsilon"
 
