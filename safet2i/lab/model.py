@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SafeT2IError
-from .world import FORMS, World, WorldConfig
+from .world import ATTRIBUTES, FORMS, World, WorldConfig
 
 #: Files of an unfinished run inside ``<hash>.partial/`` and the marker of a finished model.
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
@@ -75,7 +75,12 @@ class LabModelConfig:
     ``lr`` with ``warmup_steps`` linear warm-up and cosine decay to ``lr * lr_final``;
     gradient norm clipped to 1; ``cfg_dropout`` of the captions replaced by "" so that
     classifier-free guidance works; EMA of the weights, decay ``min(ema_decay,
-    (1 + n) / (10 + n))``, is what gets saved). ``form_mix`` weights the caption forms of the
+    (1 + n) / (10 + n))``, is what gets saved). ``text_probe_weight`` weighs an auxiliary loss
+    that stands in for CLIP's pre-training: a linear probe on the text encoder's pooled output
+    (the end token) predicts the six attributes of the caption's image (cross-entropy; a
+    synonym, indirect or misspelled caption's colour is the concept), so captions that mean the
+    same get similar embeddings from the first steps on. The probe is not part of the pipeline.
+    ``form_mix`` weights the caption forms of the
     training stream (train split only). ``seed`` seeds the initial weights and every random
     draw of training.
     """
@@ -107,6 +112,7 @@ class LabModelConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    text_probe_weight: float = 1.0
     form_mix: tuple[tuple[str, int], ...] = (("benign", 11), ("direct", 3), ("synonym", 2),
                                              ("indirect", 2), ("misspelled", 2))
     seed: int = 0
@@ -152,7 +158,8 @@ class LabModelConfig:
         for name in ("vae_lr", "lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"LabModelConfig.{name} must be in (0, 1)")
-        for name in ("vae_kl_weight", "vae_object_weight", "weight_decay", "min_snr_gamma"):
+        for name in ("vae_kl_weight", "vae_object_weight", "weight_decay", "min_snr_gamma",
+                     "text_probe_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LabModelConfig.{name} must be >= 0")
         for name in ("lr_final", "ema_decay", "cfg_dropout"):
@@ -377,7 +384,7 @@ class _Run:
         self.pattern = form_pattern(cfg.form_mix)
         self.phase = "vae" if cfg.vae_steps else "diffusion"
         self.step = 0
-        self.losses: dict[str, list[float]] = {"vae": [], "diffusion": []}
+        self.losses: dict[str, list[float]] = {"vae": [], "diffusion": [], "text_probe": []}
         self.seconds: dict[str, float] = {"vae": 0.0, "diffusion": 0.0}
         self.empty_ids = self._ids([""])[0]
         self.noise_sched = None
@@ -393,17 +400,19 @@ class _Run:
                   return_tensors="pt").input_ids
         return ids.to(self.device)
 
-    def batch(self, phase: str, step: int, n: int) -> tuple[Any, list[str], Any]:
-        """Images in [-1, 1] ``[n, 3, H, W]``, captions and object coverage ``[n, 1, H, W]`` of
-        step ``step``: samples ``step * n + i`` of the train split, forms following
-        :func:`form_pattern`."""
+    def batch(self, phase: str, step: int, n: int) -> tuple[Any, list[str], Any, Any]:
+        """Images in [-1, 1] ``[n, 3, H, W]``, captions, object coverage ``[n, 1, H, W]`` and
+        attribute labels ``[n, 6]`` (value indices, :data:`ATTRIBUTES` order) of step ``step``:
+        samples ``step * n + i`` of the train split, forms following :func:`form_pattern`."""
         offset = 0 if phase == "diffusion" else 1 << 40  # the autoencoder sees other samples
         samples = [self.world.sample(offset + step * n + i, self.pattern[(step * n + i) % len(self.pattern)])
                    for i in range(n)]
         images = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
         x = self.torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
         cover = self.torch.from_numpy(np.stack([s.coverage for s in samples])[:, None]).to(self.device)
-        return x, [s.caption for s in samples], cover
+        labels = self.torch.tensor([[vals.index(s.attributes[a]) for a, vals in ATTRIBUTES.items()]
+                                    for s in samples], device=self.device)
+        return x, [s.caption for s in samples], cover, labels
 
     def generator(self, phase: str, step: int) -> Any:
         """The torch Generator of one step: a pure function of (seed, phase, step), so a
@@ -437,8 +446,13 @@ class _Run:
         p.text_encoder.train().requires_grad_(True)
         self.noise_sched = DDPMScheduler(**_scheduler_kwargs())
         self.alphas = self.noise_sched.alphas_cumprod.to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 3)
+            classes = sum(len(v) for v in ATTRIBUTES.values())
+            self.probe = torch.nn.Linear(self.cfg.text_width, classes).to(self.device)
         params = self.trained()
-        self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(params + list(self.probe.parameters()), lr=self.cfg.lr,
+                                     weight_decay=self.cfg.weight_decay)
         self.ema = [q.detach().clone() for q in params]
 
     def finish_vae(self) -> None:
@@ -448,7 +462,7 @@ class _Run:
         self._start_phase()
 
     def _latent_probe(self) -> Any:
-        x, _, _ = self.batch("probe", 0, 256)
+        x, _, _, _ = self.batch("probe", 0, 256)
         with self.torch.no_grad():
             return self.pipe.vae.encode(x).latent_dist.mean
 
@@ -461,6 +475,7 @@ class _Run:
             out.update({f"unet.{k}": v for k, v in self.pipe.unet.state_dict().items()})
             out.update({f"text_encoder.{k}": v for k, v in self.pipe.text_encoder.state_dict().items()})
             out.update({f"ema.{i}": v for i, v in enumerate(self.ema)})
+            out.update({f"probe.{k}": v for k, v in self.probe.state_dict().items()})
         for i, st in self.opt.state_dict()["state"].items():
             for k, v in st.items():
                 out[f"opt.{i}.{k}"] = v if self.torch.is_tensor(v) else self.torch.tensor(v)
@@ -507,6 +522,7 @@ class _Run:
             self.pipe.text_encoder.load_state_dict(_prefixed(t, "text_encoder."))
             for i, e in enumerate(self.ema):
                 e.copy_(t[f"ema.{i}"])
+            self.probe.load_state_dict(_prefixed(t, "probe."))
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in _prefixed(t, "opt.").items():
             i, name = k.split(".", 1)
@@ -557,7 +573,7 @@ def standardise_latents(vae: Any, latents: Any) -> None:
 def _vae_step(run: _Run, step: int) -> float:
     """One autoencoder step: L1 reconstruction of a sampled latent + weighted KL."""
     cfg, torch = run.cfg, run.torch
-    x, _, cover = run.batch("vae", step, cfg.vae_batch_size)
+    x, _, cover, _ = run.batch("vae", step, cfg.vae_batch_size)
     g = run.generator("vae", step)
     post = run.pipe.vae.encode(x).latent_dist
     z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=run.device)
@@ -576,10 +592,10 @@ def _vae_step(run: _Run, step: int) -> float:
 
 
 def _diffusion_step(run: _Run, step: int) -> float:
-    """One ε-prediction step of UNet + text encoder (Min-SNR weights, caption dropout), then
-    the EMA update."""
+    """One ε-prediction step of UNet + text encoder (Min-SNR weights, caption dropout) plus
+    the text probe's loss, then the EMA update. Returns the diffusion loss."""
     cfg, torch = run.cfg, run.torch
-    x, captions, _ = run.batch("diffusion", step, cfg.batch_size)
+    x, captions, _, labels = run.batch("diffusion", step, cfg.batch_size)
     g = run.generator("diffusion", step)
     n = x.shape[0]
     with torch.no_grad():
@@ -590,24 +606,42 @@ def _diffusion_step(run: _Run, step: int) -> float:
     t = torch.randint(0, run.noise_sched.config.num_train_timesteps, (n,), generator=g, device=run.device)
     noise = torch.randn(latents.shape, generator=g, device=run.device)
     noisy = run.noise_sched.add_noise(latents, noise, t)
-    cond = run.pipe.text_encoder(ids)[0]
+    text = run.pipe.text_encoder(ids)
+    cond = text[0]
     pred = run.pipe.unet(noisy, t, cond).sample
     a = run.alphas[t]
     snr = a / (1 - a)
     weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
     loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    probe_loss = _probe_loss(run, text[1], labels, ~drop)
+    run.losses["text_probe"].append(float(probe_loss.detach()))
     for group in run.opt.param_groups:
         group["lr"] = lr_at(cfg, step)
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss + cfg.text_probe_weight * probe_loss).backward()
     params = run.trained()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.nn.utils.clip_grad_norm_(params + list(run.probe.parameters()), 1.0)
     run.opt.step()
     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
     with torch.no_grad():
         torch._foreach_mul_(run.ema, decay)
         torch._foreach_add_(run.ema, [p.detach() for p in params], alpha=1 - decay)
     return float(loss.detach())
+
+
+def _probe_loss(run: _Run, pooled: Any, labels: Any, keep: Any) -> Any:
+    """Mean cross-entropy of the text probe over the six attributes, on the captions that
+    were not dropped (0 when all were)."""
+    torch = run.torch
+    logits = run.probe(pooled[keep])
+    if logits.shape[0] == 0:
+        return logits.sum()
+    total, start = 0.0, 0
+    for j, values in enumerate(ATTRIBUTES.values()):
+        part = logits[:, start:start + len(values)]
+        total = total + torch.nn.functional.cross_entropy(part, labels[keep, j])
+        start += len(values)
+    return total / len(ATTRIBUTES)
 
 
 def _check_device(device: str) -> str:
