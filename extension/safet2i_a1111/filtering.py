@@ -91,6 +91,15 @@ def cost_model_path(choice) -> str | None:
     return str(path)
 
 
+def _cost_model_setting():
+    """The operator's ``safet2i_cost_model`` setting (``None`` outside the webui)."""
+    try:
+        from modules import shared  # noqa: PLC0415
+    except ImportError:
+        return None
+    return getattr(getattr(shared, "opts", None), "safet2i_cost_model", None)
+
+
 def get_filter(policy: str, action: str, cost_model: str | None = None) -> SafetyFilter:
     """The shared filter for (policy, action[, cost model sidecar]). Building it checks the
     policy against the models' labels (``SafetyFilter`` raises
@@ -98,7 +107,7 @@ def get_filter(policy: str, action: str, cost_model: str | None = None) -> Safet
     flag nothing); the webui offers only the presets, so that error means a broken install, and
     :func:`filter_image` fails closed. NudeNet's packaged sidecar pins its file's sha256; a
     cost model's sidecar, written by ``safet2i train cost-model``, pins its own."""
-    key = (policy, action, cost_model)
+    key = (policy, action, cost_model) if cost_model else (policy, action)
     with _LOCK:
         if key not in _FILTERS:
             models = ["nudenet"] + ([cost_model] if cost_model else [])
@@ -122,9 +131,8 @@ def filter_image(image: Image.Image, policy: str, action: str) -> Outcome:
     """Check one image; never raises, never returns the original when something went wrong."""
     size = getattr(image, "size", (64, 64))
     try:
-        from .settings import opt  # noqa: PLC0415  (the webui's options; not at import time)
-
-        flt = get_filter(policy, action, cost_model_path(opt("safet2i_cost_model", NO_COST_MODEL)))
+        cost_model = cost_model_path(_cost_model_setting())
+        flt = get_filter(policy, action, cost_model) if cost_model else get_filter(policy, action)
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         try:
             out = flt.run([rgb])
