@@ -179,12 +179,9 @@ def judge_cache_dir() -> Path:
     """Where judges are cached: ``$SAFET2I_CACHE/lab`` if set (the same root as the rest of
     SafeT2I's cache, and the folder the lab's models use), else
     ``$XDG_CACHE_HOME/safet2i/lab``, else ``~/.cache/safet2i/lab``."""
-    root = os.environ.get("SAFET2I_CACHE")
-    if root:
-        return Path(root).expanduser() / "lab"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "safet2i" / "lab"
+    from .model import default_cache_dir  # noqa: PLC0415  (one rule for the lab's cache)
+
+    return default_cache_dir()
 
 
 def judge_path(config: JudgeConfig, cache_dir: str | os.PathLike | None = None) -> Path:

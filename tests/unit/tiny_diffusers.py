@@ -11,17 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+from safet2i.lab.tokenizer import bytes_to_unicode as _bytes_to_unicode  # noqa: F401  (the one copy)
 
 
 def tiny_tokenizer(folder: Path):
