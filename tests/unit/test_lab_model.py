@@ -159,6 +159,7 @@ def test_micro_training_saves_a_diffusers_folder(trained):
     assert info["config_hash"] == cfg.config_hash() and info["finished"]
     assert len(info["losses"]["vae"]) == cfg.vae_steps and len(info["losses"]["diffusion"]) == cfg.steps
     assert all(np.isfinite(info["losses"]["diffusion"]))
+    assert len(info["losses"]["text_probe"]) == cfg.steps and all(np.isfinite(info["losses"]["text_probe"]))
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
