@@ -1,4 +1,4 @@
-"""``safet2i lab`` command line: train the efficacy lab's tiny text-to-image model.
+"""``safet2i lab`` command line: the efficacy lab's model, its quality gate and its table.
 
 ``safet2i lab train [--size N] [--steps N] [--device cpu|cuda] [--cache DIR] [--no-resume] [--quick]``
 
@@ -6,6 +6,9 @@ trains (or finds in the cache) the lab model of that config and prints its folde
 folder ``StableDiffusionPipeline.from_pretrained`` loads. Interrupt it at any time: the next
 run resumes from the last checkpoint. Exit status 0 on success, 2 on an error (printed as one
 line naming the cause), 130 when interrupted.
+
+``safet2i lab gate [--model FOLDER] [--n-per-form N] [--json FILE]`` runs the quality gate on a
+trained model and prints its report: exit 0 when it passes, 1 when it misses, 2 on an error.
 
 Wiring (in :mod:`safet2i.cli`): ``register(sub)`` in ``build_parser`` and ``if args.command ==
 "lab": return run(args)`` in ``main``. Nothing heavy is imported until ``run``.
@@ -63,6 +66,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=_positive("--threads"), default=None,
                     help="torch CPU threads (default: torch's choice)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    gate = sub.add_parser(
+        "gate", help="run the quality gate on a trained lab model and print its report",
+        description="Generate the gate's held-out captions (every caption form) with a trained lab model, judge "
+                    "the images with the world's attribute classifier (trained on first use and cached) and "
+                    "check the thresholds of docs/lab.md. Exit status 0 when the model passes, 1 when it "
+                    "misses (the lab then refuses to report efficacy numbers for it), 2 on an error.")
+    gate.add_argument("--model", metavar="FOLDER", default=None,
+                      help="a trained lab model folder (default: the default config's model in the cache)")
+    gate.add_argument("--cache", metavar="DIR", default=None, help="folder of lab models (as for train)")
+    gate.add_argument("--n-per-form", type=_positive("--n-per-form"), default=64,
+                      help="captions per caption form (default 64)")
+    gate.add_argument("--seed", type=int, default=0, help="seed of the gate's captions and samples (default 0)")
+    gate.add_argument("--batch-size", type=_positive("--batch-size"), default=32,
+                      help="captions per pipeline call (default 32)")
+    gate.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to sample (default cpu)")
+    gate.add_argument("--judge", metavar="FILE", default=None,
+                      help="a saved attribute classifier (.safetensors) of the model's world (default: the "
+                           "world's default judge from the cache, trained on first use, about 2 minutes)")
+    gate.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
+    gate.add_argument("--threads", type=_positive("--threads"), default=None,
+                      help="torch CPU threads (default: torch's choice)")
+    gate.add_argument("--no-progress", action="store_true", help="no progress bar while training the judge")
     return lab
 
 
@@ -84,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``safet2i lab ...``; returns the exit status (0, 2 on an error, 130 interrupted)."""
     from ..errors import SafeT2IError  # noqa: PLC0415
 
-    if getattr(args, "lab_command", None) != "train":
-        which = getattr(args, "lab_command", None)
+    which = getattr(args, "lab_command", None)
+    if which == "gate":
+        return _run_gate(args)
+    if which != "train":
         print(f"safet2i lab: error: unknown subcommand {which!r}", file=sys.stderr)
         return EXIT_ERROR
     try:
@@ -112,4 +140,58 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except (SafeT2IError, ValueError, OSError, NotImplementedError) as exc:
         print(f"safet2i lab: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _cuda_check(device: str) -> None:
+    import torch  # noqa: PLC0415
+
+    from ..errors import SafeT2IError  # noqa: PLC0415
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SafeT2IError("--device cuda: torch sees no CUDA device here")
+
+
+def _run_gate(args: argparse.Namespace) -> int:
+    """``safet2i lab gate``: 0 passed, 1 missed, 2 error, 130 interrupted."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from ..errors import SafeT2IError  # noqa: PLC0415
+
+    try:
+        from .judge import AttributeClassifier, load_judge, quality_gate  # noqa: PLC0415
+        from .model import LabModelConfig, _threads, is_finished, load_pipeline, model_folder, training_info  # noqa: PLC0415
+        from .sampling import pipeline_generator  # noqa: PLC0415
+        from .world import World  # noqa: PLC0415
+
+        if args.model is not None:
+            folder = Path(args.model)
+            cfg = LabModelConfig.from_dict(training_info(folder)["config"])
+        else:
+            cfg = LabModelConfig()
+            folder = model_folder(cfg, args.cache)
+            if not is_finished(folder, cfg):
+                raise SafeT2IError(f"no trained lab model of the default config at {folder}: run "
+                                   "`safet2i lab train` first (or pass --model FOLDER)")
+        _cuda_check(args.device)
+        with _threads(args.threads):
+            pipe = load_pipeline(folder).to(args.device)
+            pipe.set_progress_bar_config(disable=True)
+            world = World(cfg.world)
+            if args.judge is not None:
+                judge = AttributeClassifier.load(args.judge)
+            else:
+                judge = load_judge(cfg.world, progress=not args.no_progress)
+            report = quality_gate(pipeline_generator(pipe), world, n_per_form=args.n_per_form, seed=args.seed,
+                                  judge=judge, batch_size=args.batch_size)
+        print(report.to_markdown())
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": str(folder), **report.to_dict()}, indent=1) + "\n")
+        return 0 if report.passed else 1
+    except KeyboardInterrupt:
+        print("safet2i lab gate: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SafeT2IError, ValueError, OSError, KeyError) as exc:
+        print(f"safet2i lab gate: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
