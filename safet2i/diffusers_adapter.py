@@ -426,3 +426,141 @@ def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = Fa
             param.copy_(merged(param, by_name[s.target], strength))
             cov.applied.append(s.host_key)
     return SafetyLoRAHandle(lora, cov, originals)
+
+
+# --------------------------------------------------------------------------- latent re-attention
+
+
+def reattention_scales(pipe, s1: float = 0.9, s2: float = 0.2, channels: dict[int, float] | None = None) -> dict[int, float]:
+    """Backbone channel count -> scale for :func:`latent_reattention`: ``channels`` as given, else
+    FreeU's two stages of the UNet (:func:`safet2i.steering.reattention.stage_scales` of its first
+    ``block_out_channels``: 1280 -> s1, 640 -> s2 on SD1.x/SD2.x; SDXL: 1280 -> s1, 640 -> s2)."""
+    from .steering.reattention import stage_scales  # noqa: PLC0415
+
+    if channels is not None:
+        try:
+            scales = {int(c): float(s) for c, s in dict(channels).items()}
+        except (TypeError, ValueError) as exc:
+            raise SafeT2IError(f"latent re-attention: channels must map channel counts to scales, not {channels!r}") from exc
+        if not scales:
+            raise SafeT2IError("latent re-attention: the channel map is empty.")
+        return scales
+    widths = getattr(getattr(pipe.unet, "config", None), "block_out_channels", None)
+    if not widths:
+        raise SafeT2IError("latent re-attention needs a UNet2DConditionModel (block_out_channels unknown); "
+                           "pass channels={C: scale, ...}.")
+    return stage_scales(int(widths[0]), s1, s2)
+
+
+@contextlib.contextmanager
+def latent_reattention(pipe, original_embeds, s1: float = 0.9, s2: float = 0.2, window: int = 1,
+                       channels: dict[int, float] | None = None, *, original_pooled=None):
+    """SAFREE's adaptive latent re-attention (:mod:`safet2i.steering.reattention`) in a diffusers
+    SD/SDXL pipeline, the counterpart of ComfyUI's ``SafeT2ILatentReattention`` node.
+
+    While active, every UNet call of the pipeline's CFG batch ``[uncond; steered]`` (B rows each)
+    runs as ``[uncond; steered; original]`` (``original_embeds``: the unsteered prompt rows,
+    [B or 1, T, D]; SDXL: ``original_pooled`` for the third chunk's ``text_embeds``, default the
+    steered rows' pooled embeddings). At every decoder resnet whose *backbone* input has a channel
+    count in the scale map (:func:`reattention_scales`: ``channels``, else FreeU's stages; as
+    FreeU and the ComfyUI node key them), the steered rows' skip features are replaced by
+    :func:`~safet2i.steering.reattention.fourier_reattention` of them against the original rows'
+    skip features; the call returns the ``[uncond; steered]`` rows. Inputs are never written.
+
+    Fails closed: a UNet call that is not a CFG batch, or in which no decoder stage matched the
+    scale map, raises :class:`SafeT2IError`; the UNet (forward and hooks) is restored on exit,
+    after an error too. Does not combine with :func:`safety_guidance` (both change the batch)."""
+    from .steering.reattention import fourier_reattention  # noqa: PLC0415
+
+    unet = pipe.unet
+    if "forward" in vars(unet):
+        raise SafeT2IError("latent re-attention: the UNet's forward is already patched (safety guidance or "
+                           "another re-attention is active); the two cannot share one UNet batch.")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise SafeT2IError(f"latent re-attention: window must be a positive integer, not {window!r}")
+    scales = reattention_scales(pipe, s1, s2, channels)
+    for c, s in scales.items():
+        if not (0.0 <= s <= 1.0):
+            raise SafeT2IError(f"latent re-attention: the scale for {c} channels must be in [0, 1], not {s}")
+    ups = list(getattr(unet, "up_blocks", []) or [])
+    if not ups or not all(hasattr(b, "resnets") for b in ups):
+        raise SafeT2IError("latent re-attention needs a diffusers UNet2DConditionModel (up_blocks with resnets).")
+    state = {"b": None, "skips": None, "matched": 0, "seen": set()}
+    handles = []
+
+    def block_hook(block):
+        def hook(module, args, kwargs):
+            skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+            state["skips"] = tuple(skips) if skips is not None else None
+        return hook
+
+    def resnet_hook(j):
+        def hook(module, args, kwargs):
+            b, skips = state["b"], state["skips"]
+            if b is None or skips is None or j >= len(skips):
+                return None
+            x = args[0] if args else kwargs["input_tensor"]
+            skip_c = int(skips[-(j + 1)].shape[1])
+            h_c = int(x.shape[1]) - skip_c
+            if h_c <= 0 or x.shape[0] != 3 * b:
+                raise SafeT2IError(f"latent re-attention: decoder input of {x.shape[1]} channels does not hold a "
+                                   f"{skip_c}-channel skip connection, or the batch is not [uncond; steered; original].")
+            state["seen"].add(h_c)
+            scale = scales.get(h_c)
+            if scale is None:
+                return None
+            state["matched"] += 1
+            skip = x[:, h_c:]
+            filtered = fourier_reattention(skip[b:2 * b], skip[2 * b:], scale, window)
+            new = torch.cat([x[:, :h_c], torch.cat([skip[:b], filtered, skip[2 * b:]])], dim=1)
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "input_tensor": new}
+        return hook
+
+    original = unet.forward
+
+    def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if sample.shape[0] % 2:
+            raise SafeT2IError("Latent re-attention needs classifier-free guidance (a [uncond; steered] batch); "
+                               "use guidance_scale > 1.")
+        b = sample.shape[0] // 2
+        orig = original_embeds.to(encoder_hidden_states)
+        if orig.shape[0] not in (1, b) or orig.shape[1:] != encoder_hidden_states.shape[1:]:
+            raise SafeT2IError(f"latent re-attention: original embeddings of shape {list(orig.shape)} do not fit "
+                               f"the pipeline's prompt rows {list(encoder_hidden_states.shape)} (batch {b}).")
+        ehs = torch.cat([encoder_hidden_states, orig.expand(b, *orig.shape[1:])])
+        added = kwargs.get("added_cond_kwargs")
+        if added:
+            kwargs["added_cond_kwargs"] = {
+                k: _batched(v, b, original_pooled if k == "text_embeds" else None) for k, v in added.items()
+            }
+        state.update(b=b, skips=None, matched=0, seen=set())
+        try:
+            out = original(torch.cat([sample, sample[b:]]), _batched(timestep, b, None), ehs, *args, **kwargs)
+        finally:
+            state["b"], state["skips"] = None, None
+        if not state["matched"]:
+            raise SafeT2IError(
+                f"Latent re-attention matched no decoder stage of this UNet (backbone channels "
+                f"{sorted(state['seen'])}; the filter is set for {sorted(scales)}). Pass channels={{C: scale, ...}} "
+                "with this model's backbone channels.")
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        kept = pred[:2 * b]
+        if isinstance(out, tuple):
+            return (kept,) + tuple(out[1:])
+        out.sample = kept
+        return out
+
+    try:
+        for block in ups:
+            handles.append(block.register_forward_pre_hook(block_hook(block), with_kwargs=True))
+            for j, resnet in enumerate(block.resnets):
+                handles.append(resnet.register_forward_pre_hook(resnet_hook(j), with_kwargs=True))
+        unet.forward = forward
+        yield scales
+    finally:
+        for h in handles:
+            h.remove()
+        if "forward" in vars(unet):
+            del unet.forward
