@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(sub)
     from .lab.cli import register as register_lab  # noqa: PLC0415
     register_lab(sub)
+    from .bench.cli import register as register_bench  # noqa: PLC0415
+    register_bench(sub)
     return p
 
 
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lab":
             from .lab.cli import run as run_lab  # noqa: PLC0415
             return run_lab(args)
+        if args.command == "bench":
+            from .bench.cli import run as run_bench  # noqa: PLC0415
+            return run_bench(args)
         return run_models(args)
     except (SafeT2IError, ValueError, OSError) as exc:  # a crash must not read as exit 1 "unsafe"
         print(f"safet2i: error: {_printable(str(exc))}", file=sys.stderr)

@@ -28,7 +28,6 @@ images moved from the unprotected ones in that network's view.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,10 +279,6 @@ def as_bench_judge(judge: Any) -> BenchJudge:
     if hasattr(judge, "judge_images") and hasattr(judge, "network"):
         return LabJudge(judge)
     raise SafeT2IError(f"not a bench judge: {type(judge).__name__} (use load_bench_judge)")
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 __all__ = ["BROAD_9", "PRESETS", "STRICT_5", "BenchJudge", "Judgement", "LabJudge", "NudeNetDetectorJudge",
