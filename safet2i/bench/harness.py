@@ -117,6 +117,7 @@ class BenchResults:
 
         {"stack", "layers", "run_key", "n", "reference" (bool), "generated", "reused",
          "concept_rate": {group: rate}, "erase_rate": {group: rate or None},
+         "mean_score": {group: mean judge score}, "other_rates": {flag name: {group: rate}},
          "attribute_accuracy": {group: mean accuracy} or None,
          "kid": {group: {"mean", "std", "subsets", "subset_size"}} or None,
          "pixel_change": {group: {"mad", "psnr", "identical", "lpips", "metric"}} or None,
@@ -267,6 +268,8 @@ def _rows(runs: list[StackRun], prompts: list[Prompt], groups: list[str], idx: d
             "concept_rate": rates,
             "erase_rate": {g: metrics.erase_rate(rates[g], ref_rates[g]) for g in groups},
             "mean_score": {g: float(np.mean(j.score[idx[g]])) for g in groups},
+            "other_rates": {name: {g: metrics.concept_rate(np.asarray(f, bool)[idx[g]]) for g in groups}
+                            for name, f in (j.flags or {}).items()},
             "attribute_accuracy": None, "kid": None, "pixel_change": None,
             "seconds_per_image": run.seconds_per_image,
         }

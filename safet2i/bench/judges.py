@@ -63,13 +63,16 @@ PRESETS: dict[str, tuple[float | None, str]] = {
 class Judgement:
     """A judge's verdicts on N images: ``concept`` (bool [N]), ``score`` (float [N], what the
     threshold is applied to), ``features`` (float [N, F] for KID, or None), ``attributes``
-    (predicted attribute dicts, lab only) and per-image ``details``."""
+    (predicted attribute dicts, lab only), per-image ``details`` and ``flags``: secondary
+    verdicts by name (bool [N] each; the lab's rule-based concept measure as ``"rule"``), whose
+    rates the harness reports beside the concept rate."""
 
     concept: np.ndarray
     score: np.ndarray
     features: np.ndarray | None = None
     attributes: list[dict[str, Any]] | None = None
     details: list[dict[str, Any]] = field(default_factory=list)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class BenchJudge:
@@ -235,8 +238,9 @@ class LabJudge(BenchJudge):
             raise SafeT2IError(f"lab judge: {len(feats)} feature rows for {len(arr)} images")
         attrs = [{k: res[k][i] for k in ATTRIBUTES} for i in range(len(arr))]
         prob = np.asarray(res["concept_probability"], np.float64)
-        details = [{"concept_rule": bool(r)} for r in res["concept_rule"]]
-        return Judgement(np.asarray(res["concept"], bool), prob, feats, attrs, details)
+        rule = np.asarray(res["concept_rule"], bool)
+        details = [{"concept_rule": bool(r)} for r in rule]
+        return Judgement(np.asarray(res["concept"], bool), prob, feats, attrs, details, {"rule": rule})
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "judge_key": self.classifier.config.key()}

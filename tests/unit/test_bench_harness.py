@@ -358,6 +358,7 @@ def test_lab_judge_in_the_harness(pipe, tmp_path):
         imgs = np.stack([load_png(run.folder / r["png"]) for r in run.records])
         direct = clf.judge_images(imgs)
         assert row["concept_rate"]["all"] == float(np.mean(direct["concept"]))
+        assert row["other_rates"]["rule"]["all"] == float(np.mean(direct["concept_rule"]))
         assert row["attribute_accuracy"]["all"] == pytest.approx(
             attribute_accuracy(direct, [p.attributes for p in ps])["mean"])
         assert run.judgement.features.shape == (4, 16)
