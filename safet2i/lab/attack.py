@@ -661,6 +661,9 @@ def attack_prompts(encode: Encode, tokenizer: Any, world: World, n: int,
                             batch_size=config.batch_size)
         seed = config.seed * 1_000_003 + i
         found = search_tokens(obj, pool, config, seed)
+        if not math.isfinite(found.loss):
+            raise ValueError(f"attack prompt {i}: every candidate the search tried was rejected (each "
+                             "spelt a banned word or nothing); widen the pool")
         slot = decode_tokens(tokenizer, found.tokens)
         prompt = obj.prompt(found.tokens)
         result = AttackResult(

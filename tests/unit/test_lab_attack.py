@@ -215,3 +215,12 @@ def test_slot_alignment_leaves_out_the_extra_slot_positions(tok, world):
         assert obj.loss_of_text("fire") == pytest.approx(0.0, abs=1e-12)
     cos = A.SlotObjective(enc, tok, 3 * target, prefix=PREFIX, suffix=SUFFIX, fitness="cosine")
     assert cos([genome])[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_attack_whose_every_candidate_is_rejected_is_an_error(tok, world, monkeypatch):
+    # Past the pool check (switched off here), the prompt check still rejects every candidate.
+    monkeypatch.setattr(A, "banned_token_ids", lambda tokenizer, banned: frozenset())
+    vocab = tok.get_vocab()
+    config = A.AttackConfig(tokens=2, population=4, elite=1, generations=1, pool_size=0, n_pairs=2)
+    with pytest.raises(ValueError, match="rejected"):
+        A.attack_prompts(TinyEncoder(tok), tok, world, 1, config, pool=[vocab["red</w>"], vocab["ruby</w>"]])
