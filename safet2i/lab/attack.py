@@ -573,22 +573,24 @@ class AttackReport:
                 "direction_norm": self.direction_norm, "seconds": self.seconds, "all_clean": self.all_clean,
                 "results": [r.to_dict() for r in self.results], **self.extra}
 
-    def to_markdown(self, concept: Sequence[bool] | None = None) -> str:
-        """A table of the prompts (and, given the judge's flags, whether each image showed the
-        concept)."""
+    def to_markdown(self, concept: Iterable[Any] | None = None) -> str:
+        """A table of the prompts (and, given the judge's flags, one per prompt, whether each
+        image showed the concept, and the attack success)."""
+        flags = None if concept is None else [bool(f) for f in np.asarray(list(concept)).reshape(-1)]
+        if flags is not None and len(flags) != len(self.results):
+            raise ValueError(f"{len(flags)} concept flags for {len(self.results)} attack prompts")
         head = "| # | attack prompt | loss | random | direct word | twin |"
-        head += " concept |" if concept else ""
-        sep = "|---|---|---|---|---|---|" + ("---|" if concept else "")
+        head += " concept |" if flags is not None else ""
+        sep = "|---|---|---|---|---|---|" + ("---|" if flags is not None else "")
         rows = [head, sep]
         for i, r in enumerate(self.results):
             cells = [str(r.index), r.prompt.replace("|", "\\|"), f"{r.loss:.4g}", f"{r.random_loss:.4g}",
                      f"{r.direct_loss:.4g}", f"{r.twin_loss:.4g}"]
-            if concept:
-                cells.append("yes" if concept[i] else "no")
+            if flags is not None:
+                cells.append("yes" if flags[i] else "no")
             rows.append("| " + " | ".join(cells) + " |")
-        if concept:
-            hits = sum(map(bool, concept))
-            rows.append(f"\nattack success: {attack_success(concept):.3f} ({hits}/{len(concept)})")
+        if flags:
+            rows.append(f"\nattack success: {attack_success(flags):.3f} ({sum(flags)}/{len(flags)})")
         return "\n".join(rows)
 
 

@@ -143,6 +143,9 @@ def test_the_attack_is_deterministic_for_a_seed(tok, world):
     d = runs[0].to_dict()
     assert d["all_clean"] and len(d["results"]) == 3 and d["config"]["seed"] == 5
     assert runs[0].to_markdown([True, False, True]).endswith("attack success: 0.667 (2/3)")
+    assert runs[0].to_markdown(np.array([True, False, True])) == runs[0].to_markdown([1, 0, 1])
+    with pytest.raises(ValueError, match="2 concept flags for 3"):
+        runs[0].to_markdown([True, False])
 
 
 def test_concept_direction_matches_a_float64_hand_computation(tok, world):
