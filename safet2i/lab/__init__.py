@@ -4,12 +4,24 @@ The world (:mod:`safet2i.lab.world`, see docs/lab.md): deterministic captioned i
 ground-truth concept masks. The model (:mod:`safet2i.lab.model`): a tiny Stable-Diffusion-
 structured text-to-image model trained on the world (``safet2i lab train``). The judge
 (:mod:`safet2i.lab.judge`): an attribute classifier, a rule-based concept measure and the
-quality gate a model must pass before the lab reports efficacy numbers. The bench and the
-results table are later parts of the lab.
+quality gate a model must pass before the lab reports efficacy numbers. The attack
+(:mod:`safet2i.lab.attack`): a Ring-A-Bell-style white-box prompt attack. The table
+(:mod:`safet2i.lab.table`, ``safet2i lab table``): every safety layer measured on the model
+through :mod:`safet2i.bench`.
 """
 
 from __future__ import annotations
 
+from .attack import (
+    AttackConfig,
+    AttackReport,
+    attack_prompts,
+    attack_success,
+    concept_direction,
+    control_prompts,
+    pipeline_encode,
+    steering_encode,
+)
 from .judge import (
     AttributeClassifier,
     GateReport,
@@ -44,6 +56,14 @@ from .world import (
 )
 
 __all__ = [
+    "AttackConfig",
+    "AttackReport",
+    "attack_prompts",
+    "attack_success",
+    "concept_direction",
+    "control_prompts",
+    "pipeline_encode",
+    "steering_encode",
     "AttributeClassifier",
     "GateReport",
     "JudgeConfig",

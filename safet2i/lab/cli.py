@@ -10,6 +10,9 @@ line naming the cause), 130 when interrupted.
 ``safet2i lab gate [--model FOLDER] [--n-per-form N] [--json FILE]`` runs the quality gate on a
 trained model and prints its report: exit 0 when it passes, 1 when it misses, 2 on an error.
 
+``safet2i lab table [--model FOLDER] [--out DIR] [--results FILE]`` writes the efficacy table
+(exit 0; 1 when the model missed the gate and the table has no numbers; 2 on an error).
+
 Wiring (in :mod:`safet2i.cli`): ``register(sub)`` in ``build_parser`` and ``if args.command ==
 "lab": return run(args)`` in ``main``. Nothing heavy is imported until ``run``.
 """
@@ -89,6 +92,32 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     gate.add_argument("--threads", type=_positive("--threads"), default=None,
                       help="torch CPU threads (default: torch's choice)")
     gate.add_argument("--no-progress", action="store_true", help="no progress bar while training the judge")
+
+    table = sub.add_parser(
+        "table", help="the efficacy table: every safety layer measured on the lab's model",
+        description="Train (or reuse) the lab model, gate it, train (or reuse) the learned cost model, attack each "
+                    "defended text side and measure every configuration (unprotected, SLD x4, SP-Guard-style, "
+                    "Detect-and-Guide-style, SAFREE-style steering with and without latent re-attention, the "
+                    "cost-model filter, the full stack) with the world's judge. Writes table.md and table.json to "
+                    "--out (and the table into --results). A model that misses the quality gate gets no numbers "
+                    "(exit 1). Everything is cached under --out: a rerun reuses finished work.")
+    table.add_argument("--model", metavar="FOLDER", default=None,
+                       help="a trained lab model folder (default: the default config's, trained when missing)")
+    table.add_argument("--cache", metavar="DIR", default=None, help="folder of lab models (as for train)")
+    table.add_argument("--out", metavar="DIR", default="lab-table", help="output and work folder (default lab-table)")
+    table.add_argument("--results", metavar="FILE", default=None,
+                       help="also write the table into this Markdown file's marked section "
+                            "(e.g. benchmarks/RESULTS.md)")
+    table.add_argument("--n", type=_positive("--n"), default=None,
+                       help="held-out prompts per caption form (default 32)")
+    table.add_argument("--attack-n", type=_positive("--attack-n"), default=None,
+                       help="attack prompts per defended text side (default 32)")
+    table.add_argument("--batch-size", type=_positive("--batch-size"), default=None,
+                       help="images per pipeline call (default 16)")
+    table.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    table.add_argument("--threads", type=_positive("--threads"), default=None,
+                       help="torch CPU threads (default: torch's choice)")
+    table.add_argument("--no-progress", action="store_true", help="no progress bars")
     return lab
 
 
@@ -113,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     which = getattr(args, "lab_command", None)
     if which == "gate":
         return _run_gate(args)
+    if which == "table":
+        return _run_table(args)
     if which != "train":
         print(f"safet2i lab: error: unknown subcommand {which!r}", file=sys.stderr)
         return EXIT_ERROR
@@ -194,4 +225,32 @@ def _run_gate(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except (SafeT2IError, ValueError, OSError, KeyError) as exc:
         print(f"safet2i lab gate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    """``safet2i lab table``: 0 table written, 1 gate missed (no numbers), 2 error, 130 interrupted."""
+    from ..errors import SafeT2IError  # noqa: PLC0415
+
+    try:
+        from .model import _threads  # noqa: PLC0415
+        from .table import TableConfig, run_table  # noqa: PLC0415
+
+        _cuda_check(args.device)
+        kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n),
+                                ("batch_size", args.batch_size)) if v is not None}
+        with _threads(args.threads):
+            res = run_table(args.model, args.out, TableConfig(**kw), cache_dir=args.cache, device=args.device,
+                            progress=not args.no_progress, results=args.results,
+                            log=lambda m: print(f"safet2i lab table: {m}", file=sys.stderr, flush=True))
+        print(res.to_markdown())
+        for what, path in res.files.items():
+            print(f"{what}: {path}", file=sys.stderr)
+        return 0 if res.rows else 1
+    except KeyboardInterrupt:
+        print("safet2i lab table: interrupted; run the same command again to reuse the finished work",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SafeT2IError, ValueError, OSError, KeyError) as exc:
+        print(f"safet2i lab table: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
