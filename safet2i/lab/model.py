@@ -89,11 +89,12 @@ class LabModelConfig:
     world: WorldConfig | None = None
     latent_channels: int = 4
     vae_channels: tuple[int, ...] = (32, 64)
-    vae_steps: int = 1200
+    vae_steps: int = 2400
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_object_weight: float = 4.0
+    vae_object_weight: float = 20.0
+    vae_gradient_weight: float = 1.0
     unet_channels: tuple[int, ...] = (64, 128, 192)
     unet_cross_attention: tuple[bool, ...] = (False, True, True)
     layers_per_block: int = 1
@@ -113,8 +114,8 @@ class LabModelConfig:
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     text_probe_weight: float = 1.0
-    form_mix: tuple[tuple[str, int], ...] = (("benign", 11), ("direct", 3), ("synonym", 2),
-                                             ("indirect", 2), ("misspelled", 2))
+    form_mix: tuple[tuple[str, int], ...] = (("benign", 15), ("direct", 2), ("synonym", 1),
+                                             ("indirect", 1), ("misspelled", 1))
     seed: int = 0
     recipe: int = RECIPE
 
@@ -158,8 +159,8 @@ class LabModelConfig:
         for name in ("vae_lr", "lr"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"LabModelConfig.{name} must be in (0, 1)")
-        for name in ("vae_kl_weight", "vae_object_weight", "weight_decay", "min_snr_gamma",
-                     "text_probe_weight"):
+        for name in ("vae_kl_weight", "vae_object_weight", "vae_gradient_weight", "weight_decay",
+                     "min_snr_gamma", "text_probe_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LabModelConfig.{name} must be >= 0")
         for name in ("lr_final", "ema_decay", "cfg_dropout"):
@@ -582,6 +583,10 @@ def _vae_step(run: _Run, step: int) -> float:
     err = rec - x
     weight = 1 + cfg.vae_object_weight * cover  # objects are few pixels: weigh them up
     loss = (weight * (err.abs() + err * err)).mean() / weight.mean() + cfg.vae_kl_weight * kl
+    if cfg.vae_gradient_weight:  # L1 of the image-gradient error: blurred edges cost extra
+        grad = (err[..., :, 1:] - err[..., :, :-1]).abs().mean() \
+            + (err[..., 1:, :] - err[..., :-1, :]).abs().mean()
+        loss = loss + cfg.vae_gradient_weight * grad
     for group in run.opt.param_groups:
         group["lr"] = vae_lr_at(cfg, step)
     run.opt.zero_grad(set_to_none=True)
