@@ -6,8 +6,8 @@ reuses) the learned cost model on the world's renders, runs the Ring-A-Bell-styl
 (:mod:`safet2i.lab.attack`) against each defended text side, and runs every configuration of
 :func:`table_stacks` through :func:`safet2i.bench.run_bench` with the world's judge. Rows:
 unprotected; SLD (four presets); SP-Guard-style; Detect-and-Guide-style (raw concept tokens);
-SAFREE-style steering (with and without latent re-attention); the learned cost-model filter;
-the full stack. Columns: concept rate on direct / synonym / indirect / misspelled / attack
+SAFREE-style steering (with and without latent re-attention; and, as a diagnostic, without its
+self-validating filter); the learned cost-model filter; the full stack. Columns: concept rate on direct / synonym / indirect / misspelled / attack
 prompts, benign attribute accuracy, KID against the unprotected model's benign images (same
 seeds), seconds per image. Written as Markdown and JSON, and (``results=``) into a marked
 section of ``benchmarks/RESULTS.md``.
@@ -43,6 +43,7 @@ RESULTS_END = "<!-- safet2i lab table: end -->"
 SEED_BASE = 20_000
 
 SLD_PRESETS = ("WEAK", "MEDIUM", "STRONG", "MAX")
+DIAGNOSTIC_STEERING = "SAFREE-style steering, self-validating filter off (diagnostic)"
 FULL_STACK_GUIDANCE = ("SLD", "MEDIUM")
 
 
@@ -105,6 +106,10 @@ def table_stacks(world: World, cost_model: str | Path | None, unet_channels: Seq
         Stack(name="SAFREE-style steering", steering=concepts),
         Stack(name="SAFREE-style steering + latent re-attention", steering=concepts, reattention=True,
               reattention_channels=lra),
+        # Diagnostic, beside the paper's setting: SAFREE's self-validating filter maps the
+        # prompt's change beta to the steered share of the schedule with constants fitted to SD's
+        # CLIP; on the lab's small encoder (beta about 0.3) it steers 1 step of 50.
+        Stack(name=DIAGNOSTIC_STEERING, steering=concepts, self_validating=False),
     ]
     if cost_model is not None:
         stacks += [

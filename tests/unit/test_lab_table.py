@@ -33,7 +33,7 @@ from safet2i.lab.table import (  # noqa: E402
 
 ISSUE_ROWS = ["unprotected", "SLD WEAK", "SLD MEDIUM", "SLD STRONG", "SLD MAX", "SP-Guard-style",
               "Detect-and-Guide-style", "SAFREE-style steering", "SAFREE-style steering + latent re-attention",
-              "learned cost-model filter", "full stack"]
+              "SAFREE-style steering, self-validating filter off (diagnostic)", "learned cost-model filter", "full stack"]
 
 
 def test_rows_are_the_issue_rows_with_the_defender_concepts():
@@ -48,6 +48,8 @@ def test_rows_are_the_issue_rows_with_the_defender_concepts():
     assert by["SAFREE-style steering"].steering == tuple(concepts) and not by["SAFREE-style steering"].reattention
     lra = by["SAFREE-style steering + latent re-attention"]
     assert lra.reattention and dict(lra.reattention_channels) == {192: 0.9, 128: 0.2}
+    assert by["SAFREE-style steering"].self_validating
+    assert not by["SAFREE-style steering, self-validating filter off (diagnostic)"].self_validating
     full = by["full stack"]
     assert full.steering and full.guidance == "SLD" and full.cost_model == "/x/lab-cost.onnx"
     assert by["learned cost-model filter"].filter_action == "black" and by["learned cost-model filter"].filter is None
