@@ -68,7 +68,8 @@ class LabModelConfig:
     ``text_heads`` the CLIP text encoder (its width is the UNet's cross-attention width).
 
     Recipe: ``vae_steps`` x ``vae_batch_size`` autoencoder steps (L1 + L2 reconstruction, object
-    pixels weighted ``1 + vae_object_weight`` x coverage, + ``vae_kl_weight`` x KL per latent
+    pixels weighted ``1 + vae_object_weight`` x coverage, + ``vae_gradient_weight`` x the L1 of
+    the image-gradient error (edges), + ``vae_kl_weight`` x KL per latent
     element; ``vae_lr`` with warm-up and cosine decay to a tenth); then ``steps`` x
     ``batch_size`` diffusion steps
     (ε-prediction, Min-SNR-``min_snr_gamma`` weights; UNet and text encoder jointly; AdamW at
