@@ -72,7 +72,8 @@ class LabModelConfig:
     the image-gradient error (edges), + ``vae_kl_weight`` x KL per latent
     element; ``vae_lr`` with warm-up and cosine decay to a tenth); then ``steps`` x
     ``batch_size`` diffusion steps
-    (ε-prediction, Min-SNR-``min_snr_gamma`` weights; UNet and text encoder jointly; AdamW at
+    (ε-prediction, Min-SNR-``min_snr_gamma`` weights, latent pixels under objects weighted
+    ``1 + object_weight`` x coverage; UNet and text encoder jointly; AdamW at
     ``lr`` with ``warmup_steps`` linear warm-up and cosine decay to ``lr * lr_final``;
     gradient norm clipped to 1; ``cfg_dropout`` of the captions replaced by "" so that
     classifier-free guidance works; EMA of the weights, decay ``min(ema_decay,
@@ -114,6 +115,7 @@ class LabModelConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    object_weight: float = 4.0
     text_probe_weight: float = 1.0
     form_mix: tuple[tuple[str, int], ...] = (("benign", 15), ("direct", 2), ("synonym", 1),
                                              ("indirect", 1), ("misspelled", 1))
@@ -161,7 +163,7 @@ class LabModelConfig:
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"LabModelConfig.{name} must be in (0, 1)")
         for name in ("vae_kl_weight", "vae_object_weight", "vae_gradient_weight", "weight_decay",
-                     "min_snr_gamma", "text_probe_weight"):
+                     "min_snr_gamma", "object_weight", "text_probe_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"LabModelConfig.{name} must be >= 0")
         for name in ("lr_final", "ema_decay", "cfg_dropout"):
@@ -601,7 +603,7 @@ def _diffusion_step(run: _Run, step: int) -> float:
     """One ε-prediction step of UNet + text encoder (Min-SNR weights, caption dropout) plus
     the text probe's loss, then the EMA update. Returns the diffusion loss."""
     cfg, torch = run.cfg, run.torch
-    x, captions, _, labels = run.batch("diffusion", step, cfg.batch_size)
+    x, captions, cover, labels = run.batch("diffusion", step, cfg.batch_size)
     g = run.generator("diffusion", step)
     n = x.shape[0]
     with torch.no_grad():
@@ -618,7 +620,14 @@ def _diffusion_step(run: _Run, step: int) -> float:
     a = run.alphas[t]
     snr = a / (1 - a)
     weight = snr.clamp(max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma > 0 else torch.ones_like(snr)
-    loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    err = (pred - noise) ** 2
+    if cfg.object_weight:  # latent pixels under objects weigh 1 + object_weight x coverage
+        cover = torch.nn.functional.adaptive_avg_pool2d(cover, latents.shape[-2:])
+        w = 1 + cfg.object_weight * cover
+        per_image = (w * err).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))
+    else:
+        per_image = err.mean(dim=(1, 2, 3))
+    loss = (weight * per_image).mean()
     probe_loss = _probe_loss(run, text[1], labels, ~drop)
     run.losses["text_probe"].append(float(probe_loss.detach()))
     for group in run.opt.param_groups:

@@ -93,7 +93,7 @@ def test_config_hash_follows_the_config():
     (dict(size=17), "divide"), (dict(steps=0), "steps"), (dict(unet_channels=(32, 48)), "norm_groups"),
     (dict(world=WorldConfig(size=32)), "differ"), (dict(form_mix=(("weird", 1),)), "form_mix"),
     (dict(lr=0.0), "lr"), (dict(unet_cross_attention=(True,)), "unet_cross_attention"),
-    (dict(vae_gradient_weight=-1.0), "vae_gradient_weight"),
+    (dict(vae_gradient_weight=-1.0), "vae_gradient_weight"), (dict(object_weight=-0.5), "object_weight"),
 ])
 def test_bad_configs_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -130,6 +130,16 @@ def test_the_edge_term_adds_to_the_first_autoencoder_loss(tmp_path):
     plain = training_info(train(micro(steps=1, vae_gradient_weight=0.0), cache_dir=tmp_path, progress=False))
     edged = training_info(train(micro(steps=1, vae_gradient_weight=1.0), cache_dir=tmp_path, progress=False))
     assert edged["losses"]["vae"][0] > plain["losses"]["vae"][0] > 0
+
+
+@needs_bpe
+def test_object_weight_reweighs_the_first_diffusion_loss(tmp_path):
+    """object_weight weighs latent pixels under objects up: the same first diffusion step (same
+    weights, batch, noise and timesteps) gives another loss than the unweighted one."""
+    plain = training_info(train(micro(steps=1, object_weight=0.0), cache_dir=tmp_path, progress=False))
+    heavy = training_info(train(micro(steps=1, object_weight=4.0), cache_dir=tmp_path, progress=False))
+    assert plain["losses"]["vae"] == heavy["losses"]["vae"]
+    assert heavy["losses"]["diffusion"][0] != pytest.approx(plain["losses"]["diffusion"][0], rel=1e-4)
 
 
 @needs_bpe
