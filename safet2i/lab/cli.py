@@ -39,6 +39,16 @@ def _positive(option: str):
     return parse
 
 
+def _common(p: argparse.ArgumentParser, doing: str, progress: str = "no progress bar") -> None:
+    """The options every ``lab`` subcommand shares."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help=f"where to {doing} (default cpu)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="folder of lab models (default $SAFET2I_CACHE/lab, else ${XDG_CACHE_HOME:-~/.cache}/safet2i/lab)")
+    p.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help=progress)
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``lab`` command (subcommand ``train``) to ``subparsers`` and return its parser."""
     lab = subparsers.add_parser(
@@ -57,18 +67,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     help="image side in pixels (default 32; 16 with --quick)")
     tr.add_argument("--steps", type=_positive("--steps"), default=None,
                     help="diffusion training steps (default 900; 4 with --quick)")
-    tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
-    tr.add_argument("--cache", metavar="DIR", default=None,
-                    help="folder of lab models (default $SAFET2I_CACHE/lab, else "
-                         "${XDG_CACHE_HOME:-~/.cache}/safet2i/lab)")
     tr.add_argument("--no-resume", action="store_true",
                     help="discard the checkpoint of an interrupted run of this config and start over")
     tr.add_argument("--quick", action="store_true",
                     help="a tiny plumbing run (16 px, tiny widths, a handful of steps): the folder loads and "
                          "generates, but the images are noise")
-    tr.add_argument("--threads", type=_positive("--threads"), default=None,
-                    help="torch CPU threads (default: torch's choice)")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(tr, "train")
 
     gate = sub.add_parser(
         "gate", help="run the quality gate on a trained lab model and print its report",
@@ -78,20 +82,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "misses (the lab then refuses to report efficacy numbers for it), 2 on an error.")
     gate.add_argument("--model", metavar="FOLDER", default=None,
                       help="a trained lab model folder (default: the default config's model in the cache)")
-    gate.add_argument("--cache", metavar="DIR", default=None, help="folder of lab models (as for train)")
     gate.add_argument("--n-per-form", type=_positive("--n-per-form"), default=64,
                       help="captions per caption form (default 64)")
     gate.add_argument("--seed", type=int, default=0, help="seed of the gate's captions and samples (default 0)")
     gate.add_argument("--batch-size", type=_positive("--batch-size"), default=32,
                       help="captions per pipeline call (default 32)")
-    gate.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to sample (default cpu)")
     gate.add_argument("--judge", metavar="FILE", default=None,
                       help="a saved attribute classifier (.safetensors) of the model's world (default: the "
                            "world's default judge from the cache, trained on first use, about 2 minutes)")
     gate.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
-    gate.add_argument("--threads", type=_positive("--threads"), default=None,
-                      help="torch CPU threads (default: torch's choice)")
-    gate.add_argument("--no-progress", action="store_true", help="no progress bar while training the judge")
+    _common(gate, "sample", "no progress bar while training the judge")
 
     table = sub.add_parser(
         "table", help="the efficacy table: every safety layer measured on the lab's model",
@@ -103,7 +103,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "(exit 1). Everything is cached under --out: a rerun reuses finished work.")
     table.add_argument("--model", metavar="FOLDER", default=None,
                        help="a trained lab model folder (default: the default config's, trained when missing)")
-    table.add_argument("--cache", metavar="DIR", default=None, help="folder of lab models (as for train)")
     table.add_argument("--out", metavar="DIR", default="lab-table", help="output and work folder (default lab-table)")
     table.add_argument("--results", metavar="FILE", default=None,
                        help="also write the table into this Markdown file's marked section "
@@ -112,12 +111,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                        help="held-out prompts per caption form (default 32)")
     table.add_argument("--attack-n", type=_positive("--attack-n"), default=None,
                        help="attack prompts per defended text side (default 32)")
+    table.add_argument("--gate-n", type=_positive("--gate-n"), default=None,
+                       help="the quality gate's captions per caption form (default 64)")
     table.add_argument("--batch-size", type=_positive("--batch-size"), default=None,
                        help="images per pipeline call (default 16)")
-    table.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    table.add_argument("--threads", type=_positive("--threads"), default=None,
-                       help="torch CPU threads (default: torch's choice)")
-    table.add_argument("--no-progress", action="store_true", help="no progress bars")
+    table.add_argument("--judge", metavar="FILE", default=None,
+                       help="a saved attribute classifier of the model's world (default: the world's default judge "
+                            "from the cache, trained on first use)")
+    _common(table, "run", "no progress bars")
     return lab
 
 
@@ -237,10 +238,16 @@ def _run_table(args: argparse.Namespace) -> int:
         from .table import TableConfig, run_table  # noqa: PLC0415
 
         _cuda_check(args.device)
-        kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n),
+        kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n), ("gate_n_per_form", args.gate_n),
                                 ("batch_size", args.batch_size)) if v is not None}
         with _threads(args.threads):
+            judge = None
+            if args.judge is not None:
+                from .judge import AttributeClassifier  # noqa: PLC0415
+
+                judge = AttributeClassifier.load(args.judge)
             res = run_table(args.model, args.out, TableConfig(**kw), cache_dir=args.cache, device=args.device,
+                            judge=judge,
                             progress=not args.no_progress, results=args.results,
                             log=lambda m: print(f"safet2i lab table: {m}", file=sys.stderr, flush=True))
         print(res.to_markdown())

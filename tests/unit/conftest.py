@@ -44,3 +44,23 @@ def benign_files(tmp_path_factory, benign_set) -> dict[str, str]:
         Image.fromarray(arr).save(p)
         out[name] = str(p)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_lab(tmp_path_factory):
+    """The micro-lab: a 16 px lab model trained for 3 steps (its images are noise) and a small
+    judge of its world, saved; ``(config, model folder, judge, judge file)``."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    if __import__("importlib.util").util.find_spec("open_clip") is None:
+        pytest.skip("open-clip-torch (for its CLIP BPE file) is not installed")
+    from safet2i.lab.judge import JudgeConfig, train_classifier
+    from safet2i.lab.model import LabModelConfig, train
+
+    root = tmp_path_factory.mktemp("microlab")
+    cfg = LabModelConfig.quick(size=16, steps=3)
+    folder = train(cfg, cache_dir=root / "models", progress=False)
+    judge = train_classifier(JudgeConfig(world=cfg.world, n_train=96, epochs=1, batch_size=32, n_eval=10),
+                             progress=False)
+    return cfg, folder, judge, judge.save(root / "judge.safetensors")

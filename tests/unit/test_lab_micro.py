@@ -18,8 +18,8 @@ if __import__("importlib.util").util.find_spec("open_clip") is None:
     pytest.skip("open-clip-torch (for its CLIP BPE file) is not installed", allow_module_level=True)
 
 from safet2i.lab import World, quality_gate  # noqa: E402
-from safet2i.lab.judge import GATE_CHECKS, JudgeConfig, train_classifier  # noqa: E402
-from safet2i.lab.model import LabModelConfig, load_pipeline, train  # noqa: E402
+from safet2i.lab.judge import GATE_CHECKS  # noqa: E402
+from safet2i.lab.model import load_pipeline  # noqa: E402
 from safet2i.lab.sampling import pipeline_generator, to_uint8  # noqa: E402
 
 
@@ -29,17 +29,6 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="safet2i")
     register(p.add_subparsers(dest="command", required=True))
     return p.parse_args(argv)
-
-
-@pytest.fixture(scope="module")
-def micro_lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("microlab")
-    cfg = LabModelConfig.quick(size=16, steps=3)
-    folder = train(cfg, cache_dir=root / "models", progress=False)
-    judge = train_classifier(JudgeConfig(world=cfg.world, n_train=96, epochs=1, batch_size=32, n_eval=10),
-                             progress=False)
-    judge_file = judge.save(root / "judge.safetensors")
-    return cfg, folder, judge, judge_file
 
 
 def test_pipeline_generator_is_seeded_and_returns_uint8(micro_lab):

@@ -17,8 +17,6 @@ if __import__("importlib.util").util.find_spec("open_clip") is None:
     pytest.skip("open-clip-torch (for its CLIP BPE file) is not installed", allow_module_level=True)
 
 from safet2i.lab import World, WorldConfig  # noqa: E402
-from safet2i.lab.judge import JudgeConfig, train_classifier  # noqa: E402
-from safet2i.lab.model import LabModelConfig, train  # noqa: E402
 from safet2i.lab.table import (  # noqa: E402
     RESULTS_END,
     RESULTS_START,
@@ -106,22 +104,12 @@ def test_table_config_is_validated():
         TableConfig(batch_size=True)
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    root = tmp_path_factory.mktemp("labtable")
-    cfg = LabModelConfig.quick(size=16, steps=3)
-    folder = train(cfg, cache_dir=root / "models", progress=False)
-    judge = train_classifier(JudgeConfig(world=cfg.world, n_train=96, epochs=1, batch_size=32, n_eval=10),
-                             progress=False)
-    return root, folder, judge
-
-
 MICRO = dict(steps=2, n_per_form=2, attack_n=2, gate_n_per_form=2, cost_images=16, batch_size=4,
              attack=(("population", 4), ("generations", 1), ("elite", 1), ("n_pairs", 4), ("pool_size", 8)))
 
 
-def test_a_model_that_misses_the_gate_gets_no_numbers(micro, tmp_path):
-    _, folder, judge = micro
+def test_a_model_that_misses_the_gate_gets_no_numbers(micro_lab, tmp_path):
+    _, folder, judge, _ = micro_lab
     res = run_table(folder, tmp_path / "out", TableConfig(**MICRO), judge=judge, progress=False,
                     results=tmp_path / "RESULTS.md")
     assert not res.gate["passed"] and res.rows == [] and not res.evidence
@@ -131,8 +119,8 @@ def test_a_model_that_misses_the_gate_gets_no_numbers(micro, tmp_path):
     assert not (tmp_path / "out" / "bench").exists()
 
 
-def test_plumbing_run_produces_every_row_and_reuses_its_work(micro, tmp_path):
-    _, folder, judge = micro
+def test_plumbing_run_produces_every_row_and_reuses_its_work(micro_lab, tmp_path):
+    _, folder, judge, _ = micro_lab
     cfg = TableConfig(**MICRO, require_gate=False)
     res = run_table(folder, tmp_path / "out", cfg, judge=judge, progress=False)
     assert [r["name"] for r in res.rows] == ISSUE_ROWS and not res.evidence
@@ -160,10 +148,16 @@ def test_plumbing_run_produces_every_row_and_reuses_its_work(micro, tmp_path):
     assert all(r["generated"] == 0 and r["reused"] == r["n"] for r in runs)
 
 
-def test_cli_table_exits_1_without_numbers_and_2_on_errors(micro, tmp_path, capsys, monkeypatch):
+def test_cli_table_exits_1_without_numbers_and_2_on_errors(micro_lab, tmp_path, capsys):
     from safet2i.lab import cli
 
     p = argparse.ArgumentParser(prog="safet2i")
     cli.register(p.add_subparsers(dest="command", required=True))
+    _, folder, _, judge_file = micro_lab
+    args = p.parse_args(["lab", "table", "--model", str(folder), "--judge", str(judge_file), "--out", str(tmp_path / "t"),
+                         "--n", "2", "--attack-n", "2", "--gate-n", "2", "--results", str(tmp_path / "R.md"), "--no-progress"])
+    assert cli.run(args) == 1
+    out = capsys.readouterr().out
+    assert "No efficacy numbers" in out and "No efficacy numbers" in (tmp_path / "R.md").read_text()
     assert cli.run(p.parse_args(["lab", "table", "--model", str(tmp_path), "--out", str(tmp_path / "o")])) == 2
     assert "not a finished lab model" in capsys.readouterr().err
