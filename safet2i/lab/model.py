@@ -73,7 +73,8 @@ class LabModelConfig:
     element; ``vae_lr`` with warm-up and cosine decay to a tenth); then ``steps`` x
     ``batch_size`` diffusion steps
     (ε-prediction, Min-SNR-``min_snr_gamma`` weights, latent pixels under objects weighted
-    ``1 + object_weight`` x coverage; UNet and text encoder jointly; AdamW at
+    ``1 + object_weight`` x coverage (0, off, by default: 4 measured worse on the quality gate,
+    docs/lab.md); UNet and text encoder jointly; AdamW at
     ``lr`` with ``warmup_steps`` linear warm-up and cosine decay to ``lr * lr_final``;
     gradient norm clipped to 1; ``cfg_dropout`` of the captions replaced by "" so that
     classifier-free guidance works; EMA of the weights, decay ``min(ema_decay,
@@ -115,7 +116,7 @@ class LabModelConfig:
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    object_weight: float = 4.0
+    object_weight: float = 0.0
     text_probe_weight: float = 1.0
     form_mix: tuple[tuple[str, int], ...] = (("benign", 15), ("direct", 2), ("synonym", 1),
                                              ("indirect", 1), ("misspelled", 1))
