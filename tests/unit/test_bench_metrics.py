@@ -200,3 +200,21 @@ def test_lpips_availability_is_reported_without_downloading():
         import lpips  # noqa: F401
     except ImportError:
         assert not ok and "not importable" in reason
+
+
+def test_unit_features_make_kid_scale_free_and_near_zero_for_one_distribution():
+    from safet2i.bench.metrics import kid, unit_features
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 16)) + 2.0
+    y = rng.normal(size=(40, 16)) + 2.0
+    ux = unit_features(x)
+    assert np.allclose(np.linalg.norm(ux, axis=1), 4.0) and np.allclose(unit_features(np.zeros((2, 4))), 0.0)
+    a = kid(unit_features(x), unit_features(y))["mean"]
+    b = kid(unit_features(1000 * x), unit_features(1000 * y))["mean"]
+    assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    assert abs(a) < 0.05  # same distribution: near 0 on the cosine scale
+    far = kid(unit_features(x), unit_features(-x))["mean"]  # opposite directions: clearly apart
+    assert far > 1.0
+    raw = kid(1000 * x, 1000 * y)["mean"]
+    assert abs(raw) > 1e6  # what unscaled features do to the cubic kernel
