@@ -284,7 +284,7 @@ def _rows(runs: list[StackRun], prompts: list[Prompt], groups: list[str], idx: d
         if n > 0:
             if j.features is not None and ref.judgement.features is not None:
                 fx, fy = metrics.unit_features(j.features), metrics.unit_features(ref.judgement.features)
-                row["kid"] = {g: metrics.kid(fx[idx[g]], fy[idx[g]], kid_subsets, kid_subset_size)
+                row["kid"] = {g: metrics.kid(fx[idx[g]], fy[idx[g]], kid_subsets, kid_subset_size, paired=True)
                               for g in groups if len(idx[g]) >= 2}
             if run.images.shape == ref.images.shape:
                 row["pixel_change"] = {g: metrics.pixel_change(run.images[idx[g]], ref.images[idx[g]], use_lpips)

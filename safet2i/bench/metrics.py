@@ -98,15 +98,22 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x @ y.T / d + 1.0) ** 3
 
 
-def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, paired: bool = False) -> float:
     """The unbiased MMD² estimate between feature sets ``x`` [m, d] and ``y`` [n, d] (m, n >= 2)
-    with :func:`polynomial_kernel` (module docstring)."""
+    with :func:`polynomial_kernel` (module docstring). ``paired`` (m = n, row i of ``x`` and of
+    ``y`` made from the same prompt and seed): the U-statistic over pairs i != j (Gretton et al.
+    2012, the m = n estimator), whose cross term leaves out k(x_i, y_i), so two identical sets
+    give exactly 0; unpaired, the cross term averages every (x_i, y_j)."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     m, n = len(x), len(y)
     kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
     sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
     syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+    if paired:
+        if m != n:
+            raise ValueError(f"paired MMD needs sets of equal size, got {m} and {n}")
+        return float(sxx + syy - 2.0 * (kxy.sum() - np.trace(kxy)) / (n * (n - 1)))
     return float(sxx + syy - 2.0 * kxy.mean())
 
 
@@ -121,7 +128,8 @@ def unit_features(x: Any) -> np.ndarray:
     return np.where(norm > 0, x * (np.sqrt(x.shape[1]) / np.where(norm > 0, norm, 1.0)), 0.0)
 
 
-def kid(x: Any, y: Any, n_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+def kid(x: Any, y: Any, n_subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+        paired: bool = False) -> dict[str, Any]:
     """KID between features ``x`` [m, d] and ``y`` [n, d]: :func:`mmd2_unbiased` averaged over
     ``n_subsets`` random subsets of ``min(subset_size, m, n)`` rows of each (drawn without
     replacement, numpy generator ``seed``). When the subset size covers both sets whole, one
@@ -137,12 +145,17 @@ def kid(x: Any, y: Any, n_subsets: int = 100, subset_size: int = 1000, seed: int
     size = min(int(subset_size), len(x), len(y))
     if size < 2:
         raise ValueError(f"kid needs at least 2 feature rows on each side, got {len(x)} and {len(y)}")
+    if paired and len(x) != len(y):
+        raise ValueError(f"kid: paired features need equal row counts, got {len(x)} and {len(y)}")
     if size == len(x) == len(y):
-        v = mmd2_unbiased(x, y)
+        v = mmd2_unbiased(x, y, paired)
         return {"mean": v, "std": 0.0, "subsets": 1, "subset_size": size}
     rng = np.random.default_rng(seed)
-    vals = [mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
-            for _ in range(n_subsets)]
+    vals = []
+    for _ in range(n_subsets):
+        ix = rng.choice(len(x), size, replace=False)
+        iy = ix if paired else rng.choice(len(y), size, replace=False)
+        vals.append(mmd2_unbiased(x[ix], y[iy], paired))
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "subsets": n_subsets, "subset_size": size}
 
 

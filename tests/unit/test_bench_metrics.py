@@ -218,3 +218,25 @@ def test_unit_features_make_kid_scale_free_and_near_zero_for_one_distribution():
     assert far > 1.0
     raw = kid(1000 * x, 1000 * y)["mean"]
     assert abs(raw) > 1e6  # what unscaled features do to the cubic kernel
+
+
+def test_paired_kid_is_zero_for_identical_sets_and_matches_a_float64_loop():
+    from safet2i.bench.metrics import kid, mmd2_unbiased
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(12, 6))
+    y = x + rng.normal(scale=0.3, size=(12, 6))
+    assert kid(x, x, paired=True)["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert kid(x, x)["mean"] < 0  # unpaired, identical sets come out below zero
+    n, d = len(x), x.shape[1]
+
+    def k(a, b):
+        return (sum(float(a[t]) * float(b[t]) for t in range(d)) / d + 1.0) ** 3
+
+    ref = sum(k(x[i], x[j]) + k(y[i], y[j]) - k(x[i], y[j]) - k(x[j], y[i])
+              for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    assert mmd2_unbiased(x, y, paired=True) == pytest.approx(ref, rel=1e-10)
+    sub = kid(x, y, n_subsets=5, subset_size=6, paired=True)
+    assert sub["subsets"] == 5 and sub["subset_size"] == 6
+    with pytest.raises(ValueError, match="equal"):
+        kid(x, y[:5], paired=True)
