@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from ..errors import SafeT2IError
 from .world import LEXICONS, World
 
