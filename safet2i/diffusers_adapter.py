@@ -303,26 +303,40 @@ def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nud
                     "steered_fraction": round(fraction, 4), "chunks": entries}
 
 
-def switch_after(fraction: float, original: torch.Tensor):
+def switch_after(fraction, original: torch.Tensor):
     """``callback_on_step_end`` that swaps the steered prompt rows for ``original`` once
     ``max(1, round(fraction · steps))`` steps are done.
 
     ``prompt_embeds`` in the callback is the pipeline's batch: ``[negatives; positives]`` with
     classifier-free guidance (every prompt repeated ``num_images_per_prompt`` times), only the
-    positives without it. Every positive row is swapped (``original`` repeated to their
-    number, in the pipeline's order); the negative half is kept."""
+    positives without it. ``original`` holds one row per prompt ([P, T, D]); ``fraction`` is one
+    number for all of them or one per prompt (a batch of prompts steered for different shares of
+    the schedule). A prompt's positive rows are swapped once its fraction is due; the negative
+    half is kept."""
+    fractions = [float(fraction)] * original.shape[0] if isinstance(fraction, (int, float)) \
+        else [float(f) for f in fraction]
+    if len(fractions) != original.shape[0]:
+        raise SafeT2IError(f"steering: {len(fractions)} fractions for {original.shape[0]} original prompt(s)")
+
     def callback(pipe, step, timestep, kwargs):
         total = pipe.num_timesteps if hasattr(pipe, "num_timesteps") else None
-        if total and (step + 1) >= round(fraction * total) and "prompt_embeds" in kwargs:
-            emb = kwargs["prompt_embeds"]
-            cfg = bool(getattr(pipe, "do_classifier_free_guidance", emb.shape[0] > original.shape[0]))
-            n_neg = emb.shape[0] // 2 if cfg else 0
-            n_pos = emb.shape[0] - n_neg
-            if n_pos % original.shape[0]:
-                raise SafeT2IError(f"steering: {n_pos} positive prompt rows do not repeat the "
-                                   f"{original.shape[0]} original prompt(s)")
-            positives = original.to(emb).repeat_interleave(n_pos // original.shape[0], dim=0)
-            kwargs["prompt_embeds"] = torch.cat([emb[:n_neg], positives]) if n_neg else positives
+        emb = kwargs.get("prompt_embeds")
+        if not total or emb is None:
+            return kwargs
+        due = [i for i, f in enumerate(fractions) if (step + 1) >= round(f * total)]
+        if not due:
+            return kwargs
+        cfg = bool(getattr(pipe, "do_classifier_free_guidance", emb.shape[0] > original.shape[0]))
+        n_neg = emb.shape[0] // 2 if cfg else 0
+        n_pos = emb.shape[0] - n_neg
+        if n_pos % original.shape[0]:
+            raise SafeT2IError(f"steering: {n_pos} positive prompt rows do not repeat the "
+                               f"{original.shape[0]} original prompt(s)")
+        rep = n_pos // original.shape[0]
+        emb = emb.clone()
+        for i in due:
+            emb[n_neg + i * rep:n_neg + (i + 1) * rep] = original[i].to(emb)
+        kwargs["prompt_embeds"] = emb
         return kwargs
     return callback
 

@@ -261,41 +261,6 @@ def _steering_settings(pipe, stack: Stack):
     return s, items
 
 
-def _row_switch(fractions: list[float], originals):
-    """``callback_on_step_end`` for a batch of steered prompts: positive row ``i`` becomes
-    ``originals[i]`` once ``max(1, round(fraction_i · steps))`` steps are done, the rule of
-    :func:`safet2i.diffusers_adapter.switch_after` applied per row (rows with fraction 1 stay
-    steered, rows with fraction 0 were never steered)."""
-    import torch  # noqa: PLC0415
-
-    def callback(pipe, step, timestep, kwargs):
-        total = getattr(pipe, "num_timesteps", None)
-        emb = kwargs.get("prompt_embeds")
-        if not total or emb is None:
-            return kwargs
-        due = [i for i, f in enumerate(fractions) if 0.0 < f < 1.0 and (step + 1) >= round(f * total)]
-        if not due:
-            return kwargs
-        b = len(fractions)
-        cfg = bool(getattr(pipe, "do_classifier_free_guidance", emb.shape[0] > b))
-        n_neg = emb.shape[0] // 2 if cfg else 0
-        if emb.shape[0] - n_neg != b:
-            raise SafeT2IError(f"steering: {emb.shape[0] - n_neg} positive prompt rows for {b} prompts")
-        emb = emb.clone()
-        for i in due:
-            emb[n_neg + i] = originals[i].to(emb)
-        kwargs["prompt_embeds"] = emb
-        return kwargs
-    return callback
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    arr = np.asarray(images, np.float64)
-    if not np.isfinite(arr).all():
-        raise SafeT2IError("the pipeline returned NaN or infinite pixel values")
-    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 @contextlib.contextmanager
 def apply_stack(pipe, stack: Stack, *, providers=None) -> Iterator[Generate]:
     """Apply ``stack`` to ``pipe`` and yield ``generate(texts, seeds, **pipe_kwargs) -> (uint8
@@ -306,7 +271,14 @@ def apply_stack(pipe, stack: Stack, *, providers=None) -> Iterator[Generate]:
     changed is undone on exit, after an error too."""
     import torch  # noqa: PLC0415
 
-    from ..diffusers_adapter import latent_reattention, load_safety_lora, safety_guidance, steer_prompt  # noqa: PLC0415
+    from ..diffusers_adapter import (  # noqa: PLC0415
+        latent_reattention,
+        load_safety_lora,
+        safety_guidance,
+        steer_prompt,
+        switch_after,
+    )
+    from ..images import float_to_uint8  # noqa: PLC0415
 
     if not isinstance(stack, Stack):
         raise SafeT2IError(f"apply_stack needs a safet2i.bench.Stack, got {type(stack).__name__}")
@@ -366,7 +338,7 @@ def apply_stack(pipe, stack: Stack, *, providers=None) -> Iterator[Generate]:
                                             "fraction": round(float(fraction), 4)}
                 call["prompt_embeds"] = torch.cat(rows)
                 if any(0.0 < f < 1.0 for f in fractions):
-                    call["callback_on_step_end"] = _row_switch(fractions, originals)
+                    call["callback_on_step_end"] = switch_after(fractions, torch.stack(originals))
                     call["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
                 if s.concepts_as_negative:
                     from ..steering.settings import concepts_negative  # noqa: PLC0415
@@ -389,12 +361,10 @@ def apply_stack(pipe, stack: Stack, *, providers=None) -> Iterator[Generate]:
                                              stack.reattention_window, ch, original_pooled=pooled)
             with ctx, torch.no_grad():
                 out = pipe(**call)
-            images = _to_uint8(out.images)
+            images = float_to_uint8(np.asarray(out.images, np.float64))
             if len(images) != len(texts):
                 raise SafeT2IError(f"the pipeline returned {len(images)} images for {len(texts)} prompts")
             if flt is not None:
-                from ..images import float_to_uint8  # noqa: PLC0415
-
                 res = flt.run(list(images))
                 images = np.stack([np.asarray(float_to_uint8(im)) for im in res.images])
                 for info, v in zip(infos, res.verdicts):

@@ -665,3 +665,27 @@ def test_diffusers_paper_configuration_and_concepts_as_negative(tmp_path):
     out = xl(generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=32, width=32,
              output_type="np", **kwargs).images
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_switch_after_with_one_fraction_per_prompt_swaps_each_prompt_when_due():
+    """A batch of prompts steered for different shares of the schedule (the bench's case):
+    each prompt's positive rows (repeated per image) switch to its original at its own step;
+    the negative half is never touched."""
+    from types import SimpleNamespace
+
+    from safet2i.diffusers_adapter import switch_after
+    from safet2i.errors import SafeT2IError
+
+    original = torch.stack([torch.full((3, 4), 10.0), torch.full((3, 4), 20.0)])
+    cb = switch_after([0.4, 0.8], original)  # of 5 steps: after 2 and after 4 steps
+    pipe = SimpleNamespace(num_timesteps=5, do_classifier_free_guidance=True)
+    emb = torch.zeros(8, 3, 4)  # [4 negatives; prompt 0 x2, prompt 1 x2]
+    seen = []
+    for step in range(5):
+        emb = cb(pipe, step, None, {"prompt_embeds": emb})["prompt_embeds"]
+        seen.append([float(emb[i, 0, 0]) for i in range(8)])
+    assert seen[0] == [0.0] * 8
+    assert seen[1] == [0.0] * 4 + [10.0, 10.0, 0.0, 0.0]
+    assert seen[3] == [0.0] * 4 + [10.0, 10.0, 20.0, 20.0]
+    with pytest.raises(SafeT2IError, match="fractions"):
+        switch_after([0.5], original)
