@@ -20,21 +20,14 @@ SAMPLE_STEPS = 25
 GUIDANCE_SCALE = 3.0
 
 
-def to_uint8(images: Any) -> np.ndarray:
-    """A pipeline's ``output_type="np"`` images (float 0..1, [N, H, W, 3]) as uint8."""
-    arr = np.asarray(images, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        from ..errors import SafeT2IError  # noqa: PLC0415
-        raise SafeT2IError("the pipeline returned non-finite pixel values (NaN or inf)")
-    return np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
-
-
 def pipeline_generator(pipe: Any, steps: int = SAMPLE_STEPS, guidance_scale: float = GUIDANCE_SCALE,
                        **pipe_kwargs: Any) -> Callable[[Sequence[str], int], np.ndarray]:
     """``generate(captions, seed) -> uint8 images [N, H, W, 3]`` for :func:`quality_gate`:
     one batched ``pipe(...)`` call whose initial latents come from ``torch.Generator`` seeded
     ``seed`` (on the pipeline's device)."""
     import torch  # noqa: PLC0415
+
+    from ..images import float_to_uint8  # noqa: PLC0415
 
     device = getattr(pipe, "device", torch.device("cpu"))
 
@@ -43,6 +36,6 @@ def pipeline_generator(pipe: Any, steps: int = SAMPLE_STEPS, guidance_scale: flo
         with torch.no_grad():
             out = pipe(list(captions), num_inference_steps=steps, guidance_scale=guidance_scale,
                        output_type="np", generator=gen, **pipe_kwargs).images
-        return to_uint8(out)
+        return float_to_uint8(np.asarray(out, np.float64))
 
     return generate

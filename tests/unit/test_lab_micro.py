@@ -20,7 +20,8 @@ if __import__("importlib.util").util.find_spec("open_clip") is None:
 from safet2i.lab import World, quality_gate  # noqa: E402
 from safet2i.lab.judge import GATE_CHECKS  # noqa: E402
 from safet2i.lab.model import load_pipeline  # noqa: E402
-from safet2i.lab.sampling import pipeline_generator, to_uint8  # noqa: E402
+from safet2i.images import float_to_uint8  # noqa: E402
+from safet2i.lab.sampling import pipeline_generator  # noqa: E402
 
 
 def parse(argv):
@@ -42,13 +43,14 @@ def test_pipeline_generator_is_seeded_and_returns_uint8(micro_lab):
     assert not np.array_equal(a, generate(["a red circle", "a blue square"], 8))
 
 
-def test_to_uint8_rounds_clips_and_refuses_nan():
+def test_pipeline_pixels_are_rounded_clipped_and_nan_refused():
+    """The lab turns the pipeline's floats into pixels with the filter's own converter."""
     from safet2i.errors import SafeT2IError
 
-    out = to_uint8(np.array([[[[-0.5, 0.5, 1.5]]]]))
+    out = float_to_uint8(np.array([[[[-0.5, 0.5, 1.5]]]]))
     assert out.tolist() == [[[[0, 128, 255]]]]
-    with pytest.raises(SafeT2IError, match="non-finite"):
-        to_uint8(np.array([np.nan]))
+    with pytest.raises(SafeT2IError, match="NaN"):
+        float_to_uint8(np.array([np.nan]))
 
 
 def test_gate_on_the_micro_model_reports_every_form_and_misses(micro_lab):
