@@ -137,42 +137,48 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``safet2i lab ...``; returns the exit status (0, 2 on an error, 130 interrupted)."""
+    """Run ``safet2i lab ...``; returns the exit status (0; 1 when gate or table found no passing
+    model; 2 on an error, printed as one line naming the cause; 130 interrupted)."""
     from ..errors import SafeT2IError  # noqa: PLC0415
 
     which = getattr(args, "lab_command", None)
-    if which == "gate":
-        return _run_gate(args)
-    if which == "table":
-        return _run_table(args)
-    if which != "train":
+    commands = {
+        "train": (_train, "safet2i lab", "run the same command again to resume from the last checkpoint"),
+        "gate": (_gate, "safet2i lab gate", ""),
+        "table": (_table, "safet2i lab table", "run the same command again to reuse the finished work"),
+    }
+    if which not in commands:
         print(f"safet2i lab: error: unknown subcommand {which!r}", file=sys.stderr)
         return EXIT_ERROR
+    body, label, resume = commands[which]
     try:
-        from .model import _threads, is_finished, model_folder, train, training_info  # noqa: PLC0415
-
-        cfg = config_from_args(args)
-        folder = model_folder(cfg, args.cache)
-        cached = is_finished(folder, cfg)
-        print(f"lab model {cfg.config_hash()}: {folder}", file=sys.stderr)
-        with _threads(args.threads):
-            folder = train(cfg, cache_dir=args.cache, device=args.device, resume=not args.no_resume,
-                           progress=not args.no_progress)
-        info = training_info(folder)
-        losses, seconds = info.get("losses", {}), info.get("seconds", {})
-        last = losses.get("diffusion") or [float("nan")]
-        what = "cached (trained earlier)" if cached else "trained"
-        print(f"{what}: {sum(seconds.values()):.0f} s of training steps on {info.get('device', '?')}, "
-              f"final diffusion loss {last[-1]:.4f}", file=sys.stderr)
-        print(folder)
-        return 0
+        return body(args)
     except KeyboardInterrupt:
-        print("safet2i lab: interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
+        print(f"{label}: interrupted" + (f"; {resume}" if resume else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (SafeT2IError, ValueError, OSError, NotImplementedError) as exc:
-        print(f"safet2i lab: error: {exc}", file=sys.stderr)
+    except (SafeT2IError, ValueError, OSError, KeyError, NotImplementedError) as exc:
+        print(f"{label}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .model import _threads, is_finished, model_folder, train, training_info  # noqa: PLC0415
+
+    cfg = config_from_args(args)
+    folder = model_folder(cfg, args.cache)
+    cached = is_finished(folder, cfg)
+    print(f"lab model {cfg.config_hash()}: {folder}", file=sys.stderr)
+    with _threads(args.threads):
+        folder = train(cfg, cache_dir=args.cache, device=args.device, resume=not args.no_resume,
+                       progress=not args.no_progress)
+    info = training_info(folder)
+    losses, seconds = info.get("losses", {}), info.get("seconds", {})
+    last = losses.get("diffusion") or [float("nan")]
+    what = "cached (trained earlier)" if cached else "trained"
+    print(f"{what}: {sum(seconds.values()):.0f} s of training steps on {info.get('device', '?')}, "
+          f"final diffusion loss {last[-1]:.4f}", file=sys.stderr)
+    print(folder)
+    return 0
 
 
 def _cuda_check(device: str) -> None:
@@ -184,80 +190,58 @@ def _cuda_check(device: str) -> None:
         raise SafeT2IError("--device cuda: torch sees no CUDA device here")
 
 
-def _run_gate(args: argparse.Namespace) -> int:
-    """``safet2i lab gate``: 0 passed, 1 missed, 2 error, 130 interrupted."""
+def _gate(args: argparse.Namespace) -> int:
+    """``safet2i lab gate``: 0 passed, 1 missed."""
     import json  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     from ..errors import SafeT2IError  # noqa: PLC0415
+    from .judge import AttributeClassifier, load_judge, quality_gate  # noqa: PLC0415
+    from .model import LabModelConfig, _threads, is_finished, load_pipeline, model_folder, training_info  # noqa: PLC0415
+    from .sampling import pipeline_generator  # noqa: PLC0415
+    from .world import World  # noqa: PLC0415
 
-    try:
-        from .judge import AttributeClassifier, load_judge, quality_gate  # noqa: PLC0415
-        from .model import LabModelConfig, _threads, is_finished, load_pipeline, model_folder, training_info  # noqa: PLC0415
-        from .sampling import pipeline_generator  # noqa: PLC0415
-        from .world import World  # noqa: PLC0415
-
-        if args.model is not None:
-            folder = Path(args.model)
-            cfg = LabModelConfig.from_dict(training_info(folder)["config"])
+    if args.model is not None:
+        folder = Path(args.model)
+        cfg = LabModelConfig.from_dict(training_info(folder)["config"])
+    else:
+        cfg = LabModelConfig()
+        folder = model_folder(cfg, args.cache)
+        if not is_finished(folder, cfg):
+            raise SafeT2IError(f"no trained lab model of the default config at {folder}: run "
+                               "`safet2i lab train` first (or pass --model FOLDER)")
+    _cuda_check(args.device)
+    with _threads(args.threads):
+        pipe = load_pipeline(folder).to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        world = World(cfg.world)
+        if args.judge is not None:
+            judge = AttributeClassifier.load(args.judge)
         else:
-            cfg = LabModelConfig()
-            folder = model_folder(cfg, args.cache)
-            if not is_finished(folder, cfg):
-                raise SafeT2IError(f"no trained lab model of the default config at {folder}: run "
-                                   "`safet2i lab train` first (or pass --model FOLDER)")
-        _cuda_check(args.device)
-        with _threads(args.threads):
-            pipe = load_pipeline(folder).to(args.device)
-            pipe.set_progress_bar_config(disable=True)
-            world = World(cfg.world)
-            if args.judge is not None:
-                judge = AttributeClassifier.load(args.judge)
-            else:
-                judge = load_judge(cfg.world, progress=not args.no_progress)
-            report = quality_gate(pipeline_generator(pipe), world, n_per_form=args.n_per_form, seed=args.seed,
-                                  judge=judge, batch_size=args.batch_size)
-        print(report.to_markdown())
-        if args.json:
-            Path(args.json).write_text(json.dumps({"model": str(folder), **report.to_dict()}, indent=1) + "\n")
-        return 0 if report.passed else 1
-    except KeyboardInterrupt:
-        print("safet2i lab gate: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (SafeT2IError, ValueError, OSError, KeyError) as exc:
-        print(f"safet2i lab gate: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+            judge = load_judge(cfg.world, progress=not args.no_progress)
+        report = quality_gate(pipeline_generator(pipe), world, n_per_form=args.n_per_form, seed=args.seed,
+                              judge=judge, batch_size=args.batch_size)
+    print(report.to_markdown())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(folder), **report.to_dict()}, indent=1) + "\n")
+    return 0 if report.passed else 1
 
 
-def _run_table(args: argparse.Namespace) -> int:
-    """``safet2i lab table``: 0 table written, 1 gate missed (no numbers), 2 error, 130 interrupted."""
-    from ..errors import SafeT2IError  # noqa: PLC0415
+def _table(args: argparse.Namespace) -> int:
+    """``safet2i lab table``: 0 table written, 1 gate missed (no numbers)."""
+    from .judge import AttributeClassifier  # noqa: PLC0415
+    from .model import _threads  # noqa: PLC0415
+    from .table import TableConfig, run_table  # noqa: PLC0415
 
-    try:
-        from .model import _threads  # noqa: PLC0415
-        from .table import TableConfig, run_table  # noqa: PLC0415
-
-        _cuda_check(args.device)
-        kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n), ("gate_n_per_form", args.gate_n),
-                                ("batch_size", args.batch_size)) if v is not None}
-        with _threads(args.threads):
-            judge = None
-            if args.judge is not None:
-                from .judge import AttributeClassifier  # noqa: PLC0415
-
-                judge = AttributeClassifier.load(args.judge)
-            res = run_table(args.model, args.out, TableConfig(**kw), cache_dir=args.cache, device=args.device,
-                            judge=judge,
-                            progress=not args.no_progress, results=args.results,
-                            log=lambda m: print(f"safet2i lab table: {m}", file=sys.stderr, flush=True))
-        print(res.to_markdown())
-        for what, path in res.files.items():
-            print(f"{what}: {path}", file=sys.stderr)
-        return 0 if res.rows else 1
-    except KeyboardInterrupt:
-        print("safet2i lab table: interrupted; run the same command again to reuse the finished work",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (SafeT2IError, ValueError, OSError, KeyError) as exc:
-        print(f"safet2i lab table: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    _cuda_check(args.device)
+    kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n), ("gate_n_per_form", args.gate_n),
+                            ("batch_size", args.batch_size)) if v is not None}
+    with _threads(args.threads):
+        judge = AttributeClassifier.load(args.judge) if args.judge is not None else None
+        res = run_table(args.model, args.out, TableConfig(**kw), cache_dir=args.cache, device=args.device,
+                        judge=judge, progress=not args.no_progress, results=args.results,
+                        log=lambda m: print(f"safet2i lab table: {m}", file=sys.stderr, flush=True))
+    print(res.to_markdown())
+    for what, path in res.files.items():
+        print(f"{what}: {path}", file=sys.stderr)
+    return 0 if res.rows else 1
