@@ -223,12 +223,13 @@ StepFn = Callable[[int], dict[str, float]]
 
 def run_steps(total: int, step_fn: StepFn, *, start: int = 0, log: LossLog, save: Callable[[int], None] | None,
               desc: str, progress: bool = True, checkpoint_every: int = 50, checkpoint_seconds: float = 120.0,
-              ) -> None:
+              callback: Callable[[int, dict[str, float]], None] | None = None) -> None:
     """Call ``step_fn(step)`` for ``step`` in ``[start, total)``; it returns the step's terms with
     ``"loss"`` among them. Logs each step, shows a bar (loss, ETA), calls ``save(step + 1)``
     every ``checkpoint_every`` steps or ``checkpoint_seconds`` seconds and at the end, and stops
     with :class:`TrainError` when the loss is not finite (after no save, so the last good
-    checkpoint stays)."""
+    checkpoint stays). ``callback(step + 1, terms)`` runs after each step and its checkpoint; an
+    exception from it stops the run there (resumable)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     bar = tqdm(total=total, initial=start, disable=not progress, desc=desc, unit="step", dynamic_ncols=True)
@@ -248,6 +249,8 @@ def run_steps(total: int, step_fn: StepFn, *, start: int = 0, log: LossLog, save
                                      or time.monotonic() - last > checkpoint_seconds):
                 save(step + 1)
                 last = time.monotonic()
+            if callback is not None:
+                callback(step + 1, terms)
     finally:
         bar.close()
 
