@@ -411,6 +411,10 @@ def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = Fa
     for comp, mod in comps.items():
         params[comp] = {n: m.weight for n, m in mod.named_modules()
                         if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
+        if comp != "unet" and not hasattr(mod, "text_model"):
+            # transformers >= 5 builds CLIPTextModel without the text_model. level that LoRA files
+            # (kohya lora_te_text_model_..., PEFT text_encoder.text_model....) name
+            params[comp].update({"text_model." + n: w for n, w in list(params[comp].items())})
         flat[comp] = {n.replace(".", "_"): n for n in params[comp]}
     ldm = {}
     if "unet" in comps:

@@ -85,14 +85,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--name", help="the model's name in reports (default: the file's stem)")
     c.add_argument("--overwrite", action="store_true", help="replace existing output files")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    from .cli_methods import register as register_methods  # noqa: PLC0415
+
+    register_methods(tsub)
     return t
 
 
 def run(args) -> int:
     """Train, evaluate and export as ``args`` say; print a summary. Errors raise (the main CLI
     turns :class:`~safet2i.errors.SafeT2IError`, ``ValueError`` and ``OSError`` into exit 4)."""
-    if args.train_command != "cost-model":   # pragma: no cover - argparse allows only cost-model
-        raise ValueError(f"Unknown train command {args.train_command!r}.")
+    if args.train_command != "cost-model":
+        from .cli_methods import run as run_method  # noqa: PLC0415
+
+        return run_method(args)
     from pathlib import Path  # noqa: PLC0415
 
     from .cost_model import TrainConfig, train_cost_model  # noqa: PLC0415

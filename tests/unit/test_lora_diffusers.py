@@ -128,3 +128,41 @@ def test_sdxl_text_encoder_lora_on_both_encoders(tmp_path):
             assert torch.equal(v, before[k]), k
     handle.undo()
     assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_text_encoder_lora_with_standard_names_on_transformers_without_text_model_level(tmp_path, layout):
+    """Files name CLIP text-encoder modules ``text_model.encoder...`` (kohya ``lora_te_text_model_...``,
+    PEFT ``text_encoder.text_model....``); transformers >= 5 builds ``CLIPTextModel`` without the
+    ``text_model`` level. Every such target still lands on its weight: W + B·A."""
+    from safet2i.diffusers_adapter import load_safety_lora
+
+    pipe = tiny_pipeline(tmp_path)
+    te = pipe.text_encoder
+    prefix = "" if hasattr(te, "text_model") else "text_model."
+    g = torch.Generator().manual_seed(3)
+    sd, want = {}, {}
+    for n, m in te.named_modules():
+        if not n.endswith(("self_attn.q_proj", "self_attn.v_proj")):
+            continue
+        std = prefix + n                          # the standard (transformers 4) module name
+        a = torch.randn(2, m.in_features, generator=g) * 0.2
+        b = torch.randn(m.out_features, 2, generator=g) * 0.2
+        if layout == "kohya":
+            stem = "lora_te_" + std.replace(".", "_")
+            sd[stem + ".lora_down.weight"], sd[stem + ".lora_up.weight"] = a, b
+            sd[stem + ".alpha"] = torch.tensor(2.0)
+        else:
+            stem = "text_encoder." + std
+            sd[stem + ".lora_A.weight"], sd[stem + ".lora_B.weight"] = a, b
+        want[n] = (m.weight.detach().clone(), b @ a)
+    assert len(want) == 4
+    save_file(sd, str(tmp_path / "te.safetensors"))
+    handle = load_safety_lora(pipe, tmp_path / "te.safetensors")
+    assert not handle.coverage.unmatched and len(handle.coverage.applied) == 4
+    mods = dict(te.named_modules())
+    for n, (w0, delta) in want.items():
+        torch.testing.assert_close(mods[n].weight.detach(), w0 + delta, atol=1e-6, rtol=1e-6)
+    handle.undo()
+    for n, (w0, _) in want.items():
+        assert torch.equal(mods[n].weight.detach(), w0)
