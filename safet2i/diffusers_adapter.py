@@ -582,3 +582,27 @@ def latent_reattention(pipe, original_embeds, s1: float = 0.9, s2: float = 0.2, 
             h.remove()
         if "forward" in vars(unet):
             del unet.forward
+
+
+# --------------------------------------------------------------------------- Detect-and-Guide tokens
+
+
+def dag_tokens_kwargs(pipe, path) -> dict:
+    """Keyword arguments of :func:`safety_guidance` that make Detect-and-Guide-style guidance
+    read the optimised guideline tokens of a Stage 1 file (:mod:`safet2i.train.dag_tokens`)
+    instead of the raw concept tokens::
+
+        with safety_guidance(pipe, DAGGuidance(), **dag_tokens_kwargs(pipe, "tokens.safetensors")):
+            image = pipe(prompt, guidance_scale=7.5).images[0]
+
+    ``concept_embeds``: the file's whole context (the concept branch's conditioning),
+    ``token_positions``: its guideline rows, ``pooled_embeds``: its pooled embedding (SDXL).
+    A file of another text width (or without the pooled embedding SDXL needs) is refused."""
+    from .train.dag_tokens import load_dag_tokens  # noqa: PLC0415
+
+    tokens = load_dag_tokens(path).check_for(pipe)
+    device = pipe._execution_device if hasattr(pipe, "_execution_device") else pipe.device
+    dtype = pipe.unet.dtype
+    return {"concept_embeds": tokens.context.to(device=device, dtype=dtype),
+            "pooled_embeds": None if tokens.pooled is None else tokens.pooled.to(device=device, dtype=dtype),
+            "token_positions": list(tokens.positions)}
