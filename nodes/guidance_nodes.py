@@ -350,12 +350,38 @@ def load_guideline(name: str) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).float()
 
 
+def load_guideline_tokens(name: str, model):
+    """A Detect-and-Guide tokens file (``safet2i.train.dag_tokens``: the whole concept context
+    with the optimised guideline rows, and their positions) from ``models/safety_models``;
+    only listed names are accepted, and a file of another text width than ``model``'s is refused.
+    Returns ``(cond, token positions)``."""
+    from ..safet2i.train.dag_tokens import load_dag_tokens  # noqa: PLC0415
+    from .paths import safety_weight_path  # noqa: PLC0415
+
+    if not name.lower().endswith(".safetensors"):
+        raise SafeT2IError(f"Guideline tokens {name!r}: a .safetensors file is needed (pickles are never loaded).")
+    tokens = load_dag_tokens(safety_weight_path(name, lora=False))
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    width = unet_config.get("context_dim")
+    if not isinstance(width, int):
+        raise SafeT2IError(f"Guideline tokens {name}: this model has no cross-attention text width (context_dim).")
+    adm = unet_config.get("adm_in_channels")
+    tokens.check_for(width, pooled_width=1280 if adm == 2816 else None)   # SDXL: 1280 pooled + 6 x 256 sizes
+    if adm and tokens.pooled is None:
+        raise SafeT2IError(f"Guideline tokens {name} have no pooled embedding, which this model needs.")
+    extra = {} if tokens.pooled is None else {"pooled_output": tokens.pooled}
+    return [[tokens.context, extra]], list(tokens.positions)
+
+
 class SafeT2IDetectGuide(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         import folder_paths  # noqa: PLC0415
 
+        from .paths import safety_weight_names  # noqa: PLC0415
+
         files = [f for f in folder_paths.get_filename_list("embeddings") if f.lower().endswith(".safetensors")]
+        token_files = [f for f in safety_weight_names(lora=False) if f.lower().endswith(".safetensors")]
         return io.Schema(
             node_id="SafeT2IDetectGuide",
             display_name="SafeT2I Detect-and-Guide-style Guidance",
@@ -364,13 +390,15 @@ class SafeT2IDetectGuide(io.ComfyNode):
                 "Detect-and-Guide-style (after Li et al., CVPR 2025): the concept tokens' cross-attention "
                 "finds unsafe regions at every step; only those are guided, scaled by region area and "
                 "attention magnitude; steps whose map covers > 80 % are skipped. Uses optimised guideline "
-                "embeddings when given, the raw concept tokens otherwise."
+                "tokens (from SafeT2I's Detect-and-Guide token trainer) or guideline embeddings when given, the "
+                "raw concept tokens otherwise."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch."),
                 io.Clip.Input("clip", tooltip="The text encoder: it finds the concept's tokens."),
                 io.String.Input("concept", default=SEXUAL_CONCEPT, multiline=True,
-                                tooltip="Concept words whose cross-attention locates the unsafe region."),
+                                tooltip="Concept words whose cross-attention locates the unsafe region "
+                                        "(unused with guideline tokens or embeddings)."),
                 io.Float.Input("scale", default=0.2, min=0.0, max=10.0, step=0.01, tooltip="s_s"),
                 io.Float.Input("high", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="highlighted region threshold"),
                 io.Float.Input("low", default=0.01, min=0.0, max=1.0, step=0.001, tooltip="editing region threshold"),
@@ -380,16 +408,24 @@ class SafeT2IDetectGuide(io.ComfyNode):
                                tooltip="Also apply SLD's elementwise gate (the paper's 'DAG + SLD')."),
                 io.Combo.Input("guideline_embeddings", options=["none"] + files, default="none",
                                tooltip=".safetensors [tokens, dim] in models/embeddings, from Stage 1 optimisation."),
+                io.Combo.Input("guideline_tokens", options=["none"] + token_files, default="none", optional=True,
+                               tooltip="Optimised guideline tokens (.safetensors in models/safety_models, made by "
+                                       "SafeT2I's Detect-and-Guide token trainer): their context and positions "
+                                       "replace the concept's raw tokens."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model, clip, concept, scale=0.2, high=0.5, low=0.01, skip_coverage=0.8, sld_gate="none",
-                guideline_embeddings="none") -> io.NodeOutput:
+                guideline_embeddings="none", guideline_tokens="none") -> io.NodeOutput:
         cfg = DAGConfig(scale=scale, high=high, low=low, skip_coverage=skip_coverage,
                         sld_gate=None if sld_gate == "none" else SLD_PRESETS[sld_gate])
-        if guideline_embeddings != "none":
+        if guideline_tokens != "none":
+            if guideline_embeddings != "none":
+                raise SafeT2IError("Detect-and-Guide: choose guideline_tokens or guideline_embeddings, not both.")
+            cond, tokens = load_guideline_tokens(guideline_tokens, model)
+        elif guideline_embeddings != "none":
             emb = load_guideline(guideline_embeddings)
             cond = [[emb[None], {}]]
             tokens = list(range(emb.shape[0]))

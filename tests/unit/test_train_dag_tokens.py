@@ -1,13 +1,18 @@
 """Detect-and-Guide Stage 1 (safet2i.train.dag_tokens): the losses against float64 references,
 the CAM against Stage 2's, training (only the guideline rows move, the loss falls, resume and
-seeds are exact), the tokens file and its refusals, and loading it in diffusers.
+seeds are exact), the tokens file and its refusals, and loading it in diffusers and ComfyUI.
 
 Every image is the lab world's (coloured shapes; the concept is a colour): no NSFW data."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import sys
+import types
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -16,11 +21,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from safet2i.errors import SafeT2IError  # noqa: E402
+from safet2i.errors import ModelLoadError, SafeT2IError  # noqa: E402
 from safet2i.lab.world import World, WorldConfig  # noqa: E402
 from safet2i.train import dag_tokens as dt  # noqa: E402
 from safet2i.train.common import TrainError  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[2]
 EPS = 1e-4  # the documented clamp of Â inside the cross-entropy
 
 
@@ -457,3 +463,105 @@ def test_sdxl_tokens_carry_the_pooled_embedding(tmp_path):
     no_pooled = dt.save_dag_tokens(tmp_path / "np.safetensors", tok.context, tok.positions, None, concept="red")
     with pytest.raises(SafeT2IError, match="no pooled embedding"):
         dag_tokens_kwargs(xl, no_pooled)
+
+
+# --------------------------------------------------------------------------- the ComfyUI node (stand-ins)
+
+class _Out:
+    def __init__(self, *args, ui=None):
+        self.args, self.ui = args, ui
+
+
+@pytest.fixture
+def nodes(monkeypatch, tmp_path):
+    """``nodes/guidance_nodes.py`` under stand-ins for ``comfy_api`` and ``folder_paths``
+    (``models/safety_models`` = ``tmp_path/safety_models``), sharing this process's safet2i."""
+    import safet2i.filter  # noqa: F401 - aliased below (nodes/paths imports it)
+    import safet2i.guidance  # noqa: F401 - aliased below
+
+    class Api(types.ModuleType):
+        def __getattr__(self, name):
+            return mock.MagicMock(name=name)
+
+    io_mod = Api("io")
+    io_mod.ComfyNode, io_mod.NodeOutput = type("ComfyNode", (), {}), _Out
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ui = io_mod, Api("ui")
+    folder = tmp_path / "safety_models"
+    folder.mkdir()
+    fp = types.ModuleType("folder_paths")
+    fp.folder_names_and_paths, fp.models_dir = {}, str(tmp_path)
+    fp.get_filename_list = lambda name: sorted(p.name for p in folder.iterdir()) if name == "safety_models" else []
+
+    def full_path(name, file):
+        assert name == "safety_models" and file in fp.get_filename_list(name)
+        return str(folder / file)
+
+    fp.get_full_path_or_raise = full_path
+    pack = types.ModuleType("_dagtok_pack")
+    pack.__path__ = [str(REPO)]
+    stubs = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "folder_paths": fp,
+             "_dagtok_pack": pack}
+    for name, mod in list(sys.modules.items()):
+        if name == "safet2i" or name.startswith("safet2i."):
+            stubs["_dagtok_pack." + name] = mod
+    for name, mod in stubs.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    mod = importlib.import_module("_dagtok_pack.nodes.guidance_nodes")
+    captured = {}
+
+    def fake_patch(model, method, concept, token_index=None):
+        captured.update(model=model, method=method, cond=concept, tokens=token_index)
+        return "patched"
+
+    monkeypatch.setattr(mod, "patch_model", fake_patch)
+    yield mod, folder, captured
+    for name in [n for n in sys.modules if n.startswith("_dagtok_pack.nodes")]:
+        del sys.modules[name]
+
+
+def comfy_model(width=768, adm=None):
+    cfg = {"context_dim": width}
+    if adm:
+        cfg["adm_in_channels"] = adm
+    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=types.SimpleNamespace(unet_config=cfg)))
+
+
+NODE_ARGS = dict(scale=0.2, high=0.5, low=0.01, skip_coverage=0.8, sld_gate="none", guideline_embeddings="none")
+
+
+def test_the_comfyui_node_uses_the_files_context_and_positions(nodes):
+    mod, folder, captured = nodes
+    ctx = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(0))
+    dt.save_dag_tokens(folder / "red.safetensors", ctx, [2, 5], concept="red")
+    clip = mock.MagicMock(name="clip")
+    out = mod.SafeT2IDetectGuide.execute(comfy_model(), clip, "unused", **NODE_ARGS, guideline_tokens="red.safetensors")
+    assert out.args == ("patched",) and captured["tokens"] == [2, 5]
+    ((cond, extra),) = captured["cond"]
+    assert torch.equal(cond, ctx) and extra == {}
+    assert type(captured["method"]).__name__ == "DAGGuidance" and not clip.tokenize.called   # not the raw tokens
+    # SDXL-like model: the pooled embedding goes with the context
+    pooled = torch.randn(1, 1280)
+    dt.save_dag_tokens(folder / "xl.safetensors", torch.zeros(1, 77, 2048), [1], pooled, concept="x")
+    mod.SafeT2IDetectGuide.execute(comfy_model(2048, 2816), clip, "", **NODE_ARGS, guideline_tokens="xl.safetensors")
+    assert torch.equal(captured["cond"][0][1]["pooled_output"], pooled)
+
+
+def test_the_comfyui_node_refuses_bad_tokens(nodes):
+    mod, folder, _ = nodes
+    dt.save_dag_tokens(folder / "sd.safetensors", torch.zeros(1, 77, 768), [1], concept="red")
+    node, clip = mod.SafeT2IDetectGuide, mock.MagicMock()
+    with pytest.raises(SafeT2IError, match="text width of 768, this model's is 1024"):
+        node.execute(comfy_model(1024), clip, "", **NODE_ARGS, guideline_tokens="sd.safetensors")
+    with pytest.raises(SafeT2IError, match="no pooled embedding"):
+        node.execute(comfy_model(768, 2816), clip, "", **NODE_ARGS, guideline_tokens="sd.safetensors")
+    with pytest.raises(ModelLoadError, match="not found in models/safety_models"):
+        node.execute(comfy_model(), clip, "", **NODE_ARGS, guideline_tokens="../../etc/x.safetensors")
+    with pytest.raises(SafeT2IError, match=r"\.safetensors file is needed"):
+        node.execute(comfy_model(), clip, "", **NODE_ARGS, guideline_tokens="sd.ckpt")
+    with pytest.raises(SafeT2IError, match="not both"):
+        node.execute(comfy_model(), clip, "", **{**NODE_ARGS, "guideline_embeddings": "e.safetensors"},
+                     guideline_tokens="sd.safetensors")
+    save(folder / "lora.safetensors", {"lora_up": torch.zeros(2)}, "lora")
+    with pytest.raises(SafeT2IError, match="not a Detect-and-Guide tokens file"):
+        node.execute(comfy_model(), clip, "", **NODE_ARGS, guideline_tokens="lora.safetensors")
