@@ -689,6 +689,61 @@ def lab_training_data(world, n_unsafe: int, n_safe: int, seed: int = 0, *, split
     return (np.stack(images), np.stack(masks), np.stack(safe) if safe else np.zeros((0, *shape), np.uint8))
 
 
+MASK_SUFFIX = ".mask"
+
+
+def _resized(arr: np.ndarray, size: int | None, nearest: bool) -> np.ndarray:
+    if size is None or arr.shape[:2] == (size, size):
+        return arr
+    from PIL import Image  # noqa: PLC0415
+
+    return np.asarray(Image.fromarray(arr).resize((size, size), Image.NEAREST if nearest else Image.BICUBIC))
+
+
+def folder_training_data(unsafe_dir: str | os.PathLike, safe_dir: str | os.PathLike | None = None, *,
+                         size: int | None = None):
+    """``(images, masks, safe_images)`` from files: every image ``NAME.EXT`` in ``unsafe_dir``
+    (not recursive, sorted) with its mask ``NAME.mask.png`` beside it (any non-black pixel is
+    the unsafe region; e.g. exported from Grounded-SAM), and every image in ``safe_dir``.
+    Images are read with the filter's reader (:func:`safet2i.images.load_image_file`: byte and
+    pixel budgets, EXIF orientation); ``size`` resizes everything to ``size`` × ``size``
+    (bicubic; masks nearest), otherwise all images must already be of one size."""
+    from ..filter.files import IMAGE_EXTS  # noqa: PLC0415
+    from ..images import load_image_file  # noqa: PLC0415
+
+    def read(path: Path, nearest: bool = False) -> np.ndarray:
+        try:
+            return _resized(load_image_file(path).frames[0], size, nearest)
+        except SafeT2IError as exc:
+            raise TrainError(f"training image {path} cannot be used: {exc}") from exc
+
+    def images_in(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            raise TrainError(f"{folder}: no such folder")
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                      and not p.stem.endswith(MASK_SUFFIX))
+
+    images, masks = [], []
+    for p in images_in(Path(unsafe_dir)):
+        mask_file = p.with_name(p.stem + MASK_SUFFIX + ".png")
+        if not mask_file.is_file():
+            raise TrainError(f"{p.name} has no mask {mask_file.name} beside it (white = the unsafe region)")
+        img = read(p)
+        m = read(mask_file, nearest=True).max(axis=-1) > 0
+        if m.shape != img.shape[:2]:
+            raise TrainError(f"{mask_file.name} is {m.shape[1]}x{m.shape[0]}, its image {img.shape[1]}x{img.shape[0]}")
+        images.append(img)
+        masks.append(m)
+    if not images:
+        raise TrainError(f"{unsafe_dir}: no images (each NAME.png needs NAME.mask.png beside it)")
+    safe = [read(p) for p in images_in(Path(safe_dir))] if safe_dir is not None else []
+    shapes = {a.shape for a in images + safe}
+    if len(shapes) > 1:
+        raise TrainError(f"training images differ in size ({sorted(shapes)}); pass size= to resize them")
+    return np.stack(images), np.stack(masks), (np.stack(safe) if safe else
+                                               np.zeros((0, *images[0].shape), np.uint8))
+
+
 def evaluate_detection(pipe, tokens, images, masks, *, timesteps: Sequence[float] = (0.1, 0.25, 0.4),
                        seed: int = 0, threshold: float = 0.5, downscales: Sequence[int] = STAGE2_DOWNSCALES,
                        ) -> dict:

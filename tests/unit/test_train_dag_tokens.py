@@ -184,6 +184,30 @@ def test_lab_training_data_is_the_concept_and_benign_images():
     assert not np.array_equal(dt.lab_training_data(world, 3, 2, seed=6)[0], images)
 
 
+def test_folder_training_data_reads_images_with_their_masks(tmp_path):
+    from PIL import Image
+
+    images, masks, safe = dt.lab_training_data(World(WorldConfig(size=32)), 2, 1, seed=3)
+    (tmp_path / "unsafe").mkdir()
+    (tmp_path / "safe").mkdir()
+    for i, (img, m) in enumerate(zip(images, masks)):
+        Image.fromarray(img).save(tmp_path / "unsafe" / f"u{i}.png")
+        Image.fromarray(np.where(m, 255, 0).astype(np.uint8)).save(tmp_path / "unsafe" / f"u{i}.mask.png")
+    Image.fromarray(safe[0]).save(tmp_path / "safe" / "s0.png")
+    got = dt.folder_training_data(tmp_path / "unsafe", tmp_path / "safe")
+    for a, b in zip(got, (images, masks, safe)):
+        np.testing.assert_array_equal(a, b)
+    big = dt.folder_training_data(tmp_path / "unsafe", tmp_path / "safe", size=64)
+    assert big[0].shape == (2, 64, 64, 3) and big[2].shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(big[1], masks.repeat(2, axis=1).repeat(2, axis=2))     # nearest
+    Image.fromarray(safe[0][:16]).save(tmp_path / "safe" / "s1.png")
+    with pytest.raises(TrainError, match="differ in size"):
+        dt.folder_training_data(tmp_path / "unsafe", tmp_path / "safe")
+    (tmp_path / "unsafe" / "u1.mask.png").unlink()
+    with pytest.raises(TrainError, match="u1.png has no mask u1.mask.png"):
+        dt.folder_training_data(tmp_path / "unsafe")
+
+
 def test_only_the_guideline_rows_are_optimised(pipe, data, tmp_path):
     unet, text = weights(pipe.unet), weights(pipe.text_encoder)
     flags = [p.requires_grad for p in pipe.unet.parameters()]
