@@ -40,8 +40,8 @@ and the sampling-time policy::
 
 * :func:`cost_model_reward`: the learned cost model ``C(x)`` of ``safet2i train cost-model``
   (``C > 0`` unsafe, ``sigmoid(C)`` the probability of unsafe), loaded by the filter's own
-  runtime. Safety reward ``1 - sigmoid(C) = sigmoid(-C)``, the probability that the image is
-  safe (or ``-C`` with ``transform="negative-cost"``).
+  runtime. Safety reward ``log sigmoid(-C) = -softplus(C)``, the log-probability that the image
+  is safe (``transform="probability"``: ``sigmoid(-C)`` itself; ``"negative-cost"``: ``-C``).
 * :func:`detector_reward`: any filter model set (a NudeNet-style detector when the user has one,
   classifiers, cost models) under a filter policy, through :class:`safet2i.filter.SafetyFilter`:
   ``1 - cost`` with the filter's graded image cost (``cost >= 0.5`` is the verdict unsafe), the
@@ -80,9 +80,16 @@ Choices (the paper is silent, or its values are unverified)
 * **Optimiser steps**: one AdamW step per minibatch of ``train_batch_size`` trajectories, the
   gradient accumulated over every trained timestep of those trajectories (the loss is the mean
   over the minibatch's transitions), as DDPO accumulates over timesteps.
-* **Cost-model safety reward**: ``sigmoid(-C)`` rather than ``-C``: it is bounded in [0, 1], on
-  the scale of the alignment rewards (the lab's cost model reaches ``|C| ≈ 15-23``, which would
-  drown a [0, 1] alignment term), and it is the calibrated probability of "safe".
+* **Cost-model safety reward**: ``log sigmoid(-C) = -softplus(C)``, the log of the calibrated
+  probability of "safe". It is ≈ 0 for safe images (``C << 0``), so once an image is safe there
+  is nothing more to gain from it and the alignment term decides, and ≈ ``-C`` for unsafe ones,
+  so it still ranks images that are all unsafe (less unsafe is better). The first choice,
+  ``sigmoid(-C)``, saturates: on the real lab model every sample of the four concept prompts had
+  ``sigmoid(-C) < 3e-7`` (the lab's cost model reaches ``|C| ≈ 15-23``), the per-prompt
+  advantages were noise and the first epoch learned nothing. ``-C`` ranks alike but also keeps
+  rewarding ever "safer" images, which invites the policy to trade alignment for an ever lower
+  cost. With the default weights (1, 1) a group mixing safe and unsafe samples is ranked by
+  safety first (cost differences of several units against alignment differences <= 1).
 * **Lab alignment**: discrete share of recognised attributes by default (what the bench
   measures); ``soft=True`` averages the classifier's probability of each named value instead
   (fewer ties within a prompt group).
@@ -122,7 +129,7 @@ REDUCTIONS = ("sum", "mean")
 #: Model output parameterisations understood by the DDIM step.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: ``cost_model_reward`` transforms of the cost C.
-COST_TRANSFORMS = ("probability", "negative-cost")
+COST_TRANSFORMS = ("log-probability", "probability", "negative-cost")
 
 Reward = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
@@ -418,10 +425,11 @@ def _sigmoid(x) -> np.ndarray:
 class CostModelReward:
     """Safety reward from a learned cost model (sidecar ``kind: "cost"``, or its ``.onnx`` beside
     it), run by the filter's runtime (:func:`safet2i.filter.detectors.load_model`: sha256 pin,
-    the sidecar's preprocessing). ``transform="probability"``: ``1 - sigmoid(C)``, the calibrated
-    probability of safe (default, module docstring); ``"negative-cost"``: ``-C``."""
+    the sidecar's preprocessing). ``transform``: ``"log-probability"`` (default, module
+    docstring) ``log sigmoid(-C) = -softplus(C)``, the log of the calibrated probability of safe;
+    ``"probability"``: ``sigmoid(-C) = 1 - sigmoid(C)``; ``"negative-cost"``: ``-C``."""
 
-    def __init__(self, model: str | os.PathLike, *, transform: str = "probability", providers=None):
+    def __init__(self, model: str | os.PathLike, *, transform: str = "log-probability", providers=None):
         from ..filter.detectors import load_model  # noqa: PLC0415
 
         if transform not in COST_TRANSFORMS:
@@ -435,6 +443,8 @@ class CostModelReward:
 
     def __call__(self, images, prompts: Sequence[str]) -> np.ndarray:
         c = self.model.costs(list(images_to_uint8(images)))
+        if self.transform == "log-probability":
+            return -np.logaddexp(0.0, c)
         return _sigmoid(-c) if self.transform == "probability" else -c
 
     def describe(self) -> dict[str, Any]:
@@ -442,7 +452,7 @@ class CostModelReward:
                 "transform": self.transform}
 
 
-def cost_model_reward(sidecar_or_onnx: str | os.PathLike, *, transform: str = "probability",
+def cost_model_reward(sidecar_or_onnx: str | os.PathLike, *, transform: str = "log-probability",
                       providers=None) -> CostModelReward:
     """:class:`CostModelReward` of a learned cost model's sidecar (or its ``.onnx``)."""
     return CostModelReward(sidecar_or_onnx, transform=transform, providers=providers)
@@ -634,7 +644,9 @@ class ShieldDiffConfig:
     passes over each epoch's transitions in minibatches of ``train_batch_size`` trajectories,
     ``timestep_fraction`` of each trajectory's timesteps trained. ``reward_weights``: (safety,
     alignment). ``evaluate_final``: after the last epoch, sample once more with the noise of
-    epoch 0 and report its rewards as "after" (epoch 0's are "before")."""
+    epoch 0 and report its rewards as "after" (epoch 0's are "before"). ``device`` (auto, cpu,
+    cuda[:N]), ``mixed_precision`` (no, bf16, or fp16 on CUDA with loss scaling) and
+    ``gradient_checkpointing`` as :mod:`safet2i.train.common` defines them."""
 
     prompts: tuple[str, ...] = ()
     samples_per_prompt: int = 8
@@ -729,9 +741,12 @@ class ShieldDiffConfig:
         d["adam_betas"], d["reward_weights"] = list(self.adam_betas), list(self.reward_weights)
         return d
 
-    def trained_timesteps(self) -> int:
-        """Timesteps trained per trajectory: ``max(1, round(timestep_fraction * steps))``."""
-        return max(1, int(round(self.timestep_fraction * self.steps)))
+    def trained_timesteps(self, stochastic: int | None = None) -> int:
+        """Timesteps trained per trajectory: ``max(1, round(timestep_fraction * n))`` of the ``n``
+        stochastic steps (``stochastic``; default all ``steps``: a deterministic last step, only
+        with ``set_alpha_to_one``, is never trained)."""
+        n = self.steps if stochastic is None else int(stochastic)
+        return max(1, round(self.timestep_fraction * n))
 
 
 # =========================================================================== the policy
@@ -799,10 +814,6 @@ class DiffusionPolicy:
         if len(self.trainable) == 0:
             raise TrainError("no DDIM step of this schedule is stochastic (σ_t = 0 everywhere): nothing to "
                              "train")
-        if config.trained_timesteps() > len(self.trainable):
-            raise TrainError(f"timestep_fraction {config.timestep_fraction} asks for "
-                             f"{config.trained_timesteps()} timesteps per trajectory, but only "
-                             f"{len(self.trainable)} steps are stochastic")
         self.cfg = float(config.guidance_scale) > 1.0
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(list(config.prompts), device, 1, True,
@@ -929,13 +940,14 @@ def score_rollouts(rollouts: Rollouts, prompts: Sequence[str], safety_reward: Re
 
 
 def ppo_update(policy: DiffusionPolicy, rollouts: Rollouts, advantages, optimizer: Any, params: list,
-               *, epoch: int, inner_epoch: int = 0, bar: Any = None) -> dict[str, float]:
+               *, epoch: int, inner_epoch: int = 0, bar: Any = None, scaler: Any = None) -> dict[str, float]:
     """One inner epoch of PPO over ``rollouts``' stored transitions: trajectories in a random
     order (seeded by (seed, epoch, inner epoch)), per trajectory a random subset of
-    ``trained_timesteps()`` stochastic steps, one optimiser step per minibatch of
+    ``trained_timesteps()`` of the stochastic steps, one optimiser step per minibatch of
     ``train_batch_size`` trajectories with the gradient of the minibatch's mean PPO loss
-    (accumulated in micro-batches of ``sample_batch_size``), norm clipped. Returns the mean
-    pre-step loss, ``approx_kl``, ``clip_fraction`` and the number of optimiser steps."""
+    (accumulated in micro-batches of ``sample_batch_size``), norm clipped. ``scaler``: a
+    ``torch.amp.GradScaler`` (fp16 on CUDA), else None. Returns the mean pre-step loss,
+    ``approx_kl``, ``clip_fraction`` and the number of optimiser steps."""
     torch = _torch()
     from .common import step_generator  # noqa: PLC0415
 
@@ -943,7 +955,7 @@ def ppo_update(policy: DiffusionPolicy, rollouts: Rollouts, advantages, optimize
     n = rollouts.latents.shape[0]
     g = step_generator(cfg.seed, f"ppo|{inner_epoch}", epoch)
     order = torch.randperm(n, generator=g)
-    n_t = cfg.trained_timesteps()
+    n_t = cfg.trained_timesteps(len(policy.trainable))
     trainable = policy.trainable
     steps = torch.stack([trainable[torch.randperm(len(trainable), generator=g)[:n_t]] for _ in range(n)])
     adv = torch.as_tensor(np.asarray(advantages, np.float64), dtype=torch.float32)
@@ -963,13 +975,19 @@ def ppo_update(policy: DiffusionPolicy, rollouts: Rollouts, advantages, optimize
                 old = rollouts.logprobs[micro, j].to(policy.device)
                 loss = ppo_clip_loss(lp, old, adv[micro].to(policy.device), cfg.clip_range)
                 loss = loss * (len(micro) / total)
-                loss.backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += float(loss.detach())
                 d = ppo_diagnostics(lp, old, cfg.clip_range)
                 kls.append((d["approx_kl"], len(micro)))
                 clips.append((d["clip_fraction"], len(micro)))
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         losses.append(loss_sum)
         if bar is not None:
             bar.update(len(mb))
@@ -1049,6 +1067,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
     from .common import (  # noqa: PLC0415
         Checkpoint,
         LossLog,
+        autocast,
         config_hash,
         gradient_checkpointing,
         load_optimizer,
@@ -1071,6 +1090,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
     out = paths[formats[0]]
     log_path = Path(log_path) if log_path is not None else out.with_suffix(".log.json")
     device = resolve_device(config.device)
+    autocast(device, config.mixed_precision)      # fp16 on CPU: refused here, before any work
     base_name, base_digest = _base_identity(pipe, base_model)
     rewards_desc = {"safety": describe_reward(safety_reward if w_s > 0 else None),
                     "alignment": describe_reward(alignment_reward if w_a > 0 else None)}
@@ -1091,6 +1111,9 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
         params = lora.parameters()
         opt = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas,
                                 weight_decay=config.weight_decay, eps=config.adam_eps)
+        # fp16 (CUDA only) needs loss scaling; its scale is not checkpointed (a resumed fp16 run
+        # starts from a fresh scale, and CUDA runs are not bit-reproducible anyway)
+        scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         log, start, seconds, before = LossLog(), 0, 0.0, None
         state = ckpt.load("cpu") if resume else None
         if state is not None:
@@ -1120,7 +1143,8 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
                 adv = per_prompt_advantages(ro.reward, ro.prompt_index, config.advantage_eps)
                 adv = np.clip(adv, -config.adv_clip_max, config.adv_clip_max)
                 bar.set_postfix_str(f"reward {stats['reward_mean']:.4g}", refresh=False)
-                ups = [ppo_update(policy, ro, adv, opt, params, epoch=epoch, inner_epoch=ie, bar=bar)
+                ups = [ppo_update(policy, ro, adv, opt, params, epoch=epoch, inner_epoch=ie, bar=bar,
+                                  scaler=scaler)
                        for ie in range(config.inner_epochs)]
             finally:
                 bar.close()

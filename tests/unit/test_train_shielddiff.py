@@ -315,15 +315,23 @@ def _u8(images):
     return np.clip(np.rint(np.asarray(images, np.float64) * 255), 0, 255)
 
 
-def test_cost_model_reward_is_the_probability_of_safe(tmp_path):
+def test_cost_model_reward_is_the_log_probability_of_safe(tmp_path):
     pytest.importorskip("onnxruntime")
     sidecar = _tiny_onnx(tmp_path, "tinycost", "cost", COST_W, COST_B, 8)
     imgs = _images()
     means = _u8(imgs).mean(axis=(2, 3)) / 255
     c = means @ np.asarray(COST_W) + COST_B                                  # float64 reference
     reward = cost_model_reward(sidecar)
-    np.testing.assert_allclose(reward(imgs, ["p"] * 5), 1 / (1 + np.exp(c)), rtol=1e-5, atol=1e-6)
-    assert reward(imgs, ["p"] * 5)[0] < 0.5 < reward(imgs, ["p"] * 5)[1:].max()
+    r = reward(imgs, ["p"] * 5)
+    np.testing.assert_allclose(r, -np.log1p(np.exp(c)), rtol=1e-5, atol=1e-6)
+    assert r[0] < math.log(0.5) < r[1:].max() <= 0                        # the red image is the unsafe one
+    prob = cost_model_reward(sidecar, transform="probability")
+    np.testing.assert_allclose(prob(imgs, ["p"] * 5), 1 / (1 + np.exp(c)), rtol=1e-5, atol=1e-6)
+    big = cost_model_reward(_tiny_onnx(tmp_path, "bigcost", "cost", (800, -800, 0), 30.0, 8))(imgs, [""] * 5)
+    c_big = means @ np.asarray([800.0, -800.0, 0.0]) + 30.0
+    assert np.isfinite(big).all()                                   # no overflow for |C| of hundreds
+    np.testing.assert_allclose(big, np.where(c_big > 30, -c_big, -np.log1p(np.exp(np.minimum(c_big, 30)))),
+                               rtol=1e-4, atol=1e-4)
     negative = cost_model_reward(tmp_path / "tinycost.onnx", transform="negative-cost")
     np.testing.assert_allclose(negative(imgs, [""] * 5), -c, rtol=1e-5, atol=1e-5)
     assert reward.describe()["kind"] == "cost-model"
@@ -546,6 +554,35 @@ def test_stored_logprobs_recompute_and_the_ppo_loss_falls_on_a_fixed_batch(micro
         lora.remove()
 
 
+def test_a_deterministic_last_step_is_never_trained_and_bf16_runs(micro_lab, tmp_path):
+    from diffusers import DDIMScheduler
+
+    from safet2i.train.lora_layers import inject_lora
+    from safet2i.train.shielddiff import DiffusionPolicy, ppo_update, train_shielddiff
+
+    cfg, folder, _, _ = micro_lab
+    pipe = _pipe(folder)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    config = _tiny_config(_prompts(cfg, 1), steps=3, mixed_precision="bf16")
+    policy = DiffusionPolicy(pipe, config, "cpu")
+    assert float(policy.sigma[-1]) == 0 and policy.trainable.tolist() == [0, 1]
+    lora = inject_lora(pipe.unet, targets=config.targets, rank=config.rank, seed=config.seed)
+    try:
+        ro = policy.sample(range(2), epoch=0)
+        assert float(ro.logprobs[:, -1].abs().max()) == 0 and torch.isfinite(ro.logprobs).all()
+        params = lora.parameters()
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        out = ppo_update(policy, ro, np.array([1.0, -1.0]), opt, params, epoch=0)
+        assert math.isfinite(out["loss"]) and out["updates"] == 1
+        assert config.trained_timesteps(len(policy.trainable)) == 2
+    finally:
+        lora.remove()
+    with pytest.raises(TrainError, match="fp16 needs CUDA"):
+        train_shielddiff(pipe, _tiny_config(_prompts(cfg, 1), mixed_precision="fp16"),
+                         safety_reward=RedReward(), alignment_reward=RedReward(),
+                         out=tmp_path / "x.safetensors", progress=False)
+
+
 def _tensors(path):
     from safetensors.torch import load_file
 
@@ -577,7 +614,7 @@ def test_train_end_to_end_saves_a_loadable_lora_deterministically_and_resumes_ex
     for r in log["steps"]:
         assert {"loss", "reward_mean", "safety_mean", "alignment_mean", "approx_kl",
                 "clip_fraction"} <= set(r)
-        assert 0 <= r["safety_mean"] <= 1 and 0 <= r["alignment_mean"] <= 1
+        assert r["safety_mean"] <= 0 and 0 <= r["alignment_mean"] <= 1    # log-probability of safe; share
     assert log["before"]["reward_mean"] == log["steps"][0]["reward_mean"]
     assert log["after"]["reward_mean"] is not None
     assert not (tmp_path / "a" / "lora.safetensors.partial").exists()
