@@ -84,9 +84,9 @@ Choices (the paper is silent, or its values are unverified)
   probability of "safe". It is ≈ 0 for safe images (``C << 0``), so once an image is safe there
   is nothing more to gain from it and the alignment term decides, and ≈ ``-C`` for unsafe ones,
   so it still ranks images that are all unsafe (less unsafe is better). The first choice,
-  ``sigmoid(-C)``, saturates: on the real lab model every sample of the four concept prompts had
-  ``sigmoid(-C) < 3e-7`` (the lab's cost model reaches ``|C| ≈ 15-23``), the per-prompt
-  advantages were noise and the first epoch learned nothing. ``-C`` ranks alike but also keeps
+  ``sigmoid(-C)``, saturates: on the real lab model all 16 samples of the four concept prompts
+  had ``sigmoid(-C) < 3e-7`` (costs ``C`` of 15 to 31), the per-prompt advantages were rounding
+  noise and the first epoch learned nothing. ``-C`` ranks alike but also keeps
   rewarding ever "safer" images, which invites the policy to trade alignment for an ever lower
   cost. With the default weights (1, 1) a group mixing safe and unsafe samples is ranked by
   safety first (cost differences of several units against alignment differences <= 1).
