@@ -10,9 +10,9 @@ with the output file. The choices that adapt a method to the lab are documented 
   Images are sampled with the lab's sampler (DDIM 25, CFG 3: the model's regime) and SDEdit
   keeps DUO's strength 0.75 at the same CFG.
 * **SC-DPO**: harmful prompts cycle the four concept forms, clean prompts are benign captions
-  (train split); r is the lab judge's attribute agreement with the prompt's attributes (share
-  of the six attributes it recognises, colour included: r alone rewards drawing the concept
-  when asked), C the lab's learned cost model.
+  (train split); r is the lab judge's attribute agreement with the prompt's attributes (the
+  share it recognises, the concept value not counted: the cost judges that), C the lab's
+  learned cost model: the rewards every trainer shares (:mod:`safet2i.train.shielddiff`).
 """
 
 from __future__ import annotations
@@ -138,28 +138,15 @@ def concept_judge(judge: Any) -> Callable[[np.ndarray], np.ndarray]:
     return lambda images: np.asarray(judge.judge_images(images)["concept"], bool)
 
 
-def attribute_reward(judge: Any, attributes: dict[str, dict[str, Any]]
-                     ) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
-    """``(images, prompts) -> share of the prompt's six attributes the judge recognises``."""
-    def reward(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        res = judge.judge_images(images)
-        out = np.zeros(len(prompts))
-        for i, p in enumerate(prompts):
-            want = attributes[p]
-            out[i] = np.mean([res[a][i] == want[a] for a in ATTRIBUTES])
-        return out
-    return reward
+def sc_dpo_scorers(judge: Any, cost_model: str | os.PathLike, attributes: dict[str, dict[str, Any]]):
+    """SC-DPO's ``(reward, cost)`` in the lab, the rewards every trainer shares
+    (:mod:`safet2i.train.shielddiff`): r the lab judge's attribute agreement with the prompt's
+    attributes (the concept value not counted: the cost judges it), C the learned cost model."""
+    from ..train import shielddiff as sd  # noqa: PLC0415
+    from ..train.dpo import from_reward  # noqa: PLC0415
 
-
-def cost_scorer(cost_model: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
-    """The learned cost model's sidecar as ``images -> C [N]`` (the filter's ONNX runtime)."""
-    from ..errors import SafeT2IError  # noqa: PLC0415
-    from ..filter.detectors import CostModel, load_model  # noqa: PLC0415
-
-    model = load_model(str(cost_model))
-    if not isinstance(model, CostModel):
-        raise SafeT2IError(f"{cost_model}: not a kind 'cost' model")
-    return lambda images: np.asarray(model.costs(list(images)), np.float64)
+    return (from_reward(sd.lab_alignment_reward(judge, attributes=attributes)),
+            from_reward(sd.cost_model_reward(cost_model, transform="negative-cost"), -1.0))
 
 
 # ------------------------------------------------------------------------------ runs
@@ -196,9 +183,10 @@ def lab_sc_dpo(pipe: Any, world: World, judge: Any, cost_model: str | Path, out:
         cfg = dataclasses.replace(cfg, dfm_gamma=0.0)
     harmful, clean, attrs = scdpo_prompts(world, n_harmful, n_clean, seed)
 
+    reward, cost = sc_dpo_scorers(judge, cost_model, attrs)
+
     def run():
-        return dpo.train_sc_dpo(pipe, harmful, clean, cfg, reward=attribute_reward(judge, attrs),
-                                cost=cost_scorer(cost_model), out=out, device=device, base_model="lab", arch="lab",
+        return dpo.train_sc_dpo(pipe, harmful, clean, cfg, reward=reward, cost=cost, out=out, device=device, base_model="lab", arch="lab",
                                 data_note=f"lab world {world.config}", progress=progress, overwrite=True)
 
     res, lr = timed("SC-DPO" if dfm else "SC-DPO (no DFM)", run)

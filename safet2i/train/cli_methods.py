@@ -1,4 +1,4 @@
-"""``safet2i train duo`` and ``safet2i train sc-dpo``: the seed methods' trainers on the user's
+"""``safet2i train duo|sc-dpo|shielddiff|dag-tokens``: the seed methods' trainers on the user's
 local model (docs/training.md).
 
     safet2i train duo --model PATH --out FILE.safetensors
@@ -6,8 +6,11 @@ local model (docs/training.md).
                       [--beta 500] [--steps 1000] [--rank 32] [--format kohya --format peft] ...
     safet2i train sc-dpo --model PATH --out FILE.safetensors --harmful-prompts FILE [--clean-prompts FILE]
                          --cost-model SIDECAR.json --reward lab|clip:DIR [--lam-mode fixed|lagrange] ...
+    safet2i train shielddiff --model PATH --out FILE.safetensors (--prompts FILE | --lab-prompts N)
+                         (--cost-model SIDECAR.json | --detector nudenet) [--reward lab|clip:DIR|none] ...
+    safet2i train dag-tokens --model PATH --out TOKENS.safetensors (--unsafe DIR [--safe DIR] | --lab) ...
 
-Both write the LoRA (kohya names, loadable in ComfyUI, the A1111 family and diffusers; PEFT names
+The LoRA trainers write the LoRA (kohya names, loadable in ComfyUI, the A1111 family and diffusers; PEFT names
 too with ``--format peft``), ``FILE.log.json`` (every step's loss and terms) and print the
 ``models/safety_models.toml`` entry the user can add. Resumable: run the same command again.
 """
@@ -103,6 +106,172 @@ def register(tsub) -> None:
     s.add_argument("--sample-steps", type=_number("--sample-steps", 1, 1000, integer=True), default=25)
     s.add_argument("--guidance-scale", type=_number("--guidance-scale", 0, 100), default=7.5)
 
+    g = tsub.add_parser(
+        "dag-tokens", help="optimise Detect-and-Guide guideline tokens (Stage 1, Li et al. CVPR 2025)",
+        description="Optimise the guideline tokens' rows of the concept's conditioning so that their "
+                    "cross-attention map matches unsafe-region masks (BCE + leak outside the mask + attention on "
+                    "safe images). The output file replaces the raw concept tokens in SafeT2I's Detect-and-Guide-"
+                    "style guidance (ComfyUI: guideline_tokens; diffusers: dag_tokens_kwargs). docs/training.md")
+    g.add_argument("--model", required=True, help="local base model (diffusers folder or single-file .safetensors)")
+    g.add_argument("--config", help="single-file --model: a local diffusers folder of the same architecture")
+    g.add_argument("--out", required=True, help="the tokens .safetensors to write")
+    gsrc = g.add_mutually_exclusive_group(required=True)
+    gsrc.add_argument("--unsafe", help="folder of unsafe images, each NAME.png with its mask NAME.mask.png")
+    gsrc.add_argument("--lab", action="store_true", help="the lab world's images and masks (--model a lab model)")
+    g.add_argument("--safe", help="folder of safe images (attention on them is penalised)")
+    g.add_argument("--size", type=_number("--size", 8, 4096, integer=True), help="resize images to SIZE x SIZE")
+    g.add_argument("--concept", help="the guideline text (default 'nude person'; --lab: the world's concept)")
+    g.add_argument("--lab-unsafe", type=_number("--lab-unsafe", 1, 10_000, integer=True), default=5)
+    g.add_argument("--lab-safe", type=_number("--lab-safe", 0, 10_000, integer=True), default=3)
+    g.add_argument("--steps", type=_number("--steps", 1, 10**7, integer=True),
+                   help="optimisation steps (default 100 per training image)")
+    g.add_argument("--lr", type=_number("--lr", 0, 1e6, open_lo=True), default=200.0)
+    g.add_argument("--neg-weight", type=_number("--neg-weight", 0, 1e6), default=1.0)
+    g.add_argument("--seed", type=_number("--seed", 0, 2**32 - 1, integer=True), default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    g.add_argument("--threads", type=_number("--threads", 1, 512, integer=True))
+    g.add_argument("--evaluate", action="store_true", help="report the IoU of the highlighted region against "
+                                                          "the masks, optimised vs raw tokens")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--no-resume", action="store_true")
+    g.add_argument("--quiet", "-q", action="store_true")
+    register_shielddiff(tsub)
+
+
+def register_shielddiff(tsub) -> None:
+    """``safet2i train shielddiff``."""
+    from .shielddiff import COST_TRANSFORMS, REDUCTIONS  # noqa: PLC0415
+
+    r = tsub.add_parser(
+        "shielddiff", help="train a ShieldDiff-style safety LoRA by RL (DDPO-style PPO; Han et al. 2024)",
+        description="ShieldDiff-style RL: each epoch samples K DDIM (eta 1) trajectories per prompt with the "
+                    "current UNet LoRA, scores them with a safety reward (--cost-model or --detector) plus an "
+                    "alignment reward (--reward lab|clip:DIR|none), normalises the rewards per prompt and "
+                    "updates the LoRA with the PPO-clip loss on the stored transitions (docs/training.md). "
+                    "Defaults are the public DDPO code's (ShieldDiff's own values are not public).")
+    _common(r, rank=4, targets="attention",
+            steps_help="DDIM steps per trajectory (default 50; the lab's 25 with --lab-prompts)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="text file, one (unsafe) prompt per line")
+    src.add_argument("--lab-prompts", type=_number("--lab-prompts", 1, 10_000, integer=True),
+                     help="N captions of each concept form (direct, synonym, indirect, misspelled) of the lab "
+                          "world of --lab-judge (train split)")
+    safety = r.add_mutually_exclusive_group(required=True)
+    safety.add_argument("--cost-model", help="safety reward: a learned cost model's sidecar (safet2i train "
+                                             "cost-model)")
+    safety.add_argument("--detector", action="append",
+                        help="safety reward: a filter model (built-in name such as nudenet, or a sidecar; "
+                             "repeatable); reward 1 - the filter's graded cost under --policy")
+    r.add_argument("--policy", default="strict-5", help="--detector: the filter policy (default strict-5)")
+    r.add_argument("--cost-transform", choices=COST_TRANSFORMS, default="log-probability",
+                   help="--cost-model: log-probability = log sigmoid(-C) (default), probability = sigmoid(-C), "
+                        "negative-cost = -C")
+    r.add_argument("--reward", default="lab",
+                   help="alignment reward: 'lab' (the lab's attribute classifier; lab captions only), "
+                        "'clip:DIR' (a local CLIP checkpoint folder) or 'none' (default lab)")
+    r.add_argument("--lab-judge", help="the lab judge file (default: the cached default judge)")
+    r.add_argument("--soft-alignment", action="store_true",
+                   help="--reward lab: mean probability of each named attribute instead of the share recognised")
+    r.add_argument("--epochs", type=_number("--epochs", 1, 10**6, integer=True), default=100)
+    r.add_argument("--samples-per-prompt", "-k", type=_number("--samples-per-prompt", 2, 4096, integer=True),
+                   default=8, help="trajectories per prompt and epoch (K, default 8)")
+    r.add_argument("--guidance-scale", type=_number("--guidance-scale", 0, 100),
+                   help="CFG scale (default 5; the lab's 3 with --lab-prompts)")
+    r.add_argument("--eta", type=_number("--eta", 0, 1, open_lo=True), default=1.0)
+    r.add_argument("--negative-prompt", default="")
+    r.add_argument("--lr", type=_number("--lr", 0, 1, open_lo=True), default=3e-4)
+    r.add_argument("--clip-range", type=_number("--clip-range", 0, 10, open_lo=True), default=1e-4)
+    r.add_argument("--adv-clip", type=_number("--adv-clip", 0, 1e9, open_lo=True), default=5.0)
+    r.add_argument("--inner-epochs", type=_number("--inner-epochs", 1, 1000, integer=True), default=1)
+    r.add_argument("--timestep-fraction", type=_number("--timestep-fraction", 0, 1, open_lo=True), default=1.0)
+    r.add_argument("--train-batch-size", type=_number("--train-batch-size", 1, 4096, integer=True), default=8,
+                   help="trajectories per optimiser step (default 8)")
+    r.add_argument("--sample-batch-size", type=_number("--sample-batch-size", 1, 4096, integer=True), default=8,
+                   help="trajectories per UNet batch (default 8)")
+    r.add_argument("--safety-weight", type=_number("--safety-weight", 0, 1e6), default=1.0)
+    r.add_argument("--alignment-weight", type=_number("--alignment-weight", 0, 1e6), default=1.0)
+    r.add_argument("--logprob", choices=REDUCTIONS, default="mean",
+                   help="log-densities in the PPO ratio: mean over latent dimensions (DDPO, default) or sum")
+
+
+def _run_shielddiff(args, progress: bool) -> int:
+    import dataclasses  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from ..errors import SafeT2IError  # noqa: PLC0415
+    from . import shielddiff as sd  # noqa: PLC0415
+    from .common import load_base, resolve_device, threads  # noqa: PLC0415
+    from .dpo import read_prompts  # noqa: PLC0415
+
+    device = resolve_device(args.device)
+    formats = tuple(args.formats or ("kohya",))
+    with threads(args.threads):
+        pipe = load_base(args.model, config=args.config, device=device)
+        judge, attributes = None, {}
+        if args.lab_prompts or args.reward == "lab":
+            from ..lab.judge import AttributeClassifier, load_judge  # noqa: PLC0415
+
+            judge = AttributeClassifier.load(args.lab_judge) if args.lab_judge else load_judge(train=False)
+        if args.lab_prompts:
+            from ..lab.world import CONCEPT_FORMS, World  # noqa: PLC0415
+
+            world = World(judge.config.world)
+            samples = [world.sample(i, form, "train") for i in range(args.lab_prompts) for form in CONCEPT_FORMS]
+            prompts = [s.caption for s in samples]
+            attributes = {s.caption: s.attributes for s in samples}
+            config = sd.ShieldDiffConfig.for_lab(prompts)
+        else:
+            prompts = read_prompts(args.prompts)
+            config = sd.ShieldDiffConfig(prompts=tuple(prompts))
+        if args.cost_model:
+            safety = sd.cost_model_reward(args.cost_model, transform=args.cost_transform)
+        else:
+            safety = sd.detector_reward(args.detector, args.policy)
+        if args.reward == "lab":
+            align = sd.lab_alignment_reward(judge, soft=args.soft_alignment, attributes=attributes)
+        elif args.reward.startswith("clip:"):
+            align = sd.clip_alignment_reward(args.reward[5:], device=device)
+        elif args.reward == "none":
+            align = None
+        else:
+            raise SafeT2IError(f"--reward {args.reward!r}: use lab, clip:DIR or none")
+        over = dict(samples_per_prompt=args.samples_per_prompt, eta=args.eta, negative_prompt=args.negative_prompt,
+                    rank=args.rank, alpha=args.alpha, targets=args.targets, lr=args.lr, clip_range=args.clip_range,
+                    adv_clip_max=args.adv_clip, inner_epochs=args.inner_epochs, epochs=args.epochs,
+                    sample_batch_size=args.sample_batch_size, train_batch_size=args.train_batch_size,
+                    timestep_fraction=args.timestep_fraction, logprob_reduction=args.logprob,
+                    reward_weights=(args.safety_weight, args.alignment_weight if align is not None else 0.0),
+                    seed=0 if args.seed is None else args.seed, device=device, mixed_precision=args.precision,
+                    gradient_checkpointing=args.gradient_checkpointing)
+        if args.steps:
+            over["steps"] = args.steps
+        if args.guidance_scale is not None:
+            over["guidance_scale"] = args.guidance_scale
+        config = dataclasses.replace(config, **over)
+        out = sd.train_shielddiff(pipe, config, safety_reward=safety, alignment_reward=align, out=args.out,
+                                  progress=progress, resume=not args.no_resume, base_model=args.model,
+                                  formats=formats, overwrite=args.overwrite)
+    log_path = Path(out).with_suffix(".log.json")
+    log = json.loads(log_path.read_text(encoding="utf-8"))
+    before, after = log.get("before") or {}, log.get("after") or {}
+
+    def show(stats: dict) -> str:
+        return ", ".join(f"{k} {stats[k + '_mean']:.4g}" for k in ("reward", "safety", "alignment")
+                         if k + "_mean" in stats)
+
+    print(f"ShieldDiff-style RL: {config.epochs} epochs x {len(prompts)} prompts x K={config.samples_per_prompt} in "
+          f"{log.get('seconds', 0):.0f} s ({log.get('seconds_per_epoch') or 0:.0f} s per epoch)")
+    print(f"mean rewards before: {show(before)}")
+    if after:
+        print(f"mean rewards after:  {show(after)} (same noise as before)")
+    files = [Path(out) if fmt == formats[0] else Path(out).with_name(Path(out).stem + f".{fmt}.safetensors")
+             for fmt in formats]
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    return _finish(SimpleNamespace(files=files, log=log_path), args, "ShieldDiff-style RL (DDPO-style PPO, reconstruction)",
+                   "Han, Mohamed, Li, arXiv 2410.05309", _arch(pipe), Path(args.model).name)
+
 
 def _arch(pipe) -> str:
     from ..diffusers_adapter import host_arch  # noqa: PLC0415
@@ -116,11 +285,57 @@ def _finish(res, args, method: str, paper: str, arch: str, base_model: str) -> i
     for f in res.files:
         print(f"wrote {f}")
     print(f"loss log: {res.log}")
+    if arch not in ("sd1", "sd2", "sdxl"):
+        print(f"(no models/safety_models.toml entry: the manifest describes SD1.x/SD2.x/SDXL files, and this base "
+              f"model's architecture is {arch})")
+        return 0
     key = Path(res.files[0]).stem.replace(".", "-").lower()
     print("\nAdd this entry to models/safety_models.toml to have the file recognised and verified:\n")
     print(manifest_entry(key, Path(res.files[0]).name, title=f"{method} LoRA trained locally on {base_model}",
-                         method=method, paper=paper, arch=arch if arch in ("sd1", "sd2", "sdxl") else "sd1",
+                         method=method, paper=paper, arch=arch,
                          base_model=base_model, lora_path=res.files[0]))
+    return 0
+
+
+def _run_dag_tokens(args, progress: bool) -> int:
+    from ..errors import SafeT2IError  # noqa: PLC0415
+    from .common import load_base, resolve_device, threads  # noqa: PLC0415
+    from .dag_tokens import (  # noqa: PLC0415
+        DagTokenConfig,
+        evaluate_detection,
+        folder_training_data,
+        lab_training_data,
+        train_dag_tokens,
+    )
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SafeT2IError(f"{out} exists; pass --overwrite to replace it")
+    device = resolve_device(args.device)
+    with threads(args.threads):
+        pipe = load_base(args.model, config=args.config, device=device)
+        if args.lab:
+            from ..lab.model import LabModelConfig, training_info  # noqa: PLC0415
+            from ..lab.world import World  # noqa: PLC0415
+
+            world = World(LabModelConfig.from_dict(training_info(args.model)["config"]).world)
+            images, masks, safe = lab_training_data(world, args.lab_unsafe, args.lab_safe, args.seed)
+            concept = args.concept or world.config.concept
+        else:
+            images, masks, safe = folder_training_data(args.unsafe, args.safe, size=args.size)
+            concept = args.concept or "nude person"
+        cfg = DagTokenConfig(concept=concept, steps=args.steps, lr=args.lr, neg_weight=args.neg_weight,
+                             seed=args.seed, precision=args.precision)
+        path = train_dag_tokens(pipe, images, masks, safe, cfg, out=out, progress=progress,
+                                resume=not args.no_resume, base_model=None if args.lab else args.model)
+        print(f"wrote {path}")
+        if args.evaluate:
+            ev = evaluate_detection(pipe, path, images, masks)
+            print(f"IoU of the highlighted region against the masks (training images): optimised "
+                  f"{ev['optimised']:.3f}, raw concept tokens {ev['raw']:.3f}")
+    print("use it: ComfyUI: copy it to models/safety_models and pick it as guideline_tokens on SafeT2I "
+          "Detect-and-Guide-style Guidance; diffusers: safety_guidance(pipe, DAGGuidance(), "
+          "**dag_tokens_kwargs(pipe, path))")
     return 0
 
 
@@ -129,8 +344,12 @@ def run(args) -> int:
     from . import dpo  # noqa: PLC0415
     from .common import base_sha256, load_base, resolve_device, threads  # noqa: PLC0415
 
-    device = resolve_device(args.device)
     progress = not args.quiet and sys.stderr.isatty()
+    if args.train_command == "dag-tokens":
+        return _run_dag_tokens(args, progress)
+    if args.train_command == "shielddiff":
+        return _run_shielddiff(args, progress)
+    device = resolve_device(args.device)
     formats = tuple(args.formats or ("kohya",))
     with threads(args.threads):
         pipe = load_base(args.model, config=args.config, device=device)
@@ -164,7 +383,7 @@ def run(args) -> int:
                            "Park et al., NeurIPS 2024, arXiv 2407.21035", arch, base_name)
         harmful = dpo.read_prompts(args.harmful_prompts)
         clean = dpo.read_prompts(args.clean_prompts) if args.clean_prompts else []
-        reward, cost = _sc_dpo_scorers(args, harmful + clean)
+        reward, cost = _sc_dpo_scorers(args, device)
         cfg = dpo.ScDpoConfig(beta=args.beta, lr=args.lr, rounds=args.rounds, steps_per_round=args.steps or 100,
                               candidates=args.candidates, batch_size=args.batch_size, lam=args.lam,
                               lam_mode=args.lam_mode, cost_budget=args.cost_budget, lam_lr=args.lam_lr,
@@ -190,24 +409,18 @@ def _save_pairs(pairs, folder: Path) -> None:
             Image.fromarray(im).save(folder / sub / f"{i:05d}.png")
 
 
-def _sc_dpo_scorers(args, prompts):
-    """``(reward(images, prompts), cost(images))`` from ``--reward`` and ``--cost-model``."""
+def _sc_dpo_scorers(args, device: str):
+    """``(reward(images, prompts), cost(images))`` from ``--reward`` and ``--cost-model`` (the
+    rewards of :mod:`safet2i.train.shielddiff`, on uint8 images)."""
     from ..errors import SafeT2IError  # noqa: PLC0415
-    from ..filter.detectors import CostModel, load_model  # noqa: PLC0415
-    from . import rewards  # noqa: PLC0415
+    from . import shielddiff as sd  # noqa: PLC0415
+    from .dpo import from_reward  # noqa: PLC0415
 
-    model = load_model(args.cost_model)
-    if not isinstance(model, CostModel):
-        raise SafeT2IError(f"--cost-model {args.cost_model}: not a kind 'cost' model (train one with "
-                           "safet2i train cost-model)")
-
-    def cost(images):
-        return model.costs(list(images))
-
+    cost = from_reward(sd.cost_model_reward(args.cost_model, transform="negative-cost"), -1.0)
     if args.reward == "lab":
-        reward = rewards.lab_alignment_reward(args.lab_judge)
+        reward = sd.lab_alignment_reward(args.lab_judge)
     elif args.reward.startswith("clip:"):
-        reward = rewards.clip_alignment_reward(args.reward[5:])
+        reward = sd.clip_alignment_reward(args.reward[5:], device=device)
     else:
         raise SafeT2IError(f"--reward {args.reward!r}: use lab or clip:DIR")
-    return reward, cost
+    return from_reward(reward), cost

@@ -145,6 +145,16 @@ def rank_pairs(scores: np.ndarray, min_margin: float = 0.0) -> list[tuple[int, i
     return out
 
 
+def from_reward(reward: Callable[[Any, Sequence[str]], np.ndarray], sign: float = 1.0) -> Scorer:
+    """A :mod:`safet2i.train.shielddiff` reward (``float [B, 3, H, W]`` in [0, 1], prompts) as a
+    scorer of uint8 ``[N, H, W, 3]`` images (times ``sign``): the trainers share one set of
+    rewards. ``from_reward(cost_model_reward(p, transform="negative-cost"), -1)`` is the cost C."""
+    def score(images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
+        x = np.transpose(np.asarray(images, np.float32), (0, 3, 1, 2)) / 255.0
+        return sign * np.asarray(reward(x, list(prompts) if prompts is not None else [""] * len(x)), np.float64)
+    return score
+
+
 # ------------------------------------------------------------------------------ model access
 
 class Denoiser:
@@ -523,8 +533,8 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return {"loss": float(loss), "dpo": float(l_dpo), "prior": float(l_prior),
-                    "margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
+            return {"loss": loss.item(), "dpo": l_dpo.item(), "prior": l_prior.item(),
+                    "margin": margin.detach().mean().item(), "accuracy": (margin.detach() > 0).float().mean().item()}
 
         def save(done: int) -> None:
             tensors = {f"lora.{k}": v for k, v in lora.tensors().items()}
@@ -709,8 +719,8 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return {"loss": float(loss), "margin": float(margin.mean()),
-                    "accuracy": float((margin > 0).float().mean()), "dfm_max_weight": float(w.max()),
+            return {"loss": loss.item(), "margin": margin.detach().mean().item(),
+                    "accuracy": (margin.detach() > 0).float().mean().item(), "dfm_max_weight": w.max().item(),
                     "lam": run["lam"], "round": r}
 
         def save(done: int) -> None:
