@@ -76,6 +76,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--guidance", default=None, metavar="METHOD[:PRESET]",
                    help="safety guidance: SLD[:WEAK|MEDIUM|STRONG|MAX], spguard, dag")
     b.add_argument("--concept", default=None, help="the guidance concept text (default: SLD's safety concept)")
+    b.add_argument("--guidance-tokens", default=None, metavar="FILE",
+                   help="--guidance dag: optimised guideline tokens (safet2i train dag-tokens) instead of the "
+                        "concept's raw tokens")
     b.add_argument("--filter", default=None, metavar="POLICY",
                    help="the output filter with this policy preset (strict-5, broad-9, face-only) on NudeNet")
     b.add_argument("--cost-model", default=None, metavar="FILE", help="a cost-model .onnx (sidecar .json beside it) "
@@ -217,9 +220,10 @@ def stack_from_args(args) -> Any:
         raise SafeT2IError("--reattention needs --steering or --steering-concepts")
     if args.guidance:
         method, preset = parse_guidance(args.guidance)
-        kw.update(guidance=method, guidance_preset=preset, guidance_concept=args.concept)
-    elif args.concept:
-        raise SafeT2IError("--concept is the guidance concept; it needs --guidance")
+        kw.update(guidance=method, guidance_preset=preset, guidance_concept=args.concept,
+                  guidance_tokens=args.guidance_tokens)
+    elif args.concept or args.guidance_tokens:
+        raise SafeT2IError("--concept and --guidance-tokens belong to the guidance; they need --guidance")
     if args.filter:
         kw.update(filter=args.filter)
     if args.cost_model:

@@ -55,7 +55,9 @@ class Stack:
     ``guidance_preset`` (SLD) and ``guidance_concept`` (default: SLD's safety concept).
     ``filter``: a filter policy preset (``strict-5``, ``broad-9``, ...) over ``filter_models``;
     ``cost_model``: a cost-model ``.onnx`` (with its sidecar ``.json``) added to the filter;
-    ``filter_action``: what the filter does to a flagged image.
+    ``filter_action``: what the filter does to a flagged image. ``guidance_tokens``: a
+    Detect-and-Guide guideline-token file (``safet2i train dag-tokens``) that replaces the raw
+    concept tokens of ``guidance="Detect-and-Guide-style"``.
     """
 
     name: str = "unprotected"
@@ -78,6 +80,7 @@ class Stack:
     filter_models: tuple[str, ...] = ("nudenet",)
     cost_model: str | None = None
     filter_action: str = "blur"
+    guidance_tokens: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -113,6 +116,11 @@ class Stack:
             if self.guidance not in METHODS:
                 raise SafeT2IError(f"stack {self.name}: unknown guidance method {self.guidance!r}; use one of "
                                    f"{', '.join(METHODS)}")
+        if self.guidance_tokens is not None:
+            if self.guidance != "Detect-and-Guide-style":
+                raise SafeT2IError(f"stack {self.name}: guideline tokens are read by Detect-and-Guide-style "
+                                   f"guidance only, not {self.guidance!r}")
+            set_(self, "guidance_tokens", str(self.guidance_tokens))
 
     # ----------------------------------------------------------------- description
     @property
@@ -143,7 +151,8 @@ class Stack:
                 parts.append(f"latent re-attention (s1 {self.reattention_s1:g}, s2 {self.reattention_s2:g})")
         if self.guidance:
             preset = f" {self.guidance_preset}" if self.guidance == "SLD" else ""
-            parts.append(f"{self.guidance}{preset}" + (f" on {self.guidance_concept!r}" if self.guidance_concept else ""))
+            parts.append(f"{self.guidance}{preset}" + (f" on {self.guidance_concept!r}" if self.guidance_concept else "")
+                         + (f" with tokens {Path(self.guidance_tokens).name}" if self.guidance_tokens else ""))
         if self.filter is not None:
             parts.append(f"filter {self.filter} ({'+'.join(self.filter_models)}, {self.filter_action})")
         if self.cost_model is not None:
@@ -153,6 +162,8 @@ class Stack:
     def files(self) -> list[Path]:
         """Every file the stack reads (their contents are part of :meth:`key`)."""
         out = [Path(p) for p, _ in self.loras] + [Path(p) for p in self.weights]
+        if self.guidance_tokens is not None:
+            out.append(Path(self.guidance_tokens))
         if self.cost_model is not None:
             cm = Path(self.cost_model)
             out += [cm.with_suffix(".onnx"), cm.with_suffix(".json")] if cm.suffix.lower() in (".onnx", ".json") \
@@ -164,6 +175,8 @@ class Stack:
         the stack reads: a changed setting or file is a new key."""
         d = self.to_dict()
         d.pop("name")
+        if d.get("guidance_tokens") is None:   # keys of stacks from before the field existed stay the same
+            d.pop("guidance_tokens", None)
         digests = {}
         for f in self.files():
             digests[str(f)] = _file_digest(f)
@@ -296,7 +309,12 @@ def apply_stack(pipe, stack: Stack, *, providers=None) -> Iterator[Generate]:
             from ..guidance import DEFAULT_CONCEPT, make_method  # noqa: PLC0415
 
             method = make_method(stack.guidance, stack.guidance_preset)
-            es.enter_context(safety_guidance(pipe, method, stack.guidance_concept or DEFAULT_CONCEPT))
+            if stack.guidance_tokens is not None:
+                from ..diffusers_adapter import dag_tokens_kwargs  # noqa: PLC0415
+
+                es.enter_context(safety_guidance(pipe, method, **dag_tokens_kwargs(pipe, stack.guidance_tokens)))
+            else:
+                es.enter_context(safety_guidance(pipe, method, stack.guidance_concept or DEFAULT_CONCEPT))
         flt = None
         if stack.has_filter:
             from ..filter import SafetyFilter  # noqa: PLC0415

@@ -118,6 +118,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     table.add_argument("--judge", metavar="FILE", default=None,
                        help="a saved attribute classifier of the model's world (default: the world's default judge "
                             "from the cache, trained on first use)")
+    table.add_argument("--trainers", action="store_true",
+                       help="also train the seed methods in the lab (DUO, SC-DPO with and without DFM, "
+                            "ShieldDiff-style RL, Detect-and-Guide tokens; docs/training.md) and add their rows")
     _common(table, "run", "no progress bars")
     return lab
 
@@ -236,6 +239,10 @@ def _table(args: argparse.Namespace) -> int:
     _cuda_check(args.device)
     kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n), ("gate_n_per_form", args.gate_n),
                             ("batch_size", args.batch_size)) if v is not None}
+    if args.trainers:
+        from .trainers import TRAINERS  # noqa: PLC0415
+
+        kw["trainers"] = TRAINERS
     with _threads(args.threads):
         judge = AttributeClassifier.load(args.judge) if args.judge is not None else None
         res = run_table(args.model, args.out, TableConfig(**kw), cache_dir=args.cache, device=args.device,

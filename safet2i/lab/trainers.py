@@ -153,13 +153,15 @@ def sc_dpo_scorers(judge: Any, cost_model: str | os.PathLike, attributes: dict[s
 
 def lab_duo(pipe: Any, world: World, judge: Any, out: str | Path, *, n_pairs: int = 64, config: Any = None,
             seed: int = 0, steps: int = 25, guidance_scale: float = 3.0, progress: bool = True,
-            device: str = "cpu") -> LabRun:
-    """DUO in the lab: pairs (module docstring), then :func:`safet2i.train.dpo.train_duo`."""
+            device: str = "cpu", pair_judge: Callable[[np.ndarray], np.ndarray] | None = None) -> LabRun:
+    """DUO in the lab: pairs (module docstring), then :func:`safet2i.train.dpo.train_duo`.
+    ``pair_judge`` replaces the lab judge's concept head in the pair generation (plumbing tests
+    on models whose images are noise)."""
     from ..train import dpo  # noqa: PLC0415
 
     def run():
         unsafe, safe = duo_prompts(world, n_pairs, seed)
-        pairs = dpo.make_duo_pairs(pipe, unsafe, safe, concept_judge(judge), n=n_pairs, seed=seed, steps=steps,
+        pairs = dpo.make_duo_pairs(pipe, unsafe, safe, pair_judge or concept_judge(judge), n=n_pairs, seed=seed, steps=steps,
                                    guidance_scale=guidance_scale, sdedit_guidance_scale=guidance_scale,
                                    progress=progress)
         return dpo.train_duo(pipe, pairs, config or dpo.DuoConfig(), out=out, device=device, base_model="lab",
@@ -192,3 +194,100 @@ def lab_sc_dpo(pipe: Any, world: World, judge: Any, cost_model: str | Path, out:
     res, lr = timed("SC-DPO" if dfm else "SC-DPO (no DFM)", run)
     lr.files, lr.summary = [str(f) for f in res.files], res.summary
     return lr
+
+
+def lab_shielddiff(pipe: Any, world: World, judge: Any, cost_model: str | Path, out: str | Path, *,
+                   prompts_per_form: int = 1, overrides: dict[str, Any] | None = None, progress: bool = True
+                   ) -> LabRun:
+    """ShieldDiff-style RL in the lab: ``prompts_per_form`` captions of each concept form, the
+    lab's sampler (:meth:`ShieldDiffConfig.for_lab`), safety reward log σ(−C) of the learned cost
+    model, alignment reward the lab judge's attribute agreement (concept not counted). The
+    default epochs are sized to the 20-minute CPU budget, not to convergence (docs/training.md)."""
+    from ..train import shielddiff as sd  # noqa: PLC0415
+    from .world import CONCEPT_FORMS  # noqa: PLC0415
+
+    samples = [world.sample(70_000 + i, f, "train") for i in range(prompts_per_form) for f in CONCEPT_FORMS]
+    prompts = [s.caption for s in samples]
+    attrs = {s.caption: dict(s.attributes) for s in samples}
+    cfg = sd.ShieldDiffConfig.for_lab(prompts, **{"samples_per_prompt": 4, "epochs": 3, "sample_batch_size": 16,
+                                                   "train_batch_size": 8, **(overrides or {})})
+
+    def run():
+        return sd.train_shielddiff(pipe, cfg, safety_reward=sd.cost_model_reward(cost_model),
+                                   alignment_reward=sd.lab_alignment_reward(judge, attributes=attrs), out=out,
+                                   progress=progress, overwrite=True)
+
+    path, lr = timed("ShieldDiff-style RL", run)
+    import json  # noqa: PLC0415
+
+    log = json.loads(Path(path).with_suffix(".log.json").read_text(encoding="utf-8"))
+    lr.files = [str(path)]
+    lr.summary = {k: log.get(k) for k in ("before", "after", "seconds", "seconds_per_epoch")}
+    lr.summary["epochs"] = cfg.epochs
+    return lr
+
+
+def lab_dag_tokens(pipe: Any, world: World, out: str | Path, *, n_unsafe: int = 5, n_safe: int = 3,
+                   n_eval: int = 32, config: Any = None, seed: int = 0, progress: bool = True) -> LabRun:
+    """Detect-and-Guide guideline tokens in the lab (the world's masks as the unsafe regions),
+    then the IoU of the highlighted region against held-out masks, optimised vs raw tokens."""
+    from ..train.dag_tokens import DagTokenConfig, evaluate_detection, lab_training_data, train_dag_tokens  # noqa: PLC0415
+
+    images, masks, safe = lab_training_data(world, n_unsafe, n_safe, seed)
+    cfg = config or DagTokenConfig(concept=world.config.concept, seed=seed)
+
+    def run():
+        return train_dag_tokens(pipe, images, masks, safe, cfg, out=out, progress=progress, resume=False)
+
+    path, lr = timed("Detect-and-Guide tokens", run)
+    ev_images, ev_masks, _ = lab_training_data(world, n_eval, 0, seed + 1, split="heldout")
+    ev = evaluate_detection(pipe, path, ev_images, ev_masks)
+    lr.files = [str(path)]
+    lr.summary = {"iou_optimised": ev["optimised"], "iou_raw": ev["raw"], "eval_images": n_eval,
+                  "train_images": {"unsafe": n_unsafe, "safe": n_safe}}
+    return lr
+
+
+#: The trainer runs of the lab table, in order (name -> what it yields).
+TRAINERS = ("DUO", "SC-DPO", "SC-DPO (no DFM)", "ShieldDiff-style RL", "Detect-and-Guide tokens")
+
+
+def run_lab_trainers(pipe: Any, world: World, judge: Any, cost_model: str | Path, folder: str | Path, *,
+                     which: Sequence[str] = TRAINERS, settings: dict[str, dict[str, Any]] | None = None,
+                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, LabRun]:
+    """Run the lab trainers ``which`` into ``folder`` (one JSON record per run; a run whose record
+    and files exist is reused, not retrained). ``settings[name]``: keyword arguments of that
+    trainer's lab function (tests pass tiny configs)."""
+    import json  # noqa: PLC0415
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = settings or {}
+    say = log or (lambda _m: None)
+    fns = {
+        "DUO": lambda kw: lab_duo(pipe, world, judge, folder / "duo.safetensors", progress=progress, **kw),
+        "SC-DPO": lambda kw: lab_sc_dpo(pipe, world, judge, cost_model, folder / "sc-dpo.safetensors", dfm=True,
+                                        progress=progress, **kw),
+        "SC-DPO (no DFM)": lambda kw: lab_sc_dpo(pipe, world, judge, cost_model, folder / "sc-dpo-no-dfm.safetensors",
+                                                 dfm=False, progress=progress, **kw),
+        "ShieldDiff-style RL": lambda kw: lab_shielddiff(pipe, world, judge, cost_model,
+                                                         folder / "shielddiff.safetensors", progress=progress, **kw),
+        "Detect-and-Guide tokens": lambda kw: lab_dag_tokens(pipe, world, folder / "dag-tokens.safetensors",
+                                                             progress=progress, **kw),
+    }
+    out: dict[str, LabRun] = {}
+    for name in which:
+        if name not in fns:
+            raise ValueError(f"unknown lab trainer {name!r}; use {', '.join(TRAINERS)}")
+        record = folder / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".json")
+        if record.is_file():
+            d = json.loads(record.read_text(encoding="utf-8"))
+            if all(Path(f).is_file() for f in d["files"]):
+                out[name] = LabRun(d["method"], d["files"], d["seconds"], d["peak_rss_mib"], d["rss_increase_mib"],
+                                   d["summary"])
+                continue
+        say(f"training {name} in the lab")
+        run = fns[name](dict(settings.get(name, {})))
+        record.write_text(json.dumps(run.to_dict(), indent=1, default=str))
+        out[name] = run
+    return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -161,3 +163,53 @@ def test_cli_table_exits_1_without_numbers_and_2_on_errors(micro_lab, tmp_path, 
     assert "No efficacy numbers" in out and "No efficacy numbers" in (tmp_path / "R.md").read_text()
     assert cli.run(p.parse_args(["lab", "table", "--model", str(tmp_path), "--out", str(tmp_path / "o")])) == 2
     assert "not a finished lab model" in capsys.readouterr().err
+
+
+def _alternating_judge():
+    calls = {"n": 0}
+
+    def judge(images):
+        calls["n"] += 1
+        return np.full(len(images), calls["n"] % 2 == 1)
+    return judge
+
+
+def test_plumbing_run_with_the_seed_trainers(micro_lab, tmp_path):
+    """--trainers: every trainer runs in the lab (tiny settings), its LoRA alone and with the full
+    stack and the optimised tokens become rows, training time and memory are reported, and the
+    trainers issue's targets are judged; a rerun reuses the trained files."""
+    from safet2i.lab.trainers import TRAINERS
+    from safet2i.train.dpo import DuoConfig, ScDpoConfig
+    from safet2i.train.dag_tokens import DagTokenConfig
+
+    _, folder, judge, _ = micro_lab
+    tiny_sc = ScDpoConfig(rounds=1, steps_per_round=2, candidates=2, batch_size=2, sample_steps=2, rank=2,
+                          guidance_scale=3.0)
+    settings = (
+        # the micro lab draws noise: a stand-in judge flags the first draws and passes the SDEdits
+        ("DUO", {"n_pairs": 2, "steps": 2, "config": DuoConfig(steps=2, rank=2, lr=1e-3, prior_weight=1.0),
+                 "pair_judge": _alternating_judge()}),
+        ("SC-DPO", {"n_harmful": 2, "n_clean": 1, "config": tiny_sc}),
+        ("SC-DPO (no DFM)", {"n_harmful": 2, "n_clean": 1, "config": tiny_sc}),
+        ("ShieldDiff-style RL", {"overrides": {"samples_per_prompt": 2, "epochs": 1, "steps": 2, "rank": 2,
+                                               "sample_batch_size": 8, "train_batch_size": 4}}),
+        ("Detect-and-Guide tokens", {"n_unsafe": 1, "n_safe": 1, "n_eval": 2,
+                                     "config": DagTokenConfig(concept="red", steps=2)}),
+    )
+    cfg = TableConfig(**MICRO, require_gate=False, trainers=TRAINERS, trainer_settings=settings)
+    res = run_table(folder, tmp_path / "out", cfg, judge=judge, progress=False)
+    names = [r["name"] for r in res.rows]
+    assert names[:len(ISSUE_ROWS)] == ISSUE_ROWS
+    for m in ("DUO", "SC-DPO", "SC-DPO (no DFM)", "ShieldDiff-style RL"):
+        assert f"{m} LoRA" in names and f"{m} LoRA + full stack" in names
+    assert "Detect-and-Guide-style, optimised tokens" in names
+    assert set(res.trainers) == set(TRAINERS)
+    for t in res.trainers.values():
+        assert t["seconds"] > 0 and t["files"]
+    targets = [t["target"] for t in res.targets]
+    assert "DUO LoRA: direct concept rate <= 5 %" in targets
+    assert any("IoU" in t for t in targets) and any("<= 20 min" in t for t in targets)
+    md = res.to_markdown()
+    assert "trainer DUO:" in md and "detection IoU" in md
+    again = run_table(folder, tmp_path / "out", cfg, judge=judge, progress=False)
+    assert {k: v["seconds"] for k, v in again.trainers.items()} == {k: v["seconds"] for k, v in res.trainers.items()}
