@@ -31,6 +31,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
+from ..safet2i.guidance.dag import guideline_context
 from ..safet2i.guidance.sld import CARD_PRESETS
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
@@ -407,7 +408,8 @@ class SafeT2IDetectGuide(io.ComfyNode):
                 io.Combo.Input("sld_gate", options=["none", *CARD_PRESETS], default="none",
                                tooltip="Also apply SLD's elementwise gate (the paper's 'DAG + SLD')."),
                 io.Combo.Input("guideline_embeddings", options=["none"] + files, default="none",
-                               tooltip=".safetensors [tokens, dim] in models/embeddings, from Stage 1 optimisation."),
+                               tooltip=".safetensors [tokens, dim] in models/embeddings, from Stage 1 optimisation: the "
+                                       "rows replace the concept's token rows in its own encoding."),
                 io.Combo.Input("guideline_tokens", options=["none"] + token_files, default="none", optional=True,
                                tooltip="Optimised guideline tokens (.safetensors in models/safety_models, made by "
                                        "SafeT2I's Detect-and-Guide token trainer): their context and positions "
@@ -426,9 +428,14 @@ class SafeT2IDetectGuide(io.ComfyNode):
                 raise SafeT2IError("Detect-and-Guide: choose guideline_tokens or guideline_embeddings, not both.")
             cond, tokens = load_guideline_tokens(guideline_tokens, model)
         elif guideline_embeddings != "none":
+            # the rows go into the concept's own encoding (start token, padding) at positions 1..k
             emb = load_guideline(guideline_embeddings)
-            cond = [[emb[None], {}]]
-            tokens = list(range(emb.shape[0]))
+            base = clip.encode_from_tokens_scheduled(clip.tokenize(concept if concept.strip() else " "))
+            try:
+                ctx, tokens = guideline_context(base[0][0], emb)
+            except ValueError as exc:
+                raise SafeT2IError(f"Guideline embeddings {guideline_embeddings}: {exc}.") from exc
+            cond = [[ctx, dict(base[0][1])]]
         else:
             if not concept.strip():
                 raise SafeT2IError("The safety concept is empty.")

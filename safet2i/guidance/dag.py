@@ -142,6 +142,24 @@ def dag_direction(eps_uncond, eps_cond, eps_concept, attn: torch.Tensor | None, 
     return d_p - config.scale * factor * (eps_concept - eps_uncond)
 
 
+def guideline_context(context: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Stage 1 guideline-token embeddings ``rows`` [k, D] placed in a full conditioning
+    ``context`` [1, T, D] (the concept text's encoding) at the token positions 1..k, after the
+    start token; returns the new context and those positions. The rows must be read among the
+    context's other keys (start, padding): on their own, the softmax over k keys averaged over
+    the same k tokens is 1/k everywhere and locates nothing."""
+    if context.ndim != 3 or context.shape[0] != 1:
+        raise ValueError(f"the context must be [1, T, D], got {list(context.shape)}")
+    if rows.ndim != 2 or rows.shape[1] != context.shape[2]:
+        raise ValueError(f"guideline embeddings of width {rows.shape[-1]} do not fit a text width of {context.shape[2]}")
+    k = int(rows.shape[0])
+    if not 1 <= k <= context.shape[1] - 2:
+        raise ValueError(f"{k} guideline embeddings do not fit a context of {context.shape[1]} positions")
+    out = context.clone()
+    out[0, 1:1 + k] = rows.to(out)
+    return out, list(range(1, 1 + k))
+
+
 class DAGGuidance(Guidance):
     """Detect-and-Guide-style guidance under the contract: ``direction`` also takes the
     concept's attention map (``needs.attention``)."""

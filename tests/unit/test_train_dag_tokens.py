@@ -589,3 +589,44 @@ def test_the_comfyui_node_refuses_bad_tokens(nodes):
     save(folder / "lora.safetensors", {"lora_up": torch.zeros(2)}, "lora")
     with pytest.raises(SafeT2IError, match="not a Detect-and-Guide tokens file"):
         node.execute(comfy_model(), clip, "", **NODE_ARGS, guideline_tokens="lora.safetensors")
+
+
+def test_guideline_embeddings_sit_among_the_concepts_keys_not_alone():
+    """Stage 1 embeddings [k, D] alone as the context give a map of exactly 1/k everywhere (the
+    softmax over k keys averaged over the same k): they locate nothing. Placed at positions 1..k
+    of the concept's full encoding, the map varies over the image."""
+    from safet2i.guidance.dag import guideline_context, token_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 16, generator=g)
+    base = torch.randn(1, 10, 16, generator=g)
+    q = torch.randn(1, 25, 16, generator=g)      # 5 x 5 pixels, 2 heads of 8
+    alone = token_attention(q, rows[None], 2, [0, 1, 2])
+    assert torch.allclose(alone, torch.full_like(alone, 1 / 3), atol=1e-6)
+    ctx, pos = guideline_context(base, rows)
+    assert pos == [1, 2, 3] and torch.equal(ctx[0, 1:4], rows) and torch.equal(ctx[0, 4:], base[0, 4:])
+    assert torch.equal(ctx[0, 0], base[0, 0]) and not torch.equal(base[0, 1:4], rows)   # input untouched
+    placed = token_attention(q, ctx, 2, pos)
+    assert float(placed.max() - placed.min()) > 1e-3
+    with pytest.raises(ValueError, match="width"):
+        guideline_context(base, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        guideline_context(base, torch.randn(9, 16))
+
+
+def test_the_comfyui_node_places_guideline_embeddings_in_the_concepts_encoding(nodes, monkeypatch):
+    mod, _folder, captured = nodes
+    emb = torch.randn(2, 768, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(mod, "load_guideline", lambda name: emb)
+    base = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
+    clip = mock.MagicMock(name="clip")
+    clip.encode_from_tokens_scheduled.return_value = [[base, {"pooled_output": torch.ones(1, 4)}]]
+    mod.SafeT2IDetectGuide.execute(comfy_model(), clip, "nudity", **{**NODE_ARGS, "guideline_embeddings": "e.safetensors"})
+    assert captured["tokens"] == [1, 2]
+    ((cond, extra),) = captured["cond"]
+    assert torch.equal(cond[0, 1:3], emb) and torch.equal(cond[0, 3:], base[0, 3:]) and cond.shape == base.shape
+    assert torch.equal(extra["pooled_output"], torch.ones(1, 4))
+    monkeypatch.setattr(mod, "load_guideline", lambda name: torch.randn(2, 1024))
+    with pytest.raises(SafeT2IError, match="width"):
+        mod.SafeT2IDetectGuide.execute(comfy_model(), clip, "nudity",
+                                       **{**NODE_ARGS, "guideline_embeddings": "e.safetensors"})
