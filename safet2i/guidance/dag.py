@@ -104,13 +104,10 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: list[i
     return probs[..., idx].mean(dim=(1, 3))
 
 
-def aggregate_attention(maps: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Average cross-attention maps of several layers ([B, HW_l] each, already averaged over
-    heads and concept tokens) at the latent size; normalise each image to max 1.
-
-    Layers at 1/2 and 1/4 of the latent resolution (16×16 and 32×32 for a 512 px SD image)
-    are used when present, as in the paper; otherwise every layer given.
-    """
+def average_maps(maps: list[torch.Tensor], latent_hw: tuple[int, int], downscales: tuple[int, ...] = (2, 4)
+                 ) -> torch.Tensor:
+    """Per-layer maps ([B, HW_l] each) -> [B, H, W]: the layers at ``downscales`` of the latent
+    size (every layer when none is), upsampled bilinearly to it and averaged."""
     H, W = latent_hw
     sized = []
     for m in maps:
@@ -119,8 +116,18 @@ def aggregate_attention(maps: list[torch.Tensor], latent_hw: tuple[int, int]) ->
         if h * w != m.shape[1]:
             h, w = math.ceil(H / f), math.ceil(W / f)
         sized.append((round(f), m.reshape(m.shape[0], h, w)))
-    chosen = [m for f, m in sized if f in (2, 4)] or [m for _, m in sized]
-    avg = torch.stack([to_latent(m, (H, W))[:, 0] for m in chosen]).mean(0)
+    chosen = [m for f, m in sized if f in tuple(downscales)] or [m for _, m in sized]
+    return torch.stack([to_latent(m, (H, W))[:, 0] for m in chosen]).mean(0)
+
+
+def aggregate_attention(maps: list[torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Average cross-attention maps of several layers ([B, HW_l] each, already averaged over
+    heads and concept tokens) at the latent size; normalise each image to max 1.
+
+    Layers at 1/2 and 1/4 of the latent resolution (16×16 and 32×32 for a 512 px SD image)
+    are used when present, as in the paper; otherwise every layer given.
+    """
+    avg = average_maps(maps, latent_hw)
     return avg / avg.flatten(1).max(1).values.clamp_min(1e-12).view(-1, 1, 1)
 
 

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,29 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | os.PathLike) -> str:
+    from ..runtime import file_sha256  # noqa: PLC0415
+
+    return file_sha256(path)
+
+
+def output_paths(out: str | os.PathLike, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
+    """Where a LoRA trainer writes each format: the first to ``out`` (``.safetensors``), the
+    others to ``OUT.<format>.safetensors``; existing files refused unless ``overwrite``."""
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise TrainError(f"the output must be a .safetensors file, not {out}")
+    if not formats:
+        raise TrainError("give at least one LoRA format (kohya, peft)")
+    paths: dict[str, Path] = {}
+    for fmt in formats:
+        if fmt not in ("kohya", "peft"):
+            raise TrainError(f"unknown LoRA format {fmt!r}: use kohya or peft")
+        paths[fmt] = out if fmt == formats[0] else out.with_name(out.stem + f".{fmt}.safetensors")
+    for p in paths.values():
+        if p.exists() and not overwrite:
+            raise TrainError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
+    return paths
 
 
 def base_sha256(model: str | os.PathLike) -> str:

@@ -181,20 +181,9 @@ def aggregate_raw(maps, latent_hw: tuple[int, int], downscales: Sequence[int] = 
     """Per-layer maps ([B, HW_l] each) -> A [B, H, W]: the layers at ``downscales`` of the latent
     size (all layers when none is), upsampled bilinearly and averaged; Stage 2's
     :func:`~safet2i.guidance.dag.aggregate_attention` before its max normalisation."""
-    import torch  # noqa: PLC0415
+    from ..guidance.dag import average_maps  # noqa: PLC0415
 
-    from ..guidance.dag import to_latent  # noqa: PLC0415
-
-    H, W = latent_hw
-    sized = []
-    for m in maps:
-        f = math.sqrt(H * W / m.shape[1])
-        h, w = max(1, round(H / f)), max(1, round(W / f))
-        if h * w != m.shape[1]:
-            h, w = math.ceil(H / f), math.ceil(W / f)
-        sized.append((round(f), m.reshape(m.shape[0], h, w)))
-    chosen = [m for f, m in sized if f in tuple(downscales)] or [m for _, m in sized]
-    return torch.stack([to_latent(m, (H, W))[:, 0] for m in chosen]).mean(0)
+    return average_maps(maps, latent_hw, tuple(downscales))
 
 
 class _Sink:

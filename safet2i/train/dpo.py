@@ -66,6 +66,7 @@ from .common import (
     gradient_checkpointing,
     load_optimizer,
     optimizer_tensors,
+    output_paths,
     run_steps,
     step_generator,
 )
@@ -450,21 +451,6 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _outputs(out: str | os.PathLike, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise TrainError(f"the output must be a .safetensors file, not {out}")
-    paths = {}
-    for fmt in formats:
-        if fmt not in ("kohya", "peft"):
-            raise TrainError(f"unknown LoRA format {fmt!r}: use kohya or peft")
-        paths[fmt] = out if fmt == formats[0] else out.with_name(out.stem + f".{fmt}.safetensors")
-    for p in paths.values():
-        if p.exists() and not overwrite:
-            raise TrainError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
-    return paths
-
-
 def _save(lora: Any, paths: dict[str, Path], meta: dict[str, str], overwrite: bool) -> list[Path]:
     from .lora_layers import save_lora  # noqa: PLC0415
 
@@ -486,7 +472,7 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
     cfg.check()
     if len(pairs.unsafe) != len(pairs.safe) or len(pairs.unsafe) == 0:
         raise TrainError("DUO needs at least one (unsafe, safe) pair of equally many images")
-    paths = _outputs(out, list(formats), overwrite)
+    paths = output_paths(out, list(formats), overwrite)
     out = paths[formats[0]]
     data_hash = pairs.sha256()
     run_hash = config_hash({"method": "duo", "hyper": cfg.hyper(), "data": data_hash, "base": base_sha256})
@@ -637,7 +623,7 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
     if not harmful:
         raise TrainError("SC-DPO needs at least one harmful prompt")
     prompts = harmful + clean
-    paths = _outputs(out, list(formats), overwrite)
+    paths = output_paths(out, list(formats), overwrite)
     out = paths[formats[0]]
     data_hash = images_sha256(extra=json.dumps({"harmful": harmful, "clean": clean, "note": data_note}))
     run_hash = config_hash({"method": "sc-dpo", "hyper": dataclasses.asdict(cfg), "data": data_hash,

@@ -1012,23 +1012,6 @@ def reward_stats(rollouts: Rollouts) -> dict[str, float]:
 # =========================================================================== the trainer
 
 
-def _outputs(out: str | os.PathLike, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise TrainError(f"the output must be a .safetensors file, not {out}")
-    if not formats:
-        raise TrainError("give at least one LoRA format (kohya, peft)")
-    paths: dict[str, Path] = {}
-    for fmt in formats:
-        if fmt not in ("kohya", "peft"):
-            raise TrainError(f"unknown LoRA format {fmt!r}: use kohya or peft")
-        paths[fmt] = out if fmt == formats[0] else out.with_name(out.stem + f".{fmt}.safetensors")
-    for p in paths.values():
-        if p.exists() and not overwrite:
-            raise TrainError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
-    return paths
-
-
 def _base_identity(pipe: Any, base_model: str | os.PathLike | None) -> tuple[str, str]:
     """(base model name, sha256): of the model path when given (:func:`base_sha256`), else of the
     pipeline's weights (the bench's :func:`pipeline_identity` digest)."""
@@ -1072,6 +1055,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
         gradient_checkpointing,
         load_optimizer,
         optimizer_tensors,
+        output_paths,
         resolve_device,
         run_steps,
     )
@@ -1086,7 +1070,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
             raise TrainError(f"the {name} reward has weight {wt:g} but no {name} reward was given")
         if fn is not None and not callable(fn):
             raise TrainError(f"the {name} reward must be callable (images, prompts) -> rewards")
-    paths = _outputs(out, list(formats), overwrite)
+    paths = output_paths(out, list(formats), overwrite)
     out = paths[formats[0]]
     log_path = Path(log_path) if log_path is not None else out.with_suffix(".log.json")
     device = resolve_device(config.device)
