@@ -4,7 +4,9 @@ into the API format ``POST /prompt`` accepts, using the server's ``/object_info`
 Handles what our example workflows use: links, positional ``widgets_values`` (skipping
 the frontend-only value after ``control_after_generate`` widgets), muted/bypassed nodes
 (dropped) and Note nodes. Subgraphs, primitive nodes, reroutes, unknown node types, links
-from dropped nodes and missing widget values are rejected with a ValueError naming them.
+from dropped nodes and missing values of required widgets are rejected with a ValueError naming
+them (trailing optional widgets without a value, as in workflows saved before such an input was
+appended, keep their defaults as in the frontend).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ UNSUPPORTED = {"PrimitiveNode", "Reroute"}
 
 def _widget_names(spec: dict) -> list[tuple[str, bool]]:
     """(input name, has a control_after_generate value) for widget inputs, in order."""
+    return [(name, control) for name, control, _ in _widgets(spec)]
+
+
+def _widgets(spec: dict) -> list[tuple[str, bool, bool]]:
+    """(input name, has a control_after_generate value, optional) for widget inputs, in order."""
     out = []
     order = spec.get("input_order", {})
     for group in ("required", "optional"):
@@ -22,7 +29,7 @@ def _widget_names(spec: dict) -> list[tuple[str, bool]]:
             typ, *rest = spec["input"][group][name]
             opts = rest[0] if rest and isinstance(rest[0], dict) else {}
             if isinstance(typ, list) or typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                out.append((name, bool(opts.get("control_after_generate"))))
+                out.append((name, bool(opts.get("control_after_generate")), group == "optional"))
     return out
 
 
@@ -51,8 +58,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 linked.add(inp["name"])
         values = list(node.get("widgets_values") or [])
         i = 0
-        for name, has_control in _widget_names(spec):
-            # The frontend keeps a value for every widget, linked ones too (the link wins).
+        for name, has_control, optional in _widgets(spec):
+            # The frontend keeps a value for every widget, linked ones too (the link wins). A
+            # workflow saved before an optional input was appended has no value for it: the
+            # frontend keeps the widget's default, and the server uses it when the input is absent.
+            if i >= len(values) and optional:
+                i += 1
+                continue
             if i >= len(values):
                 raise ValueError(f"node {node['id']} ({node['type']}) has no widget value for {name!r}")
             if name not in linked:
