@@ -230,15 +230,28 @@ class Denoiser:
         return out.float()
 
 
-def _prepare(pipe: Any, device: str, gradient_ckpt: bool) -> None:
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        m = getattr(pipe, name, None)
-        if m is not None:
-            m.requires_grad_(False).eval()
+def _prepare(pipe: Any, device: str, gradient_ckpt: bool) -> Callable[[], None]:
+    """Freeze the pipeline's models for LoRA training; returns the function that gives the
+    caller's pipeline back as it was (modes, requires_grad, activation checkpointing)."""
+    mods = [m for m in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "unet"))
+            if m is not None]
+    before = [(m, m.training, {p: p.requires_grad for p in m.parameters()}) for m in mods]
+    ckpt_before = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+    for m in mods[:-1]:
+        m.requires_grad_(False).eval()
     pipe.unet.requires_grad_(False)
     pipe.unet.train()
     gradient_checkpointing(pipe.unet, gradient_ckpt)
     pipe.set_progress_bar_config(disable=True)
+
+    def restore() -> None:
+        for m, training, grads in before:
+            m.train(training)
+            for p, g in grads.items():
+                p.requires_grad_(g)
+        if not ckpt_before and getattr(pipe.unet, "is_gradient_checkpointing", False):
+            pipe.unet.disable_gradient_checkpointing()
+    return restore
 
 
 def images_sha256(*arrays: np.ndarray, extra: str = "") -> str:
@@ -477,11 +490,15 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
     data_hash = pairs.sha256()
     run_hash = config_hash({"method": "duo", "hyper": cfg.hyper(), "data": data_hash, "base": base_sha256})
     ckpt = Checkpoint(out.with_name(out.name + ".partial"), run_hash)
-    _prepare(pipe, device, cfg.gradient_checkpointing)
-    den = Denoiser(pipe, device, cfg.precision)
-    z_pos = den.encode_images(pairs.safe)
-    z_neg = den.encode_images(pairs.unsafe)
-    lora = inject_lora(pipe.unet, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    restore = _prepare(pipe, device, cfg.gradient_checkpointing)
+    try:
+        den = Denoiser(pipe, device, cfg.precision)
+        z_pos = den.encode_images(pairs.safe)
+        z_neg = den.encode_images(pairs.unsafe)
+        lora = inject_lora(pipe.unet, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    except BaseException:
+        restore()
+        raise
     try:
         opt = torch.optim.AdamW(lora.parameters(), lr=cfg.effective_lr, betas=(0.9, 0.999),
                                 weight_decay=cfg.weight_decay)
@@ -546,6 +563,7 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
         return TrainResult(files, lp, summary)
     finally:
         lora.remove()
+        restore()
 
 
 # --------------------------------------------------------------------------------- SC-DPO
@@ -629,9 +647,13 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
     run_hash = config_hash({"method": "sc-dpo", "hyper": dataclasses.asdict(cfg), "data": data_hash,
                             "base": base_sha256})
     ckpt = Checkpoint(out.with_name(out.name + ".partial"), run_hash)
-    _prepare(pipe, device, cfg.gradient_checkpointing)
-    den = Denoiser(pipe, device, cfg.precision)
-    lora = inject_lora(pipe.unet, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    restore = _prepare(pipe, device, cfg.gradient_checkpointing)
+    try:
+        den = Denoiser(pipe, device, cfg.precision)
+        lora = inject_lora(pipe.unet, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)
+    except BaseException:
+        restore()
+        raise
     try:
         opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         log, start, seconds = LossLog(), 0, 0.0
@@ -738,3 +760,4 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
         return TrainResult(files, lp, summary)
     finally:
         lora.remove()
+        restore()

@@ -316,3 +316,27 @@ def test_train_sc_dpo_end_to_end(pipe, tmp_path):
     h.undo()
     with pytest.raises(TrainError, match="lam_mode"):
         dpo.ScDpoConfig(lam_mode="other").check()
+
+
+def test_duo_on_sdxl_with_bf16_and_gradient_checkpointing(tmp_path):
+    """The SDXL conditioning (pooled text and size ids), CPU bf16 autocast and activation
+    checkpointing: two steps run, the loss is finite, and the file loads with full coverage."""
+    from safet2i.diffusers_adapter import load_safety_lora
+
+    from tiny_diffusers import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(tmp_path / "xl")
+    pipe.unet.requires_grad_(False)
+    cfg = dpo.DuoConfig(steps=2, batch_size=1, rank=2, lr=1e-3, prior_weight=1.0, precision="bf16",
+                        gradient_checkpointing=True)
+    res = dpo.train_duo(pipe, _pairs(n=2), cfg, out=tmp_path / "xl.safetensors", progress=False)
+    log = json.loads(res.log.read_text())
+    assert len(log["steps"]) == 2 and all(math.isfinite(s["loss"]) for s in log["steps"])
+    assert not pipe.unet.is_gradient_checkpointing and not pipe.unet.training   # the caller's pipeline as it was
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+    h = load_safety_lora(pipe, res.files[0])
+    assert not h.coverage.unmatched and h.coverage.applied
+    h.undo()
+    with pytest.raises(TrainError, match="fp16 needs CUDA"):
+        dpo.train_duo(pipe, _pairs(n=1), dpo.DuoConfig(steps=1, rank=2, precision="fp16"),
+                      out=tmp_path / "fp16.safetensors", progress=False)
