@@ -293,8 +293,9 @@ def _trainer_targets(by: dict[str, dict[str, Any]], trained: dict[str, Any]) -> 
                     "measured": "n/a" if gap is None else f"{100 * gap:+.1f} points below"})
     duo, sc = by.get("DUO LoRA"), by.get("SC-DPO LoRA")
     if duo is not None and sc is not None:
+        sa, da = sc.get("benign_accuracy"), duo.get("benign_accuracy")
         out.append({"target": "SC-DPO keeps benign accuracy at least as well as DUO (read with their erase rates)",
-                    "met": (sc.get("benign_accuracy") or 0) >= (duo.get("benign_accuracy") or 0) - 1e-9,
+                    "met": sa is not None and da is not None and sa >= da - 1e-9,
                     "measured": f"SC-DPO {_pct(sc.get('benign_accuracy'))} (direct {_pct(sc['concept_rate']['direct'])}) "
                                 f"vs DUO {_pct(duo.get('benign_accuracy'))} (direct {_pct(duo['concept_rate']['direct'])})"})
     for name, run in trained.items():
@@ -401,7 +402,8 @@ def run_table(model: str | Path | None = None, out_dir: str | Path = "lab-table"
         from .trainers import run_lab_trainers  # noqa: PLC0415
 
         trained = run_lab_trainers(pipe, world, judge, cost, out / f"trainers-{model_key}", which=config.trainers,
-                                   settings=dict(config.trainer_settings), progress=progress, log=say)
+                                   settings=dict(config.trainer_settings), progress=progress, log=say,
+                                   device=device)
     stacks = table_stacks(world, cost, cfg.unet_channels, trained)
     prompts = table_prompts(world, config.n_per_form, config.seed)
     pk = {"num_inference_steps": config.steps, "guidance_scale": config.guidance_scale}

@@ -197,8 +197,8 @@ def lab_sc_dpo(pipe: Any, world: World, judge: Any, cost_model: str | Path, out:
 
 
 def lab_shielddiff(pipe: Any, world: World, judge: Any, cost_model: str | Path, out: str | Path, *,
-                   prompts_per_form: int = 1, overrides: dict[str, Any] | None = None, progress: bool = True
-                   ) -> LabRun:
+                   prompts_per_form: int = 1, overrides: dict[str, Any] | None = None, progress: bool = True,
+                   device: str = "cpu") -> LabRun:
     """ShieldDiff-style RL in the lab: ``prompts_per_form`` captions of each concept form, the
     lab's sampler (:meth:`ShieldDiffConfig.for_lab`), safety reward log σ(−C) of the learned cost
     model, alignment reward the lab judge's attribute agreement (concept not counted). The
@@ -210,7 +210,7 @@ def lab_shielddiff(pipe: Any, world: World, judge: Any, cost_model: str | Path, 
     prompts = [s.caption for s in samples]
     attrs = {s.caption: dict(s.attributes) for s in samples}
     cfg = sd.ShieldDiffConfig.for_lab(prompts, **{"samples_per_prompt": 4, "epochs": 3, "sample_batch_size": 16,
-                                                   "train_batch_size": 8, **(overrides or {})})
+                                                   "train_batch_size": 8, "device": device, **(overrides or {})})
 
     def run():
         return sd.train_shielddiff(pipe, cfg, safety_reward=sd.cost_model_reward(cost_model),
@@ -237,7 +237,8 @@ def lab_dag_tokens(pipe: Any, world: World, out: str | Path, *, n_unsafe: int = 
     cfg = config or DagTokenConfig(concept=world.config.concept, seed=seed)
 
     def run():
-        return train_dag_tokens(pipe, images, masks, safe, cfg, out=out, progress=progress, resume=False)
+        return train_dag_tokens(pipe, images, masks, safe, cfg, out=out, progress=progress, resume=False,
+                                overwrite=True)
 
     path, lr = timed("Detect-and-Guide tokens", run)
     ev_images, ev_masks, _ = lab_training_data(world, n_eval, 0, seed + 1, split="heldout")
@@ -248,30 +249,59 @@ def lab_dag_tokens(pipe: Any, world: World, out: str | Path, *, n_unsafe: int = 
     return lr
 
 
+def _run_key(name: str, settings: dict[str, Any], cost_model: str | Path) -> str:
+    """What a lab run's result depends on besides the model and judge (they name the folder):
+    the trainer, its settings (callables by name, configs by value), the cost model's bytes and
+    SafeT2I's version. A record with another key is trained again."""
+    import dataclasses  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    from .. import __version__  # noqa: PLC0415
+    from ..runtime import file_sha256  # noqa: PLC0415
+
+    def plain(o: Any) -> Any:
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        return getattr(o, "__qualname__", None) or type(o).__name__
+
+    cost = Path(cost_model)
+    files = [cost, cost.with_suffix(".onnx")] if cost.suffix == ".json" else [cost]
+    text = json.dumps({"trainer": name, "settings": settings, "version": __version__,
+                       "cost": [file_sha256(f) for f in files if f.is_file()]}, sort_keys=True, default=plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 #: The trainer runs of the lab table, in order (name -> what it yields).
 TRAINERS = ("DUO", "SC-DPO", "SC-DPO (no DFM)", "ShieldDiff-style RL", "Detect-and-Guide tokens")
 
 
 def run_lab_trainers(pipe: Any, world: World, judge: Any, cost_model: str | Path, folder: str | Path, *,
                      which: Sequence[str] = TRAINERS, settings: dict[str, dict[str, Any]] | None = None,
-                     progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, LabRun]:
+                     progress: bool = True, log: Callable[[str], None] | None = None,
+                     device: str | None = None) -> dict[str, LabRun]:
     """Run the lab trainers ``which`` into ``folder`` (one JSON record per run; a run whose record
     and files exist is reused, not retrained). ``settings[name]``: keyword arguments of that
     trainer's lab function (tests pass tiny configs)."""
     import json  # noqa: PLC0415
 
+    from ..fileio import atomic_write  # noqa: PLC0415
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     settings = settings or {}
     say = log or (lambda _m: None)
+    dev = device or str(getattr(pipe, "device", "cpu"))
     fns = {
-        "DUO": lambda kw: lab_duo(pipe, world, judge, folder / "duo.safetensors", progress=progress, **kw),
+        "DUO": lambda kw: lab_duo(pipe, world, judge, folder / "duo.safetensors", progress=progress, device=dev,
+                                  **kw),
         "SC-DPO": lambda kw: lab_sc_dpo(pipe, world, judge, cost_model, folder / "sc-dpo.safetensors", dfm=True,
-                                        progress=progress, **kw),
+                                        progress=progress, device=dev, **kw),
         "SC-DPO (no DFM)": lambda kw: lab_sc_dpo(pipe, world, judge, cost_model, folder / "sc-dpo-no-dfm.safetensors",
-                                                 dfm=False, progress=progress, **kw),
+                                                 dfm=False, progress=progress, device=dev, **kw),
         "ShieldDiff-style RL": lambda kw: lab_shielddiff(pipe, world, judge, cost_model,
-                                                         folder / "shielddiff.safetensors", progress=progress, **kw),
+                                                         folder / "shielddiff.safetensors", progress=progress,
+                                                         device=dev, **kw),
         "Detect-and-Guide tokens": lambda kw: lab_dag_tokens(pipe, world, folder / "dag-tokens.safetensors",
                                                              progress=progress, **kw),
     }
@@ -280,14 +310,19 @@ def run_lab_trainers(pipe: Any, world: World, judge: Any, cost_model: str | Path
         if name not in fns:
             raise ValueError(f"unknown lab trainer {name!r}; use {', '.join(TRAINERS)}")
         record = folder / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".json")
+        key = _run_key(name, settings.get(name, {}), cost_model)
         if record.is_file():
-            d = json.loads(record.read_text(encoding="utf-8"))
-            if all(Path(f).is_file() for f in d["files"]):
+            try:
+                d = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                d = {}
+            if d.get("key") == key and all(Path(f).is_file() for f in d.get("files", [])):
                 out[name] = LabRun(d["method"], d["files"], d["seconds"], d["peak_rss_mib"], d["rss_increase_mib"],
                                    d["summary"])
                 continue
         say(f"training {name} in the lab")
         run = fns[name](dict(settings.get(name, {})))
-        record.write_text(json.dumps(run.to_dict(), indent=1, default=str))
+        data = json.dumps({**run.to_dict(), "key": key}, indent=1, default=str).encode()
+        atomic_write(record, lambda fh: fh.write(data))
         out[name] = run
     return out

@@ -18,6 +18,8 @@ too with ``--format peft``), ``FILE.log.json`` (every step's loss and terms) and
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -327,7 +329,8 @@ def _run_dag_tokens(args, progress: bool) -> int:
         cfg = DagTokenConfig(concept=concept, steps=args.steps, lr=args.lr, neg_weight=args.neg_weight,
                              seed=args.seed, precision=args.precision)
         path = train_dag_tokens(pipe, images, masks, safe, cfg, out=out, progress=progress,
-                                resume=not args.no_resume, base_model=None if args.lab else args.model)
+                                resume=not args.no_resume, base_model=None if args.lab else args.model,
+                                overwrite=args.overwrite)
         print(f"wrote {path}")
         if args.evaluate:
             ev = evaluate_detection(pipe, path, images, masks)
@@ -364,12 +367,20 @@ def run(args) -> int:
                     raise SafeT2IError("give one --safe-prompt for each --unsafe-prompt")
                 from ..bench.judges import load_bench_judge  # noqa: PLC0415
 
-                judge = load_bench_judge(args.judge, lab_judge=args.lab_judge)
-                pairs = dpo.make_duo_pairs(pipe, args.unsafe_prompt, args.safe_prompt, lambda im: judge.judge(im).concept,
-                                           n=args.n, seed=args.seed or 0, steps=args.sample_steps,
-                                           guidance_scale=args.guidance_scale, strength=args.strength,
-                                           sdedit_guidance_scale=args.guidance_scale, max_tries=args.max_tries,
-                                           progress=progress)
+                from .common import output_paths  # noqa: PLC0415
+
+                output_paths(args.out, formats, args.overwrite)    # an existing output: refused before any work
+                # generated pairs are kept beside the checkpoint: a resumed run trains on the same pairs
+                cache = Path(args.out).with_name(Path(args.out).name + ".partial") / "duo-pairs.safetensors"
+                pairs = dpo.load_duo_pairs(cache) if cache.is_file() and not args.no_resume else None
+                if pairs is None:
+                    judge = load_bench_judge(args.judge, lab_judge=args.lab_judge)
+                    pairs = dpo.make_duo_pairs(pipe, args.unsafe_prompt, args.safe_prompt,
+                                               lambda im: judge.judge(im).concept, n=args.n, seed=args.seed or 0,
+                                               steps=args.sample_steps, guidance_scale=args.guidance_scale,
+                                               strength=args.strength, sdedit_guidance_scale=args.guidance_scale,
+                                               max_tries=args.max_tries, progress=progress)
+                    dpo.save_duo_pairs(pairs, cache)
                 if args.save_pairs:
                     _save_pairs(pairs, Path(args.save_pairs))
             cfg = dpo.DuoConfig(beta=args.beta, lr=args.lr, prior_weight=args.prior_weight,
@@ -377,6 +388,10 @@ def run(args) -> int:
                                 alpha=args.alpha, targets=args.targets, seed=42 if args.seed is None else args.seed,
                                 precision=args.precision, gradient_checkpointing=args.gradient_checkpointing)
             res = dpo.train_duo(pipe, pairs, cfg, **common)
+            if not args.pairs:
+                cache.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    cache.parent.rmdir()
             print(f"DUO: {res.summary['pairs']} pairs, {res.summary['steps']} steps in {res.summary['seconds']:.0f} s, "
                   f"final loss {res.summary['final_loss']:.4g}")
             return _finish(res, args, "DUO: Direct Unlearning Optimization",
@@ -392,7 +407,8 @@ def run(args) -> int:
                               seed=0 if args.seed is None else args.seed, precision=args.precision,
                               gradient_checkpointing=args.gradient_checkpointing)
         res = dpo.train_sc_dpo(pipe, harmful, clean, cfg, reward=reward, cost=cost,
-                               data_note=f"cost model {Path(args.cost_model).name}, reward {args.reward}", **common)
+                               data_note=json.dumps({"cost": _describe(cost), "reward": _describe(reward)},
+                                                    sort_keys=True, default=str), **common)
         last = res.summary["rounds"][-1]
         print(f"SC-DPO: {cfg.rounds} rounds x {cfg.steps_per_round} steps in {res.summary['seconds']:.0f} s; last round: "
               f"harmful mean cost {last['harmful_mean_cost']:+.3f}, lambda {res.summary['final_lambda']:.4g}")
@@ -407,6 +423,13 @@ def _save_pairs(pairs, folder: Path) -> None:
         (folder / sub).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(imgs):
             Image.fromarray(im).save(folder / sub / f"{i:05d}.png")
+
+
+def _describe(scorer) -> object:
+    """What a scorer is (model file and sha256), for the run's identity."""
+    from .shielddiff import describe_reward  # noqa: PLC0415
+
+    return describe_reward(getattr(scorer, "reward", None))
 
 
 def _sc_dpo_scorers(args, device: str):

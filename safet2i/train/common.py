@@ -172,44 +172,65 @@ def load_optimizer(opt: Any, tensors: dict[str, Any], prefix: str = "opt.") -> N
 
 
 class Checkpoint:
-    """A resumable run's state in ``folder``: tensors (safetensors) and JSON. :meth:`load`
-    returns None for a missing checkpoint and refuses one of another run (``run_hash``) or
-    whose tensors do not match the JSON's sha256."""
+    """A resumable run's state in ``folder``: tensors (safetensors) and JSON. Each save writes a
+    new tensors file, then the JSON that names it (both atomically), then removes the older
+    tensors file: an interruption at any point leaves a complete checkpoint. :meth:`load`
+    returns None for a missing checkpoint and refuses one of another run (``run_hash``) or whose
+    tensors do not match the JSON's sha256."""
 
     def __init__(self, folder: str | os.PathLike, run_hash: str):
         self.folder, self.run_hash = Path(folder), run_hash
+
+    def _state(self) -> dict[str, Any] | None:
+        sp = self.folder / CHECKPOINT_STATE
+        if not sp.is_file():
+            return None
+        try:
+            return json.loads(sp.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"{sp}: unreadable checkpoint ({exc}); delete the folder to start over") from exc
 
     def save(self, tensors: dict[str, Any], state: dict[str, Any]) -> None:
         from ..fileio import atomic_write, save_safetensors  # noqa: PLC0415
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            old = self._state()
+        except TrainError:
+            old = None
+        index = int((old or {}).get("save_index", 0)) + 1
+        name = f"checkpoint-{index:06d}.safetensors"
         t = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_safetensors(self.folder / CHECKPOINT_TENSORS, t)
-        record = dict(state, run_hash=self.run_hash, tensors_sha256=sha256_file(self.folder / CHECKPOINT_TENSORS))
+        save_safetensors(self.folder / name, t)
+        record = dict(state, run_hash=self.run_hash, save_index=index, tensors_file=name,
+                      tensors_sha256=sha256_file(self.folder / name))
         data = json.dumps(record).encode()
         atomic_write(self.folder / CHECKPOINT_STATE, lambda fh: fh.write(data))
+        for f in self.folder.glob("checkpoint-*.safetensors"):
+            if f.name != name:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
 
     def load(self, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]] | None:
         from safetensors.torch import load_file  # noqa: PLC0415
 
-        sp, tp = self.folder / CHECKPOINT_STATE, self.folder / CHECKPOINT_TENSORS
-        if not sp.is_file():
+        state = self._state()
+        if state is None:
             return None
-        try:
-            state = json.loads(sp.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise TrainError(f"{sp}: unreadable checkpoint ({exc}); delete the folder to start over") from exc
+        sp = self.folder / CHECKPOINT_STATE
         if state.get("run_hash") != self.run_hash:
             raise TrainError(f"{self.folder} holds a checkpoint of another run (settings {state.get('run_hash')}, "
                              f"these are {self.run_hash}); use another output or delete it to start over")
-        if not tp.is_file() or state.get("tensors_sha256") != sha256_file(tp):
-            raise TrainError(f"{tp} does not match {sp} (partly written or changed); delete the folder to start over")
+        tp = self.folder / str(state.get("tensors_file", CHECKPOINT_TENSORS))
+        if tp.parent != self.folder or not tp.is_file() or state.get("tensors_sha256") != sha256_file(tp):
+            raise TrainError(f"{tp} does not match {sp} (changed by hand?); delete the folder to start over")
         return load_file(str(tp), device=device), state
 
     def remove(self) -> None:
-        for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE):
+        for f in [*self.folder.glob("checkpoint-*.safetensors"), self.folder / CHECKPOINT_TENSORS,
+                  self.folder / CHECKPOINT_STATE]:
             with contextlib.suppress(FileNotFoundError):
-                (self.folder / name).unlink()
+                f.unlink()
         with contextlib.suppress(OSError):
             self.folder.rmdir()
 

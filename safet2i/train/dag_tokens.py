@@ -584,7 +584,7 @@ def batch_loss(pipe, data: dict, idx: list[int], timesteps, noise, context, posi
 def train_dag_tokens(pipe, images, masks, safe_images, config: DagTokenConfig | None = None, *,
                      out: str | os.PathLike, progress: bool = True, resume: bool = True,
                      log_path: str | os.PathLike | None = None, base_model: str | os.PathLike | None = None,
-                     ) -> Path:
+                     overwrite: bool = False) -> Path:
     """Optimise the guideline tokens of ``config.concept`` on ``pipe`` (a diffusers SD1.x,
     SD2.x or SDXL pipeline, on CPU or CUDA) and write them to ``out`` (``.safetensors``).
 
@@ -594,13 +594,16 @@ def train_dag_tokens(pipe, images, masks, safe_images, config: DagTokenConfig | 
     ``resume`` an interrupted run continues from there (draws depend only on (seed, step), so
     the result equals an uninterrupted run's), without it any checkpoint is dropped. The loss log
     (JSON, one record per step) goes to ``log_path`` (default ``<out stem>.loss.json``).
-    ``base_model``: the model's path, hashed into the file's metadata."""
+    ``base_model``: the model's path, hashed into the file's metadata (before training).
+    An existing ``out`` is refused unless ``overwrite``."""
     import torch  # noqa: PLC0415
 
     cfg = config or DagTokenConfig()
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         raise TrainError(f"{out}: the output must be a .safetensors file")
+    if out.exists() and not overwrite:
+        raise TrainError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     data = prepare_data(pipe, images, masks, safe_images)
     n = data["latents"].shape[0]
     total = cfg.total_steps(n)

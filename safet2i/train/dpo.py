@@ -153,6 +153,7 @@ def from_reward(reward: Callable[[Any, Sequence[str]], np.ndarray], sign: float 
     def score(images: np.ndarray, prompts: Sequence[str] | None = None) -> np.ndarray:
         x = np.transpose(np.asarray(images, np.float32), (0, 3, 1, 2)) / 255.0
         return sign * np.asarray(reward(x, list(prompts) if prompts is not None else [""] * len(x)), np.float64)
+    score.reward = reward   # what it wraps (its describe() names the model and its sha256)
     return score
 
 
@@ -230,13 +231,16 @@ class Denoiser:
         return out.float()
 
 
-def _prepare(pipe: Any, device: str, gradient_ckpt: bool) -> Callable[[], None]:
+def prepare_pipeline(pipe: Any, device: str, gradient_ckpt: bool) -> Callable[[], None]:
     """Freeze the pipeline's models for LoRA training; returns the function that gives the
-    caller's pipeline back as it was (modes, requires_grad, activation checkpointing)."""
+    caller's pipeline back as it was (modes, requires_grad, activation checkpointing, progress
+    bar setting, device)."""
     mods = [m for m in (getattr(pipe, n, None) for n in ("vae", "text_encoder", "text_encoder_2", "unet"))
             if m is not None]
     before = [(m, m.training, {p: p.requires_grad for p in m.parameters()}) for m in mods]
     ckpt_before = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+    bar_before = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    device_before = getattr(pipe, "device", None)
     for m in mods[:-1]:
         m.requires_grad_(False).eval()
     pipe.unet.requires_grad_(False)
@@ -251,6 +255,9 @@ def _prepare(pipe: Any, device: str, gradient_ckpt: bool) -> Callable[[], None]:
                 p.requires_grad_(g)
         if not ckpt_before and getattr(pipe.unet, "is_gradient_checkpointing", False):
             pipe.unet.disable_gradient_checkpointing()
+        pipe._progress_bar_config = bar_before
+        if device_before is not None and getattr(pipe, "device", None) != device_before:
+            pipe.to(device_before)
     return restore
 
 
@@ -303,6 +310,38 @@ class DuoPairs:
 
     def sha256(self) -> str:
         return images_sha256(self.unsafe, self.safe)
+
+
+def save_duo_pairs(pairs: DuoPairs, path: str | os.PathLike) -> Path:
+    """Keep generated pairs (safetensors: the images; metadata: prompts and rejections)."""
+    import torch  # noqa: PLC0415
+
+    from ..fileio import save_safetensors  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"unsafe_prompts": json.dumps(pairs.unsafe_prompts), "safe_prompts": json.dumps(pairs.safe_prompts),
+            "rejected": json.dumps(pairs.rejected)}
+    save_safetensors(path, {"unsafe": torch.from_numpy(np.ascontiguousarray(pairs.unsafe)),
+                            "safe": torch.from_numpy(np.ascontiguousarray(pairs.safe))}, meta)
+    return path
+
+
+def load_duo_pairs(path: str | os.PathLike) -> DuoPairs:
+    """Pairs kept by :func:`save_duo_pairs` (a clear error for anything else)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            meta = fh.metadata() or {}
+            unsafe, safe = fh.get_tensor("unsafe"), fh.get_tensor("safe")
+        pairs = DuoPairs(unsafe, safe, json.loads(meta["unsafe_prompts"]), json.loads(meta["safe_prompts"]),
+                         json.loads(meta.get("rejected", "{}")))
+    except Exception as exc:  # noqa: BLE001 - safetensors' and json's own error types
+        raise TrainError(f"{path}: not a file of DUO pairs ({exc}); delete it to generate the pairs again") from exc
+    if unsafe.shape != safe.shape or unsafe.dtype != np.uint8 or unsafe.ndim != 4:
+        raise TrainError(f"{path}: not a file of DUO pairs (shapes {unsafe.shape} / {safe.shape})")
+    return pairs
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -490,7 +529,7 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
     data_hash = pairs.sha256()
     run_hash = config_hash({"method": "duo", "hyper": cfg.hyper(), "data": data_hash, "base": base_sha256})
     ckpt = Checkpoint(out.with_name(out.name + ".partial"), run_hash)
-    restore = _prepare(pipe, device, cfg.gradient_checkpointing)
+    restore = prepare_pipeline(pipe, device, cfg.gradient_checkpointing)
     try:
         den = Denoiser(pipe, device, cfg.precision)
         z_pos = den.encode_images(pairs.safe)
@@ -630,7 +669,8 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
                  callback: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train an SC-DPO LoRA (module docstring) and save it. ``reward(images, prompts)`` is the
     alignment/quality reward r, ``cost(images)`` the safety cost C (C > 0 unsafe). Each round's
-    pairs, λ and statistics are part of the checkpoint, so a resumed run continues exactly."""
+    pairs, λ and statistics are part of the checkpoint, so a resumed run continues with the same state
+    (on CPU equal to float tolerance inside a round: tests/unit/test_train_dpo.py)."""
     import torch  # noqa: PLC0415
 
     from .lora_layers import inject_lora, lora_metadata  # noqa: PLC0415
@@ -647,7 +687,7 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
     run_hash = config_hash({"method": "sc-dpo", "hyper": dataclasses.asdict(cfg), "data": data_hash,
                             "base": base_sha256})
     ckpt = Checkpoint(out.with_name(out.name + ".partial"), run_hash)
-    restore = _prepare(pipe, device, cfg.gradient_checkpointing)
+    restore = prepare_pipeline(pipe, device, cfg.gradient_checkpointing)
     try:
         den = Denoiser(pipe, device, cfg.precision)
         lora = inject_lora(pipe.unet, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, seed=cfg.seed)

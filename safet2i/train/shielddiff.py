@@ -281,7 +281,8 @@ def per_prompt_advantages(rewards, prompt_ids, eps: float = 1e-6) -> np.ndarray:
 def ppo_clip_loss(logp_new, logp_old, advantages, clip: float):
     """PPO's clipped surrogate, to be minimised: ``mean(-min(ρ A, clip(ρ, 1-ε, 1+ε) A))`` with
     ``ρ = exp(logp_new - logp_old)`` and ``ε = clip`` (all inputs ``[N]`` tensors; gradients flow
-    through ``logp_new`` only)."""
+    through ``logp_new`` only). The textbook form (Schulman et al. 2017), written as DDPO's
+    training loop states it (Black et al. 2023, kvablack/ddpo-pytorch, MIT)."""
     torch = _torch()
     if not (isinstance(clip, (int, float)) and 0 < clip and math.isfinite(clip)):
         raise ValueError(f"clip must be a positive finite number, got {clip!r}")
@@ -1052,7 +1053,6 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
         LossLog,
         autocast,
         config_hash,
-        gradient_checkpointing,
         load_optimizer,
         optimizer_tensors,
         output_paths,
@@ -1084,13 +1084,21 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
     run_hash = config_hash({"method": METHOD, "hyper": hashed, "prompts": list(config.prompts),
                             "base": base_digest, "rewards": rewards_desc})
     ckpt = Checkpoint(out.with_name(out.name + ".partial"), run_hash)
-    policy = DiffusionPolicy(pipe, config, device)
-    gradient_checkpointing(pipe.unet, config.gradient_checkpointing)
+    from .dpo import prepare_pipeline  # noqa: PLC0415
+
+    # the caller's pipeline comes back as it was (device, modes, requires_grad, checkpointing)
+    restore = prepare_pipeline(pipe, device, config.gradient_checkpointing)
+    try:
+        pipe.unet.eval()
+        policy = DiffusionPolicy(pipe, config, device)
+        lora = inject_lora(pipe.unet, component="unet", targets=config.targets, rank=config.rank,
+                           alpha=config.alpha, seed=config.seed, init="gaussian")
+    except BaseException:
+        restore()
+        raise
     safety_fn = safety_reward if w_s > 0 else None
     align_fn = alignment_reward if w_a > 0 else None
     n_traj = len(config.prompts) * config.samples_per_prompt
-    lora = inject_lora(pipe.unet, component="unet", targets=config.targets, rank=config.rank,
-                       alpha=config.alpha, seed=config.seed, init="gaussian")
     try:
         params = lora.parameters()
         opt = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas,
@@ -1178,3 +1186,4 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
         return out
     finally:
         lora.remove()
+        restore()

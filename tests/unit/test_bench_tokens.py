@@ -33,12 +33,12 @@ def test_tokens_need_detect_and_guide_and_are_part_of_the_key(tmp_path):
     assert plain.key() == Stack(name="z", guidance="Detect-and-Guide-style").key()
 
 
-def test_a_tokens_file_of_the_raw_concept_gives_the_raw_concept_images(tmp_path):
+def test_a_tokens_file_of_the_raw_concept_gives_the_raw_concept_images(tmp_path, monkeypatch):
     """The file holding the concept's own encoding and token positions must give exactly the
-    images of guidance on the concept text; the stack reads the file (one of another text width
-    is refused when the stack is applied). (On this tiny random model Stage 2's editing region
-    covers the whole map, so guidance skips its steps and moved rows change no pixel: that is
-    tested on real ComfyUI and in tests/unit/test_train_dag_tokens.py.)"""
+    images of guidance on the concept text; the guidance gets the file's context and positions
+    (a spy on safety_guidance), and a file of another text width is refused. (On this tiny random
+    model Stage 2's editing region covers the whole map, so guidance skips its steps and moved
+    rows change no pixel: that is tested on real ComfyUI and in tests/unit/test_train_dag_tokens.py.)"""
     from safet2i.train.dag_tokens import encode_guideline, save_dag_tokens
 
     pipe = tiny_sd_pipeline(tmp_path / "tiny")
@@ -53,6 +53,25 @@ def test_a_tokens_file_of_the_raw_concept_gives_the_raw_concept_images(tmp_path)
         with apply_stack(pipe, stack) as generate:
             out[name] = generate(["a red square", "a blue circle"], [1, 2], **kw)[0]
     assert np.array_equal(out["raw"], out["same"])
+    # the stack hands the file's context and positions to the guidance (not the concept text)
+    seen = {}
+    import safet2i.diffusers_adapter as da
+
+    real = da.safety_guidance
+
+    def spy(pipe_, method, concept=None, **kw):
+        seen.update(kw, concept=concept)
+        return real(pipe_, method, concept, **kw)
+
+    moved = ctx.clone()
+    moved[0, pos] += 1.0
+    moved_file = save_dag_tokens(tmp_path / "moved.safetensors", moved, pos, pooled, concept="red")
+    with monkeypatch.context() as m:
+        m.setattr(da, "safety_guidance", spy)
+        with apply_stack(pipe, Stack(name="m", guidance="Detect-and-Guide-style", guidance_tokens=str(moved_file))):
+            pass
+    assert seen["concept"] is None and seen["token_positions"] == list(pos)
+    assert torch.equal(seen["concept_embeds"].float(), moved)
     with pytest.raises(SafeT2IError, match="width"):
         with apply_stack(pipe, Stack(name="wide", guidance="Detect-and-Guide-style", guidance_tokens=str(wide))):
             pass

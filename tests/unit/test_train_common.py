@@ -1,0 +1,49 @@
+"""safet2i.train.common: checkpoints survive an interruption at any point of a save."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from safet2i.train import common  # noqa: E402
+
+
+def test_checkpoint_save_is_whole_at_every_point(tmp_path, monkeypatch):
+    ck = common.Checkpoint(tmp_path / "run.partial", "h1")
+    assert ck.load() is None
+    ck.save({"w": torch.ones(3)}, {"step": 1})
+    ck.save({"w": torch.full((3,), 2.0)}, {"step": 2})
+    files = sorted(p.name for p in (tmp_path / "run.partial").iterdir())
+    assert files == ["checkpoint-000002.safetensors", "checkpoint.json"]    # the older tensors are gone
+    tensors, state = ck.load()
+    assert state["step"] == 2 and torch.equal(tensors["w"], torch.full((3,), 2.0))
+
+    # interrupted after the new tensors were written, before the JSON that names them
+    from safet2i import fileio
+
+    real_write = fileio.atomic_write
+
+    def boom(target, write):
+        if str(target).endswith("checkpoint.json"):
+            raise KeyboardInterrupt
+        real_write(target, write)
+
+    monkeypatch.setattr(fileio, "atomic_write", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save({"w": torch.full((3,), 3.0)}, {"step": 3})
+    monkeypatch.undo()
+    assert (tmp_path / "run.partial" / "checkpoint-000003.safetensors").is_file()   # written, not yet named
+    tensors, state = ck.load()                                            # the last whole checkpoint
+    assert state["step"] == 2 and torch.equal(tensors["w"], torch.full((3,), 2.0))
+    ck.save({"w": torch.full((3,), 4.0)}, {"step": 4})                      # and the stray file is cleaned up
+    assert sorted(p.name for p in (tmp_path / "run.partial").iterdir()) == [
+        "checkpoint-000003.safetensors", "checkpoint.json"]
+    assert common.Checkpoint(tmp_path / "run.partial", "h1").load()[1]["step"] == 4
+    with pytest.raises(common.TrainError, match="another run"):
+        common.Checkpoint(tmp_path / "run.partial", "h2").load()
+    (tmp_path / "run.partial" / "checkpoint-000003.safetensors").write_bytes(b"changed")
+    with pytest.raises(common.TrainError, match="does not match"):
+        ck.load()
+    ck.remove()
+    assert not (tmp_path / "run.partial").exists()
