@@ -387,3 +387,15 @@ def test_sc_dpo_resumed_equals_uninterrupted(pipe, tmp_path, stop_at):
     assert [r["round"] for r in la] == [r["round"] for r in lb] and [r["lam"] for r in la] == [r["lam"] for r in lb]
     assert [r["loss"] for r in la[:stop_at]] == [r["loss"] for r in lb[:stop_at]]     # logged before the stop
     np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-3)
+
+
+def test_generated_pairs_are_kept_and_read_back(tmp_path):
+    pairs = _pairs(n=2)
+    pairs.rejected = {"unsafe": 3, "safe": 1}
+    back = dpo.load_duo_pairs(dpo.save_duo_pairs(pairs, tmp_path / "p" / "pairs.safetensors"))
+    assert np.array_equal(back.unsafe, pairs.unsafe) and np.array_equal(back.safe, pairs.safe)
+    assert back.unsafe_prompts == pairs.unsafe_prompts and back.rejected == pairs.rejected
+    assert back.sha256() == pairs.sha256()          # the same run identity on resume
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(TrainError, match="not a file of DUO pairs"):
+        dpo.load_duo_pairs(tmp_path / "bad.safetensors")
