@@ -784,13 +784,10 @@ class DiffusionPolicy:
         if unet is None or getattr(pipe, "vae", None) is None or not hasattr(pipe, "encode_prompt"):
             raise TrainError(f"ShieldDiff trains a Stable Diffusion pipeline (unet, vae, encode_prompt); got "
                              f"{type(pipe).__name__}")
-        sdxl = (getattr(unet.config, "addition_embed_type", None) == "text_time"
-                or hasattr(pipe, "text_encoder_2"))
-        if sdxl:
-            raise TrainError(f"{type(pipe).__name__}: SDXL pipelines (pooled and time-id conditioning) are "
-                             "not supported by the ShieldDiff trainer yet; use an SD1.x/SD2.x pipeline")
+        self.sdxl = (getattr(unet.config, "addition_embed_type", None) == "text_time"
+                     or hasattr(pipe, "text_encoder_2"))
         pipe.to(device)
-        for part in ("unet", "vae", "text_encoder"):
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
             mod = getattr(pipe, part, None)
             if mod is not None:
                 mod.requires_grad_(False)
@@ -817,11 +814,18 @@ class DiffusionPolicy:
                              "train")
         self.cfg = float(config.guidance_scale) > 1.0
         with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(list(config.prompts), device, 1, True,
-                                              [config.negative_prompt] * len(config.prompts))
+            out = pipe.encode_prompt(prompt=list(config.prompts), device=device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=True,
+                                     negative_prompt=[config.negative_prompt] * len(config.prompts))
+        cond, uncond = out[0], out[1]
         self.cond, self.uncond = cond.detach(), uncond.detach()
         size = int(unet.config.sample_size)
         self.latent_shape = (int(unet.config.in_channels), size, size)
+        self.pooled = self.pooled_uncond = self.time_ids = None
+        if self.sdxl:   # SDXL: pooled text and the size/crop ids (the pipeline's own defaults)
+            self.pooled, self.pooled_uncond = out[2].detach(), out[3].detach()
+            px = size * int(getattr(pipe, "vae_scale_factor", 8))
+            self.time_ids = torch.tensor([[px, px, 0, 0, px, px]], dtype=self.cond.dtype, device=device)
         self.init_sigma = float(getattr(sched, "init_noise_sigma", 1.0))
 
     def eps(self, x, t, prompt_index):
@@ -836,13 +840,23 @@ class DiffusionPolicy:
             t = t.expand(b)
         idx = torch.as_tensor(np.asarray(prompt_index), device=self.device).long()
         cond = self.cond[idx]
+
+        def added(parts):
+            if not self.sdxl:
+                return None
+            pooled = torch.cat([p[idx] for p in parts])
+            return {"text_embeds": pooled, "time_ids": self.time_ids.expand(pooled.shape[0], -1)}
+
         with autocast(self.device, self.config.mixed_precision):
             if self.cfg:
                 out = self.pipe.unet(torch.cat([x, x]), torch.cat([t, t]),
-                                     encoder_hidden_states=torch.cat([self.uncond[idx], cond])).sample
+                                     encoder_hidden_states=torch.cat([self.uncond[idx], cond]),
+                                     added_cond_kwargs=added([self.pooled_uncond, self.pooled])
+                                     if self.sdxl else None).sample
                 u, c = out.float().chunk(2)
                 return u + self.config.guidance_scale * (c - u)
-            return self.pipe.unet(x, t, encoder_hidden_states=cond).sample.float()
+            return self.pipe.unet(x, t, encoder_hidden_states=cond,
+                                  added_cond_kwargs=added([self.pooled]) if self.sdxl else None).sample.float()
 
     def logprob(self, x_t, x_prev, step, prompt_index):
         """Log-densities ``[B]`` (the config's reduction) of the stored transitions ``x_t -> x_prev``

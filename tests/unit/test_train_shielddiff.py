@@ -678,3 +678,42 @@ def test_reward_failures_name_the_reward(micro_lab, tmp_path):
     with pytest.raises(TrainError, match="no alignment reward"):
         train_shielddiff(_pipe(folder), _tiny_config(_prompts(cfg)), safety_reward=RedReward(),
                          alignment_reward=None, out=tmp_path / "x.safetensors", progress=False)
+
+
+def test_sdxl_pipeline_trains_with_pooled_text_and_size_ids(tmp_path):
+    """SDXL conditioning (pooled text embeddings and the size/crop ids) reaches the UNet in
+    sampling and in the PPO update; the LoRA loads with full coverage; the pipeline is given back."""
+    pytest.importorskip("diffusers")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_diffusers import tiny_sdxl_pipeline
+
+    from safet2i.diffusers_adapter import load_safety_lora
+    from safet2i.train.shielddiff import train_shielddiff
+
+    pipe = tiny_sdxl_pipeline(tmp_path / "xl")
+    seen = []
+    real_forward = pipe.unet.forward
+
+    def spy(*a, **kw):
+        seen.append(kw.get("added_cond_kwargs"))
+        return real_forward(*a, **kw)
+
+    pipe.unet.forward = spy
+
+    def redness(images, prompts):   # a safety reward: less red is safer
+        x = np.asarray(images, np.float64)
+        return -(x[:, 0] - x[:, 2]).mean(axis=(1, 2))
+
+    config = _tiny_config(["a red box", "a blue box"], epochs=1, steps=2, rank=2, reward_weights=(1.0, 0.0))
+    out = train_shielddiff(pipe, config, safety_reward=redness, alignment_reward=None,
+                           out=tmp_path / "xl.safetensors", progress=False)
+    del pipe.unet.forward
+    assert seen and all(a is not None and a["text_embeds"].shape[-1] == 32 and a["time_ids"].shape[-1] == 6
+                        for a in seen)
+    assert seen[0]["time_ids"][0].tolist() == [float(pipe.unet.config.sample_size * pipe.vae_scale_factor)] * 2 + \
+        [0.0, 0.0] + [float(pipe.unet.config.sample_size * pipe.vae_scale_factor)] * 2
+    h = load_safety_lora(pipe, out)
+    assert not h.coverage.unmatched and h.coverage.applied
+    h.undo()
