@@ -509,6 +509,25 @@ def _save(lora: Any, paths: dict[str, Path], meta: dict[str, str], overwrite: bo
     return [save_lora(lora, p, fmt=fmt, metadata=meta, overwrite=overwrite) for fmt, p in paths.items()]
 
 
+def _resume(ckpt: Checkpoint, lora: Any, opt: Any, device: str, resume: bool):
+    """``(start step, loss log, seconds so far, checkpoint tensors, checkpoint state)``: the LoRA
+    and the optimiser restored from ``ckpt`` when resuming and there is one, else a fresh start."""
+    state = ckpt.load(device) if resume else None
+    if state is None:
+        return 0, LossLog(), 0.0, {}, {}
+    tensors, st = state
+    lora.load_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+    load_optimizer(opt, tensors)
+    return int(st["step"]), LossLog(st["log"]), float(st["seconds"]), tensors, st
+
+
+def _state_tensors(lora: Any, opt: Any) -> dict[str, Any]:
+    """The LoRA's and the optimiser's tensors of a checkpoint (what :func:`_resume` reads)."""
+    tensors = {f"lora.{k}": v for k, v in lora.tensors().items()}
+    tensors.update(optimizer_tensors(opt))
+    return tensors
+
+
 def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, out: str | os.PathLike,
               device: str = "cpu", formats: Sequence[str] = ("kohya",), base_model: str = "",
               base_sha256: str = "", arch: str = "", progress: bool = True, resume: bool = True,
@@ -541,13 +560,7 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
     try:
         opt = torch.optim.AdamW(lora.parameters(), lr=cfg.effective_lr, betas=(0.9, 0.999),
                                 weight_decay=cfg.weight_decay)
-        log, start, seconds = LossLog(), 0, 0.0
-        state = ckpt.load(device) if resume else None
-        if state is not None:
-            tensors, st = state
-            lora.load_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-            load_optimizer(opt, tensors)
-            start, log, seconds = int(st["step"]), LossLog(st["log"]), float(st["seconds"])
+        start, log, seconds, _, _ = _resume(ckpt, lora, opt, device, resume)
         n, b = len(z_pos), cfg.batch_size
         prompts = [cfg.prompt] * b
         t_last = torch.full((b,), den.T - 1, device=device, dtype=torch.long)
@@ -579,9 +592,7 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
                     "margin": margin.detach().mean().item(), "accuracy": (margin.detach() > 0).float().mean().item()}
 
         def save(done: int) -> None:
-            tensors = {f"lora.{k}": v for k, v in lora.tensors().items()}
-            tensors.update(optimizer_tensors(opt))
-            ckpt.save(tensors, {"step": done, "log": log.records,
+            ckpt.save(_state_tensors(lora, opt), {"step": done, "log": log.records,
                                 "seconds": seconds + time.perf_counter() - t0})
 
         run_steps(cfg.steps, step, start=start, log=log, save=save, desc="safet2i train duo", progress=progress,
@@ -696,14 +707,9 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
         raise
     try:
         opt = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        log, start, seconds = LossLog(), 0, 0.0
         run: dict[str, Any] = {"lam": cfg.lam, "rounds": [], "pairs": None}
-        state = ckpt.load(device) if resume else None
-        if state is not None:
-            tensors, st = state
-            lora.load_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-            load_optimizer(opt, tensors)
-            start, log, seconds = int(st["step"]), LossLog(st["log"]), float(st["seconds"])
+        start, log, seconds, tensors, st = _resume(ckpt, lora, opt, device, resume)
+        if st:
             run["lam"], run["rounds"] = float(st["lam"]), st["rounds"]
             if "pairs.w" in tensors:
                 run["pairs"] = {"w": tensors["pairs.w"], "l": tensors["pairs.l"], "prompt": st["pair_prompts"],
@@ -772,8 +778,7 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
                     "lam": run["lam"], "round": r}
 
         def save(done: int) -> None:
-            tensors = {f"lora.{k}": v for k, v in lora.tensors().items()}
-            tensors.update(optimizer_tensors(opt))
+            tensors = _state_tensors(lora, opt)
             st = {"step": done, "log": log.records, "seconds": seconds + time.perf_counter() - t0,
                   "lam": run["lam"], "rounds": run["rounds"]}
             if run["pairs"] is not None:
