@@ -570,7 +570,7 @@ def train_classifier(config: JudgeConfig | None = None, *, progress: bool = True
         "heldout_accuracy_augmented": evaluate_classifier(classifier, augmented),
         "heldout_accuracy_benign": evaluate_classifier(
             classifier, [world.sample(k, "benign", "heldout") for k in range(config.n_eval)]),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 3),
         "torch_threads": torch.get_num_threads(),
         "final_loss": round(last, 4),
     }

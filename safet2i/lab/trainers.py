@@ -43,7 +43,7 @@ class LabRun:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "files": self.files, "seconds": round(self.seconds, 1),
+        return {"method": self.method, "files": self.files, "seconds": round(self.seconds, 3),
                 "peak_rss_mib": self.peak_rss_mib, "rss_increase_mib": self.rss_increase_mib,
                 "summary": self.summary}
 
