@@ -311,8 +311,9 @@ def _run_dag_tokens(args, progress: bool) -> int:
     )
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SafeT2IError(f"{out} exists; pass --overwrite to replace it")
+    for p in (out, out.with_name(out.stem + ".loss.json")):
+        if p.exists() and not args.overwrite:
+            raise SafeT2IError(f"{p} exists; pass --overwrite to replace it")
     device = resolve_device(args.device)
     with threads(args.threads):
         pipe = load_base(args.model, config=args.config, device=device)
@@ -372,7 +373,10 @@ def run(args) -> int:
                 output_paths(args.out, formats, args.overwrite)    # an existing output: refused before any work
                 # generated pairs are kept beside the checkpoint: a resumed run trains on the same pairs
                 cache = Path(args.out).with_name(Path(args.out).name + ".partial") / "duo-pairs.safetensors"
-                pairs = dpo.load_duo_pairs(cache) if cache.is_file() and not args.no_resume else None
+                resuming = cache.is_file() and not args.no_resume
+                if args.save_pairs and not resuming:  # a resumed run's PNGs are its own, written before
+                    _check_pairs_folder(Path(args.save_pairs), args.overwrite)
+                pairs = dpo.load_duo_pairs(cache) if resuming else None
                 if pairs is None:
                     judge = load_bench_judge(args.judge, lab_judge=args.lab_judge)
                     pairs = dpo.make_duo_pairs(pipe, args.unsafe_prompt, args.safe_prompt,
@@ -416,11 +420,27 @@ def run(args) -> int:
                        "Ruan et al., arXiv 2504.14290", arch, base_name)
 
 
+def _check_pairs_folder(folder: Path, overwrite: bool) -> None:
+    """--save-pairs writes unsafe/NNNNN.png and safe/NNNNN.png: refuse a folder that already
+    has PNGs there (an earlier run's pairs) unless --overwrite."""
+    from ..errors import SafeT2IError  # noqa: PLC0415
+
+    old = [p for sub in ("unsafe", "safe") for p in sorted((folder / sub).glob("*.png"))] if folder.is_dir() else []
+    if old and not overwrite:
+        raise SafeT2IError(f"--save-pairs {folder}: it already holds {len(old)} pair images (e.g. {old[0]}); "
+                           "choose an empty folder or pass --overwrite")
+
+
 def _save_pairs(pairs, folder: Path) -> None:
+    import re  # noqa: PLC0415
+
     from PIL import Image  # noqa: PLC0415
 
     for sub, imgs in (("unsafe", pairs.unsafe), ("safe", pairs.safe)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+        for old in (folder / sub).glob("*.png"):  # an earlier run's pairs (allowed by --overwrite): never mixed
+            if re.fullmatch(r"\d{5}\.png", old.name):
+                old.unlink()
         for i, im in enumerate(imgs):
             Image.fromarray(im).save(folder / sub / f"{i:05d}.png")
 

@@ -51,9 +51,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
-def output_paths(out: str | os.PathLike, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
+def output_paths(out: str | os.PathLike, formats: Sequence[str], overwrite: bool,
+                 log_path: str | os.PathLike | None = None) -> dict[str, Path]:
     """Where a LoRA trainer writes each format: the first to ``out`` (``.safetensors``), the
-    others to ``OUT.<format>.safetensors``; existing files refused unless ``overwrite``."""
+    others to ``OUT.<format>.safetensors``; existing files refused unless ``overwrite``, the
+    run's loss log too (``log_path``, default ``OUT`` with suffix ``.log.json``) unless it is
+    the log of an unfinished run (``"finished": false``), which a resumed run continues."""
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         raise TrainError(f"the output must be a .safetensors file, not {out}")
@@ -64,10 +67,22 @@ def output_paths(out: str | os.PathLike, formats: Sequence[str], overwrite: bool
         if fmt not in ("kohya", "peft"):
             raise TrainError(f"unknown LoRA format {fmt!r}: use kohya or peft")
         paths[fmt] = out if fmt == formats[0] else out.with_name(out.stem + f".{fmt}.safetensors")
+    log = Path(log_path) if log_path is not None else out.with_suffix(".log.json")
     for p in paths.values():
         if p.exists() and not overwrite:
             raise TrainError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
+    if log.exists() and not overwrite and not _unfinished_log(log):
+        raise TrainError(f"{log} (the loss log of an earlier run) exists; pass overwrite=True (--overwrite) to "
+                         "replace it, or choose another output name")
     return paths
+
+
+def _unfinished_log(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("finished") is False
 
 
 def base_sha256(model: str | os.PathLike) -> str:

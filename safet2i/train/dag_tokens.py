@@ -595,15 +595,18 @@ def train_dag_tokens(pipe, images, masks, safe_images, config: DagTokenConfig | 
     the result equals an uninterrupted run's), without it any checkpoint is dropped. The loss log
     (JSON, one record per step) goes to ``log_path`` (default ``<out stem>.loss.json``).
     ``base_model``: the model's path, hashed into the file's metadata (before training).
-    An existing ``out`` is refused unless ``overwrite``."""
+    An existing ``out`` or loss log is refused unless ``overwrite``."""
     import torch  # noqa: PLC0415
 
     cfg = config or DagTokenConfig()
     out = Path(out)
     if out.suffix.lower() != ".safetensors":
         raise TrainError(f"{out}: the output must be a .safetensors file")
-    if out.exists() and not overwrite:
-        raise TrainError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    log_path = Path(log_path) if log_path else out.with_name(out.stem + ".loss.json")
+    for p in (out, log_path):
+        if p.exists() and not overwrite:
+            raise TrainError(f"{p} exists; pass overwrite=True (--overwrite) to replace it")
+    sha = base_sha256(base_model) if base_model is not None else None  # the model as given, before training
     data = prepare_data(pipe, images, masks, safe_images)
     n = data["latents"].shape[0]
     total = cfg.total_steps(n)
@@ -612,7 +615,9 @@ def train_dag_tokens(pipe, images, masks, safe_images, config: DagTokenConfig | 
     base, pooled = base.to(device), None if pooled is None else pooled.to(device)
     hyper = {**dataclasses.asdict(cfg), "steps": total, "images": data["n_unsafe"], "safe_images": data["n_safe"],
              "positions": positions}
-    run_hash = config_hash({"config": dataclasses.asdict(cfg), "total": total, "data": data["digest"],
+    # checkpoint_every says when to save, not what is trained: a resume may change it
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "checkpoint_every"}
+    run_hash = config_hash({"config": ident, "total": total, "data": data["digest"],
                             "base": hashlib.sha256(base.cpu().numpy().tobytes()).hexdigest(), "positions": positions})
     ckpt = Checkpoint(out.with_name(out.name + ".partial"), run_hash)
     if not resume:
@@ -645,11 +650,9 @@ def train_dag_tokens(pipe, images, masks, safe_images, config: DagTokenConfig | 
 
     run_steps(total, step_fn, start=start, log=log, save=save, desc="dag tokens", progress=progress,
               checkpoint_every=cfg.checkpoint_every)
-    sha = base_sha256(base_model) if base_model is not None else None
     context = with_rows(base, positions, rows.detach())
     save_dag_tokens(out, context, positions, pooled, concept=cfg.concept, base_sha256=sha, hyper=hyper)
-    log.write(Path(log_path) if log_path else out.with_name(out.stem + ".loss.json"),
-              {"method": METHOD, "out": str(out), "hyper": hyper})
+    log.write(log_path, {"method": METHOD, "out": str(out), "hyper": hyper})
     ckpt.remove()
     return out
 

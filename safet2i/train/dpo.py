@@ -99,7 +99,8 @@ def prior_loss(pred, ref):
 
 def dfm_weights(margin, gamma: float):
     """The Dynamic Focusing Mechanism: ``(1 − σ(m))^γ``, detached, divided by the batch mean
-    (all ones for γ = 0)."""
+    (all ones for γ = 0, and for a batch of one pair: DFM only moves weight between a
+    batch's pairs)."""
     import torch  # noqa: PLC0415
 
     if gamma < 0 or not math.isfinite(gamma):
@@ -504,9 +505,9 @@ class TrainResult:
 
 
 def _save(lora: Any, paths: dict[str, Path], meta: dict[str, str], overwrite: bool) -> list[Path]:
-    from .lora_layers import save_lora  # noqa: PLC0415
+    from .lora_layers import save_lora_files  # noqa: PLC0415
 
-    return [save_lora(lora, p, fmt=fmt, metadata=meta, overwrite=overwrite) for fmt, p in paths.items()]
+    return save_lora_files(lora, paths, metadata=meta, overwrite=overwrite)
 
 
 def _resume(ckpt: Checkpoint, lora: Any, opt: Any, device: str, resume: bool):
@@ -543,7 +544,7 @@ def train_duo(pipe: Any, pairs: DuoPairs, config: DuoConfig | None = None, *, ou
     cfg.check()
     if len(pairs.unsafe) != len(pairs.safe) or len(pairs.unsafe) == 0:
         raise TrainError("DUO needs at least one (unsafe, safe) pair of equally many images")
-    paths = output_paths(out, list(formats), overwrite)
+    paths = output_paths(out, list(formats), overwrite, log_path)
     out = paths[formats[0]]
     data_hash = pairs.sha256()
     run_hash = config_hash({"method": "duo", "hyper": cfg.hyper(), "data": data_hash, "base": base_sha256})
@@ -692,7 +693,7 @@ def train_sc_dpo(pipe: Any, harmful_prompts: Sequence[str], clean_prompts: Seque
     if not harmful:
         raise TrainError("SC-DPO needs at least one harmful prompt")
     prompts = harmful + clean
-    paths = output_paths(out, list(formats), overwrite)
+    paths = output_paths(out, list(formats), overwrite, log_path)
     out = paths[formats[0]]
     data_hash = images_sha256(extra=json.dumps({"harmful": harmful, "clean": clean, "note": data_note}))
     run_hash = config_hash({"method": "sc-dpo", "hyper": dataclasses.asdict(cfg), "data": data_hash,

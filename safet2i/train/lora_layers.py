@@ -42,7 +42,7 @@ from ..lora.keys import LoraFormatError, Target, check_effect, to_kohya
 from ..lora.manifest import Entry, _toml_load, validate
 
 __all__ = ["COMPONENTS", "INITS", "TARGET_PRESETS", "LoRALinear", "LoraLayerError", "LoraSet", "inject_lora",
-           "lora_metadata", "manifest_entry", "module_regex", "save_lora"]
+           "lora_metadata", "manifest_entry", "module_regex", "save_lora", "save_lora_files"]
 
 TARGET_PRESETS: dict[str, str] = {
     "self-attention": r"attn1\.(to_q|to_k|to_v|to_out\.0)$",   # DUO's default (--no_cross_attn)
@@ -466,6 +466,43 @@ def save_lora(sets, path: str | os.PathLike, *, fmt: str = "kohya", metadata: di
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def save_lora_files(sets, paths: dict[str, Path], *, metadata: dict[str, str], overwrite: bool = False
+                    ) -> list[Path]:
+    """Write the same LoRA in several formats (``paths``: format -> file), all or none.
+
+    Every file's checks run first (:func:`save_lora`: new file unless ``overwrite``, no PEFT
+    config beside it); then each format is written and read back under a staging name beside
+    its target; only when every format passed are they renamed into place. A failure leaves
+    every target as it was (no half-written set that a rerun would refuse without
+    ``--overwrite``)."""
+    if not paths:
+        raise LoraLayerError("give at least one LoRA format")
+    for fmt, path in paths.items():
+        if fmt not in FORMATS:
+            raise LoraLayerError(f"unknown LoRA file format {fmt!r}; choose one of {list(FORMATS)}")
+        path = Path(path)
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise LoraLayerError(f"{path} exists; pass overwrite=True to replace it")
+        cfg = adapter_config_path(path)
+        if cfg is not None:
+            raise LoraLayerError(f"{path}: the PEFT config {cfg} beside it would be applied to this file by loaders "
+                                 "and change its scale; choose another name or folder")
+    staged: dict[str, Path] = {}
+    try:
+        for fmt, path in paths.items():
+            path = Path(path)
+            stage = path.with_name(f".{path.stem[:64]}.{os.getpid()}.staged{TMP_SUFFIX}.safetensors")
+            staged[fmt] = stage
+            save_lora(sets, stage, fmt=fmt, metadata=metadata, overwrite=True)
+        for fmt, path in paths.items():
+            os.replace(staged[fmt], path)
+    finally:
+        for stage in staged.values():
+            if stage.exists():
+                stage.unlink()
+    return [Path(p) for p in paths.values()]
 
 
 # --------------------------------------------------------------------------- manifest entry

@@ -1073,7 +1073,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
         resolve_device,
         run_steps,
     )
-    from .lora_layers import inject_lora, lora_metadata, save_lora  # noqa: PLC0415
+    from .lora_layers import inject_lora, lora_metadata, save_lora_files  # noqa: PLC0415
 
     if not isinstance(config, ShieldDiffConfig):
         raise TrainError(f"config must be a ShieldDiffConfig, not {type(config).__name__}")
@@ -1084,7 +1084,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
             raise TrainError(f"the {name} reward has weight {wt:g} but no {name} reward was given")
         if fn is not None and not callable(fn):
             raise TrainError(f"the {name} reward must be callable (images, prompts) -> rewards")
-    paths = output_paths(out, list(formats), overwrite)
+    paths = output_paths(out, list(formats), overwrite, log_path)
     out = paths[formats[0]]
     log_path = Path(log_path) if log_path is not None else out.with_suffix(".log.json")
     device = resolve_device(config.device)
@@ -1188,8 +1188,7 @@ def train_shielddiff(pipe: Any, config: ShieldDiffConfig, *, safety_reward: Rewa
                              data_sha256=data_sha256, arch=host_arch(pipe) or "custom",
                              extra={"safet2i_prompts": json.dumps(list(config.prompts)),
                                     "safet2i_rewards": json.dumps(rewards_desc, sort_keys=True, default=str)})
-        for fmt, p in paths.items():
-            save_lora(lora, p, fmt=fmt, metadata=meta, overwrite=overwrite)
+        save_lora_files(lora, paths, metadata=meta, overwrite=overwrite)
         epochs_run = [r for r in log.records if "seconds" in r]
         log.write(log_path, {**about, "finished": True, "before": box["before"], "after": after,
                              "seconds": round(seconds, 2),

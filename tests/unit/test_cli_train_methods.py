@@ -59,6 +59,20 @@ def test_train_duo_refuses_unpaired_folders(micro_lab, tmp_path, capsys):
     assert rc == 4 and "--safe-prompt" in capsys.readouterr().err
 
 
+def test_train_duo_keeps_an_earlier_runs_saved_pairs(micro_lab, tmp_path, capsys):
+    _cfg, folder, _judge, _ = micro_lab
+    (tmp_path / "pairs" / "unsafe").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "pairs" / "unsafe" / "00000.png")
+    before = (tmp_path / "pairs" / "unsafe" / "00000.png").read_bytes()
+    rc = main(["train", "duo", "--model", str(folder), "--out", str(tmp_path / "d.safetensors"),
+               "--unsafe-prompt", "a red square", "--safe-prompt", "a blue square", "--save-pairs",
+               str(tmp_path / "pairs"), "--steps", "1", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 4 and "--save-pairs" in err and "already holds 1 pair images" in err and "--overwrite" in err
+    assert (tmp_path / "pairs" / "unsafe" / "00000.png").read_bytes() == before
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "d.safetensors.partial").exists()
+
+
 def test_train_dag_tokens_on_the_lab(micro_lab, tmp_path, capsys):
     from safet2i.train.dag_tokens import load_dag_tokens
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from safet2i.train import common  # noqa: E402
+from safet2i.train.common import TrainError  # noqa: E402
 
 
 def test_checkpoint_save_is_whole_at_every_point(tmp_path, monkeypatch):
@@ -47,3 +50,28 @@ def test_checkpoint_save_is_whole_at_every_point(tmp_path, monkeypatch):
         ck.load()
     ck.remove()
     assert not (tmp_path / "run.partial").exists()
+
+
+def test_output_paths_refuse_an_earlier_runs_outputs_and_log_but_not_an_unfinished_log(tmp_path):
+    from safet2i.train.common import output_paths
+
+    out = tmp_path / "s.safetensors"
+    paths = output_paths(out, ["kohya", "peft"], overwrite=False)
+    assert paths == {"kohya": out, "peft": tmp_path / "s.peft.safetensors"}
+    log = tmp_path / "s.log.json"
+    log.write_text(json.dumps({"finished": True, "steps": []}))
+    with pytest.raises(TrainError, match=r"s\.log\.json \(the loss log of an earlier run\) exists"):
+        output_paths(out, ["kohya"], overwrite=False)
+    assert output_paths(out, ["kohya"], overwrite=True) == {"kohya": out}
+    log.write_text("not json")                          # unreadable: somebody's file, kept
+    with pytest.raises(TrainError, match="loss log"):
+        output_paths(out, ["kohya"], overwrite=False)
+    log.write_text(json.dumps({"finished": False, "steps": []}))   # an interrupted run's: it resumes
+    assert output_paths(out, ["kohya"], overwrite=False) == {"kohya": out}
+    other = tmp_path / "elsewhere.json"
+    other.write_text("{}")
+    with pytest.raises(TrainError, match="elsewhere"):
+        output_paths(out, ["kohya"], overwrite=False, log_path=other)
+    (tmp_path / "s.peft.safetensors").write_bytes(b"x")
+    with pytest.raises(TrainError, match=r"s\.peft\.safetensors exists"):
+        output_paths(out, ["kohya", "peft"], overwrite=False, log_path=tmp_path / "new.json")

@@ -281,7 +281,8 @@ def test_resume_gives_the_uninterrupted_result_and_seeds_decide(pipe, data, tmp_
     assert json.loads((partial / "checkpoint.json").read_text())["step"] == 2 and not out.exists()
     with pytest.raises(TrainError, match="another run"):                 # other settings: refused
         dt.train_dag_tokens(pipe, *data, config(steps=5, checkpoint_every=2, lr=100.0), out=out, progress=False)
-    dt.train_dag_tokens(pipe, *data, cfg, out=out, progress=False)
+    # checkpoint_every says when to save, not what is trained: the resume may change it
+    dt.train_dag_tokens(pipe, *data, config(steps=5, checkpoint_every=3), out=out, progress=False)
     assert torch.equal(dt.load_dag_tokens(out).context, a) and not partial.exists()
     cut_log = json.loads((tmp_path / "cut.loss.json").read_text())["steps"]
     full_log = json.loads((tmp_path / "full.loss.json").read_text())["steps"]
@@ -304,6 +305,28 @@ def test_the_file_round_trip_and_metadata(pipe, data, tmp_path):
     assert hyper["lr"] == 200.0 and hyper["steps"] == 1 and hyper["images"] == 2 and hyper["safe_images"] == 1
     assert (tmp_path / "log.json").is_file() and tok.width == 32
     assert tok.check_for(pipe) is tok and tok.check_for(32) is tok
+    # an existing loss log is an earlier run's record: kept unless overwrite
+    log_before = (tmp_path / "log.json").read_bytes()
+    with pytest.raises(TrainError, match=r"log\.json exists; pass overwrite"):
+        dt.train_dag_tokens(pipe, *data, config(steps=1), out=tmp_path / "t2.safetensors", progress=False,
+                            log_path=tmp_path / "log.json")
+    assert (tmp_path / "log.json").read_bytes() == log_before and not (tmp_path / "t2.safetensors").exists()
+
+
+def test_the_base_model_is_hashed_before_training(pipe, data, tmp_path, monkeypatch):
+    base_file = tmp_path / "base.safetensors"
+    base_file.write_bytes(b"the base as given")
+    real = dt.run_steps
+
+    def training_changes_the_file(*args, **kw):   # stands for anything that touches the base during training
+        base_file.write_bytes(b"changed while training")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dt, "run_steps", training_changes_the_file)
+    out = dt.train_dag_tokens(pipe, *data, config(steps=1), out=tmp_path / "h.safetensors", progress=False,
+                              base_model=base_file)
+    assert dt.load_dag_tokens(out).metadata["safet2i_base_sha256"] == \
+        hashlib.sha256(b"the base as given").hexdigest()
 
 
 def save(path, tensors, method=dt.METHOD):

@@ -81,6 +81,8 @@ def test_dfm_weights_against_float64(gamma):
         assert np.all(np.diff(w.numpy()) < 0)        # harder pairs (lower margin) weigh more
     with pytest.raises(TrainError):
         dpo.dfm_weights(torch.tensor(m), -1.0)
+    # normalised over the batch: one pair always weighs 1 (documented: DFM does nothing at batch 1)
+    assert dpo.dfm_weights(torch.tensor([m[0]]), gamma).tolist() == [1.0]
 
 
 @pytest.mark.parametrize("gamma", [0.0, 2.0])

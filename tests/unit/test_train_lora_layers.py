@@ -530,6 +530,44 @@ def test_a_file_that_reads_back_differently_is_removed(tmp_path, monkeypatch):
         ["r.safetensors"]
 
 
+def test_several_formats_are_written_all_or_none(tmp_path, monkeypatch):
+    unet = tiny_sd_pipeline(tmp_path).unet
+    lset = inject_lora(unet, rank=2)
+    randomize_up(lset, 3)
+    paths = {"kohya": tmp_path / "k.safetensors", "peft": tmp_path / "k.peft.safetensors"}
+    written = LL.save_lora_files(lset, paths, metadata=meta())
+    assert written == list(paths.values())
+    single = {fmt: LL.save_lora(lset, tmp_path / f"single-{fmt}.safetensors", fmt=fmt, metadata=meta())
+              for fmt in paths}
+    for fmt, p in paths.items():         # the same tensors and metadata as one save_lora call per format
+        assert load_file(str(p)).keys() == load_file(str(single[fmt])).keys()
+        assert all(torch.equal(load_file(str(p))[k], v) for k, v in load_file(str(single[fmt])).items())
+        assert _header(p).get("__metadata__") == _header(single[fmt]).get("__metadata__")
+    before = {p: p.read_bytes() for p in paths.values()}
+
+    real = LL.save_lora
+
+    def peft_fails(sets, path, *, fmt="kohya", **kw):
+        if fmt == "peft":
+            raise LL.LoraLayerError("disk full (test)")
+        return real(sets, path, fmt=fmt, **kw)
+
+    monkeypatch.setattr(LL, "save_lora", peft_fails)
+    randomize_up(lset, 4)
+    with pytest.raises(SafeT2IError, match="disk full"):
+        LL.save_lora_files(lset, paths, metadata=meta(), overwrite=True)
+    assert {p: p.read_bytes() for p in paths.values()} == before     # neither file changed
+    new = {"kohya": tmp_path / "n.safetensors", "peft": tmp_path / "n.peft.safetensors"}
+    with pytest.raises(SafeT2IError, match="disk full"):
+        LL.save_lora_files(lset, new, metadata=meta())
+    assert not any(p.exists() for p in new.values())                 # not the kohya file alone
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name or "staged" in p.name]
+    monkeypatch.setattr(LL, "save_lora", real)
+    with pytest.raises(SafeT2IError, match="exists; pass overwrite=True"):     # checked before any write
+        LL.save_lora_files(lset, {"kohya": tmp_path / "fresh.safetensors", "peft": paths["peft"]}, metadata=meta())
+    assert not (tmp_path / "fresh.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------- manifest entry
 
 def test_manifest_entry_round_trip(sd1_lora, tmp_path):
