@@ -367,7 +367,13 @@ def load_guideline_tokens(name: str, model):
     if not isinstance(width, int):
         raise SafeT2IError(f"Guideline tokens {name}: this model has no cross-attention text width (context_dim).")
     adm = unet_config.get("adm_in_channels")
-    tokens.check_for(width, pooled_width=1280 if adm == 2816 else None)   # SDXL: 1280 pooled + 6 x 256 sizes
+    # SDXL base: 1280 pooled CLIP-G + 6 x 256 size/crop ids; SDXL refiner: 1280 + 5 x 256 (aesthetic score)
+    pooled_width = {2816: 1280, 2560: 1280}.get(adm) if adm else None
+    if adm and pooled_width is None:
+        raise SafeT2IError(f"Guideline tokens {name}: this model's extra conditioning (adm_in_channels={adm}) is not "
+                           "an SDXL pooled text embedding (e.g. SD2.1 unCLIP's image embedding); guideline tokens "
+                           "support SD1.x, SD2.x and SDXL base/refiner.")
+    tokens.check_for(width, pooled_width=pooled_width)
     if adm and tokens.pooled is None:
         raise SafeT2IError(f"Guideline tokens {name} have no pooled embedding, which this model needs.")
     extra = {} if tokens.pooled is None else {"pooled_output": tokens.pooled}

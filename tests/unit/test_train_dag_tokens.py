@@ -592,6 +592,9 @@ def test_the_comfyui_node_uses_the_files_context_and_positions(nodes):
     dt.save_dag_tokens(folder / "xl.safetensors", torch.zeros(1, 77, 2048), [1], pooled, concept="x")
     mod.SafeT2IDetectGuide.execute(comfy_model(2048, 2816), clip, "", **NODE_ARGS, guideline_tokens="xl.safetensors")
     assert torch.equal(captured["cond"][0][1]["pooled_output"], pooled)
+    dt.save_dag_tokens(folder / "refiner.safetensors", torch.zeros(1, 77, 1280), [1], pooled, concept="x")
+    mod.SafeT2IDetectGuide.execute(comfy_model(1280, 2560), clip, "", **NODE_ARGS, guideline_tokens="refiner.safetensors")
+    assert torch.equal(captured["cond"][0][1]["pooled_output"], pooled)          # SDXL refiner
 
 
 def test_the_comfyui_node_refuses_bad_tokens(nodes):
@@ -602,6 +605,14 @@ def test_the_comfyui_node_refuses_bad_tokens(nodes):
         node.execute(comfy_model(1024), clip, "", **NODE_ARGS, guideline_tokens="sd.safetensors")
     with pytest.raises(SafeT2IError, match="no pooled embedding"):
         node.execute(comfy_model(768, 2816), clip, "", **NODE_ARGS, guideline_tokens="sd.safetensors")
+    # the pooled width is checked on the SDXL refiner too (adm 2560 = 1280 pooled + 5 x 256)
+    dt.save_dag_tokens(folder / "p.safetensors", torch.zeros(1, 77, 1280), [1], torch.zeros(1, 1024), concept="x")
+    with pytest.raises(SafeT2IError, match="1280"):
+        node.execute(comfy_model(1280, 2560), clip, "", **NODE_ARGS, guideline_tokens="p.safetensors")
+    # SD2.1 unCLIP's adm is an image embedding, which no tokens file carries
+    dt.save_dag_tokens(folder / "u.safetensors", torch.zeros(1, 77, 1024), [1], torch.zeros(1, 1536), concept="x")
+    with pytest.raises(SafeT2IError, match=r"adm_in_channels=1536\) is not an SDXL pooled text embedding"):
+        node.execute(comfy_model(1024, 1536), clip, "", **NODE_ARGS, guideline_tokens="u.safetensors")
     with pytest.raises(ModelLoadError, match="not found in models/safety_models"):
         node.execute(comfy_model(), clip, "", **NODE_ARGS, guideline_tokens="../../etc/x.safetensors")
     with pytest.raises(SafeT2IError, match=r"\.safetensors file is needed"):
