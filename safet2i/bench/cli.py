@@ -180,7 +180,10 @@ def load_pipeline(model: str, config: str | None, device: str, dtype) -> Any:
         except Exception as exc:  # noqa: BLE001 - safetensors' own error types
             raise SafeT2IError(f"--model {p}: not a readable .safetensors file ({exc})") from exc
         cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-        kw = {"config": config} if config else {}
+        # Without config= diffusers looks for the model's configs in the Hugging Face cache and, when
+        # they are not there, downloads them despite local_files_only=True: find them in the cache
+        # here and hand diffusers the local folder, or stop.
+        kw = {"config": config if config else _cached_single_file_config(p)}
         try:
             pipe = cls.from_single_file(str(p), local_files_only=True, torch_dtype=dtype, **kw)
         except Exception as exc:  # noqa: BLE001 - diffusers raises many types here
@@ -194,6 +197,49 @@ def load_pipeline(model: str, config: str | None, device: str, dtype) -> Any:
         raise SafeT2IError(f"--model {p}: no such file or folder")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _cached_single_file_config(path: Path) -> str:
+    """The local Hugging Face cache folder of the diffusers configs diffusers would choose for the
+    single-file checkpoint ``path`` (its own detection, on the few tensors it inspects); a
+    :class:`SafeT2IError` asking for ``--config`` when they are not cached. Nothing is downloaded."""
+    from collections.abc import Mapping  # noqa: PLC0415
+
+    from safetensors import safe_open  # noqa: PLC0415
+
+    from ..errors import SafeT2IError  # noqa: PLC0415
+
+    class _Lazy(Mapping):  # diffusers' detection reads a few keys' shapes: load only those
+        def __init__(self, fh):
+            self.fh, self.names = fh, set(fh.keys())
+
+        def __getitem__(self, key):
+            if key not in self.names:
+                raise KeyError(key)
+            return self.fh.get_tensor(key)
+
+        def __iter__(self):
+            return iter(self.names)
+
+        def __len__(self):
+            return len(self.names)
+
+    hint = ("without network access diffusers needs the model's configs: pass --config DIR, a local diffusers "
+            "folder of the same architecture")
+    try:
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config  # noqa: PLC0415
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        with safe_open(str(path), framework="pt") as fh:
+            repo = fetch_diffusers_config(_Lazy(fh))["pretrained_model_name_or_path"]
+    except Exception as exc:  # noqa: BLE001 - diffusers' detection raises many types
+        raise SafeT2IError(f"--model {path}: cannot tell which model this single-file checkpoint is "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {hint}") from exc
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub's not-cached errors
+        raise SafeT2IError(f"--model {path}: the configs of {repo} are not in the local Hugging Face cache and "
+                           f"nothing is downloaded; {hint}") from exc
 
 
 def stack_from_args(args) -> Any:
