@@ -77,8 +77,9 @@ class LabModelConfig:
     docs/lab.md); UNet and text encoder jointly; AdamW at
     ``lr`` with ``warmup_steps`` linear warm-up and cosine decay to ``lr * lr_final``;
     gradient norm clipped to 1; ``cfg_dropout`` of the captions replaced by "" so that
-    classifier-free guidance works; EMA of the weights, decay ``min(ema_decay,
-    (1 + n) / (10 + n))``, is what gets saved). ``text_probe_weight`` weighs an auxiliary loss
+    classifier-free guidance works; with ``ema_decay`` > 0 an EMA of the weights, decay
+    ``min(ema_decay, (1 + n) / (10 + n))``, is what gets saved; by default (0) the final weights
+    are, which measured better on the quality gate, docs/lab.md). ``text_probe_weight`` weighs an auxiliary loss
     that stands in for CLIP's pre-training: a linear probe on the text encoder's pooled output
     (the end token) predicts the six attributes of the caption's image (cross-entropy; a
     synonym, indirect or misspelled caption's colour is the concept), so captions that mean the
@@ -113,7 +114,7 @@ class LabModelConfig:
     warmup_steps: int = 100
     lr_final: float = 0.1
     weight_decay: float = 0.01
-    ema_decay: float = 0.999
+    ema_decay: float = 0.0
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     object_weight: float = 0.0

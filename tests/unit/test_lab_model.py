@@ -143,6 +143,48 @@ def test_object_weight_reweighs_the_first_diffusion_loss(tmp_path):
 
 
 @needs_bpe
+def test_saved_weights_are_the_final_ones_by_default_or_their_ema(tmp_path, monkeypatch):
+    """ema_decay 0 (the default) saves the UNet and text encoder as the last step left them;
+    ema_decay 0.9 saves their EMA with decay min(0.9, (1 + n) / (10 + n)) from the weights the
+    phase started with, recomputed here in float64 from every step's weights. The EMA never
+    feeds back: both runs train identically (same losses)."""
+    starts, steps = [], []
+    real = lab_model._diffusion_step
+
+    def recorded(run, step):
+        if step == 0:
+            starts.append([p.detach().double().clone() for p in run.trained()])
+        loss = real(run, step)
+        steps.append([p.detach().double().clone() for p in run.trained()])
+        return loss
+
+    monkeypatch.setattr(lab_model, "_diffusion_step", recorded)
+
+    def saved(folder):
+        pipe = load_pipeline(folder)
+        return [p.detach().double() for p in list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())]
+
+    assert LabModelConfig().ema_decay == 0.0
+    raw = train(micro(steps=4), cache_dir=tmp_path / "raw", progress=False)
+    got = saved(raw)
+    assert len(got) == len(steps[-1]) > 50 and all(torch.equal(a, b) for a, b in zip(got, steps[-1]))
+
+    first = steps
+    starts.clear()
+    steps = []
+    ema = train(micro(steps=4, ema_decay=0.9), cache_dir=tmp_path / "ema", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(steps[-1], first[-1]))         # the same training
+    assert training_info(ema)["losses"] == training_info(raw)["losses"]
+    expected = starts[0]
+    for n, params in enumerate(steps):
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [d * e + (1 - d) * p for e, p in zip(expected, params)]
+    got = saved(ema)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) < 1e-6
+    assert any(not torch.equal(a, b) for a, b in zip(got, first[-1]))               # not the final weights
+
+
+@needs_bpe
 def test_default_architecture():
     """The lab model's sizes (docs/lab.md, "The model")."""
     cfg = LabModelConfig()
