@@ -6,9 +6,11 @@ from .cost import Finding, ImageVerdict, grade
 from .detectors import BUILTIN, Detection, ModelSpec, OnnxClassifier, OnnxModel, YoloDetector, load_model
 from .pipeline import FilterOutput, SafetyFilter
 from .policy import DEFAULT_POLICY, PRESETS, Policy, get_policy, parse_thresholds
+from .video import DEFAULT_WINDOW, UnsafeClipError, VideoFilterOutput, filter_frames
 
 __all__ = [
-    "ACTIONS", "BUILTIN", "DEFAULT_POLICY", "PRESETS", "Detection", "FilterOutput", "Finding",
+    "ACTIONS", "BUILTIN", "DEFAULT_POLICY", "DEFAULT_WINDOW", "PRESETS", "Detection", "FilterOutput", "Finding",
     "ImageVerdict", "ModelSpec", "OnnxClassifier", "OnnxModel", "Policy", "SafetyFilter",
-    "YoloDetector", "get_policy", "grade", "load_model", "parse_thresholds",
+    "UnsafeClipError", "VideoFilterOutput", "YoloDetector", "filter_frames", "get_policy", "grade",
+    "load_model", "parse_thresholds",
 ]

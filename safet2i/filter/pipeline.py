@@ -151,6 +151,12 @@ class SafetyFilter:
         :class:`UnsafeContentError`."""
         return self._censor_checked(images, verdicts)[0]
 
+    def censor_checked_with_masks(self, images: list[np.ndarray], verdicts: list[ImageVerdict]
+                                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """:meth:`censor_checked`, also returning each image's mask as applied (after any
+        escalation)."""
+        return self._censor_checked(images, verdicts)
+
     def _censor_checked(self, images, verdicts, masks=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if len(images) != len(verdicts):
             raise SafeT2IError(f"censor_checked got {len(images)} images for {len(verdicts)} verdicts.")
