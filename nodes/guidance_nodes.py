@@ -119,12 +119,24 @@ class GuidanceRun:
             st.busy, self.capture = False, None
 
     def pre_cfg(self, args):
+        import comfy.model_sampling  # noqa: PLC0415
         import comfy.samplers  # noqa: PLC0415
 
         st, out = self.step, args["conds_out"]
         if st is None:
             raise SafeT2IError(f"SafeT2I {self.method.name} guidance: this sampler calls ComfyUI's sampling function "
                                "without its predict-noise entry point, so the guidance cannot follow the run.")
+        # ε = (x − D)/σ holds where x = x0 + σ·ε (ComfyUI's EPS family: eps, v, EDM, x0 prediction).
+        # Flow-matching sampling (CONST: x = (1 − σ)·x0 + σ·ε; SD3, Flux, ModelSamplingSD3/Flux nodes)
+        # would make every threshold and scale silently wrong: refuse, checked on the model that samples
+        # (a ModelSampling node applied after SafeT2I counts).
+        sampling = getattr(args.get("model"), "model_sampling", None)
+        if not isinstance(sampling, comfy.model_sampling.EPS):
+            raise SafeT2IError(
+                f"SafeT2I {self.method.name} guidance works on models whose latent is x0 + σ·noise (SD1.x, SD2.x, "
+                f"SDXL: eps or v prediction); this model samples with {type(sampling).__name__} (flow matching, as "
+                "SD3 and Flux, or a ModelSamplingSD3/Flux node), which it does not support yet. The image is not "
+                "produced unguided.")
         if args["conds"][1] is None or out[1] is None:
             raise SafeT2IError(
                 f"SafeT2I {self.method.name} needs classifier-free guidance: set cfg above 1.0 and connect a "
@@ -184,6 +196,8 @@ def transformer_blocks(model):
     """(block name, number, transformer index) of every cross-attention transformer block."""
     dm = model.model.diffusion_model
     found = []
+    if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        return found   # not an SD-style UNet (e.g. an MMDiT / Flux transformer): no attn2 blocks to read
     for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
         for number, block in enumerate(blocks):
             for layer in block:
@@ -215,7 +229,10 @@ def patch_model(model, method, concept, token_index: list[int] | None = None):
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = transformer_blocks(m)
         if not blocks:
-            raise SafeT2IError("Detect-and-Guide-style guidance needs a UNet with cross-attention blocks.")
+            raise SafeT2IError(
+                "Detect-and-Guide-style guidance needs a UNet with cross-attention blocks (SD1.x, SD2.x, SDXL); "
+                f"this model ({type(m.model.diffusion_model).__name__}) has none. On joint-attention models "
+                "(SD3, Flux) it is not supported yet.")
         for name, number, t_idx in blocks:
             if (name, number, t_idx) in replaced or (name, number) in replaced:
                 raise SafeT2IError(

@@ -168,6 +168,24 @@ def test_cfg_one_and_double_patches_fail_clearly(comfy, tiny_checkpoint):
     assert "only one can" in json.dumps(entry["status"]["messages"])
 
 
+def test_flow_matching_sampling_is_refused_not_mis_guided(comfy, tiny_checkpoint):
+    """ModelSamplingSD3 after the guidance node turns the model into a flow-matching sampler
+    (x = (1 − σ)·x0 + σ·noise), where SafeT2I's ε conversions do not hold: the run stops with
+    the reason instead of producing a wrongly guided image; without the guidance node the same
+    graph samples."""
+    g = graph(tiny_checkpoint, SLD_MAX)
+    g["30"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": g["7"]["inputs"]["model"], "shift": 3.0}}
+    g["7"]["inputs"]["model"] = ["30", 0]
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "error"
+    text = json.dumps(entry["status"]["messages"])
+    assert "flow matching" in text and "ModelSamplingAdvanced" in text and "not produced unguided" in text
+    plain = graph(tiny_checkpoint)
+    plain["30"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": plain["7"]["inputs"]["model"], "shift": 3.0}}
+    plain["7"]["inputs"]["model"] = ["30", 0]
+    run_ok(comfy, plain)
+
+
 def dag_graph(ckpt, **params):
     g = graph(ckpt)
     g["6"] = {"class_type": "SafeT2IDetectGuide", "inputs": {

@@ -597,6 +597,23 @@ def test_the_comfyui_node_uses_the_files_context_and_positions(nodes):
     assert torch.equal(captured["cond"][0][1]["pooled_output"], pooled)          # SDXL refiner
 
 
+def test_joint_attention_models_have_no_attn2_blocks_to_read(nodes):
+    """An MMDiT / Flux diffusion model has no input/middle/output blocks: no blocks (and the
+    node's clear refusal), not an AttributeError."""
+    mod, _, _ = nodes
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+
+    unet = types.SimpleNamespace(input_blocks=[[Block()]], middle_block=[Block()], output_blocks=[[], [Block()]])
+    assert mod.transformer_blocks(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=unet))) == [
+        ("input", 0, 0), ("input", 0, 1), ("middle", 0, 0), ("middle", 0, 1), ("output", 1, 0), ("output", 1, 1)]
+    mmdit = types.SimpleNamespace(joint_blocks=[Block()])
+    assert mod.transformer_blocks(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=mmdit))) == []
+
+
 def test_the_comfyui_node_refuses_bad_tokens(nodes):
     mod, folder, _ = nodes
     dt.save_dag_tokens(folder / "sd.safetensors", torch.zeros(1, 77, 768), [1], concept="red")
