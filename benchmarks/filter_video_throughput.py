@@ -23,14 +23,15 @@ Prints frames/s and the ratios; never asserts.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from filter_throughput import best_rate  # noqa: E402 - the image benchmark's timing, shared
 
 from safet2i.filter import SafetyFilter, filter_frames, load_model  # noqa: E402
 
@@ -52,16 +53,6 @@ def benign_clip(n: int, size: int) -> np.ndarray:
         off = (t * 3) % (span + 1)
         frames.append(src[off // 2: off // 2 + size, off: off + size])
     return np.ascontiguousarray(np.stack(frames))
-
-
-def best_rate(fn, n: int, repeats: int) -> float:
-    fn()  # warm-up (session initialisation, allocator)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return n / statistics.median(times)
 
 
 def main(argv=None) -> int:
