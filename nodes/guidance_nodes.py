@@ -35,7 +35,7 @@ from ..safet2i.guidance.dag import guideline_context
 from ..safet2i.guidance.sld import CARD_PRESETS
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
-    SPGuardGuidance, aggregate_attention, denoised_to_eps, eps_to_denoised, token_attention,
+    SPGuardGuidance, aggregate_attention, correct_prediction, to_eps, token_attention,
 )
 
 log = logging.getLogger("safet2i")
@@ -54,11 +54,29 @@ class Step:
         self.applied = False
 
 
+def sampling_space(sampling, method_name: str) -> str:
+    """The :mod:`safet2i.guidance.spaces` space of a ComfyUI model's sampling object: ``denoised``
+    for the EPS family (x = x0 + σ·ε: eps, v, EDM, x0 prediction), ``flow_denoised`` for CONST
+    (rectified flow: SD3, Flux, Qwen-Image, Wan, ModelSamplingSD3/Flux/AuraFlow). Checked on the
+    model that samples, so a ModelSampling node applied after SafeT2I counts."""
+    import comfy.model_sampling  # noqa: PLC0415
+
+    if isinstance(sampling, comfy.model_sampling.EPS):
+        return "denoised"
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        return "flow_denoised"
+    raise SafeT2IError(
+        f"SafeT2I {method_name} guidance works on models whose latent is x0 + σ·noise (SD1.x, SD2.x, SDXL) or "
+        f"(1 − σ)·x0 + σ·noise (flow matching: SD3, Flux, Qwen-Image, Wan); this model samples with "
+        f"{type(sampling).__name__}, which it does not support. The image is not produced unguided.")
+
+
 class GuidanceRun:
     """Glue between ComfyUI's sampler wrappers and one guidance method (see the module docstring)."""
 
-    def __init__(self, method, concept, token_index: list[int] | None = None):
+    def __init__(self, method, concept, token_index: list[int] | None = None, branch_scale: float = 0.0):
         self.method = method
+        self.branch_scale = float(branch_scale)  # s_b of the concept-branch form at cfg 1 (0: refuse cfg 1)
         self.concept = concept
         self.token_index = token_index   # concept tokens whose attention is captured (Detect-and-Guide)
         self.run = 0
@@ -71,7 +89,13 @@ class GuidanceRun:
         import comfy.sampler_helpers  # noqa: PLC0415
 
         conds = executor.class_obj.conds
-        conds[CONCEPT_KEY] = [dict(c, prompt_type="negative") for c in comfy.sampler_helpers.convert_cond(self.concept)]
+        concept = [dict(c, prompt_type="negative") for c in comfy.sampler_helpers.convert_cond(self.concept)]
+        # Guidance-distilled models (Flux) take the distilled guidance from the prompt's conditioning
+        # (FluxGuidance); the concept is evaluated at the same value so ε_p − ε_S compares like with like.
+        distilled = [c["guidance"] for c in conds.get("positive", []) if c.get("guidance") is not None]
+        if distilled:
+            concept = [c if c.get("guidance") is not None else dict(c, guidance=distilled[0]) for c in concept]
+        conds[CONCEPT_KEY] = concept
         self.run += 1
         self.schedule = sigmas.detach().flatten().to(torch.float64).cpu().tolist()
         try:
@@ -119,28 +143,25 @@ class GuidanceRun:
             st.busy, self.capture = False, None
 
     def pre_cfg(self, args):
-        import comfy.model_sampling  # noqa: PLC0415
         import comfy.samplers  # noqa: PLC0415
 
         st, out = self.step, args["conds_out"]
         if st is None:
             raise SafeT2IError(f"SafeT2I {self.method.name} guidance: this sampler calls ComfyUI's sampling function "
                                "without its predict-noise entry point, so the guidance cannot follow the run.")
-        # ε = (x − D)/σ holds where x = x0 + σ·ε (ComfyUI's EPS family: eps, v, EDM, x0 prediction).
-        # Flow-matching sampling (CONST: x = (1 − σ)·x0 + σ·ε; SD3, Flux, ModelSamplingSD3/Flux nodes)
-        # would make every threshold and scale silently wrong: refuse, checked on the model that samples
-        # (a ModelSampling node applied after SafeT2I counts).
-        sampling = getattr(args.get("model"), "model_sampling", None)
-        if not isinstance(sampling, comfy.model_sampling.EPS):
-            raise SafeT2IError(
-                f"SafeT2I {self.method.name} guidance works on models whose latent is x0 + σ·noise (SD1.x, SD2.x, "
-                f"SDXL: eps or v prediction); this model samples with {type(sampling).__name__} (flow matching, as "
-                "SD3 and Flux, or a ModelSamplingSD3/Flux node), which it does not support yet. The image is not "
-                "produced unguided.")
-        if args["conds"][1] is None or out[1] is None:
+        space = sampling_space(getattr(args.get("model"), "model_sampling", None), self.method.name)
+        branch = args["conds"][1] is None or out[1] is None   # cfg 1: ComfyUI evaluates no uncond
+        if branch and not (self.branch_scale > 0 and self.method.supports_concept_branch):
+            if not self.method.supports_concept_branch:
+                raise SafeT2IError(
+                    f"SafeT2I {self.method.name} needs classifier-free guidance (its harmfulness estimate reads the "
+                    "direction from the negative to the prompt): set cfg above 1.0 and connect a negative "
+                    "conditioning. Guidance-distilled models (Flux dev/schnell) can use SafeT2I SLD, whose concept "
+                    "branch works at cfg 1. It is not applied without it.")
             raise SafeT2IError(
                 f"SafeT2I {self.method.name} needs classifier-free guidance: set cfg above 1.0 and connect a "
-                "negative conditioning (it is not applied without it).")
+                "negative conditioning, or set concept_branch_scale above 0 to use the concept-branch form at cfg 1 "
+                "(for guidance-distilled models such as Flux). It is not applied without it.")
         if not st.concept:
             raise SafeT2IError(f"SafeT2I {self.method.name} guidance: the safety concept is missing from the "
                                "sampler's conditionings (another node replaced them).")
@@ -148,9 +169,8 @@ class GuidanceRun:
         if st.concept_out is None:   # no calc_cond_batch call at this latent: a separate one
             st.concept_out = self._with_concept(comfy.samplers.calc_cond_batch, args["model"], [], x, sigma,
                                                 args["model_options"])[0]
-        eu = denoised_to_eps(x, out[1], sigma)
-        ec = denoised_to_eps(x, out[0], sigma)
-        es = denoised_to_eps(x, st.concept_out, sigma)
+        ec = to_eps(out[0], x, sigma, space)
+        es = to_eps(st.concept_out, x, sigma, space)
         attn = None
         if self.method.needs.attention:
             maps, self.maps = self.maps, []
@@ -161,9 +181,12 @@ class GuidanceRun:
                     "another node replaced cross-attention after SafeT2I. Apply SafeT2I guidance last or "
                     "remove the other attention patch.")
             attn = aggregate_attention(maps, tuple(x.shape[-2:])) if maps else None
-        d_p = self.method.direction(eu, ec, es, attn)
+        if branch:
+            c = self.method.branch_correction(ec, es, self.branch_scale, attn)
+        else:
+            c = self.method.correction(to_eps(out[1], x, sigma, space), ec, es, attn)
         st.applied = True
-        return [eps_to_denoised(x, eu + d_p, sigma)] + list(out[1:])
+        return [correct_prediction(out[0], c, sigma, space)] + list(out[1:])
 
     def attn2(self, q, k, v, extra_options):
         """attn2 replacement: normal attention for every row; for the concept rows also the
@@ -206,7 +229,7 @@ def transformer_blocks(model):
     return found
 
 
-def patch_model(model, method, concept, token_index: list[int] | None = None):
+def patch_model(model, method, concept, token_index: list[int] | None = None, branch_scale: float = 0.0):
     from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
 
     if STATE_KEY in model.model_options:
@@ -216,7 +239,7 @@ def patch_model(model, method, concept, token_index: list[int] | None = None):
     if not hasattr(model, "add_wrapper_with_key"):
         raise SafeT2IError("SafeT2I guidance needs a ComfyUI with model wrappers (ModelPatcher.add_wrapper_with_key).")
     m = model.clone()
-    run = GuidanceRun(method, concept, token_index)
+    run = GuidanceRun(method, concept, token_index, branch_scale)
     # Plain closures, not bound methods: ModelPatcher.clone() deep-copies model_options,
     # and deepcopy copies a bound method's object but keeps functions as they are, so every
     # clone (sampler-side ones included) shares this one run state.
@@ -304,16 +327,22 @@ class SafeT2ISLD(io.ComfyNode):
                 io.Float.Input("threshold", default=0.01, min=-1.0, max=10.0, step=0.001, tooltip="λ (custom only)."),
                 io.Float.Input("momentum_scale", default=0.3, min=0.0, max=10.0, step=0.01, tooltip="s_m (custom only)."),
                 io.Float.Input("mom_beta", default=0.4, min=0.0, max=1.0, step=0.01, tooltip="β_m (custom only)."),
+                io.Float.Input("concept_branch_scale", default=3.5, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="s_b of the concept-branch form used at cfg 1 (guidance-distilled models such "
+                                       "as Flux dev/schnell, which evaluate no negative): the safety concept is "
+                                       "measured against the prompt's own prediction and the result is "
+                                       "ε_p − s_b·γ (s_b takes the place of the CFG scale). 0 refuses cfg 1. "
+                                       "Costs one extra model evaluation per step."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model, concept, preset, guidance_scale=1000.0, warmup_steps=10, threshold=0.01,
-                momentum_scale=0.3, mom_beta=0.4) -> io.NodeOutput:
+                momentum_scale=0.3, mom_beta=0.4, concept_branch_scale=3.5) -> io.NodeOutput:
         cfg = SLD_PRESETS[preset] if preset != "custom" else SLDConfig(
             guidance_scale, warmup_steps, threshold, momentum_scale, mom_beta)
-        return io.NodeOutput(patch_model(model, SLDGuidance(cfg), concept))
+        return io.NodeOutput(patch_model(model, SLDGuidance(cfg), concept, branch_scale=concept_branch_scale))
 
 
 class SafeT2ISPGuard(io.ComfyNode):

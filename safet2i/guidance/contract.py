@@ -26,6 +26,20 @@ step). What the hosts pass:
   ``step`` = −t (timesteps decrease within a run), ``total`` = the schedule's length.
 
 Warm-ups and ``start``/``stop`` count model evaluations (``state.step``) against ``total``.
+
+**Corrections.** Hosts put the result back as the correction c = (ε_p − ε_∅) − d_p of the
+conditional prediction (:meth:`Guidance.correction`, mapped into the host's space by
+:func:`.spaces.correct_prediction`), so a method that changes nothing leaves the host's
+predictions bit for bit.
+
+**Concept branch** (guidance-distilled models run at cfg 1, e.g. Flux.1 dev/schnell: no ε_∅ is
+evaluated). A method that supports it (``supports_concept_branch``) is evaluated with the
+conditional prediction as its reference, ε_∅ := ε_p, and the host's result becomes
+ε̂ = ε_p − s_b · c (:meth:`Guidance.branch_correction`). For SLD that is
+ε̂ = ε_p − s_b · (μ ⊙ (ε_S − ε_p) + s_m · ν) with the gate μ unchanged (it only reads
+ε_p − ε_S): the safety concept is measured against the conditional prediction, and s_b takes
+the place of the CFG scale s_g that multiplies SLD's γ in ε̂ = ε_∅ + s_g · (d_p − γ). Cost: one
+extra model evaluation per step (the concept), i.e. 2× a cfg-1 run.
 """
 
 from __future__ import annotations
@@ -75,6 +89,9 @@ class Guidance:
 
     name = "guidance"
     needs = Needs()
+    #: Whether the method has a concept-branch form (module docstring): it must not need ε_∅
+    #: beyond its role as the reference of the concept (SP-Guard's harmfulness does).
+    supports_concept_branch = True
 
     def __init__(self, start: float = 0.0, stop: float = 1.0):
         if not 0.0 <= start <= stop <= 1.0:
@@ -111,6 +128,18 @@ class Guidance:
             self.state.advance({"applied": False, "reason": "outside start/stop"}, torch.zeros_like(d_p[:, 0]))
             return d_p
         return self.compute(eps_uncond, eps_cond, eps_concept, attention)
+
+    def correction(self, eps_uncond, eps_cond, eps_concept, attention=None) -> torch.Tensor:
+        """c = (ε_p − ε_∅) − d_p for this evaluation (advances the state): what the host takes
+        off its conditional prediction (in ε) so that its CFG formula gives ε_∅ + s_g · d_p."""
+        plain = eps_cond - eps_uncond
+        return plain - self.direction(eps_uncond, eps_cond, eps_concept, attention)
+
+    def branch_correction(self, eps_cond, eps_concept, scale: float, attention=None) -> torch.Tensor:
+        """s_b · c with ε_∅ := ε_p (the concept-branch form, module docstring; advances the state)."""
+        if not self.supports_concept_branch:
+            raise ValueError(f"{self.name} has no concept-branch form")
+        return scale * self.correction(eps_cond, eps_cond, eps_concept, attention)
 
     @property
     def active(self) -> bool:

@@ -99,6 +99,9 @@ class SPGuardGuidance(Guidance):
     """SP-Guard-style guidance under the contract (:mod:`.contract`), see the module docstring."""
 
     name = "SP-Guard-style"
+    #: Its harmfulness estimate is the cosine of the CFG direction ε_p − ε_∅ with the concept's:
+    #: with ε_∅ := ε_p that direction is 0, so there is no concept-branch form.
+    supports_concept_branch = False
 
     def __init__(self, config: SPGuardConfig | None = None, **window):
         self.config = config or SPGuardConfig()

@@ -50,6 +50,12 @@ def chain_graph(ckpt, chain, name, cfg=7.0):
                 "model": model, "clip": ["1", 1], "concept": "nudity, sexual", "scale": 0.5, "high": 0.5, "low": 0.01,
                 "skip_coverage": 1.0, "sld_gate": "none", "guideline_embeddings": "none"}}
             guided = nid
+        elif link == "flow":    # rectified-flow sampling on the same UNet (x = (1 − σ)·x0 + σ·ε)
+            g[nid] = {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": 3.0}}
+        elif link == "sld-branch":
+            g[nid] = {"class_type": "SafeT2ISLD", "inputs": {"model": model, "concept": ["5", 0], "preset": "custom",
+                                                             **SLD, "concept_branch_scale": 3.5}}
+            guided = nid
         elif link == "drop-pre-cfg":
             g[nid] = {"class_type": "SafeT2ITestDropPreCfg", "inputs": {"model": model}}
         elif link == "reattention":
