@@ -35,7 +35,7 @@ from ..safet2i.guidance.dag import guideline_context
 from ..safet2i.guidance.sld import CARD_PRESETS
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
-    SPGuardGuidance, aggregate_attention, correct_prediction, to_eps, token_attention,
+    SPGuardGuidance, aggregate_attention, correct_prediction, eps_offset_free, to_eps, token_attention,
 )
 
 log = logging.getLogger("safet2i")
@@ -169,8 +169,13 @@ class GuidanceRun:
         if st.concept_out is None:   # no calc_cond_batch call at this latent: a separate one
             st.concept_out = self._with_concept(comfy.samplers.calc_cond_batch, args["model"], [], x, sigma,
                                                 args["model_options"])[0]
-        ec = to_eps(out[0], x, sigma, space)
-        es = to_eps(st.concept_out, x, sigma, space)
+        if space == "flow_denoised":   # ε less its common offset x/σ: exact near σ = 1 (contract)
+            def eps(pred):
+                return eps_offset_free(pred, sigma, space)
+        else:
+            def eps(pred):
+                return to_eps(pred, x, sigma, space)
+        ec, es = eps(out[0]), eps(st.concept_out)
         attn = None
         if self.method.needs.attention:
             maps, self.maps = self.maps, []
@@ -184,7 +189,7 @@ class GuidanceRun:
         if branch:
             c = self.method.branch_correction(ec, es, self.branch_scale, attn)
         else:
-            c = self.method.correction(to_eps(out[1], x, sigma, space), ec, es, attn)
+            c = self.method.correction(eps(out[1]), ec, es, attn)
         st.applied = True
         return [correct_prediction(out[0], c, sigma, space)] + list(out[1:])
 

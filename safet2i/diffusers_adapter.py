@@ -106,14 +106,27 @@ def _sigma_at(scheduler, t: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=None, pooled_embeds=None,
-                    token_positions: list[int] | None = None):
+                    token_positions: list[int] | None = None, concept_kwargs: dict | None = None,
+                    branch_scale: float = 3.5):
     """Apply ``method`` (a :class:`safet2i.guidance.Guidance`: ``set_state`` and
     ``direction(eps_uncond, eps_cond, eps_safety[, attention]) -> d_p``) to every step of
     ``pipe``. Methods whose ``needs.attention`` is set (Detect-and-Guide-style) also get the
     concept tokens' cross-attention map of the same UNet call. ε-prediction UNets as they are;
-    v-prediction ones (``scheduler.config.prediction_type``) are converted to ε and back."""
+    v-prediction ones (``scheduler.config.prediction_type``) are converted to ε and back.
+
+    Flow-matching transformer pipelines (SD3, Flux, Qwen-Image, Wan) go through
+    :mod:`safet2i.diffusers_flow`: ``concept_kwargs`` replaces the encoded concept there, and
+    ``branch_scale`` (s_b) is the concept-branch form's scale when a step evaluates no negative
+    (guidance-distilled Flux at cfg 1; 0 refuses such steps)."""
     if not hasattr(method, "set_state"):
         raise SafeT2IError("safety_guidance needs a method following safet2i.guidance.contract (a Guidance).")
+    from .diffusers_flow import flow_safety_guidance, is_flow_pipeline  # noqa: PLC0415
+
+    if is_flow_pipeline(pipe):
+        with flow_safety_guidance(pipe, method, concept, concept_kwargs=concept_kwargs,
+                                  branch_scale=branch_scale) as m:
+            yield m
+        return
     space = _prediction_space(pipe)
     if concept_embeds is None:
         if concept is None:

@@ -18,12 +18,12 @@ from .dag import DAGConfig, DAGGuidance, aggregate_attention, dag_direction, reg
 from .sld import DEFAULT_CONCEPT, PRESETS as SLD_PRESETS, SEXUAL_CONCEPT, SLDConfig, SLDGuidance, SLDState, \
     sld_direction, sld_gate
 from .registry import METHODS, make_method
-from .spaces import FLOW_SPACES, SPACES, correct_prediction, denoised_to_eps, eps_to_denoised, eps_to_v, from_eps, \
+from .spaces import FLOW_SPACES, SPACES, correct_prediction, denoised_to_eps, eps_offset_free, eps_to_denoised, eps_to_v, from_eps, \
     shift_denoised, slope, to_eps, v_to_eps
 from .spguard import SPGuardConfig, SPGuardGuidance, SPGuardState, spguard_direction
 
 __all__ = [
-    "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "FLOW_SPACES", "SPACES", "correct_prediction", "slope", "Guidance", "METHODS", "Needs", "RunState", "SEXUAL_CONCEPT", "SLD_PRESETS",
+    "DAGConfig", "DAGGuidance", "DEFAULT_CONCEPT", "FLOW_SPACES", "SPACES", "correct_prediction", "eps_offset_free", "slope", "Guidance", "METHODS", "Needs", "RunState", "SEXUAL_CONCEPT", "SLD_PRESETS",
     "SLDConfig", "SLDGuidance", "SLDState", "SPGuardConfig", "SPGuardGuidance", "SPGuardState", "aggregate_attention",
     "dag_direction", "denoised_to_eps", "eps_to_denoised", "eps_to_v", "from_eps", "make_method", "region_scales", "shift_denoised",
     "sld_direction", "sld_gate", "spguard_direction", "to_eps", "token_attention", "v_to_eps",

@@ -27,6 +27,15 @@ step). What the hosts pass:
 
 Warm-ups and ``start``/``stop`` count model evaluations (``state.step``) against ``total``.
 
+**Translation invariance.** A method may depend on its ε inputs only through their differences
+(SLD, SP-Guard-style and Detect-and-Guide-style do), so hosts may pass every ε less one common
+offset per image: flow hosts pass a(σ)·pred instead of a(σ)·pred + b(x, σ)
+(:func:`.spaces.eps_offset_free`), which keeps full float precision near σ = 1.
+
+**Inert methods.** ``inert`` is True when a method's configuration cannot change anything
+(SLD with s_S ≤ 1, zero strength); hosts may then skip evaluating the concept, so zero strength
+is plain sampling bit for bit.
+
 **Corrections.** Hosts put the result back as the correction c = (ε_p − ε_∅) − d_p of the
 conditional prediction (:meth:`Guidance.correction`, mapped into the host's space by
 :func:`.spaces.correct_prediction`), so a method that changes nothing leaves the host's
@@ -92,6 +101,11 @@ class Guidance:
     #: Whether the method has a concept-branch form (module docstring): it must not need ε_∅
     #: beyond its role as the reference of the concept (SP-Guard's harmfulness does).
     supports_concept_branch = True
+
+    @property
+    def inert(self) -> bool:
+        """True when this configuration never changes a prediction (module docstring)."""
+        return False
 
     def __init__(self, start: float = 0.0, stop: float = 1.0):
         if not 0.0 <= start <= stop <= 1.0:

@@ -178,5 +178,9 @@ class DAGGuidance(Guidance):
         self.config = config or DAGConfig()
         super().__init__(**window)
 
+    @property
+    def inert(self) -> bool:
+        return self.config.scale == 0
+
     def compute(self, eps_uncond, eps_cond, eps_concept, attention) -> torch.Tensor:
         return dag_direction(eps_uncond, eps_cond, eps_concept, attention, self.config, self.state)

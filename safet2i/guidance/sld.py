@@ -148,5 +148,9 @@ class SLDGuidance(Guidance):
     def new_state(self, total: int | None) -> SLDState:
         return SLDState(self._warmup(total))
 
+    @property
+    def inert(self) -> bool:
+        return not self.config.enabled
+
     def compute(self, eps_uncond, eps_cond, eps_safety, attention=None) -> torch.Tensor:
         return sld_direction(eps_uncond, eps_cond, eps_safety, self.config, self.state)

@@ -139,6 +139,13 @@ def slope(sigma, space: str, like: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown prediction space {space!r} (one of {SPACES})")
 
 
+def eps_offset_free(pred: torch.Tensor, sigma, space: str) -> torch.Tensor:
+    """a(σ)·pred: ε less its offset b(x, σ), the same for every prediction of an image. Methods
+    depend on ε only through differences (:mod:`.contract`), so this is what flow hosts pass
+    them: near σ = 1, x + (1 − σ)·v would lose the small (1 − σ)·v to float rounding."""
+    return slope(sigma, space, pred) * pred
+
+
 def correct_prediction(pred: torch.Tensor, correction: torch.Tensor, sigma, space: str) -> torch.Tensor:
     """The host's prediction ``pred`` after its ε changed by −``correction``: pred − c/a(σ).
 

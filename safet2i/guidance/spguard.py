@@ -110,6 +110,10 @@ class SPGuardGuidance(Guidance):
     def new_state(self, total: int | None) -> SPGuardState:
         return SPGuardState()
 
+    @property
+    def inert(self) -> bool:
+        return self.config.max_scale == 0
+
     def strength(self, harm: torch.Tensor) -> torch.Tensor:
         return strength(harm, self.config)
 

@@ -137,3 +137,47 @@ def test_correction_is_the_difference_of_the_plain_and_guided_direction():
     off = SLDGuidance(SLDConfig(guidance_scale=1.0))
     off.set_state(0, 4, None, run=1)
     assert torch.equal(off.correction(eu, ec, es), torch.zeros_like(eu))
+
+
+def _methods():
+    from safet2i.guidance import DAGConfig, DAGGuidance, SPGuardConfig
+
+    return [SLDGuidance(SLDConfig(50.0, 0, 0.2, 0.3, 0.4)),
+            SPGuardGuidance(SPGuardConfig(max_scale=2.0, tau_h=-1.0, tau_m=-1.0)),
+            DAGGuidance(DAGConfig(scale=0.5, skip_coverage=1.0, sld_gate=SLDConfig(50.0, 0, 0.2, 0.0, 0.0)))]
+
+
+def test_every_method_depends_on_eps_only_through_differences():
+    """The contract that lets flow hosts pass ε less a common offset (eps_offset_free)."""
+    for a, b in zip(_methods(), _methods()):
+        x, eu = _latents(40, (2, 4, 8, 8))
+        ec = eu + 0.3 * _latents(41, (2, 4, 8, 8))[1]
+        es = eu + 0.3 * _latents(42, (2, 4, 8, 8))[0]
+        offset = 5.0 * _latents(43, (2, 4, 8, 8))[1]
+        attn = torch.rand((2, 8, 8), generator=torch.Generator().manual_seed(44), dtype=torch.float64)
+        for step in range(3):
+            a.set_state(step, 3, None, run=1)
+            b.set_state(step, 3, None, run=1)
+            ca = a.correction(eu, ec, es, attn)
+            cb = b.correction(eu + offset, ec + offset, es + offset, attn)
+            np.testing.assert_allclose(ca.numpy(), cb.numpy(), rtol=0, atol=1e-9, err_msg=a.name)
+        assert float(ca.abs().max()) > 1e-3, a.name   # the check is not vacuous
+
+
+def test_inert_configurations():
+    from safet2i.guidance import DAGConfig, DAGGuidance, SPGuardConfig
+
+    assert SLDGuidance(SLDConfig(guidance_scale=1.0)).inert and not SLDGuidance("MAX").inert
+    assert SPGuardGuidance(SPGuardConfig(max_scale=0.0)).inert and not SPGuardGuidance().inert
+    assert DAGGuidance(DAGConfig(scale=0.0)).inert and not DAGGuidance().inert
+
+
+def test_offset_free_eps_has_the_differences_of_eps():
+    x, d1 = _latents(50)
+    d2 = d1 + 0.1
+    for space in ("flow_denoised", "flow_v", "denoised"):
+        from safet2i.guidance.spaces import eps_offset_free
+
+        want = to_eps(d1, x, SIGMAS, space) - to_eps(d2, x, SIGMAS, space)
+        got = eps_offset_free(d1, SIGMAS, space) - eps_offset_free(d2, SIGMAS, space)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-12)
