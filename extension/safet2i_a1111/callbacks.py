@@ -73,8 +73,14 @@ def _unet_replaced() -> str | None:
 
 
 def _guidance_model_error(model) -> str | None:
-    """Guidance assumes x = x0 + σ·ε (ε- and v-prediction SD1.x / SD2.x / SDXL); flow models
-    (SD3, Flux) would be guided wrongly, so they are refused (the images are then blocked)."""
+    """A1111's guidance assumes x = x0 + σ·ε (ε- and v-prediction SD1.x / SD2.x / SDXL); flow
+    models would be guided wrongly there, so they are refused (the images are then blocked).
+    Forge runs Flux and SD3.5 with a ``const`` (rectified-flow) predictor, which its guidance path
+    converts (``forge_guidance.ForgeGuidanceRun.space_of``): allowed."""
+    unet = getattr(getattr(model, "forge_objects", None), "unet", None)
+    predictor = getattr(getattr(unet, "model", None), "predictor", None)
+    if getattr(predictor, "prediction_type", None) == "const":
+        return None
     if getattr(model, "is_sd3", False):
         return "SafeT2I guidance supports SD1.x, SD2.x and SDXL models, not SD3"
     kinds = [a for a in ("is_sd1", "is_sd2", "is_sdxl") if hasattr(model, a)]

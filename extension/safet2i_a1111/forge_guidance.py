@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 
-from safet2i.guidance import denoised_to_eps, eps_to_denoised, shift_denoised
+from safet2i.guidance import correct_prediction, eps_offset_free, to_eps
 
 from .guidance import GuidanceError, fit_tokens
 
@@ -48,8 +48,12 @@ MARK = "safet2i_guidance"       # model_options key: this UNet clone carries our
 class ForgeGuidanceRun:
     """One sampling pass's guidance state; its functions are plain closures over it."""
 
-    def __init__(self, method, concept, job, flavour: str, total_steps):
+    def __init__(self, method, concept, job, flavour: str, total_steps, distilled: bool = False,
+                 branch_scale: float = 3.5):
         self.method = method
+        # Guidance-distilled models (Forge's Flux dev/schnell, ``sd_model.use_distilled_cfg_scale``) at
+        # CFG 1 use the concept-branch form with s_b (safet2i.guidance.contract).
+        self.distilled, self.branch_scale = bool(distilled), float(branch_scale)
         self.concept = concept
         self.job = job
         self.flavour = flavour          # "forge", "forge-classic" or "reforge"
@@ -86,10 +90,44 @@ class ForgeGuidanceRun:
         out.pop("strength", None)
         return out
 
-    def _guided_eps(self, x, sigma, cond_d, uncond_d, concept_d):
-        ec = denoised_to_eps(x, cond_d, sigma)
-        eu = ec if uncond_d is None else denoised_to_eps(x, uncond_d, sigma)
-        return ec, eu, self.method.direction(eu, ec, denoised_to_eps(x, concept_d, sigma))
+    @staticmethod
+    def space_of(model) -> str:
+        """``denoised`` (x = x0 + σ·ε: SD1.x/2.x/XL) or ``flow_denoised`` (rectified flow, x =
+        (1 − σ)·x0 + σ·ε: Forge's Flux and SD3.5, prediction type ``const``)."""
+        kind = getattr(getattr(model, "predictor", None), "prediction_type", None)   # Forge backend/
+        if kind is None:                                                               # ldm_patched
+            sampling = getattr(model, "model_sampling", None)
+            names = {c.__name__ for c in type(sampling).__mro__} if sampling is not None else set()
+            kind = "const" if "CONST" in names else ("eps" if "EPS" in names else None)
+        if kind == "const":
+            return "flow_denoised"
+        if kind in ("eps", "epsilon", "v_prediction", "edm"):
+            return "denoised"
+        raise GuidanceError(f"unknown prediction type {kind!r}: SafeT2I guidance supports x0 + σ·noise models "
+                            "(SD1.x, SD2.x, SDXL) and rectified flow (Flux, SD3.5)")
+
+    def _correction(self, model, x, sigma, cond_d, uncond_d, concept_d, cond_scale, scaled: bool = True):
+        """(the ε correction to take off in the host's denoised space, and the space): times the CFG
+        scale when ``scaled`` (applied to the CFG result), the concept-branch form at CFG 1 on
+        guidance-distilled models."""
+        space = self.space_of(model)
+        if space == "flow_denoised":   # ε less its common offset: exact near σ = 1 (guidance contract)
+            def eps(d):
+                return eps_offset_free(d, sigma, space)
+        else:
+            def eps(d):
+                return to_eps(d, x, sigma, space)
+        ec, es = eps(cond_d), eps(concept_d)
+        if self.distilled and abs(float(cond_scale) - 1.0) < 1e-6:
+            if not self.method.supports_concept_branch:
+                raise GuidanceError(f"{self.method.name} needs classifier-free guidance (its harmfulness estimate "
+                                    "reads the direction from the negative to the prompt); this guidance-distilled "
+                                    "model runs at CFG 1. Raise CFG above 1 or use SLD, whose concept branch works "
+                                    "at CFG 1.")
+            return self.method.branch_correction(ec, es, self.branch_scale), space
+        eu = ec if uncond_d is None else eps(uncond_d)
+        c = self.method.correction(eu, ec, es)
+        return (float(cond_scale) * c if scaled else c), space
 
     def fail(self, exc: Exception) -> None:
         if self.error is None:
@@ -125,11 +163,10 @@ class ForgeGuidanceRun:
             base = unconds[0] if unconds else conds[0]
             concept_d, _ = calc_cond_uncond_batch(args["model"], [self.concept_entry(base, x.shape[0])], None, x,
                                                   sigma, args["model_options"])
-            ec, eu, d_p = self._guided_eps(x, sigma, args["cond_denoised"],
-                                           args["uncond_denoised"] if unconds else None, concept_d)
-            correction = self.cond_scale * (d_p - (ec - eu))
+            c, space = self._correction(args["model"], x, sigma, args["cond_denoised"],
+                                        args["uncond_denoised"] if unconds else None, concept_d, self.cond_scale)
             self.steps_guided += 1
-            return shift_denoised(denoised, correction, sigma)
+            return correct_prediction(denoised, c, sigma, space)
         except Exception as exc:  # noqa: BLE001 - recorded; the images are blocked
             self.fail(exc)
             return denoised
@@ -151,9 +188,12 @@ class ForgeGuidanceRun:
             base = uncond_list[0] if uncond_list else cond_list[0]
             concept_d = calc_cond_batch(args["model"], [[self.concept_entry(base, x.shape[0])]], x, sigma,
                                         args["model_options"])[0]
-            ec, eu, d_p = self._guided_eps(x, sigma, out[0], out[1] if uncond_list else None, concept_d)
+            scale = float(args.get("cond_scale", 1.0))
+            # folded into the cond prediction, which the CFG formula then scales by s
+            c, space = self._correction(args["model"], x, sigma, out[0], out[1] if uncond_list else None,
+                                        concept_d, scale, scaled=False)
             self.steps_guided += 1
-            return [eps_to_denoised(x, eu + d_p, sigma).to(out[0].dtype)] + list(out[1:])
+            return [correct_prediction(out[0], c, sigma, space)] + list(out[1:])
         except Exception as exc:  # noqa: BLE001
             self.fail(exc)
             return out
@@ -202,7 +242,8 @@ def patch_unet(p, method, concept, job) -> ForgeGuidanceRun | None:
         denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
         return getattr(denoiser, "total_steps", None) or getattr(shared.state, "sampling_steps", None)
 
-    run = ForgeGuidanceRun(method, concept, job, flavour, total_steps)
+    run = ForgeGuidanceRun(method, concept, job, flavour, total_steps,
+                           distilled=bool(getattr(p.sd_model, "use_distilled_cfg_scale", False)))
     clone = unet.clone()
     if flavour in ("forge", "forge-classic"):
         clone.add_conditioning_modifier(lambda *a: run.forge_modifier(*a))

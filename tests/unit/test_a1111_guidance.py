@@ -106,3 +106,90 @@ def test_sdxl_dict_conditioning_gets_both_parts():
     assert x2.shape[0] == 3 and ic2.shape[0] == 3
     assert tc2["crossattn"].shape == (2, 154, 8) and tc2["vector"].shape == (2, 12)
     assert torch.equal(tc2["vector"][1], torch.ones(12)) and torch.equal(tc2["crossattn"][1, 100], torch.ones(8))
+
+
+# -- Forge / reForge on rectified-flow models (Forge's Flux and SD3.5) ---------------------------
+
+GENTLE = SLDConfig(3.0, 0, 1.0, 0.5, 0.7)
+
+
+def _flow_step(seed):
+    g = torch.Generator().manual_seed(seed)
+    x, du, dc, ds = (torch.randn((1, 4, 6, 6), generator=g, dtype=torch.float64) for _ in range(4))
+    return x, du, dc, ds
+
+
+def _sld_gamma(cfg):
+    nu = {"v": None}
+
+    def gamma(eu, ec, es):
+        v = np.zeros_like(eu) if nu["v"] is None else nu["v"]
+        d = ec - es
+        mu = np.where(d < cfg.threshold, np.minimum(1.0, cfg.guidance_scale * np.abs(d)), 0.0)
+        out = mu * (es - eu) + cfg.momentum_scale * v
+        nu["v"] = cfg.mom_beta * v + (1 - cfg.mom_beta) * out
+        return out
+
+    return gamma
+
+
+@pytest.mark.parametrize("model", [SimpleNamespace(predictor=SimpleNamespace(prediction_type="const")),
+                                   SimpleNamespace(model_sampling=type("ModelSamplingFlux", (type("CONST", (), {}),),
+                                                                       {})())],
+                         ids=["forge-predictor", "ldm_patched-model_sampling"])
+def test_forge_flow_correction_matches_the_float64_reference(model):
+    """Forge adds the scaled correction to the CFG result in x0 space; on a const (flow) model
+    that must equal x0 of ε_u + s·d_p with ε = (x − (1 − σ)·D)/σ and D = (x − σ·ε)/(1 − σ)."""
+    from safet2i.guidance import correct_prediction
+    from safet2i_a1111.forge_guidance import ForgeGuidanceRun
+
+    run = ForgeGuidanceRun(SLDGuidance(GENTLE), None, None, "forge", lambda: 4)
+    gamma = _sld_gamma(GENTLE)
+    s_g = 4.0
+    for step, sigma in enumerate((0.8, 0.55, 0.3)):
+        x, du, dc, ds = _flow_step(step)
+        run.method.set_state(step, 4, sigma, run="r")
+        c, space = run._correction(model, x, sigma, dc, du, ds, s_g)
+        assert space == "flow_denoised"
+        got = correct_prediction(du + s_g * (dc - du), c, sigma, space)
+        eps = {k: ((x - (1 - sigma) * d) / sigma).numpy() for k, d in (("u", du), ("c", dc), ("s", ds))}
+        d_p = (eps["c"] - eps["u"]) - gamma(eps["u"], eps["c"], eps["s"])
+        want = (x.numpy() - sigma * (eps["u"] + s_g * d_p)) / (1 - sigma)
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10)
+
+
+def test_forge_distilled_flux_at_cfg_one_uses_the_concept_branch():
+    from safet2i.guidance import SPGuardGuidance, correct_prediction
+    from safet2i_a1111.forge_guidance import ForgeGuidanceRun
+    from safet2i_a1111.guidance import GuidanceError
+
+    model = SimpleNamespace(predictor=SimpleNamespace(prediction_type="const"))
+    run = ForgeGuidanceRun(SLDGuidance(GENTLE), None, None, "forge", lambda: 4, distilled=True, branch_scale=3.5)
+    gamma = _sld_gamma(GENTLE)
+    for step, sigma in enumerate((0.8, 0.55)):
+        x, du, dc, ds = _flow_step(10 + step)
+        run.method.set_state(step, 4, sigma, run="r")
+        c, space = run._correction(model, x, sigma, dc, du, ds, 1.0)   # the uncond is ignored at CFG 1
+        got = correct_prediction(dc, c, sigma, space)
+        ec, es = ((x - (1 - sigma) * d) / sigma for d in (dc, ds))
+        eps_hat = ec.numpy() - 3.5 * gamma(ec.numpy(), ec.numpy(), es.numpy())
+        np.testing.assert_allclose(got.numpy(), (x.numpy() - sigma * eps_hat) / (1 - sigma), rtol=0, atol=1e-10)
+    spg = ForgeGuidanceRun(SPGuardGuidance(), None, None, "forge", lambda: 4, distilled=True)
+    with pytest.raises(GuidanceError, match="harmfulness estimate"):
+        spg._correction(model, *_flow_step(0)[:1], 0.5, *_flow_step(0)[1:], 1.0)
+    with pytest.raises(GuidanceError, match="unknown prediction type"):
+        ForgeGuidanceRun.space_of(SimpleNamespace(predictor=SimpleNamespace(prediction_type="x0")))
+
+
+def test_which_webui_models_guidance_accepts():
+    from safet2i_a1111.callbacks import _guidance_model_error
+
+    forge_flux = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=False, forge_objects=SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(predictor=SimpleNamespace(prediction_type="const")))))
+    assert _guidance_model_error(forge_flux) is None
+    a1111_sd3 = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=True)
+    assert "not SD3" in _guidance_model_error(a1111_sd3)
+    forge_other = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, forge_objects=SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(predictor=SimpleNamespace(prediction_type="epsilon")))))
+    assert "SimpleNamespace" in _guidance_model_error(forge_other)
+    assert _guidance_model_error(SimpleNamespace(is_sd1=True, is_sd2=False, is_sdxl=False)) is None

@@ -288,7 +288,10 @@ class _Info:
 
 
 class _Predictor:
-    """Forge ``KModel.predictor`` (reForge ``model_sampling``): the σ table."""
+    """Forge ``KModel.predictor`` (reForge ``model_sampling``): the σ table and, as Forge's
+    ``AbstractPrediction``, the prediction type (``epsilon``: x = x0 + σ·ε)."""
+
+    prediction_type = "epsilon"
 
     def __init__(self):
         self.sigmas = sigma_of_t(torch.arange(1000))
