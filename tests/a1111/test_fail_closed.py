@@ -101,3 +101,21 @@ def test_an_exception_in_the_extras_script_blocks_its_image(start, monkeypatch, 
     from PIL import Image
     outputs, info, _ = webui.extras(Image.new("RGB", (64, 64), "red"), save_output=False)
     assert np.asarray(outputs[0]).std() < 20 and "injected failure" in info
+
+
+def test_which_webui_models_guidance_accepts(start):
+    """Forge's flow models (const predictor) are guided; A1111's SD3 and unknown models are refused."""
+    from types import SimpleNamespace
+
+    start("forge")
+    _guidance_model_error = sys.modules["safet2i_a1111.callbacks"]._guidance_model_error
+
+    forge_flux = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=False, forge_objects=SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(predictor=SimpleNamespace(prediction_type="const")))))
+    assert _guidance_model_error(forge_flux) is None
+    a1111_sd3 = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=True)
+    assert "not SD3" in _guidance_model_error(a1111_sd3)
+    forge_other = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, forge_objects=SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(predictor=SimpleNamespace(prediction_type="epsilon")))))
+    assert "SimpleNamespace" in _guidance_model_error(forge_other)
+    assert _guidance_model_error(SimpleNamespace(is_sd1=True, is_sd2=False, is_sdxl=False)) is None

@@ -180,16 +180,3 @@ def test_forge_distilled_flux_at_cfg_one_uses_the_concept_branch():
     with pytest.raises(GuidanceError, match="unknown prediction type"):
         ForgeGuidanceRun.space_of(SimpleNamespace(predictor=SimpleNamespace(prediction_type="x0")))
 
-
-def test_which_webui_models_guidance_accepts():
-    from safet2i_a1111.callbacks import _guidance_model_error
-
-    forge_flux = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=False, forge_objects=SimpleNamespace(
-        unet=SimpleNamespace(model=SimpleNamespace(predictor=SimpleNamespace(prediction_type="const")))))
-    assert _guidance_model_error(forge_flux) is None
-    a1111_sd3 = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, is_sd3=True)
-    assert "not SD3" in _guidance_model_error(a1111_sd3)
-    forge_other = SimpleNamespace(is_sd1=False, is_sd2=False, is_sdxl=False, forge_objects=SimpleNamespace(
-        unet=SimpleNamespace(model=SimpleNamespace(predictor=SimpleNamespace(prediction_type="epsilon")))))
-    assert "SimpleNamespace" in _guidance_model_error(forge_other)
-    assert _guidance_model_error(SimpleNamespace(is_sd1=True, is_sd2=False, is_sdxl=False)) is None
