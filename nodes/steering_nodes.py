@@ -5,8 +5,10 @@ ComfyUI's text encoders (:class:`_ClipEncoder`: ComfyUI's own tokenizer, weighte
 for the leave-one-out pass, a packed causal run of its CLIP modules) and applies the
 self-validating window ComfyUI's way: CONDITIONING whose time ranges use the steered rows for
 the first (t'+1)/50 of the schedule and the original afterwards. SDXL: CLIP-L and
-OpenCLIP-bigG parts separately; SD2.x: its penultimate-layer rows. A prompt with no trigger
-token comes back as its plain encoding.
+OpenCLIP-bigG parts separately; SD2.x: its penultimate-layer rows. SD3, Flux, Wan and Qwen-Image
+(:func:`family_encoders`, :class:`_SubEncoder`): each sub-model on its own rows and channels of
+ComfyUI's conditioning (docs/steering.md). A prompt with no trigger token comes back as its plain
+encoding.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from comfy_api.latest import io, ui
 from ..safet2i.errors import SafeT2IError
 from ..safet2i.steering import ORDERS, SVF_PRESETS, SteeringPlan, concept_projector, end_rows, load_concepts, report_lines
 from ..safet2i.steering.concepts import preset_choices
-from ..safet2i.steering.plan import channel_slices, packed_encode, token_words
+from ..safet2i.steering.plan import chat_span, channel_slices, clip_span, packed_encode, t5_span, token_words
 from ..safet2i.steering.reattention import fourier_reattention, stage_scales
 from ..safet2i.steering.settings import CONFIGURATIONS, CUSTOM, SteeringSettings, concepts_negative, configure, describe
 from .batching import EXTRA, calc_with_extra, check_no_other_batch_function
@@ -52,12 +54,38 @@ def _encoder_width(clip, key: str) -> int | None:
     return int(weight.shape[-1]) if weight is not None and weight.ndim == 2 else None
 
 
+#: Qwen-Image's chat template, as ComfyUI's ``QwenImageTEModel`` finds the user turn in it.
+QWEN_IM_START, QWEN_USER, QWEN_NEWLINE, QWEN_IM_END, QWEN_PAD = 151644, 872, 198, 151645, 151643
+#: Variants per encode of the large sub-models (T5-XXL, umT5-XXL, Qwen2.5-VL 7B): bounds memory.
+SUB_BATCH = 8
+
+
+def model_family(clip) -> str | None:
+    """``sd3`` / ``flux`` / ``wan`` / ``qwen_image`` by ComfyUI's text-encoder class, else None
+    (the CLIP families: SD1.x, SD2.x, SDXL, told apart by their tokenizer keys)."""
+    model = getattr(clip, "cond_stage_model", None)
+    try:
+        import comfy.text_encoders.flux as flux
+        import comfy.text_encoders.qwen_image as qwen_image
+        import comfy.text_encoders.sd3_clip as sd3_clip
+        import comfy.text_encoders.wan as wan
+    except ImportError:  # pragma: no cover - an older ComfyUI without these families
+        return None
+    for cls, name in ((sd3_clip.SD3ClipModel, "sd3"), (flux.FluxClipModel, "flux"), (wan.WanT5Model, "wan"),
+                      (qwen_image.QwenImageTEModel, "qwen_image")):
+        if isinstance(model, cls):
+            return name
+    return None
+
+
 def _splits(clip, tokens: dict, dim: int):
     """(key, lo, hi) channel slice of each encoder in the conditioning of width ``dim``: SDXL
     CLIP-L first, then OpenCLIP-bigG, from the encoders' actual widths (768 and 1280 full-size)."""
     keys = tuple(sorted(tokens))
     if keys not in LAYOUTS:
-        raise SafeT2IError(f"SAFREE-style steering supports SD1.x, SD2.x and SDXL text encoders, not {keys}.")
+        raise SafeT2IError(f"SAFREE-style steering supports the SD1.x, SD2.x, SDXL, SD3, Flux, Wan and Qwen-Image "
+                           f"text encoders, not {type(getattr(clip, 'cond_stage_model', None)).__name__} "
+                           f"(tokenizer keys {keys}).")
     order = LAYOUTS[keys]
     widths = [None] if len(order) == 1 else [_encoder_width(clip, k) or FULL_WIDTHS[k] for k in order]
     return tuple((k, s.start, s.stop) for k, s in zip(order, channel_slices(widths, dim, list(order))))
@@ -161,29 +189,173 @@ class _ClipEncoder:
         self.encode_packed = None
 
 
+def _ints(chunk, key: str) -> list[int]:
+    ids = []
+    for t in chunk:
+        if not isinstance(t[0], int) or isinstance(t[0], bool):
+            raise SafeT2IError(f"SAFREE-style steering: the {key} tokens hold an embedding or image, not only token ids "
+                               "(textual-inversion embeddings on this encoder and Qwen-Image-Edit images are not "
+                               "supported).")
+        ids.append(int(t[0]))
+    return ids
+
+
+def _qwen_start(ids: list[int]) -> int:
+    """The first row ComfyUI's ``QwenImageTEModel`` keeps: its second ``<|im_start|>``, moved past
+    ``user\n`` when that follows (the same rule, written from its description); -1 without one."""
+    start, seen = -1, 0
+    for i, t in enumerate(ids):
+        if t == QWEN_IM_START and seen < 2:
+            start, seen = i, seen + 1
+    if start >= 0 and len(ids) > start + 3 and ids[start + 1] == QWEN_USER and ids[start + 2] == QWEN_NEWLINE:
+        start += 3
+    return start
+
+
+class _SubEncoder:
+    """One sub-model of ComfyUI's text encoder (``clip_l``/``clip_g`` of SD3, ``t5xxl``,
+    ``umt5xxl``, ``qwen25_7b``) as the core's ``TextEncoder``: ``clip.tokenize`` chunks (the key's
+    own), the sub-model's own ``encode_token_weights`` rows (the rows ComfyUI concatenates into
+    the conditioning), after the same clip options and model load as ``encode_from_tokens``.
+    ``kind``: ``clip`` (causal, pooled = first end token; a packed short encode), ``t5``
+    (bidirectional, pooled = ``</s>``, full-length variants: SD3/Flux attend the padding) or
+    ``chat`` (Qwen2.5-VL: causal, pooled = last row, rows from the user turn on)."""
+
+    def __init__(self, clip, key: str, kind: str, memo: dict, *, block: int = 0, channels: slice | None = None,
+                 width: int | None = None):
+        self.clip, self.name, self.kind, self.memo, self.block = clip, key, kind, memo, block
+        attr = f"clip_{key}" if kind == "clip" else key
+        self.sub = getattr(clip.cond_stage_model, attr)
+        special = getattr(self.sub, "special_tokens", {}) or {}
+        self.end_id = QWEN_IM_END if kind == "chat" else special.get("end", EOS)
+        self.width = width
+        if channels is not None:
+            self.channels = channels
+        self.encode_packed = None
+        if kind == "clip":
+            self.packed_sub, self.encode_packed = _truncated_encoder(clip, key) or (None, None)
+
+    def chunks(self, text):
+        if text not in self.memo:
+            self.memo[text] = self.clip.tokenize(text)
+        tokens = self.memo[text]
+        return [(_ints(c, self.name), (tokens, k)) for k, c in enumerate(tokens[self.name])]
+
+    def span(self, ids):
+        if self.kind == "clip":
+            return clip_span(ids, self.end_id)
+        if self.kind == "t5":
+            return t5_span(ids, self.end_id)
+        start = _qwen_start(ids)
+        if start < 0:
+            raise SafeT2IError("SAFREE-style steering: the Qwen-Image prompt has no chat-template user turn "
+                               "(<|im_start|>user); ComfyUI's template was replaced by one steering cannot read.")
+        return chat_span(ids, start, QWEN_IM_END, QWEN_PAD)
+
+    def _run(self, pairs):
+        model = self.clip.cond_stage_model
+        model.reset_clip_options()
+        if getattr(self.clip, "layer_idx", None) is not None:
+            model.set_clip_options({"layer": self.clip.layer_idx})
+        self.clip.load_model()
+        rows = self.sub.encode_token_weights(pairs)[0]
+        return rows.unflatten(1, (len(pairs), -1))[0]
+
+    def encode(self, id_lists, data):
+        out = []
+        for (tokens, k), run in itertools.groupby(zip(id_lists, data), key=lambda x: (id(x[1][0]), x[1][1])):
+            run = list(run)
+            tokens, k = run[0][1]
+            chunk = tokens[self.name][k]
+            pairs = [[(ids[m], *t[1:]) for m, t in enumerate(chunk)] for ids, _ in run]
+            for lo in range(0, len(pairs), SUB_BATCH):
+                out.append(self._run(pairs[lo:lo + SUB_BATCH]))
+        longest = max(o.shape[1] for o in out)
+        return torch.cat([torch.nn.functional.pad(o, (0, 0, 0, longest - o.shape[1])) for o in out])
+
+    def token_text(self, ids):
+        tok = getattr(self.clip.tokenizer, self.name, None) or getattr(self.clip.tokenizer, f"clip_{self.name}", None)
+        inv = getattr(tok, "inv_vocab", None)
+        if inv is not None:
+            return [str(inv.get(int(i), f"#{int(i)}")).replace("</w>", "").replace("\u2581", "").replace("\u0120", "")
+                    for i in ids]
+        return token_words(getattr(tok, "tokenizer", None), ids)
+
+    def packed_failed(self, difference: float) -> None:
+        _NO_TRUNCATION.add(id(self.packed_sub))
+        log.warning("SafeT2I: the short leave-one-out encode of the %s text encoder differs from ComfyUI's "
+                    "(max %.3g); using full-length encodes", self.name, difference)
+        self.encode_packed = None
+
+
+def family_encoders(clip, family: str, memo: dict) -> list[_SubEncoder]:
+    """The steerable encoders of an SD3 / Flux / Wan / Qwen-Image CLIP object, in the layout of
+    ComfyUI's conditioning (``*.encode_token_weights`` of each text-encoder class):
+
+    * SD3 (``SD3ClipModel``): block 0 the CLIP rows, CLIP-L at channels 0:w_l and CLIP-G after it
+      (768: without CLIP-L), zero-padded to 4096; block 1 the T5 rows. Missing sub-models are
+      left out, as ComfyUI leaves them out of the conditioning.
+    * Flux (``FluxClipModel``): the T5 rows (CLIP-L gives only the pooled vector, not steered).
+    * Wan (``WanT5Model``): the umT5 rows (masked, zeroed padding rows untouched).
+    * Qwen-Image (``QwenImageTEModel``): the Qwen2.5-VL rows from the user turn on.
+    """
+    model = clip.cond_stage_model
+    if family == "sd3":
+        out = []
+        l_sub, g_sub = getattr(model, "clip_l", None), getattr(model, "clip_g", None)
+        wl = _encoder_width(clip, "l") if l_sub is not None else None
+        if l_sub is not None:
+            out.append(_SubEncoder(clip, "l", "clip", memo, block=0, channels=slice(0, wl), width=wl))
+        if g_sub is not None:
+            wg = _encoder_width(clip, "g")
+            lo = wl if l_sub is not None else FULL_WIDTHS["l"]
+            out.append(_SubEncoder(clip, "g", "clip", memo, block=0, channels=slice(lo, lo + wg), width=wg))
+        if getattr(model, "t5xxl", None) is not None:
+            out.append(_SubEncoder(clip, "t5xxl", "t5", memo, block=1 if out else 0))
+        return out
+    if family == "flux":
+        return [_SubEncoder(clip, "t5xxl", "t5", memo)]
+    if family == "wan":
+        return [_SubEncoder(clip, "umt5xxl", "t5", memo)]
+    if family == "qwen_image":
+        return [_SubEncoder(clip, "qwen25_7b", "chat", memo)]
+    raise SafeT2IError(f"SAFREE-style steering: unknown text-encoder family {family!r}")
+
+
 def steer_text(clip, text: str, concepts: list[str], svf_name: str, alpha: float, order: str, svf: bool):
-    """(positive CONDITIONING, report) of ``text`` steered away from ``concepts``."""
+    """(positive CONDITIONING, report) of ``text`` steered away from ``concepts``. The pooled
+    output and every other entry of ComfyUI's encode (e.g. an attention mask) are passed as they are."""
     tokens = clip.tokenize(text)
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    memo, multi = {text: tokens}, len(tokens) > 1
-    encoders = [_ClipEncoder(clip, key, slice(lo, hi), hi - lo if multi else None, memo)
-                for key, lo, hi in _splits(clip, tokens, cond.shape[-1])]
+    encoded = clip.encode_from_tokens(tokens, return_dict=True)
+    cond = encoded.pop("cond")
+    memo = {text: tokens}
+    family = model_family(clip)
+    if family is None:
+        multi = len(tokens) > 1
+        encoders = [_ClipEncoder(clip, key, slice(lo, hi), hi - lo if multi else None, memo)
+                    for key, lo, hi in _splits(clip, tokens, cond.shape[-1])]
+    else:
+        encoders = family_encoders(clip, family, memo)
+        if not encoders:
+            raise SafeT2IError(f"SAFREE-style steering: this {family} text encoder has no sub-model to steer.")
     projectors = [concept_projector((subspace_key(clip), e.name), concepts, functools.partial(end_rows, e),
                                     owner=clip.cond_stage_model) for e in encoders]
     plan = SteeringPlan(encoders, projectors, text, cond[0], alpha=alpha, order=order,
                         svf=SVF_PRESETS[svf_name] if svf else None)
     out = plan.steer(cond[0])
     report = plan.report(out, len(concepts))
+    if family is not None:
+        report["family"] = family
     if not out.changed:
-        return [[cond, {"pooled_output": pooled}]], report
+        return [[cond, dict(encoded)]], report
     steered = out.rows[None]
     if out.fraction >= 1.0:
-        return [[steered, {"pooled_output": pooled}]], report
+        return [[steered, dict(encoded)]], report
     boundary = out.fraction - BOUNDARY_EPS
     report["boundary_percent"] = boundary
     return [
-        [steered, {"pooled_output": pooled, "start_percent": 0.0, "end_percent": boundary}],
-        [cond, {"pooled_output": pooled, "start_percent": boundary, "end_percent": 1.0}],
+        [steered, {**encoded, "start_percent": 0.0, "end_percent": boundary}],
+        [cond, {**encoded, "start_percent": boundary, "end_percent": 1.0}],
     ], report
 
 
@@ -200,7 +372,7 @@ class SafeT2IPromptSteer(io.ComfyNode):
                 "for a self-validated number of early steps. Prompts with no trigger token are unchanged."
             ),
             inputs=[
-                io.Clip.Input("clip", tooltip="The text encoder (SD1.x, SD2.x or SDXL)."),
+                io.Clip.Input("clip", tooltip="The text encoder (SD1.x, SD2.x, SDXL, SD3, Flux, Wan or Qwen-Image)."),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt to encode and steer."),
                 io.Combo.Input("concepts", options=preset_choices(), default="nudity",
                                tooltip="Toxic-concept list: a preset or 'custom' (below)."),
@@ -233,7 +405,7 @@ class SafeT2IPromptSteer(io.ComfyNode):
     def execute(cls, clip, text, concepts, custom_concepts="", alpha=0.01, order="code", self_validating=True,
                 concepts_as_negative=False, negative=None, configuration=CUSTOM) -> io.NodeOutput:
         own = SteeringSettings(concepts, custom_concepts, alpha, order, self_validating, concepts_as_negative)
-        arch = "sdxl" if getattr(clip.cond_stage_model, "clip_g", None) is not None else None
+        arch = model_family(clip) or ("sdxl" if getattr(clip.cond_stage_model, "clip_g", None) is not None else None)
         s = configure(configuration, own, arch)
         items, svf_name = load_concepts(s.concepts, s.custom)
         positive, rep = steer_text(clip, text, items, svf_name, s.alpha, s.order, s.self_validating)

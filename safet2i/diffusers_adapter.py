@@ -223,13 +223,199 @@ class HFTextEncoder:
         return token_words(self.tokenizer, ids)
 
 
-def _encoders(pipe) -> list[HFTextEncoder]:
-    """The pipeline's text encoders in the order their rows are concatenated in ``prompt_embeds``."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
+class HFT5Encoder:
+    """A transformers T5 / umT5 encoder + tokenizer as the core's steering ``TextEncoder``, built as
+    the pipeline builds its rows: one sequence padded and truncated to ``max_length``, the last
+    hidden state; SD3 and Flux run it without an attention mask (the padding is attended), Wan
+    with the tokenizer's mask and zero rows after the sequence (``masked``). Bidirectional: the
+    pooled row is the end token ``</s>`` (:func:`~safet2i.steering.plan.t5_span`), and every
+    leave-one-out variant is encoded at full length (the padding rows it attends depend on it)."""
+
+    def __init__(self, name: str, tokenizer, model, max_length: int, *, masked: bool = False, clean=None,
+                 block: int = 0, channels: slice | None = None, batch: int = 8):
+        self.name, self.tokenizer, self.model, self.max_length = name, tokenizer, model, int(max_length)
+        self.masked, self.clean, self.block, self.batch = masked, clean, block, batch
+        self.end_id = tokenizer.eos_token_id
+        self.width = model.config.d_model
+        if channels is not None:
+            self.channels = channels
+        self.layer = "t5"
+
+    def chunks(self, text):
+        text = self.clean(text) if self.clean is not None else text
+        out = self.tokenizer(text, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True)
+        return [(list(out.input_ids), list(out.attention_mask) if self.masked else None)]
+
+    def span(self, ids):
+        from .steering import t5_span  # noqa: PLC0415
+
+        return t5_span(ids, self.end_id)
+
+    def encode(self, id_lists, data=None):
+        data = data if data is not None else [None] * len(id_lists)
+        device = self.model.device
+        parts = []
+        with torch.no_grad():
+            for lo in range(0, len(id_lists), self.batch):
+                ids = torch.tensor(id_lists[lo:lo + self.batch], device=device)
+                mask = None
+                if self.masked:
+                    # the chunk's own mask: a left-out token (id 0) is attended as the prompt's token was
+                    mask = torch.tensor([m if m is not None else [int(t != self.tokenizer.pad_token_id) for t in i]
+                                         for m, i in zip(data[lo:lo + self.batch], id_lists[lo:lo + self.batch])],
+                                        device=device)
+                rows = self.model(ids, mask)[0] if mask is not None else self.model(ids)[0]
+                if mask is not None:
+                    rows = rows * mask[..., None].to(rows.dtype)
+                parts.append(rows)
+        return torch.cat(parts)
+
+    def token_text(self, ids):
+        return [w.replace("\u2581", "") for w in token_words(self.tokenizer, ids)]
+
+
+class HFChatEncoder:
+    """A causal LLM behind a chat template (Qwen-Image's Qwen2.5-VL) as the core's ``TextEncoder``:
+    the template around the prompt, the last hidden state (after the final norm), the host keeping
+    rows from ``start`` on (``prompt_template_encode_start_idx``). The pooled row is the last row
+    (:func:`~safet2i.steering.plan.chat_span`); the template's prefix rows are never steered or
+    counted."""
+
+    accepts_short = True   # causal (the pooled row is the last one anyway)
+
+    def __init__(self, name: str, tokenizer, model, template: str, start: int, max_length: int, batch: int = 8):
+        self.name, self.tokenizer, self.model, self.template = name, tokenizer, model, template
+        self.start, self.max_length, self.batch = int(start), int(max_length), batch
+        self.close_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.end_id = self.close_id
+        if self.close_id is None or self.close_id == getattr(tokenizer, "unk_token_id", None):
+            raise SafeT2IError(f"steering: the {name} tokenizer has no <|im_end|> token (not a chat-template encoder).")
+        self.layer = "chat"
+
+    def chunks(self, text):
+        ids = self.tokenizer(self.template.format(text), max_length=self.max_length + self.start,
+                             truncation=True).input_ids
+        return [(list(ids), None)]
+
+    def span(self, ids):
+        from .steering import chat_span  # noqa: PLC0415
+
+        return chat_span(ids, self.start, self.close_id, self.tokenizer.pad_token_id)
+
+    def encode(self, id_lists, data=None):
+        """Rows [N, L, d]; id lists of different lengths (concept texts) are encoded apart, unpadded,
+        and returned zero-padded to the longest (the rows the core reads are within each one)."""
+        device = self.model.device
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(id_lists):
+            by_length.setdefault(len(ids), []).append(i)
+        longest = max(by_length)
+        out = None
+        with torch.no_grad():
+            for length, members in by_length.items():
+                for lo in range(0, len(members), self.batch):
+                    part = members[lo:lo + self.batch]
+                    ids = torch.tensor([id_lists[i] for i in part], device=device)
+                    rows = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      output_hidden_states=True).hidden_states[-1]
+                    if out is None:
+                        out = rows.new_zeros(len(id_lists), longest, rows.shape[-1])
+                    out[part, :length] = rows
+        return out
+
+    def token_text(self, ids):
+        return [w.replace("\u0120", "") for w in token_words(self.tokenizer, ids)]
+
+
+#: The diffusers pipelines prompt steering knows, by the name of a class in the pipeline's MRO.
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "QwenImagePipeline": "qwen_image",
+            "WanPipeline": "wan"}
+#: The ``max_sequence_length`` each family's ``__call__`` uses by default.
+SEQUENCE_LENGTHS = {"sd3": 256, "flux": 512, "qwen_image": 512, "wan": 512}
+
+
+def pipeline_family(pipe) -> str:
+    """``sd`` / ``sdxl`` (UNet pipelines with one or two CLIP encoders), ``sd3``, ``flux``,
+    ``qwen_image`` or ``wan``; anything else is refused."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    if getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder", None) is not None:
+        return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+    raise SafeT2IError(f"SAFREE-style steering supports Stable Diffusion 1.x/2.x/XL, SD3, Flux, Qwen-Image and Wan "
+                       f"pipelines, not {type(pipe).__name__}.")
+
+
+def _encoders(pipe, family: str | None = None, max_sequence_length: int | None = None) -> list:
+    """The pipeline's steerable text encoders, in the layout of its ``prompt_embeds``: SD/SDXL one
+    block of CLIP rows; SD3 the CLIP-L‖G block (channels 0:768 and 768:2048 of T5's width, the
+    rest zero padding) then the T5 block; Flux and Wan their T5 / umT5 rows; Qwen-Image the
+    Qwen2.5-VL rows after the template. Pooled vectors (SDXL, SD3, Flux's CLIP-L) are not steered."""
+    family = family or pipeline_family(pipe)
+    length = max_sequence_length or SEQUENCE_LENGTHS.get(family)
+    if family == "sdxl":
         return [HFTextEncoder("text_encoder", pipe.tokenizer, pipe.text_encoder, -2, pipe.text_encoder.config.hidden_size),
                 HFTextEncoder("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2, -2,
                               pipe.text_encoder_2.config.hidden_size)]
-    return [HFTextEncoder("text_encoder", pipe.tokenizer, pipe.text_encoder, None, None)]
+    if family == "sd":
+        return [HFTextEncoder("text_encoder", pipe.tokenizer, pipe.text_encoder, None, None)]
+    if family == "sd3":
+        out, lo = [], 0
+        for name, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            model = getattr(pipe, name)
+            width = model.config.hidden_size
+            enc = HFTextEncoder(name, getattr(pipe, tok), model, -2, width)
+            enc.channels, enc.block = slice(lo, lo + width), 0
+            out.append(enc)
+            lo += width
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            out.append(HFT5Encoder("text_encoder_3", pipe.tokenizer_3, pipe.text_encoder_3, length, block=1))
+        return out
+    if family == "flux":
+        return [HFT5Encoder("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2, length)]
+    if family == "wan":
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # noqa: PLC0415
+
+        return [HFT5Encoder("text_encoder", pipe.tokenizer, pipe.text_encoder, length, masked=True, clean=prompt_clean)]
+    if family == "qwen_image":
+        return [HFChatEncoder("text_encoder", pipe.tokenizer, pipe.text_encoder, pipe.prompt_template_encode,
+                              pipe.prompt_template_encode_start_idx, getattr(pipe, "tokenizer_max_length", 1024))]
+    raise SafeT2IError(f"SAFREE-style steering: unknown pipeline family {family!r}")
+
+
+def _device(pipe):
+    return pipe._execution_device if hasattr(pipe, "_execution_device") else pipe.device
+
+
+def encode_for_steering(pipe, prompt: str, family: str, max_sequence_length: int | None = None):
+    """``(prompt_embeds [1, T, D], extra kwargs)``: the pipeline's own ``encode_prompt`` of one
+    prompt, one image, no CFG; ``extra`` holds what ``pipe(...)`` needs with ``prompt_embeds``
+    (SDXL/SD3/Flux ``pooled_prompt_embeds``, Qwen-Image ``prompt_embeds_mask``), unchanged."""
+    length = max_sequence_length or SEQUENCE_LENGTHS.get(family)
+    with torch.no_grad():
+        if family in ("sd", "sdxl"):
+            out = pipe.encode_prompt(prompt=prompt, device=pipe.text_encoder.device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)
+            return out[0], ({"pooled_prompt_embeds": out[2]} if family == "sdxl" else {})
+        if family == "sd3":
+            out = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=_device(pipe),
+                                     num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                     max_sequence_length=length)
+            return out[0], {"pooled_prompt_embeds": out[2]}
+        if family == "flux":
+            out = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=_device(pipe), num_images_per_prompt=1,
+                                     max_sequence_length=length)
+            return out[0], {"pooled_prompt_embeds": out[1]}
+        if family == "qwen_image":
+            embeds, mask = pipe.encode_prompt(prompt=prompt, device=_device(pipe), num_images_per_prompt=1,
+                                              max_sequence_length=length)
+            return embeds, ({} if mask is None else {"prompt_embeds_mask": mask})
+        if family == "wan":
+            embeds, _ = pipe.encode_prompt(prompt=prompt, negative_prompt=None, do_classifier_free_guidance=False,
+                                           num_videos_per_prompt=1, max_sequence_length=length, device=_device(pipe))
+            return embeds, {}
+    raise SafeT2IError(f"SAFREE-style steering: unknown pipeline family {family!r}")
 
 
 def weights_state(module) -> tuple:
@@ -251,17 +437,21 @@ def weights_state(module) -> tuple:
 
 
 def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alpha: float = 0.01,
-                 order: str = "code", self_validating: bool = True):
-    """SAFREE-style steered ``prompt_embeds`` for an SD or SDXL pipeline.
+                 order: str = "code", self_validating: bool = True, max_sequence_length: int | None = None):
+    """SAFREE-style steered ``prompt_embeds`` for an SD, SDXL, SD3, Flux, Qwen-Image or Wan pipeline.
 
     Returns ``(steered, original, fraction, report)``; ``pipe(**steering_kwargs(steered,
     original, fraction), ...)`` uses the steered rows for the self-validated window and the
-    original ones afterwards (SDXL: pass ``pooled_prompt_embeds`` from ``pipe.encode_prompt``,
-    unchanged). ``original`` is the pipeline's own ``encode_prompt`` output; with no trigger
-    token ``steered`` is that very tensor. The concept subspace is cached per text encoder
-    (weakly referenced) and the state of its weights (:func:`weights_state`), so merging a
-    LoRA into the encoder in place or changing its PEFT adapters gives a new subspace. A one-token
-    prompt is steered when removing the token moves it away from the concepts (docs/steering.md).
+    original ones afterwards (SDXL/SD3/Flux: also pass ``pooled_prompt_embeds``, Qwen-Image
+    ``prompt_embeds_mask``, from :func:`encode_for_steering`, unchanged; or use
+    :func:`steering_pipeline_kwargs`, which does it all). ``original`` is the pipeline's own
+    ``encode_prompt`` output; with no trigger token ``steered`` is that very tensor. Each encoder
+    is steered on its own rows and channels in its own concept subspace (docs/steering.md, per
+    family). ``max_sequence_length``: the T5 / Qwen length the pipeline call will use (default
+    the family's ``__call__`` default). The concept subspace is cached per text encoder (weakly
+    referenced) and the state of its weights (:func:`weights_state`), so merging a LoRA into the
+    encoder in place or changing its PEFT adapters gives a new subspace. A one-token prompt is
+    steered when removing the token moves it away from the concepts (docs/steering.md).
     Concepts as negative prompt and the paper's configuration: :func:`steering_pipeline_kwargs`.
     """
     from . import steering  # noqa: PLC0415  (steering.concept_projector looked up at call time)
@@ -269,11 +459,11 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     svf_name = "nudity"
     if isinstance(concepts, str):
         concepts, svf_name = steering.load_concepts(concepts)
-    with torch.no_grad():
-        original = pipe.encode_prompt(prompt=prompt, device=pipe.text_encoder.device, num_images_per_prompt=1,
-                                      do_classifier_free_guidance=False)[0]
-    encoders = _encoders(pipe)
-    projectors = [steering.concept_projector((id(e.model), e.layer, weights_state(e.model)), concepts,
+    family = pipeline_family(pipe)
+    original, _ = encode_for_steering(pipe, prompt, family, max_sequence_length)
+    encoders = _encoders(pipe, family, max_sequence_length)
+    projectors = [steering.concept_projector((id(e.model), e.layer, getattr(e, "max_length", None),
+                                              weights_state(e.model)), concepts,
                                              functools.partial(steering.end_rows, e), owner=e.model)
                   for e in encoders]
     plan = steering.SteeringPlan(encoders, projectors, prompt, original[0], alpha=alpha, order=order,
@@ -286,37 +476,46 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
 def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nudity", *,
                              configuration: str = "custom settings", negative_prompt: str = "",
                              alpha: float = 0.01, order: str = "code", self_validating: bool = True,
-                             concepts_as_negative: bool = False) -> tuple[dict, dict]:
+                             concepts_as_negative: bool = False,
+                             max_sequence_length: int | None = None) -> tuple[dict, dict]:
     """``(kwargs, report)``: ``pipe(prompt=None, **kwargs, ...)`` runs ``prompt`` steered (and,
     with ``concepts_as_negative``, with the concept list joined by ", " after ``negative_prompt``
     as the negative prompt, as SAFREE's runs do). ``configuration="SAFREE (paper
     configuration)"`` runs it as the paper did (``safet2i.steering.settings.PAPER``: the nudity
-    concepts, α 0.01, code order, self-validating on, off for SDXL, concepts as negative),
-    overriding the other settings. SDXL: the pipeline's pooled embeddings are passed, unchanged."""
+    concepts, α 0.01, code order, self-validating on, off for SDXL/SD3/Flux/Qwen-Image/Wan,
+    concepts as negative), overriding the other settings. SDXL/SD3/Flux: the pipeline's pooled
+    embeddings are passed, unchanged; Qwen-Image its ``prompt_embeds_mask``; SD3/Flux/Qwen-Image/Wan
+    ``max_sequence_length`` (pass the same to ``pipe``). Flux and Qwen-Image use a negative prompt
+    only with ``true_cfg_scale > 1`` (the report says so)."""
     from .steering import load_concepts  # noqa: PLC0415
     from .steering.settings import SteeringSettings, concepts_negative, configure, describe  # noqa: PLC0415
 
+    family = pipeline_family(pipe)
     named, custom = (concepts, "") if isinstance(concepts, str) else ("custom", "\n".join(concepts))
     own = SteeringSettings(named, custom, alpha, order, self_validating, concepts_as_negative)
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    s = configure(configuration, own, "sdxl" if sdxl else None)
+    s = configure(configuration, own, family if family != "sd" else None)
     items, _ = load_concepts(s.concepts, s.custom)
     steered, original, fraction, entries = steer_prompt(pipe, prompt, s.concepts if s.concepts != "custom" else items,
-                                                        alpha=s.alpha, order=s.order, self_validating=s.self_validating)
-    kwargs = steering_kwargs(steered, original, fraction)
+                                                        alpha=s.alpha, order=s.order, self_validating=s.self_validating,
+                                                        max_sequence_length=max_sequence_length)
+    kwargs = steering_kwargs(steered, original, fraction, negatives_in_batch=None if family in ("sd", "sdxl", "sd3")
+                             else False)
     negative = concepts_negative(items, negative_prompt) if s.concepts_as_negative else negative_prompt
     if negative:
         kwargs["negative_prompt"] = negative
-    if sdxl:
-        with torch.no_grad():
-            kwargs["pooled_prompt_embeds"] = pipe.encode_prompt(prompt=prompt, device=pipe.text_encoder.device,
-                                                                num_images_per_prompt=1,
-                                                                do_classifier_free_guidance=False)[2]
-    return kwargs, {"configuration": describe(configuration, s), "concepts": len(items),
-                    "steered_fraction": round(fraction, 4), "chunks": entries}
+    _, extra = encode_for_steering(pipe, prompt, family, max_sequence_length)
+    kwargs.update(extra)
+    if family in SEQUENCE_LENGTHS:
+        kwargs["max_sequence_length"] = max_sequence_length or SEQUENCE_LENGTHS[family]
+    report = {"configuration": describe(configuration, s), "concepts": len(items),
+              "steered_fraction": round(fraction, 4), "chunks": entries}
+    if negative and family in ("flux", "qwen_image"):
+        report["note"] = (f"{type(pipe).__name__} uses the negative prompt only with true_cfg_scale > 1 "
+                          "(true classifier-free guidance)")
+    return kwargs, report
 
 
-def switch_after(fraction, original: torch.Tensor):
+def switch_after(fraction, original: torch.Tensor, negatives_in_batch: bool | None = None):
     """``callback_on_step_end`` that swaps the steered prompt rows for ``original`` once
     ``max(1, round(fraction · steps))`` steps are done.
 
@@ -325,7 +524,9 @@ def switch_after(fraction, original: torch.Tensor):
     positives without it. ``original`` holds one row per prompt ([P, T, D]); ``fraction`` is one
     number for all of them or one per prompt (a batch of prompts steered for different shares of
     the schedule). A prompt's positive rows are swapped once its fraction is due; the negative
-    half is kept."""
+    half is kept. ``negatives_in_batch``: whether the pipeline's ``prompt_embeds`` holds the
+    negatives too (SD/SDXL/SD3 with CFG; None: ask ``pipe.do_classifier_free_guidance``); Flux,
+    Qwen-Image and Wan keep them apart (False)."""
     fractions = [float(fraction)] * original.shape[0] if isinstance(fraction, (int, float)) \
         else [float(f) for f in fraction]
     if len(fractions) != original.shape[0]:
@@ -339,7 +540,8 @@ def switch_after(fraction, original: torch.Tensor):
         due = [i for i, f in enumerate(fractions) if (step + 1) >= round(f * total)]
         if not due:
             return kwargs
-        cfg = bool(getattr(pipe, "do_classifier_free_guidance", emb.shape[0] > original.shape[0]))
+        cfg = negatives_in_batch if negatives_in_batch is not None else \
+            bool(getattr(pipe, "do_classifier_free_guidance", emb.shape[0] > original.shape[0]))
         n_neg = emb.shape[0] // 2 if cfg else 0
         n_pos = emb.shape[0] - n_neg
         if n_pos % original.shape[0]:
@@ -354,12 +556,13 @@ def switch_after(fraction, original: torch.Tensor):
     return callback
 
 
-def steering_kwargs(steered: torch.Tensor, original: torch.Tensor, fraction: float) -> dict:
+def steering_kwargs(steered: torch.Tensor, original: torch.Tensor, fraction: float,
+                    negatives_in_batch: bool | None = None) -> dict:
     """Keyword arguments for ``pipe(...)`` that apply steered rows for the self-validated
-    window and the original rows afterwards."""
+    window and the original rows afterwards (``negatives_in_batch``: :func:`switch_after`)."""
     kw = {"prompt_embeds": steered}
     if 0.0 < fraction < 1.0:
-        kw["callback_on_step_end"] = switch_after(fraction, original)
+        kw["callback_on_step_end"] = switch_after(fraction, original, negatives_in_batch)
         kw["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
     elif fraction == 0.0:
         kw["prompt_embeds"] = original

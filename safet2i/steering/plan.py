@@ -37,13 +37,33 @@ log = logging.getLogger("safet2i")
 PACKED_RTOL = 1e-4
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where a chunk's prompt is, in the rows its encoder returns for it.
+
+    ``first``..``first + n - 1``: the prompt's tokens (each left out in turn; the only rows that
+    may be steered); ``pool``: the row that stands for the whole chunk (SAFREE's pooled vector);
+    ``start``: the first row the host's conditioning keeps (rows before it, e.g. Qwen-Image's chat
+    template prefix, are dropped by the host: never steered, never counted)."""
+
+    first: int
+    n: int
+    pool: int
+    start: int = 0
+
+
 class TextEncoder(Protocol):
     """What the core needs of one text encoder of a host.
 
     Optional attributes: ``width`` (channels of its rows; needed when several encoders share one
-    conditioning), ``accepts_short`` (``encode`` takes id lists cut after the end token),
-    ``encode_packed(original, variants) -> (rows of original, last row of each variant)`` (see
-    :func:`packed_encode`) and ``packed_failed(difference)``.
+    conditioning), ``channels`` (its channel slice of the conditioning, where the encoders' rows
+    are zero-padded: SD3's CLIP-L‖G rows padded to T5's 4096), ``block`` (encoders of the same
+    block share rows, concatenated along channels; blocks follow each other along the tokens in
+    increasing order: SD3's CLIP block 0, T5 block 1), ``span(ids) -> Span`` (default
+    :func:`clip_span`; :func:`t5_span` for T5/umT5; causal LLMs with a chat template give their
+    own), ``accepts_short`` (``encode`` takes id lists cut after the pooled row: causal encoders
+    only), ``encode_packed(original, variants) -> (rows of original, last row of each variant)``
+    (see :func:`packed_encode`) and ``packed_failed(difference)``.
     """
 
     name: str      # in reports: ComfyUI "l" / "g", A1111 "te1", diffusers "text_encoder_2"
@@ -74,12 +94,66 @@ def chunk_span(ids: list[int], end_id: int) -> tuple[int, int]:
     return eos, max(0, min(eos, len(ids)) - 1)
 
 
-def leave_one_out_ids(ids: list[int], n: int) -> list[list[int]]:
-    """The chunk with token i (1..n) replaced by the mask token, one id list per i."""
+def clip_span(ids: list[int], end_id: int) -> Span:
+    """CLIP: start token at row 0, the prompt in rows 1..n, pooled row = the first end token
+    (the last row of a chunk without one)."""
+    eos, n = chunk_span(ids, end_id)
+    return Span(1, n, min(eos, len(ids) - 1))
+
+
+def t5_span(ids: list[int], end_id: int) -> Span:
+    """T5 / umT5 (no start token, bidirectional): the prompt in rows 0..n−1, pooled row = the
+    end token ``</s>`` at row n. Every row of a bidirectional encoder sees every token; the end
+    row is the one row that is no prompt token (its own input never changes when a token is left
+    out), the counterpart of CLIP's end-token row. A chunk cut without an end token pools its last
+    row, which is then no candidate."""
+    eos = first_index(list(ids), end_id)
+    if eos < len(ids):
+        return Span(0, eos, eos)
+    return Span(0, max(0, len(ids) - 1), len(ids) - 1)
+
+
+def chat_span(ids: list[int], start: int, close_id: int, pad_id: int | None = None) -> Span:
+    """A causal LLM behind a chat template whose host keeps the rows from ``start`` on (the user
+    turn; Qwen-Image drops the system prefix): the prompt runs from ``start`` to the last
+    ``close_id`` (``<|im_end|>``, the template's closing turn), the pooled row is the last row
+    that is no trailing ``pad_id``.
+
+    Why the last row (docs/steering.md, "Causal encoders"): in a causal encoder a token changes
+    only the rows at and after it, so the one row every leave-one-out variant changes, and that
+    sees the whole prompt, is the last; it is what CLIP's end-token row is (CLIP is causal too).
+    The prefix rows are equal in every variant and never candidates; the closing rows after the
+    prompt are kept as they are, like CLIP's end and padding rows."""
+    ids = list(ids)
+    last = len(ids) - 1
+    while pad_id is not None and last > start and ids[last] == pad_id:
+        last -= 1
+    closes = [i for i in range(start, last + 1) if ids[i] == close_id]
+    if not closes:
+        raise SafeT2IError("SAFREE-style steering: the prompt has no closing chat-template token after the user "
+                           "turn (the prompt was cut, or it does not use the model's chat template).")
+    return Span(start, closes[-1] - start, last, start)
+
+
+def span_of(encoder, ids: list[int]) -> Span:
+    """The encoder's :class:`Span` of chunk ``ids`` (its ``span`` method, else :func:`clip_span`),
+    checked."""
+    fn = getattr(encoder, "span", None)
+    sp = fn(list(ids)) if fn is not None else clip_span(list(ids), encoder.end_id)
+    length = len(ids)
+    if not (0 <= sp.start <= length and 0 <= sp.pool < length and sp.n >= 0
+            and (sp.n == 0 or (sp.start <= sp.first and sp.first + sp.n <= length))):
+        raise SafeT2IError(f"SAFREE-style steering: the {encoder.name} text encoder gave an invalid span {sp} "
+                           f"for a chunk of {length} tokens.")
+    return sp
+
+
+def leave_one_out_ids(ids: list[int], n: int, first: int = 1, mask: int = MASK_TOKEN) -> list[list[int]]:
+    """The chunk with token i (first..first+n−1) replaced by the mask token, one id list per i."""
     out = []
-    for i in range(1, n + 1):
+    for i in range(first, first + n):
         v = list(ids)
-        v[i] = MASK_TOKEN
+        v[i] = mask
         out.append(v)
     return out
 
@@ -97,33 +171,38 @@ def packed_encode(run, original: list[int], variants: list[list[int]]) -> tuple[
 
 
 def leave_one_out(encoder: TextEncoder, ids: list[int], data=None, rows: torch.Tensor | None = None):
-    """End-token rows [n, d] of the chunk's leave-one-out variants (None for an empty chunk).
+    """Pooled rows [n, d] of the chunk's leave-one-out variants (None for an empty chunk): each
+    prompt token (``span.first``..) replaced in turn by the mask token (the encoder's ``mask_id``,
+    default :data:`MASK_TOKEN`), the ``span.pool`` row of each variant.
 
-    ``rows``: the host's own rows [L, d] of the chunk on this encoder's channels; a packed
-    encode is used only when they are there to check it against."""
-    eos, n = chunk_span(ids, encoder.end_id)
-    if n < 1:
+    ``rows``: the host's own rows of the chunk on this encoder's channels, as its conditioning
+    holds them (from ``span.start``); a packed encode is used only when they are there to check
+    it against."""
+    sp = span_of(encoder, ids)
+    if sp.n < 1:
         return None
-    variants, length = leave_one_out_ids(ids, n), len(ids)
-    cut = eos < length
+    n, pool, length = sp.n, sp.pool, len(ids)
+    variants = leave_one_out_ids(ids, n, sp.first, getattr(encoder, "mask_id", MASK_TOKEN))
+    cut = pool < length - 1
     packed = getattr(encoder, "encode_packed", None)
-    if packed is not None and cut and rows is not None:
-        prompt_rows, last = packed(list(ids[:eos + 1]), [v[:eos + 1] for v in variants])
-        ref = rows[eos].to(prompt_rows)
-        if torch.allclose(prompt_rows[eos], ref, rtol=PACKED_RTOL, atol=PACKED_RTOL * max(1.0, float(ref.abs().max()))):
+    if packed is not None and pool < length and rows is not None:
+        prompt_rows, last = packed(list(ids[:pool + 1]), [v[:pool + 1] for v in variants])
+        ref = rows[pool - sp.start].to(prompt_rows)
+        if torch.allclose(prompt_rows[pool], ref, rtol=PACKED_RTOL, atol=PACKED_RTOL * max(1.0, float(ref.abs().max()))):
             return last
-        encoder.packed_failed(float((prompt_rows[eos] - ref).abs().max()))
+        encoder.packed_failed(float((prompt_rows[pool] - ref).abs().max()))
     if cut and getattr(encoder, "accepts_short", False):
-        return encoder.encode([v[:eos + 1] for v in variants], [data] * n)[:, eos]
-    return encoder.encode(variants, [data] * n)[:, min(eos, length - 1)]
+        return encoder.encode([v[:pool + 1] for v in variants], [data] * n)[:, pool]
+    return encoder.encode(variants, [data] * n)[:, pool]
 
 
 def end_rows(encoder: TextEncoder, texts: list[str]) -> torch.Tensor:
-    """SAFREE's pooled vectors [K, d]: the first end-token row of each text's first chunk, same
-    encoder and layer as the conditioning (CLIP's pooler output for SD1.x)."""
+    """SAFREE's pooled vectors [K, d]: the pooled row (``span.pool``: CLIP's and T5's first end
+    token, a causal LLM's last row) of each text's first chunk, same encoder and layer as the
+    conditioning (CLIP's pooler output for SD1.x)."""
     firsts = [encoder.chunks(t)[0] for t in texts]
     rows = encoder.encode([list(ids) for ids, _ in firsts], [data for _, data in firsts])
-    return torch.stack([rows[i, first_index(list(ids), encoder.end_id)] for i, (ids, _) in enumerate(firsts)])
+    return torch.stack([rows[i, span_of(encoder, list(ids)).pool] for i, (ids, _) in enumerate(firsts)])
 
 
 def channel_slices(widths: list[int | None], dim: int, names: list[str] | None = None) -> list[slice]:
@@ -147,14 +226,30 @@ class ChunkPlan:
     encoder: int                      # index in the plan's encoders
     index: int                        # chunk index in the prompt
     ids: list[int]
-    n: int                            # prompt tokens (rows 1..n)
-    loo: torch.Tensor | None          # [n, d] end-token rows of the leave-one-out variants
-    rows: torch.Tensor | None = None  # [L, d] the encoder's own rows (plans built without host rows)
-    pooled: torch.Tensor | None = None  # [d] the chunk's own end-token row (one-token chunks: the trigger test)
+    n: int                            # prompt tokens (rows span.first.. of the encode)
+    loo: torch.Tensor | None          # [n, d] pooled rows of the leave-one-out variants
+    rows: torch.Tensor | None = None  # [L - start, d] the encoder's own rows (plans built without host rows)
+    pooled: torch.Tensor | None = None  # [d] the chunk's own pooled row (one-token chunks: the trigger test)
+    span: Span | None = None          # where the prompt is in the encode (CLIP: Span(1, n, eos))
+    at: slice | None = None           # the chunk's rows in the conditioning
 
     @property
     def note(self) -> str | None:
         return "empty prompt: nothing to steer" if self.n < 1 else None
+
+    @property
+    def first(self) -> int:
+        """Row of the first prompt token in the conditioning's rows of this chunk."""
+        return 1 if self.span is None else self.span.first - self.span.start
+
+    @property
+    def real(self) -> int | None:
+        """Rows of the chunk that β is taken over (up to and with the pooled row)."""
+        return None if self.span is None else self.span.pool - self.span.start + 1
+
+    @property
+    def start(self) -> int:
+        return 0 if self.span is None else self.span.start
 
 
 @dataclass
@@ -176,9 +271,13 @@ class SteeringPlan:
     """Everything SAFREE needs to steer one text's conditioning on a model's encoders.
 
     ``projectors[e]``: P_C of encoder ``e`` (hosts cache it: :func:`concept_projector`).
-    ``rows`` [chunks·L, D]: the host's own conditioning of the text (its channels concatenate
-    the encoders' rows in order; it checks packed encodes). Without it the plan encodes every
-    chunk itself (``ChunkPlan.rows``, :meth:`own_rows`), e.g. to recognise the text's rows later.
+    ``rows`` [T, D]: the host's own conditioning of the text (checks packed encodes). Its layout:
+    the encoders of one ``block`` (default 0) share rows and concatenate theirs along channels in
+    order (each ``width`` wide, or at its own ``channels``); blocks follow each other along the
+    tokens, each block its chunks in order, each chunk the rows of its encode from
+    ``span.start`` on (SD1/SD2/SDXL: one block of 77-row chunks; SD3: CLIP-L‖G block, then T5).
+    Without ``rows`` the plan encodes every chunk itself (``ChunkPlan.rows``, :meth:`own_rows`),
+    e.g. to recognise the text's rows later.
     """
 
     def __init__(self, encoders: list[TextEncoder], projectors: list[torch.Tensor], text: str,
@@ -187,63 +286,118 @@ class SteeringPlan:
         self.encoders, self.projectors, self.text = list(encoders), list(projectors), text
         self.settings = dict(alpha=alpha, order=order, svf=svf)
         chunked = [e.chunks(text) for e in self.encoders]
-        self.length = len(chunked[0][0][0])
-        if any(len(c) != len(chunked[0]) or any(len(ids) != self.length for ids, _ in c) for c in chunked):
-            raise SafeT2IError("SAFREE-style steering: the text encoders chunk this prompt differently.")
+        spans = [[span_of(e, [int(t) for t in ids]) for ids, _ in c] for e, c in zip(self.encoders, chunked)]
+        self.blocks = [getattr(e, "block", 0) for e in self.encoders]
+        # Rows of each chunk in the conditioning: encoders of one block must agree on them.
+        lengths = [[len(ids) - sp.start for (ids, _), sp in zip(c, s)] for c, s in zip(chunked, spans)]
+        offset, self.at = 0, [None] * len(self.encoders)
+        for b in sorted(set(self.blocks)):
+            members = [e for e in range(len(self.encoders)) if self.blocks[e] == b]
+            if any(lengths[e] != lengths[members[0]] for e in members):
+                raise SafeT2IError("SAFREE-style steering: the text encoders chunk this prompt differently.")
+            ats, lo = [], offset
+            for n_rows in lengths[members[0]]:
+                ats.append(slice(lo, lo + n_rows))
+                lo += n_rows
+            for e in members:
+                self.at[e] = ats
+            offset = lo
+        self.total = offset
+        self.length = lengths[0][0] if lengths[0] else 0   # rows per chunk of the first encoder
         self.widths = [getattr(e, "width", None) for e in self.encoders]
         slices = None if rows is None else self.slices(rows.shape[-1])
         self.chunks: list[list[ChunkPlan]] = []
         for e, (encoder, chunks) in enumerate(zip(self.encoders, chunked)):
             plans = []
             for k, (ids, data) in enumerate(chunks):
-                ids = [int(t) for t in ids]
-                host = None if rows is None else rows[k * self.length:(k + 1) * self.length, slices[e]]
-                own = encoder.encode([ids], [data])[0] if rows is None else None
+                ids, sp, at = [int(t) for t in ids], spans[e][k], self.at[e][k]
+                host = None if rows is None else rows[at, slices[e]]
+                own = encoder.encode([ids], [data])[0][sp.start:] if rows is None else None
                 loo = leave_one_out(encoder, ids, data, host)
-                eos, n = chunk_span(ids, encoder.end_id)
-                pooled = (own if host is None else host)[min(eos, self.length - 1)] if n == 1 else None
-                plans.append(ChunkPlan(e, k, ids, n, loo, own, pooled))
+                pooled = (own if host is None else host)[sp.pool - sp.start] if sp.n == 1 else None
+                plans.append(ChunkPlan(e, k, ids, sp.n, loo, own, pooled, sp, at))
             self.chunks.append(plans)
         if rows is None:
             self.widths = [c[0].rows.shape[-1] for c in self.chunks]
 
     def slices(self, dim: int) -> list[slice]:
-        """Each encoder's channels in a conditioning of width ``dim``."""
-        return channel_slices(self.widths, dim, [e.name for e in self.encoders])
+        """Each encoder's channels in a conditioning of width ``dim``: its own ``channels``, else
+        its block's widths concatenated in order (:func:`channel_slices`)."""
+        out: list[slice | None] = [None] * len(self.encoders)
+        names = [e.name for e in self.encoders]
+        for b in sorted(set(self.blocks)):
+            members = [e for e in range(len(self.encoders)) if self.blocks[e] == b]
+            fixed = [getattr(self.encoders[e], "channels", None) for e in members]
+            if all(f is not None for f in fixed):
+                for e, f in zip(members, fixed):
+                    width = self.widths[e]
+                    if f.stop > dim or (width is not None and f.stop - f.start != width):
+                        raise SafeT2IError(f"SAFREE-style steering: the {names[e]} text encoder's channels "
+                                           f"{f.start}:{f.stop} do not fit the conditioning's {dim} channels.")
+                    out[e] = f
+            else:
+                for e, s in zip(members, channel_slices([self.widths[e] for e in members], dim,
+                                                        [names[e] for e in members])):
+                    out[e] = s
+        return out
+
+    def dim(self) -> int:
+        """Channels of the plan's own conditioning (:meth:`own_rows`)."""
+        stops = [getattr(e, "channels", None) for e in self.encoders]
+        per_block: dict[int, int] = {}
+        for e, b in enumerate(self.blocks):
+            stop = stops[e].stop if stops[e] is not None else None
+            per_block[b] = max(per_block.get(b, 0), stop) if stop is not None else per_block.get(b, 0) + self.widths[e]
+        return max(per_block.values())
 
     def own_rows(self) -> torch.Tensor:
-        """The plan's own encode of the text [chunks·L, D] (plans built without host rows)."""
-        return torch.cat([torch.cat([c.rows for c in chunks]) for chunks in self.chunks], dim=-1)
+        """The plan's own encode of the text [rows, D] (plans built without host rows); channels an
+        encoder does not fill (SD3's padding) are zero."""
+        dim = self.dim()
+        slices = self.slices(dim)
+        ref = self.chunks[0][0].rows
+        out = torch.zeros(self.total, dim, dtype=ref.dtype, device=ref.device)
+        for e, chunks in enumerate(self.chunks):
+            for c in chunks:
+                out[c.at, slices[e]] = c.rows.to(out)
+        return out
 
     def similarity(self, rows: torch.Tensor) -> float:
-        """How surely ``rows`` [≥ chunks·L, D] are this text's conditioning: the smallest |cos|
-        between a row and the plan's own encode of it, over every row and encoder (emphasis
-        only rescales rows); −1 when ``rows`` are too short for the text."""
+        """How surely ``rows`` [≥ rows of the plan, D] are this text's conditioning: the smallest |cos|
+        between a row and the plan's own encode of it, over every row and encoder (emphasis only
+        rescales rows; rows that are zero in both count as equal); −1 when ``rows`` are too short."""
         ref = self.own_rows()
-        if ref.shape[0] > rows.shape[0]:
+        if ref.shape[0] > rows.shape[0] or ref.shape[-1] != rows.shape[-1]:
             return -1.0
         live, ref = rows[:ref.shape[0]].float(), ref.to(rows.device, torch.float32)
-        return min(float(torch.nn.functional.cosine_similarity(live[:, s], ref[:, s], dim=-1, eps=1e-8).abs().min())
-                   for s in self.slices(rows.shape[-1]))
+        worst = 1.0
+        for e, s in enumerate(self.slices(rows.shape[-1])):
+            for c in self.chunks[e]:
+                a, b = live[c.at, s], ref[c.at, s]
+                cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8).abs()
+                both_zero = (a.abs().amax(-1) == 0) & (b.abs().amax(-1) == 0)
+                worst = min(worst, float(torch.where(both_zero, torch.ones_like(cos), cos).min()))
+        return worst
 
     def steer(self, rows: torch.Tensor) -> Steered:
-        """Steer ``rows`` [≥ chunks·L, D] (the text's conditioning, e.g. the host's weighted encode)
-        chunk by chunk on each encoder's channels; rows after the chunks are left as they are."""
+        """Steer ``rows`` [≥ rows of the plan, D] (the text's conditioning, e.g. the host's weighted
+        encode) chunk by chunk on each encoder's rows and channels; rows after the plan's (and
+        channels no encoder owns) are left as they are."""
         slices = self.slices(rows.shape[-1])
-        if rows.shape[0] < len(self.chunks[0]) * self.length:
-            raise SafeT2IError(f"SAFREE-style steering: {rows.shape[0]} conditioning rows, the prompt has "
-                               f"{len(self.chunks[0])} chunks of {self.length}.")
+        if rows.shape[0] < self.total:
+            raise SafeT2IError(f"SAFREE-style steering: {rows.shape[0]} conditioning rows, the prompt's encoders "
+                               f"need {self.total} ({len(self.chunks[0])} chunks of {self.length} on the first).")
         out, results = rows, []
         for e, chunks in enumerate(self.chunks):
             for c in chunks:
-                span = slice(c.index * self.length, (c.index + 1) * self.length)
-                part = rows[span, slices[e]]
-                res = SteerResult(part) if c.loo is None else steer_chunk(part, c.loo, self.projectors[e], c.n,
-                                                                          pooled=c.pooled, **self.settings)
+                part = rows[c.at, slices[e]]
+                res = SteerResult(part) if c.loo is None else steer_chunk(
+                    part, c.loo, self.projectors[e], c.n, pooled=c.pooled, first=c.first, real=c.real,
+                    **self.settings)
                 if res.changed:
                     if out is rows:
                         out = rows.clone()
-                    out[span, slices[e]] = res.rows
+                    out[c.at, slices[e]] = res.rows
                 results.append((c, res))
         return Steered(out, results)
 
@@ -252,7 +406,7 @@ class SteeringPlan:
         """One report entry per encoder and chunk: trigger positions, token ids and words, β, t'."""
         out = []
         for c, res in steered.results:
-            ids = [c.ids[t] for t in res.triggers]
+            ids = [c.ids[t + c.start] for t in res.triggers]
             entry = {"encoder": self.encoders[c.encoder].name, "chunk": c.index, "triggers": res.triggers,
                      "trigger_tokens": ids, "trigger_words": self.encoders[c.encoder].token_text(ids),
                      "beta": round(res.beta, 4), "t_prime": res.t_prime}
@@ -271,9 +425,9 @@ class SteeringPlan:
         for c, res in steered.results:
             if not res.changed:
                 continue
-            tokens = "+".join(self.encoders[c.encoder].token_text([c.ids[t] for t in res.triggers]))
+            tokens = "+".join(self.encoders[c.encoder].token_text([c.ids[t + c.start] for t in res.triggers]))
             where = (f"{self.encoders[c.encoder].name} " if len(self.encoders) > 1 else "") + \
-                    (f"chunk {c.index + 1} " if len(self.chunks[0]) > 1 else "")
+                    (f"chunk {c.index + 1} " if len(self.chunks[c.encoder]) > 1 else "")
             window = f"t' {res.t_prime}" if self.settings["svf"] is not None else "every step"
             parts.append(f"{where}{tokens} β {res.beta:.3f} {window}")
         return parts

@@ -85,7 +85,7 @@ def svf_steps(beta: float, up_t: float = 10.0, k: float = 2.5, t0: float = 5.333
 @dataclass
 class SteerResult:
     rows: torch.Tensor                 # the chunk's conditioning rows, steered (or the input itself)
-    triggers: list[int] = field(default_factory=list)   # row positions (1..n) replaced
+    triggers: list[int] = field(default_factory=list)   # row positions replaced (CLIP: 1..n)
     beta: float = 0.0
     t_prime: int = -1                  # last steered step of 50; -1 = never steered
     changed: bool = False
@@ -107,27 +107,33 @@ def steer_chunk(
     svf: tuple[float, float] | None = SVF_PRESETS["nudity"],
     up_t: float = 10.0,
     pooled: torch.Tensor | None = None,
+    first: int = 1,
+    real: int | None = None,
 ) -> SteerResult:
-    """Steer one 77-row chunk whose prompt tokens occupy rows 1..n_tokens (BOS at 0, EOS at
-    n_tokens + 1). ``loo_pooled`` [n, d]: pooled vectors with each token replaced in turn;
-    ``pooled`` [d]: the chunk's own pooled vector (the one-token trigger test needs it).
-    ``svf=None`` steers every step (t' = 50)."""
+    """Steer one chunk whose prompt tokens occupy rows first..first+n_tokens−1 (CLIP: BOS at 0,
+    tokens from 1, EOS at n_tokens + 1). ``loo_pooled`` [n, d]: pooled vectors with each token
+    replaced in turn; ``pooled`` [d]: the chunk's own pooled vector (the one-token trigger test
+    needs it). β is taken over the chunk's first ``real`` rows (default first + n_tokens + 1:
+    CLIP's BOS, tokens and first EOS; T5's tokens and end token; a chat template's prompt and
+    closing rows). ``svf=None`` steers every step (t' = 50)."""
     if n_tokens < 1 or loo_pooled.shape[0] != n_tokens:
         return SteerResult(rows)
+    if first < 0 or first + n_tokens > rows.shape[0]:
+        raise ValueError(f"prompt rows {first}..{first + n_tokens - 1} outside a chunk of {rows.shape[0]} rows")
     p_concept = p_concept.to(rows.device)  # all float64 work on the rows' device
     loo_pooled = loo_pooled.to(rows.device)
     trig = trigger_tokens(loo_pooled, p_concept, alpha, pooled)
     if not trig:
         return SteerResult(rows)
     p_input = projector(loo_pooled)
-    span = min(rows.shape[0], n_tokens + 2)              # BOS, tokens, first EOS
+    span = min(rows.shape[0], first + n_tokens + 1 if real is None else max(real, first + n_tokens))
     projected = project_rows(rows[:span], p_concept, p_input, order)
     orig = rows[:span].to(torch.float64)
     cos = torch.nn.functional.cosine_similarity(orig, projected, dim=1, eps=1e-12)
     beta = float(1.0 - cos.mean())
     t_prime = svf_steps(beta, up_t, *svf) if svf is not None else REFERENCE_STEPS - 1
     out = rows.clone()
-    positions = [i + 1 for i in trig]
+    positions = [i + first for i in trig]
     out[positions] = projected[positions].to(rows.dtype)
     return SteerResult(out, positions, beta, t_prime, True)
 

@@ -2,7 +2,8 @@
 
 :data:`PAPER` is SAFREE as its authors ran it (the released generation scripts): the 17-string
 ``nudity`` concept list, α = 0.01, the official code's projection order, the self-validating
-window on SD1.x/SD2.x and off on SDXL (the released SDXL script steers every step), and **the
+window on SD1.x/SD2.x and off on SDXL and SD3 (the released SDXL and SD3 scripts steer every
+step; Flux, Qwen-Image and Wan follow SD3), and **the
 concept list joined with ", " as the negative prompt** (:func:`concepts_negative`). The latent
 re-attention is not part of it: as released it never runs (see ``docs/steering.md``).
 :data:`CUSTOM` keeps the user's own settings. Which part of the paper's reported effect comes
@@ -30,13 +31,20 @@ class SteeringSettings:
     concepts_as_negative: bool = False
 
 
+#: Families the paper configuration steers at every step: the released SDXL and SD3 scripts have
+#: no self-validating window; Flux, Qwen-Image and Wan (no released script) follow SD3, the other
+#: flow-matching transformer (the window's constants were fitted to SD1.4's 50 DDIM steps).
+EVERY_STEP = ("sdxl", "sd3", "flux", "qwen_image", "wan")
+
+
 def configure(name: str, own: SteeringSettings, arch: str | None = None) -> SteeringSettings:
     """The settings a named configuration gives (``own`` for :data:`CUSTOM`). ``arch``: the
-    model family ("sd1", "sd2", "sdxl"); the paper's SDXL runs steer every step."""
+    model family ("sd1", "sd2", "sdxl", "sd3", "flux", "qwen_image", "wan"); the paper's SDXL and
+    SD3 runs steer every step (:data:`EVERY_STEP`)."""
     if name == CUSTOM:
         return own
     if name == PAPER:
-        return replace(SteeringSettings(), concepts_as_negative=True, self_validating=arch != "sdxl")
+        return replace(SteeringSettings(), concepts_as_negative=True, self_validating=arch not in EVERY_STEP)
     raise SafeT2IError(f"unknown steering configuration {name!r}; use one of {', '.join(CONFIGURATIONS)}")
 
 
