@@ -152,8 +152,14 @@ class FlowGuidance:
             raise SafeT2IError("Safety guidance: SD3's CFG batch has an odd number of rows.")
         if cfg_batch:   # [uncond; cond] in one call (SD3)
             b = batch // 2
-            out = original(**self._with_concept(kwargs, rows=slice(b, None)))
-            pred = _first(out)
+            joint = self._with_concept(kwargs, rows=slice(b, None))
+            if joint is not None:
+                out = original(**joint)
+                pred = _first(out)
+            else:   # the concept's text does not stack with the call's: its own call on the cond half
+                out = original(**kwargs)
+                concept = original(**self._concept_alone(_rows(kwargs, slice(b, None)), b))
+                pred = torch.cat([_first(out), _first(concept)])
             eu, ec, es = (eps_offset_free(pred[k * b:(k + 1) * b], sigma, SPACE) for k in range(3))
             c = self.method.correction(eu, ec, es)
             guided = torch.cat([pred[:b], correct_prediction(pred[b:2 * b], c, sigma, SPACE)])
@@ -252,6 +258,20 @@ class _Run:
         return isinstance(other, _Run) and other.schedule is self.schedule
 
     __hash__ = None
+
+
+def _rows(kwargs: dict, rows: slice) -> dict:
+    """The call's keyword arguments for the batch rows ``rows`` (batched tensors and lists)."""
+    n = kwargs["hidden_states"].shape[0]
+    out = {}
+    for k, v in kwargs.items():
+        if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n and not k.endswith("_ids"):
+            out[k] = v[rows]
+        elif isinstance(v, list) and len(v) == n:
+            out[k] = v[rows]
+        else:
+            out[k] = v
+    return out
 
 
 def _first(out):

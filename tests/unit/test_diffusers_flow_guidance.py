@@ -240,3 +240,18 @@ def test_encoded_concept_shares_the_prompt_call_when_lengths_match(pipes):
         h.remove()
     assert calls == [1, 1] * STEPS            # the pipeline's own calls: prompt, negative
     assert inner == [2, 1] * STEPS            # prompt + concept in one call, then the negative
+
+
+def test_sd3_concept_of_another_text_length_gets_its_own_call(pipes):
+    """A concept encoded at the default T5 length (not the call's 64): it cannot share SD3's CFG
+    batch, so it is evaluated on its own; the result still matches the reference."""
+    pipe = pipes["sd3"]
+    concept = encode_concept_kwargs(pipe, CONCEPT, max_sequence_length=32)
+    assert concept["encoder_hidden_states"].shape[1] != _concept(pipe, "sd3")["encoder_hidden_states"].shape[1]
+    rec = Recorder(pipe)
+    try:
+        with safety_guidance(pipe, SLDGuidance(GENTLE), concept_kwargs=concept):
+            pipe(prompt=PROMPT, **_kwargs("sd3"))
+    finally:
+        rec.close()
+    check(reference_steps(pipe, "sd3", rec, concept, 4.0))
