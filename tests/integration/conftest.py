@@ -87,7 +87,8 @@ def _comfy_env() -> tuple[str, str]:
 def start_server(base: Path, extra_env: dict | None = None):
     """Start ComfyUI on a free loopback port with this pack in a fresh folder tree."""
     path, python = _comfy_env()
-    for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models", "safety_models"):
+    for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models", "safety_models",
+              "diffusion_models", "vae", "text_encoders"):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
     (base / "custom_nodes" / "safet2i_test_counter.py").write_text(COUNTER_PACK)
@@ -101,6 +102,9 @@ def start_server(base: Path, extra_env: dict | None = None):
         f"  loras: {base / 'loras'}\n"
         f"  safet2i_filters: {base / 'models'}\n"
         f"  safety_models: {base / 'safety_models'}\n"
+        f"  diffusion_models: {base / 'diffusion_models'}\n"
+        f"  vae: {base / 'vae'}\n"
+        f"  text_encoders: {base / 'text_encoders'}\n"
     )
     port = _free_port()
     log = base / "server.log"

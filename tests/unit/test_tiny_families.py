@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
 import tiny_families as tf
+import torch
 
 CAT = "a photo of a cat sitting on a chair"
 OTHER = "a nude woman standing on the beach at noon"
@@ -73,15 +72,20 @@ def test_cfg_switches(pipes):
     for name in ("sd3", "wan", "qwen_image"):
         pipe = pipes[name]
         batches = []
-        hook = pipe.transformer.register_forward_pre_hook(
-            lambda mod, args, kw: batches.append(int((kw.get("hidden_states") if "hidden_states" in kw
-                                                      else args[0]).shape[0])), with_kwargs=True)
+
+        def record(mod, args, kw, batches=batches):
+            batches.append(int((kw["hidden_states"] if "hidden_states" in kw else args[0]).shape[0]))
+
+        hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
         try:
             tf.run(pipe, name, CAT)  # defaults: CFG on
             on = list(batches)
             batches.clear()
-            off = {"sd3": {"guidance_scale": 1.0}, "wan": {"guidance_scale": 1.0},
-                   "qwen_image": {"true_cfg_scale": 1.0}}[name]
+            off = {
+                "sd3": {"guidance_scale": 1.0},
+                "wan": {"guidance_scale": 1.0},
+                "qwen_image": {"true_cfg_scale": 1.0},
+            }[name]
             tf.run(pipe, name, CAT, **off)
         finally:
             hook.remove()
@@ -96,8 +100,9 @@ def test_qwen_template_prefix_is_dropped_exactly(pipes):
     pipe = pipes["qwen_image"]
     tok = pipe.tokenizer
     ids = tok(pipe.prompt_template_encode.format(CAT)).input_ids
-    assert tok.convert_ids_to_tokens(ids[pipe.prompt_template_encode_start_idx - 3:
-                                         pipe.prompt_template_encode_start_idx]) == ["<|im_start|>", "user", "\u010a"]
+    assert tok.convert_ids_to_tokens(
+        ids[pipe.prompt_template_encode_start_idx - 3 : pipe.prompt_template_encode_start_idx]
+    ) == ["<|im_start|>", "user", "\u010a"]
     emb, _ = pipe.encode_prompt(CAT, device="cpu")
     assert emb.shape == (1, len(ids) - pipe.prompt_template_encode_start_idx, 24)
 
@@ -107,3 +112,16 @@ def test_t5_tokenizer_layout():
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     ids = tok("A cat").input_ids
     assert ids[-1] == 1 and tok.convert_ids_to_tokens(ids[:-1]) == ["\u2581A", "\u2581c", "a", "t"]
+
+
+@pytest.mark.parametrize("variant", ["sd35", "flux_schnell"])
+def test_variants_run_deterministically(tmp_path, variant):
+    if variant == "sd35":
+        name, pipe = "sd3", tf.tiny_sd3(tmp_path, seed=0, sd35=True)
+        assert pipe.transformer.config.qk_norm == "rms_norm" and pipe.transformer.config.dual_attention_layers
+    else:
+        name, pipe = "flux", tf.tiny_flux(tmp_path, seed=0, schnell=True)
+        assert not pipe.transformer.config.guidance_embeds
+    a = tf.run(pipe, name, CAT)
+    assert a.shape == (1, 32, 32, 3) and np.array_equal(a, tf.run(pipe, name, CAT))
+    assert np.abs(tf.run(pipe, name, OTHER) - a).max() > 1e-3

@@ -44,9 +44,9 @@ attribute, encoders, how guidance works) for code that must handle all of them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -75,15 +75,33 @@ def tiny_t5_tokenizer(max_length: int = 64):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 # The words of Qwen-Image's system prompt, each one BPE token as in the real Qwen2 vocabulary, so
 # that the template prefix "<|im_start|>system\n...:<|im_end|>\n<|im_start|>user\n" is exactly
 # 34 tokens: QwenImagePipeline drops a fixed ``prompt_template_encode_start_idx`` = 34.
-_QWEN_WORDS = ["system", "user", "assistant"] + ["\u0120" + w for w in (
-    "the image by detailing color shape size texture quantity text spatial relationships of objects and "
-    "background a an in on with photo").split()] + ["Describe"]
+_QWEN_WORDS = [
+    "system",
+    "user",
+    "assistant",
+    *(
+        "\u0120" + w
+        for w in (  # noqa: SIM905
+            "the image by detailing color shape size texture quantity text spatial relationships of objects "
+            "and background a an in on with photo"
+        ).split()
+    ),
+    "Describe",
+]
 
 
 def tiny_qwen2_tokenizer():
@@ -104,12 +122,18 @@ def tiny_qwen2_tokenizer():
     for word in _QWEN_WORDS:
         for i in range(2, len(word) + 1):
             if word[:i] not in vocab:
-                merges.append((word[:i - 1], word[i - 1]))
+                merges.append((word[: i - 1], word[i - 1]))
                 vocab[word[:i]] = len(vocab)
     for tok in QWEN_SPECIALS:
         vocab[tok] = len(vocab)
-    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|endoftext|>",
-                             pad_token="<|endoftext|>", model_max_length=2048)
+    tok = Qwen2TokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=2048,
+    )
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
     return tok
 
@@ -121,9 +145,16 @@ def _clip(tok, width: int, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, projection_dim=width,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=width,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
@@ -131,9 +162,19 @@ def _clip(tok, width: int, projection: bool):
 def _t5(tok, width: int, umt5: bool = False):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    kw = dict(vocab_size=len(tok), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=2,
-              relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
-              eos_token_id=1, decoder_start_token_id=0)
+    kw = {
+        "vocab_size": len(tok),
+        "d_model": width,
+        "d_kv": 8,
+        "d_ff": 2 * width,
+        "num_layers": 2,
+        "num_heads": 2,
+        "relative_attention_num_buckets": 8,
+        "feed_forward_proj": "gated-gelu",
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
     if umt5:
         return UMT5EncoderModel(UMT5Config(**kw)).eval()
     return T5EncoderModel(T5Config(**kw)).eval()
@@ -143,10 +184,18 @@ def _kl_vae(scaling_factor: float, shift_factor: float):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=scaling_factor, shift_factor=shift_factor,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     ).eval()
 
 
@@ -158,8 +207,11 @@ def _done(pipe):
 # -------------------------------------------------------------------------------- pipelines
 
 
-def tiny_sd3(folder: Path, seed: int = 0):
+def tiny_sd3(folder: Path, seed: int = 0, sd35: bool = False):
     """StableDiffusion3Pipeline (SD3-medium layout): CLIP-L 32 + CLIP-G 48 + T5 96, MMDiT 2 blocks.
+
+    ``sd35=True``: the SD3.5 layout instead (RMS q/k norm as in 3.5 large/medium and, as in 3.5
+    medium, a second self-attention in block 0's image stream).
 
     ``joint_attention_dim`` 96 = T5 width (>= 80 = L|G, which the pipeline zero-pads to it);
     ``pooled_projection_dim`` 80 = L|G projections. Transformer: 2 heads x 16, patch 2, 16 ch.
@@ -168,28 +220,51 @@ def tiny_sd3(folder: Path, seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     folder = Path(folder)
-    tok, tok2, tok3 = tiny_clip_tokenizer(folder / "tokenizer"), tiny_clip_tokenizer(folder / "tokenizer_2"), \
-        tiny_t5_tokenizer(77)
+    tok, tok2, tok3 = (
+        tiny_clip_tokenizer(folder / "tokenizer"),
+        tiny_clip_tokenizer(folder / "tokenizer_2"),
+        tiny_t5_tokenizer(77),
+    )
     torch.manual_seed(seed)
     te, te2, te3 = _clip(tok, 32, True), _clip(tok2, 48, True), _t5(tok3, 96)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=80,
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=96,
+        caption_projection_dim=32,
+        pooled_projection_dim=80,
         pos_embed_max_size=16,
+        qk_norm="rms_norm" if sd35 else None,
+        dual_attention_layers=(0,) if sd35 else (),
     ).eval()
     vae = _kl_vae(1.5305, 0.0609)  # SD3's VAE scale/shift
-    return _done(StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3,
-    ))
+    return _done(
+        StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            text_encoder_2=te2,
+            tokenizer_2=tok2,
+            text_encoder_3=te3,
+            tokenizer_3=tok3,
+        )
+    )
 
 
-def tiny_flux(folder: Path, seed: int = 0):
+def tiny_flux(folder: Path, seed: int = 0, schnell: bool = False):
     """FluxPipeline, Flux.1-dev layout: CLIP-L 32 (pooled) + T5 40 (sequence), 1 double + 1 single block.
 
     ``guidance_embeds=True`` (dev): ``guidance_scale`` is an input of the guidance embedding, not
     CFG; true CFG only with ``true_cfg_scale`` > 1 and a ``negative_prompt``. Transformer in_channels
-    64 = 16 latent channels x 2x2 packing; 2 heads x 16 with RoPE axes (4, 6, 6).
+    64 = 16 latent channels x 2x2 packing; 2 heads x 16 with RoPE axes (4, 6, 6). ``schnell=True``:
+    no guidance embedding (Flux.1-schnell layout; ``guidance_scale`` is then ignored).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -198,15 +273,37 @@ def tiny_flux(folder: Path, seed: int = 0):
     torch.manual_seed(seed)
     te, te2 = _clip(tok, 32, False), _t5(tok2, 40)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=40, pooled_projection_dim=32, guidance_embeds=True,
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=40,
+        pooled_projection_dim=32,
+        guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6),
     ).eval()
     vae = _kl_vae(0.3611, 0.1159)  # Flux's VAE scale/shift
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                            base_image_seq_len=256, max_image_seq_len=4096)
-    return _done(FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
-                              tokenizer_2=tok2, transformer=transformer))
+    sched = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return _done(
+        FluxPipeline(
+            scheduler=sched,
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            text_encoder_2=te2,
+            tokenizer_2=tok2,
+            transformer=transformer,
+        )
+    )
 
 
 def tiny_qwen_image(folder: Path, seed: int = 0):
@@ -216,36 +313,81 @@ def tiny_qwen_image(folder: Path, seed: int = 0):
     The vision tower is 1 block of width 16 (unused for text prompts). No guidance embedding:
     CFG is ``true_cfg_scale`` > 1 with ``negative_prompt``. ``folder`` is unused (no files).
     """
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
-                           QwenImageTransformer2DModel)
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tok = tiny_qwen2_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "vocab_size": len(tok), "max_position_embeddings": 2048,
-                     "rope_scaling": {"mrope_section": [2, 2, 2], "rope_type": "default", "type": "default"},
-                     "rope_theta": 1000000.0, "bos_token_id": ids["<|endoftext|>"],
-                     "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]},
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 24},
-        hidden_size=24, vocab_size=len(tok), vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], vision_token_id=ids["<|vision_pad|>"],
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        text_config={
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 2048,
+            "rope_scaling": {"mrope_section": [2, 2, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 24,
+        },
+        hidden_size=24,
+        vocab_size=len(tok),
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
     )
     te = Qwen2_5_VLForConditionalGeneration(config).eval()
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=24, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
     ).eval()
-    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 16,
-                                 latents_std=[1.0] * 16).eval()
-    sched = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
-                                            time_shift_type="exponential")
-    return _done(QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer))
+    vae = AutoencoderKLQwenImage(
+        base_dim=16,
+        z_dim=16,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 16,
+        latents_std=[1.0] * 16,
+    ).eval()
+    sched = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return _done(
+        QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, transformer=transformer)
+    )
 
 
 def tiny_wan(folder: Path, seed: int = 0):
@@ -262,15 +404,28 @@ def tiny_wan(folder: Path, seed: int = 0):
     torch.manual_seed(seed)
     te = _t5(tok, 40, umt5=True)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=40, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=40,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
     ).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                    num_train_timesteps=1000)
-    return _done(WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=transformer))
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    sched = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    return _done(
+        WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=transformer)
+    )
 
 
 # -------------------------------------------------------------------------------- registry
@@ -304,23 +459,47 @@ class Family:
 _IMG = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
 
 FAMILIES: dict[str, Family] = {
-    "sd3": Family("sd3", tiny_sd3, "StableDiffusion3Pipeline",
-                  (("text_encoder", "tokenizer", "clip_l", 32), ("text_encoder_2", "tokenizer_2", "clip_g", 48),
-                   ("text_encoder_3", "tokenizer_3", "t5", 96)),
-                  cfg="guidance_scale", guidance_embed=False,
-                  call={**_IMG, "guidance_scale": 4.0, "max_sequence_length": 64}),
-    "flux": Family("flux", tiny_flux, "FluxPipeline",
-                   (("text_encoder", "tokenizer", "clip_l", 32), ("text_encoder_2", "tokenizer_2", "t5", 40)),
-                   cfg="true_cfg_scale", guidance_embed=True,
-                   call={**_IMG, "guidance_scale": 3.5, "max_sequence_length": 64}),
-    "qwen_image": Family("qwen_image", tiny_qwen_image, "QwenImagePipeline",
-                         (("text_encoder", "tokenizer", "qwen25_vl", 24),),
-                         cfg="true_cfg_scale", guidance_embed=False,
-                         call={**_IMG, "true_cfg_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 64}),
-    "wan": Family("wan", tiny_wan, "WanPipeline", (("text_encoder", "tokenizer", "umt5", 40),),
-                  cfg="guidance_scale", guidance_embed=False,
-                  call={**_IMG, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 64},
-                  output="frames"),
+    "sd3": Family(
+        "sd3",
+        tiny_sd3,
+        "StableDiffusion3Pipeline",
+        (
+            ("text_encoder", "tokenizer", "clip_l", 32),
+            ("text_encoder_2", "tokenizer_2", "clip_g", 48),
+            ("text_encoder_3", "tokenizer_3", "t5", 96),
+        ),
+        cfg="guidance_scale",
+        guidance_embed=False,
+        call={**_IMG, "guidance_scale": 4.0, "max_sequence_length": 64},
+    ),
+    "flux": Family(
+        "flux",
+        tiny_flux,
+        "FluxPipeline",
+        (("text_encoder", "tokenizer", "clip_l", 32), ("text_encoder_2", "tokenizer_2", "t5", 40)),
+        cfg="true_cfg_scale",
+        guidance_embed=True,
+        call={**_IMG, "guidance_scale": 3.5, "max_sequence_length": 64},
+    ),
+    "qwen_image": Family(
+        "qwen_image",
+        tiny_qwen_image,
+        "QwenImagePipeline",
+        (("text_encoder", "tokenizer", "qwen25_vl", 24),),
+        cfg="true_cfg_scale",
+        guidance_embed=False,
+        call={**_IMG, "true_cfg_scale": 4.0, "negative_prompt": " ", "max_sequence_length": 64},
+    ),
+    "wan": Family(
+        "wan",
+        tiny_wan,
+        "WanPipeline",
+        (("text_encoder", "tokenizer", "umt5", 40),),
+        cfg="guidance_scale",
+        guidance_embed=False,
+        call={**_IMG, "num_frames": 5, "guidance_scale": 5.0, "max_sequence_length": 64},
+        output="frames",
+    ),
 }
 
 
