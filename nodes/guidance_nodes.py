@@ -127,7 +127,7 @@ class GuidanceRun:
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         st = self.step
         if st is None or st.busy or st.concept_out is not None or not st.concept \
-                or x_in is not st.x or model_options is not st.model_options:
+                or x_in is not st.x or model_options is not st.model_options or self.method.inert:
             return executor(model, conds, x_in, timestep, model_options)
         out = self._with_concept(executor, model, list(conds), x_in, timestep, model_options)
         st.concept_out = out[-1]
@@ -166,6 +166,9 @@ class GuidanceRun:
             raise SafeT2IError(f"SafeT2I {self.method.name} guidance: the safety concept is missing from the "
                                "sampler's conditionings (another node replaced them).")
         x, sigma = args["input"], args["sigma"]
+        if self.method.inert:   # zero strength: no concept evaluated, the host's predictions as they are
+            st.applied = True
+            return out
         if st.concept_out is None:   # no calc_cond_batch call at this latent: a separate one
             st.concept_out = self._with_concept(comfy.samplers.calc_cond_batch, args["model"], [], x, sigma,
                                                 args["model_options"])[0]

@@ -22,15 +22,22 @@ from .test_comfy_guidance_compose import SLD, chain_graph, load_record, sld_refe
 pytestmark = pytest.mark.integration
 
 
-def flow_reference(steps, t, calls, where, branch_scale=None):
-    """Per step: (ComfyUI's CFG result, the reference, the unguided CFG result)."""
+def flow_reference(steps, t, calls, where, branch_scale=None, n_steps=STEPS):
+    """Per step: (ComfyUI's CFG result, the reference, the unguided CFG result, σ)."""
     sld = sld_reference()
     rows = []
-    assert len(steps) == STEPS
+    assert len(steps) == n_steps
     for i, st in enumerate(steps):
-        assert [sorted(c) for c in st["calls"]] == calls, (i, st["calls"])
+        if calls is not None:
+            assert [sorted(c) for c in st["calls"]] == calls, (i, st["calls"])
+        else:   # wherever ComfyUI put each chunk (it may split a batch by memory)
+            found = {idx: (c, idx) for c, order in enumerate(st["calls"]) for idx in order}
+            assert sorted(found) == sorted(idx for _, idx in where.values()), (i, st["calls"])
         x, s, got = t[f"{i}/x"], float(t[f"{i}/sigma"].reshape(-1)[0]), t[f"{i}/denoised"]
-        raw = {k: t[f"{i}/call{c}_{idx}"] for k, (c, idx) in where.items()}
+        if calls is None:
+            raw = {k: t[f"{i}/call{found[idx][0]}_{idx}"] for k, (_, idx) in where.items()}
+        else:
+            raw = {k: t[f"{i}/call{c}_{idx}"] for k, (c, idx) in where.items()}
         eps = {k: (x - (1 - s) * d) / s for k, d in raw.items()}
         if branch_scale is None:
             d_p = sld(eps["uncond"], eps["cond"], eps["concept"])
@@ -46,14 +53,14 @@ def flow_reference(steps, t, calls, where, branch_scale=None):
     return rows
 
 
-def check(rows):
+def check(rows, worst_at_least=100):
     assert rows[0][3] == 1.0   # the flow schedule starts at σ = 1
     worst = 0.0
     for i, (got, want, plain, s) in enumerate(rows):
         atol = 5e-5 * float(np.abs(want).max())     # float32 host vs float64 reference
         np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"step {i} (σ = {s})")
         worst = max(worst, float(np.abs(want - plain).max()) / atol)
-    assert worst > 100   # the guidance changed the result far beyond the tolerance
+    assert worst > worst_at_least, worst   # the guidance changed the result far beyond the tolerance
 
 
 def test_sld_on_flow_matching_matches_the_float64_reference(comfy, tiny_checkpoint):
