@@ -17,6 +17,7 @@ from ..safet2i.errors import SafeT2IError
 from ..safet2i.lora import Target, check, check_made_for, load_full_weights, load_lora, merged, require_full
 from ..safet2i.lora import full_weights as full
 from ..safet2i.lora.coverage import check_strengths, patch_gain_problems, patch_counts
+from ..safet2i.lora.dit_arch import match_config, native_candidates
 from ..safet2i.lora.manifest import check_arch, rename_hint
 from .paths import safety_weight_names, safety_weight_path
 
@@ -25,7 +26,14 @@ _CLIP_PREFIXES = {"te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
 
 def _candidates(t: Target) -> list[str]:
     if t.component == "unet":
-        return [f"lora_unet_{t.module.replace('.', '_')}", f"diffusion_model.{t.module}"]
+        out = [f"lora_unet_{t.module.replace('.', '_')}", f"diffusion_model.{t.module}"]
+        if t.naming in ("diffusers", "dit"):
+            # Transformers: ComfyUI's own diffusers map (Flux, SD3, Qwen-Image: `transformer.<path>`,
+            # stacked qkv / linear1 as (weight, offset) slices, swapped AdaLN rows with its function),
+            # then the native 1:1 name (Wan's map has no diffusers names).
+            out.append(f"transformer.{t.module}")
+            out += [f"diffusion_model.{n}" for n in native_candidates(t.module)]
+        return out
     flat = t.module.replace(".", "_")
     return [p + flat for p in _CLIP_PREFIXES[t.component]]
 
@@ -35,24 +43,87 @@ def _resolver(key_map: dict, unet_sd: dict, clip_sd: dict):
 
     def resolve(t: Target):
         for cand in _candidates(t):
-            host = key_map.get(cand)
-            if isinstance(host, tuple):  # split-qkv models (not SD): no plain shape to compare
-                host = None
-            if host is None:
+            entry = key_map.get(cand)
+            if entry is None:
                 continue
+            host, shape_of = _key_map_entry(entry)
             sd = unet_sd if t.component == "unet" else clip_sd
-            w = sd.get(host)
+            w = sd.get(host) if host else None
             if w is None:
                 continue
             chosen[t.name] = cand
-            return host, tuple(w.shape)
+            return host, shape_of(tuple(w.shape))
         return None, None
 
     return resolve, chosen
 
 
+def _key_map_entry(entry):
+    """(weight key, host shape → the shape the LoRA patches) of a ComfyUI key-map value: a key,
+    ``(key, (dim, offset, size))`` (a slice of a stacked weight: Flux/SD3 qkv, Flux linear1) or
+    ``(key, None, function)`` (rows transformed, e.g. swap_scale_shift: the whole weight)."""
+    if isinstance(entry, str):
+        return entry, lambda shape: shape
+    key, offset = entry[0], entry[1] if len(entry) > 1 else None
+    if offset is None:
+        return key, lambda shape: shape
+    dim, _, size = offset
+
+    def sliced(shape):
+        out = list(shape)
+        out[dim] = size
+        return tuple(out)
+
+    return key, sliced
+
+
+def comfy_transformer_arch(family: str, unet_config: dict) -> str:
+    """A ComfyUI transformer's architecture (``safet2i.lora.dit_arch`` name) from its ``unet_config``:
+    the released one whose every LoRA-targetable Linear equals it, else ``"<family> (…)"``."""
+    c = dict(unet_config)
+    if family == "flux":
+        p, h, heads = int(c.get("patch_size", 2)), int(c["hidden_size"]), int(c["num_heads"])
+        cfg = dict(num_layers=c["depth"], num_single_layers=c["depth_single_blocks"], num_attention_heads=heads,
+                   attention_head_dim=h // heads, in_channels=int(c["in_channels"]) * p * p, patch_size=1,
+                   out_channels=int(c.get("out_channels", 16)) * p * p, joint_attention_dim=c["context_in_dim"],
+                   pooled_projection_dim=c.get("vec_in_dim", 768), guidance_embeds=bool(c.get("guidance_embed")))
+    elif family == "sd3":
+        ctx = c.get("context_embedder_config", {}).get("params", {})
+        cfg = dict(num_layers=c["depth"], num_attention_heads=c["depth"], attention_head_dim=64,
+                   caption_projection_dim=ctx.get("out_features", 64 * c["depth"]),
+                   joint_attention_dim=ctx.get("in_features", 4096), pooled_projection_dim=c.get("adm_in_channels"),
+                   in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+                   patch_size=c["patch_size"], dual_attention_layers=tuple(c.get("x_block_self_attn_layers") or ()))
+    elif family == "qwen-image":   # ComfyUI's QwenImage defaults are the release's
+        cfg = dict(num_layers=c.get("num_layers", 60), num_attention_heads=c.get("num_attention_heads", 24),
+                   attention_head_dim=c.get("attention_head_dim", 128), in_channels=c.get("in_channels", 64),
+                   out_channels=c.get("out_channels", 16), patch_size=c.get("patch_size", 2),
+                   joint_attention_dim=c.get("joint_attention_dim", 3584))
+    elif family == "wan":
+        dim, heads = int(c["dim"]), int(c["num_heads"])
+        i2v = c.get("model_type") in ("i2v", "flf2v", "camera")
+        cfg = dict(num_layers=c["num_layers"], num_attention_heads=heads, attention_head_dim=dim // heads,
+                   ffn_dim=c["ffn_dim"], text_dim=c.get("text_dim", 4096), freq_dim=c.get("freq_dim", 256),
+                   out_channels=c.get("out_dim", 16), patch_size=tuple(c.get("patch_size", (1, 2, 2))),
+                   image_dim=1280 if i2v else None, added_kv_proj_dim=dim if i2v else None)
+    else:
+        raise KeyError(family)
+    return match_config(family, cfg) or f"{family} (ComfyUI {family} model of no released size)"
+
+
+def _comfy_family(cfg) -> str | None:
+    import comfy.supported_models as sm  # noqa: PLC0415
+
+    if isinstance(cfg, getattr(sm, "SD3", ())):
+        return "sd3"
+    image_model = (getattr(cfg, "unet_config", None) or {}).get("image_model")
+    return {"flux": "flux", "qwen_image": "qwen-image", "wan2.1": "wan"}.get(image_model)
+
+
 def host_arch(model) -> str | None:
-    """``sd1``, ``sd2``, ``sdxl`` (``sdxl-refiner``), another ComfyUI model class name, or None."""
+    """``sd1``, ``sd2``, ``sdxl`` (``sdxl-refiner``); for Flux, SD3, Qwen-Image and Wan a
+    ``safet2i.lora.dit_arch`` name (:func:`comfy_transformer_arch`); another ComfyUI model class
+    name, or None."""
     try:
         import comfy.supported_models as sm  # noqa: PLC0415
 
@@ -62,7 +133,13 @@ def host_arch(model) -> str | None:
     for cls, name in ((sm.SDXLRefiner, "sdxl-refiner"), (sm.SDXL, "sdxl"), (sm.SD20, "sd2"), (sm.SD15, "sd1")):
         if isinstance(cfg, cls):
             return name
-    return f"{type(cfg).__name__} (not SD1/SD2/SDXL)"
+    family = _comfy_family(cfg)
+    if family is not None:
+        try:
+            return comfy_transformer_arch(family, cfg.unet_config)
+        except (KeyError, TypeError, ValueError):
+            return f"{family} (ComfyUI {type(cfg).__name__}, size not recognised)"
+    return f"{type(cfg).__name__} (not SD1/SD2/SDXL or a known transformer)"
 
 
 def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, allow_partial: bool):
@@ -89,6 +166,9 @@ def apply_lora(model, clip, lora, strength_model: float, strength_clip: float, a
         if t.name not in chosen:
             continue
         if t.dora_kind == "peft":
+            if not isinstance(key_map.get(chosen[t.name]), str):
+                raise SafeT2IError(f"{t.name}: a PEFT DoRA target on a slice of a stacked weight (or rows ComfyUI "
+                                   "transforms) cannot be applied exactly; not supported.")
             host = host_of[t.name]
             base = (unet_sd if t.component == "unet" else clip_sd)[host]
             dora_diffs[t.name] = (host, merged(base.float(), t, 1.0) - base.float())

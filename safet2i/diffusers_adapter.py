@@ -585,15 +585,36 @@ class SafetyLoRAHandle:
 
 
 def _components(pipe) -> dict:
-    comps = {"unet": getattr(pipe, "unet", None), "te1": getattr(pipe, "text_encoder", None),
+    # The denoiser is component "unet" for a UNet and for a diffusion transformer alike (as
+    # kohya's lora_unet_ and ComfyUI's diffusion_model. name both); Wan 2.2's transformer_2 is not
+    # patched (one LoRA per expert: load it into a pipeline whose transformer is that expert).
+    unet = getattr(pipe, "unet", None)
+    comps = {"unet": unet if unet is not None else _dit(pipe)[1], "te1": getattr(pipe, "text_encoder", None),
              "te2": getattr(pipe, "text_encoder_2", None)}
     return {k: v for k, v in comps.items() if v is not None}
 
 
+def _dit(pipe) -> tuple[str | None, object]:
+    """(family, module) of the pipeline's diffusion transformer (Flux, SD3, Qwen-Image, Wan), else (None, None)."""
+    from .lora.dit_arch import DIFFUSERS_CLASSES  # noqa: PLC0415
+
+    tr = getattr(pipe, "transformer", None)
+    fam = DIFFUSERS_CLASSES.get(type(tr).__name__) if tr is not None else None
+    return (fam, tr) if fam else (None, None)
+
+
 def host_arch(pipe) -> str | None:
-    """``sd1`` / ``sd2`` / ``sdxl`` when ``pipe.unet`` has exactly that layout, else None (unknown)."""
+    """``sd1`` / ``sd2`` / ``sdxl`` when ``pipe.unet`` has exactly that layout; for a diffusion
+    transformer the released architecture its config equals (``flux-dev``, ``sd3-medium``,
+    ``qwen-image``, ``wan-14b``, … see ``safet2i.lora.dit_arch``) or ``"<family> (…)"`` for
+    another size; else None (unknown)."""
     from .lora.arch import ARCHITECTURES, UNetConfig  # noqa: PLC0415
 
+    fam, tr = _dit(pipe)
+    if fam is not None:
+        from .lora.dit_arch import match_config  # noqa: PLC0415
+
+        return match_config(fam, tr.config) or f"{fam} (a {type(tr).__name__} of no released size)"
     unet = getattr(pipe, "unet", None)
     try:
         cfg = UNetConfig.from_diffusers(unet.config)
@@ -622,6 +643,14 @@ def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = Fa
     lora.verify_manifest()
     check_made_for(lora, host_arch(pipe), what)
     comps = _components(pipe)
+    fam, tr = _dit(pipe)
+    if fam is not None and getattr(pipe, "unet", None) is None:
+        # Transformer targets in the host's own naming: native names renamed, stacked native
+        # weights (Flux qkv / linear1, SD3 qkv) split exactly, from the host's config.
+        from .lora.dit_arch import build  # noqa: PLC0415
+        from .lora.keys import normalise_dit  # noqa: PLC0415
+
+        lora.targets = normalise_dit(lora.targets, build(fam, tr.config))
     params: dict[str, dict[str, torch.nn.Parameter]] = {}
     flat: dict[str, dict[str, str]] = {}
     for comp, mod in comps.items():
@@ -642,7 +671,8 @@ def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = Fa
 
     def resolve(t):
         names = params.get(t.component, {})
-        name = {"diffusers": t.module, "ldm": ldm.get(t.module), "flat": flat.get(t.component, {}).get(t.module)}[t.naming]
+        name = {"diffusers": t.module, "ldm": ldm.get(t.module),
+                "flat": flat.get(t.component, {}).get(t.module)}.get(t.naming)
         if name is None and t.naming == "flat" and t.component == "unet":
             name = ldm_flat.get(t.module)  # kohya flat LDM names of a model we could not name otherwise
         w = names.get(name) if name else None

@@ -78,12 +78,14 @@ class LoraFile:
 
 def coverage_fraction(targets: list[Target], arch: str) -> dict[str, float]:
     """Per part of ``targets``: the fraction of ``arch``'s patchable weights of that part they patch."""
-    from .arch import ARCHITECTURES, inventory  # noqa: PLC0415
+    from .arch import inventory, titles  # noqa: PLC0415
+
+    ARCHITECTURES = titles()
 
     if arch not in ARCHITECTURES:
         return {}
     inv = inventory(arch)
-    cov = check(targets, resolver_for(arch), ARCHITECTURES[arch].title)
+    cov = check(targets, resolver_for(arch), ARCHITECTURES[arch])
     out: dict[str, float] = {}
     for comp in sorted({t.component for t in targets}):
         hit = {s.host_key for s in cov.matched if s.target.split(":")[0] == comp}
@@ -132,7 +134,9 @@ def check_made_for(lf: LoraFile, host_arch: str | None, what: str) -> None:
     (SD1, SD2 or SDXL) is refused (some shapes coincide across architectures, an SD1 attention
     LoRA shares 20 of its 64 with SDXL, so a partial load would be meaningless). ``host_arch``
     None or another model class: nothing is checked here (coverage still is)."""
-    from .arch import ARCHITECTURES  # noqa: PLC0415
+    from .arch import titles  # noqa: PLC0415
+
+    ARCHITECTURES = titles()
 
     manifest.check_arch(lf.entry, host_arch, what)
     # A generic release name (gun.safetensors), or the metadata of a copy `safet2i lora convert`
@@ -144,13 +148,56 @@ def check_made_for(lf: LoraFile, host_arch: str | None, what: str) -> None:
             manifest.check_arch(found[0], host_arch, what)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{exc} (Identified by {found[1]} and its contents.)") from exc
+    host_family = family_of_arch(host_arch)
+    fams = file_families(lf.targets)
+    if host_family and fams and host_family not in fams:
+        from .dit_arch import FAMILIES  # noqa: PLC0415
+
+        names = {"sd": "Stable Diffusion UNet (SD1/SD2/SDXL)", **FAMILIES}
+        raise ModelLoadError(f"{what} has {' / '.join(names[f] for f in sorted(fams))} module names (its keys); the "
+                             f"model is {names.get(host_family, host_family)} ({host_arch}). A LoRA for another model "
+                             "family is refused, even with allow_partial.")
     if host_arch in ARCHITECTURES and lf.architectures and host_arch not in lf.architectures:
-        made = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
+        made = ", ".join(ARCHITECTURES[a] for a in lf.architectures)
         hint = manifest.rename_hint(lf.path.name) if lf.entry is None else None
         raise ModelLoadError(f"{what} is made for {made} (its weights fit that completely); the model is "
-                             f"{ARCHITECTURES[host_arch].title}. Refused even with allow_partial: some shapes "
+                             f"{ARCHITECTURES[host_arch]}. Refused even with allow_partial: some shapes "
                              "coincide across architectures, so a partial load would be meaningless."
                              + (f" {hint}" if hint else ""))
+
+
+def family_of_arch(host_arch: str | None) -> str | None:
+    """``sd`` for SD1/SD2/SDXL hosts, the transformer family (``flux``, ``sd3``, ``qwen-image``,
+    ``wan``) for a known transformer or a host string ``"<family> (…)"`` (another size), else None."""
+    from .dit_arch import DIT_ARCHITECTURES, FAMILIES  # noqa: PLC0415
+
+    if not host_arch:
+        return None
+    if host_arch in ("sd1", "sd2", "sdxl", "sdxl-refiner"):
+        return "sd"
+    if host_arch in DIT_ARCHITECTURES:
+        return DIT_ARCHITECTURES[host_arch].family
+    head = host_arch.split(" (")[0]
+    return head if head in FAMILIES and host_arch != head else None
+
+
+def file_families(targets: list[Target]) -> set[str]:
+    """Model families whose module names (either naming) hold every denoiser target of a file:
+    ``sd`` (SD UNet names: diffusers or LDM) and/or the transformer families (``dit_arch``).
+    Empty when there is no denoiser target or the names fit no family."""
+    from .dit_arch import family_of_names  # noqa: PLC0415
+
+    unet = [t for t in targets if t.component == "unet"]
+    if not unet:
+        return set()
+    if all(t.naming == "ldm" or (t.naming == "diffusers" and t.module.startswith(_SD_ROOTS)) for t in unet):
+        return {"sd"}
+    if all(t.naming in ("dit", "diffusers") for t in unet):
+        return family_of_names([t.module for t in unet])
+    return set()
+
+
+_SD_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 
 
 def check_for_host(lf: LoraFile, arch: str, what: str | None = None) -> Coverage:
@@ -159,14 +206,16 @@ def check_for_host(lf: LoraFile, arch: str, what: str | None = None) -> Coverage
     (sha256, contents, ``min_coverage`` on ``arch``), :func:`check_made_for` (a known release on
     its own base; a file that fits other bases completely but not this one) and full coverage
     (:func:`require_full`: every target exists in ``arch`` with the same shape)."""
-    from .arch import ARCHITECTURES  # noqa: PLC0415
+    from .arch import titles  # noqa: PLC0415
+
+    ARCHITECTURES = titles()
 
     if arch not in ARCHITECTURES:
         raise ModelLoadError(f"unknown base {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     what = what or f"Safety LoRA {lf.path.name}"
     lf.verify_manifest()
     check_made_for(lf, arch, what)
-    cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch].title)
+    cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch])
     require_full(cov, what)
     lf.verify_manifest(arch)        # min_coverage, measured on the architecture it was checked for
     return cov
@@ -188,7 +237,9 @@ def check_convertible(lf: LoraFile, base: str | None = None, allow_unknown: bool
     ``manifest_check``, ``base``, ``base_from``, ``architectures``, ``note`` (one sentence for
     the user and the output's metadata).
     """
-    from .arch import ARCHITECTURES  # noqa: PLC0415
+    from .arch import titles  # noqa: PLC0415
+
+    ARCHITECTURES = titles()
 
     what = f"Safety LoRA {lf.path.name}"
     if base is not None and base not in ARCHITECTURES:
@@ -200,14 +251,14 @@ def check_convertible(lf: LoraFile, base: str | None = None, allow_unknown: bool
     if arch is None and release is not None:
         arch = release.arch
         arch_from = "its manifest entry" if lf.entry else f"{found[1]} and contents ({release.name}'s)"
-    fits = ", ".join(ARCHITECTURES[a].title for a in lf.architectures)
+    fits = ", ".join(ARCHITECTURES[a] for a in lf.architectures)
     hint = manifest.rename_hint(lf.path.name) if lf.entry is None and release is None else None
     rep = {"check": "shape", "manifest": lf.entry.name if lf.entry else None, "manifest_check": state,
            "release": release.name if release else None, "base": arch, "base_from": arch_from,
            "architectures": list(lf.architectures)}
     if arch is not None:
         cov = check_for_host(lf, arch, what)
-        title = ARCHITECTURES[arch].title
+        title = ARCHITECTURES[arch]
         if lf.entry is not None:
             rep["check"] = "manifest"
             rep["note"] = (f"'{lf.entry.title}' ({lf.entry.name} in the manifest, {state}); all {len(cov.matched)} "
@@ -224,8 +275,9 @@ def check_convertible(lf: LoraFile, base: str | None = None, allow_unknown: bool
         if not allow_unknown:
             raise ModelLoadError(
                 f"{what}: nothing vouches for this file: it is not in the manifest (models/safety_models.toml) and no "
-                f"known architecture fits every target (fit: {best}), so a loader would refuse it on any SD1.x, "
-                "SD2.x or SDXL model (without allow_partial; always where nothing fits). Converting it would hide "
+                f"known architecture fits every target (fit: {best}), so a loader would refuse it on any known "
+                "model (SD1.x, SD2.x, SDXL, Flux, SD3, Qwen-Image, Wan) (without allow_partial; always where "
+                "nothing fits). Converting it would hide "
                 "that. Pass --allow-unknown (Python: allow_unknown=True) to convert it anyway; the output is then "
                 "marked UNVERIFIED." + (f" {hint}" if hint else ""))
         rep["check"] = "UNVERIFIED"
@@ -254,7 +306,14 @@ def convert_lora(path: str | os.PathLike, out: str | os.PathLike | None = None, 
     if dst.exists() and not overwrite:
         raise ModelLoadError(f"{dst} exists; pass --overwrite to replace it.")
     single = not any(t.component == "te2" for t in lf.targets)
-    state = to_kohya(lf.targets, single)
+    dit_inv = _dit_inventory_for(lf, rep["base"])
+    if dit_inv is not None:
+        from .keys import normalise_dit, to_native_kohya  # noqa: PLC0415
+
+        lf.targets = normalise_dit(lf.targets, dit_inv)
+        state = to_native_kohya(lf.targets, dit_inv)
+    else:
+        state = to_kohya(lf.targets, single)
     meta = {"converted_from": lf.path.name, "converted_by": "safet2i lora convert", "source_sha256": lf.sha256,
             "safet2i_check": rep["check"], "safet2i_note": rep["note"],
             "safet2i_manifest": rep["manifest"] or "none", "safet2i_manifest_check": rep["manifest_check"],
@@ -264,12 +323,48 @@ def convert_lora(path: str | os.PathLike, out: str | os.PathLike | None = None, 
             "safet2i_architectures": ",".join(rep["architectures"]) or "unknown"}
     save_safetensors(dst, state, meta)
     try:
-        _same_targets(lf.targets, load_lora(dst).targets, single)
+        if dit_inv is not None:
+            _same_deltas(lf.targets, normalise_dit(load_lora(dst).targets, dit_inv))
+        else:
+            _same_targets(lf.targets, load_lora(dst).targets, single)
     except SafeT2IError as exc:
         dst.unlink()
         raise ModelLoadError(f"{dst}: conversion check failed, the file was removed: {exc}") from exc
     rep.update(out=str(dst), targets=len(lf.targets), source=str(lf.path), source_sha256=lf.sha256)
     return rep
+
+
+def _dit_inventory_for(lf: LoraFile, base: str | None):
+    """The transformer inventory a conversion writes native names for (None: not a transformer
+    file). ``base`` when given, else the one family every fitting architecture belongs to."""
+    from .arch import is_dit  # noqa: PLC0415
+    from .dit_arch import DIT_ARCHITECTURES, arch_inventory  # noqa: PLC0415
+
+    if base is not None:
+        return arch_inventory(base) if is_dit(base) else None
+    dits = [a for a in lf.architectures if is_dit(a)]
+    if not dits:
+        return None
+    fams = {DIT_ARCHITECTURES[a].family for a in dits}
+    if len(fams) > 1 or len(dits) != len(lf.architectures):
+        raise ModelLoadError(f"{lf.path.name} fits {', '.join(lf.architectures)}: model families with different "
+                             "native names; pass --base to choose the one to write names for.")
+    return arch_inventory(dits[0])
+
+
+def _same_deltas(src: list[Target], back: list[Target]) -> None:
+    """Transformer conversions fuse stacked native weights (factors change, not ΔW): every
+    module's scale·B·A read back equals the source's in float64 (rtol 1e-6: the scale folded into
+    float32 down factors); nothing more, nothing less."""
+    want = {t.name: t.delta(torch.float64) for t in src}
+    got = {t.name: t.delta(torch.float64) for t in back}
+    if set(want) != set(got):
+        raise ModelLoadError(f"modules differ: missing {sorted(set(want) - set(got))[:3]}, "
+                             f"extra {sorted(set(got) - set(want))[:3]}")
+    for n, d in want.items():
+        err = float((got[n] - d).abs().max())
+        if not err <= 1e-6 * float(d.abs().max()) + 1e-12:
+            raise ModelLoadError(f"{n}: ΔW differs by {err:.3g} after conversion")
 
 
 def _same_targets(src: list[Target], back: list[Target], single: bool) -> None:
@@ -310,7 +405,9 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
     else:
         source = "none (scale 1.0)"
     archs = [a for a, c in detect_architectures(targets).items() if not c.unmatched]
-    if archs:
+    if archs and len({family_of_arch(a) for a in archs}) == 1:
+        # One naming: LDM → diffusers (SD); native → diffusers, stacked native weights split
+        # exactly (transformers). A file fitting several families keeps its names (hosts resolve).
         to_diffusers_naming(targets, archs[0])
     lf = LoraFile(wf.path, wf.sha256, detect_format(wf.tensors), targets, archs,
                   manifest.find(wf.path.name, wf.sha256), wf.metadata, source,

@@ -211,8 +211,29 @@ def text_modules(cfg: TextConfig) -> list[Module]:
 _CACHE: dict[str, dict[str, dict[str, Module]]] = {}
 
 
+def titles() -> dict[str, str]:
+    """Every named architecture (SD UNets, then the transformer families of ``dit_arch``) and its title."""
+    from .dit_arch import DIT_ARCHITECTURES  # noqa: PLC0415
+
+    return {**{k: a.title for k, a in ARCHITECTURES.items()}, **{k: a.title for k, a in DIT_ARCHITECTURES.items()}}
+
+
+def is_dit(arch: str | None) -> bool:
+    """Whether ``arch`` names a diffusion-transformer architecture (Flux, SD3, Qwen-Image, Wan)."""
+    from .dit_arch import DIT_ARCHITECTURES  # noqa: PLC0415
+
+    return arch in DIT_ARCHITECTURES
+
+
 def inventory(arch: str) -> dict[str, dict[str, Module]]:
-    """``{component: {diffusers path: Module}}`` for a named architecture (cached)."""
+    """``{component: {diffusers path: Module}}`` for a named architecture (cached). For a
+    transformer (``dit_arch``) the only component is the denoiser, ``unet`` (as kohya's
+    ``lora_unet_`` and ComfyUI's ``diffusion_model.``), and ``Module.ldm`` is its native name
+    (empty for a module stored inside a stacked native weight)."""
+    if arch not in _CACHE and is_dit(arch):
+        from .dit_arch import arch_inventory  # noqa: PLC0415
+
+        _CACHE[arch] = {"unet": dict(arch_inventory(arch).modules)}
     if arch not in _CACHE:
         a = ARCHITECTURES[arch]
         inv = {"unet": {m.diffusers: m for m in unet_modules(a.unet)}}

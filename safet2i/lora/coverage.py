@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import SafeT2IError
-from .arch import ARCHITECTURES, inventory
+from .arch import inventory, is_dit, titles
 from .keys import Target
 
 
@@ -137,11 +137,14 @@ def patch_gain_problems(before: dict[str, int], after: dict[str, int], keys: lis
     ``ModelPatcher.clone()`` copies the patches already on a model, so "the key has a patch" is
     also true when an earlier LoRA patched the same weight and this one patched nothing.
     """
+    want: dict[str, int] = {}
+    for k in keys:   # a stacked weight (Flux qkv) gets one patch per target it holds
+        want[k] = want.get(k, 0) + 1
     out = []
-    for k in keys:
+    for k, n in want.items():
         gained = after.get(k, 0) - before.get(k, 0)
-        if gained != 1:
-            out.append(f"{k} (+{gained} patches)")
+        if gained != n:
+            out.append(f"{k} (+{gained} patches" + (f", expected {n})" if n != 1 else ")"))
     return out
 
 
@@ -150,8 +153,30 @@ def _list(statuses: list[TargetStatus], limit: int) -> str:
     return s + (f"; … and {len(statuses) - limit} more" if len(statuses) > limit else "")
 
 
+def dit_resolver(inv) -> Callable[[Target], tuple[str | None, tuple | None]]:
+    """Resolve transformer targets against a ``dit_arch.DitInventory`` (diffusers names, native
+    names, stacked native weights as a whole, kohya-flat forms of both)."""
+    flat = {k.replace(".", "_"): k for k in (*inv.modules, *inv.natives)}
+
+    def resolve(t: Target):
+        if t.component != "unet" or t.naming not in ("dit", "diffusers", "flat"):
+            return None, None
+        name = flat.get(t.module) if t.naming == "flat" else t.module
+        if name in inv.modules:
+            return f"unet.{name}", inv.modules[name].shape
+        if name in inv.natives:
+            return f"unet.{name}", inv.natives[name].shape
+        return None, None
+
+    return resolve
+
+
 def resolver_for(arch: str) -> Callable[[Target], tuple[str | None, tuple | None]]:
     """Resolve targets against a known architecture's inventory (no host needed)."""
+    if is_dit(arch):
+        from .dit_arch import arch_inventory  # noqa: PLC0415
+
+        return dit_resolver(arch_inventory(arch))
     inv = inventory(arch)
     by_ldm = {m.ldm: m for m in inv["unet"].values()}
     by_flat = {(c, m.diffusers.replace(".", "_")): m for c, mods in inv.items() for m in mods.values()}
@@ -172,7 +197,7 @@ def resolver_for(arch: str) -> Callable[[Target], tuple[str | None, tuple | None
 
 def detect_architectures(targets: list[Target]) -> dict[str, Coverage]:
     """Coverage of the file against every known architecture (full matches first)."""
-    covs = {a: check(targets, resolver_for(a), ARCHITECTURES[a].title) for a in ARCHITECTURES}
+    covs = {a: check(targets, resolver_for(a), title) for a, title in titles().items()}
     return dict(sorted(covs.items(), key=lambda kv: -len(kv[1].matched)))
 
 

@@ -112,10 +112,11 @@ _SUFFIXES = [  # (regex on the key's tail, part)
 ]
 _SUFFIX_RES = [(re.compile(p), part) for p, part in _SUFFIXES]
 
-_FLAT_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te1"}
+_FLAT_PREFIXES = {"lora_unet__": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
+                  "lora_te2_": "te2", "lora_te_": "te1"}
 _DOTTED_PREFIXES = [
     ("model.diffusion_model.", "unet", "ldm"), ("diffusion_model.", "unet", "ldm"),
-    ("base_model.model.", None, None), ("unet.", "unet", None),
+    ("base_model.model.", None, None), ("unet.", "unet", None), ("transformer.", "unet", None),
     ("text_encoder_2.", "te2", "diffusers"), ("text_encoder.", "te1", "diffusers"),
     ("te2.", "te2", "diffusers"), ("te1.", "te1", "diffusers"),
 ]
@@ -147,6 +148,10 @@ def _module_of(stem: str) -> tuple[str, str, str]:
             comp, naming = "unet", "ldm"
         elif rest.startswith(_DIFFUSERS_ROOTS):
             comp, naming = "unet", "diffusers"
+        elif rest.split(".")[0] in _dit_roots():
+            # A diffusion transformer's module (diffusers or native/ComfyUI name): which one, and
+            # whether it is a stacked native weight, is decided per architecture (dit_arch).
+            comp, naming = "unet", "dit"
         elif comp is None and rest.startswith("text_model."):
             comp, naming = "te1", "diffusers"
     if comp is None or naming is None:
@@ -158,14 +163,33 @@ def _module_of(stem: str) -> tuple[str, str, str]:
 
 
 def _flat_tables() -> dict[tuple[str, str], tuple[str, str]]:
-    """kohya flat name → (diffusers path) for every known architecture's modules, both namings."""
+    """kohya flat name → (diffusers path) for every known architecture's modules, both namings;
+    transformers (``dit_arch``): both namings → the dotted name, naming ``dit``."""
+    from .dit_arch import DIT_ARCHITECTURES, arch_inventory  # noqa: PLC0415
+
     table: dict[tuple[str, str], tuple[str, str]] = {}
     for arch in ARCHITECTURES:
         for comp, mods in inventory(arch).items():
             for m in mods.values():
                 table[(comp, m.diffusers.replace(".", "_"))] = (m.diffusers, "diffusers")
                 table.setdefault((comp, m.ldm.replace(".", "_")), (m.ldm, "ldm"))
+    for arch in DIT_ARCHITECTURES:
+        inv = arch_inventory(arch)
+        for name in (*inv.modules, *inv.natives):
+            table.setdefault(("unet", name.replace(".", "_")), (name, "dit"))
     return table
+
+
+_ROOTS: set[str] | None = None
+
+
+def _dit_roots() -> set[str]:
+    global _ROOTS  # noqa: PLW0603
+    if _ROOTS is None:
+        from .dit_arch import roots  # noqa: PLC0415
+
+        _ROOTS = roots()
+    return _ROOTS
 
 
 _FLAT: dict | None = None
@@ -305,6 +329,10 @@ def check_effect(targets: list[Target], alpha_from: str = "") -> None:
             raise LoraFormatError(f"{t.name}: {alpha} makes scale·B·A ({size:.3g}) overflow float32 (inf weights)")
 
 
+_DIT_KEY_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.", "lora_unet__",
+                     "lora_unet_", "lora_transformer_")
+
+
 def detect_format(state: dict) -> list[str]:
     """Human names of the key layouts present."""
     kinds = set()
@@ -324,17 +352,109 @@ def detect_format(state: dict) -> list[str]:
             kinds.add("LDM/ComfyUI names")
         if ".dora_scale" in key or "lora_magnitude_vector" in key:
             kinds.add("DoRA")
+        stem = next((key[len(p):] for p in _DIT_KEY_PREFIXES if key.startswith(p)), key)
+        if re.match(r"(double_blocks|single_blocks)[._]\d", stem):
+            kinds.add("Flux BFL/ComfyUI names")
+        elif re.match(r"joint_blocks[._]\d", stem):
+            kinds.add("SD3 MMDiT (SAI/ComfyUI) names")
+        elif re.match(r"blocks[._]\d+[._](self_attn|cross_attn|ffn[._]\d)", stem):
+            kinds.add("Wan original/ComfyUI names")
+        elif re.match(r"(single_)?transformer_blocks[._]\d|blocks[._]\d+[._](attn[12]|ffn[._]net)", stem):
+            kinds.add("transformer (diffusers) names")
     return sorted(kinds)
 
 
 def to_diffusers_naming(targets: list[Target], arch: str | None) -> None:
-    """Rename LDM-named UNet targets to diffusers paths using ``arch``'s inventory, in place."""
+    """Rename LDM-named UNet targets to diffusers paths using ``arch``'s inventory, in place;
+    for a transformer architecture (``dit_arch``) see :func:`normalise_dit`."""
     if arch is None:
+        return
+    from .arch import is_dit  # noqa: PLC0415
+
+    if is_dit(arch):
+        from .dit_arch import arch_inventory  # noqa: PLC0415
+
+        targets[:] = normalise_dit(targets, arch_inventory(arch))
         return
     back = {m.ldm: m.diffusers for m in inventory(arch)["unet"].values()}
     for t in targets:
         if t.component == "unet" and t.naming == "ldm" and t.module in back:
             t.module, t.naming = back[t.module], "diffusers"
+
+
+def normalise_dit(targets: list[Target], inv) -> list[Target]:
+    """Targets of a transformer LoRA in diffusers naming against a ``dit_arch.DitInventory``:
+    native names renamed, stacked native targets split into one target per diffusers module
+    (up rows split, halves swapped back where stored swapped; the same down, alpha and rank:
+    exact). Targets the inventory does not know are returned unchanged (coverage reports them)."""
+    from .dit_arch import split_factors  # noqa: PLC0415
+
+    out: list[Target] = []
+    for t in targets:
+        if t.component != "unet" or t.naming not in ("dit", "diffusers", "flat"):
+            out.append(t)
+            continue
+        name = t.module
+        if t.naming == "flat":
+            flat = {k.replace(".", "_"): k for k in (*inv.modules, *inv.natives)}
+            name = flat.get(name)
+            if name is None:
+                out.append(t)
+                continue
+        if name in inv.modules:
+            t.module, t.naming = name, "diffusers"
+            out.append(t)
+            continue
+        nat = inv.natives.get(name)
+        if nat is None:
+            out.append(t)
+            continue
+        if not nat.fused:
+            t.module, t.naming = nat.pieces[0].diffusers, "diffusers"
+            out.append(t)
+            continue
+        if t.down.dim() != 2 or tuple(t.up.shape[:1]) != nat.shape[:1]:
+            out.append(t)   # wrong shape: left for coverage to report
+            continue
+        if t.mid is not None or t.dora_scale is not None:
+            raise LoraFormatError(f"{t.name}: DoRA / LoCon mid tensors on a stacked native weight ({nat.name} = "
+                                  f"{' + '.join(p.diffusers.rsplit('.', 1)[-1] for p in nat.pieces)}) cannot be "
+                                  "split exactly per module; not supported")
+        for mod, up, down in split_factors(nat, t.up, t.down):
+            if not bool(torch.any(up != 0)):
+                continue    # a piece the stacked LoRA leaves unchanged (zero rows): nothing to patch
+            out.append(Target(t.component, mod, "diffusers", down=down, up=up, alpha=t.alpha,
+                              source_keys=list(t.source_keys), rslora=t.rslora))
+    return out
+
+
+def to_native_kohya(targets: list[Target], inv) -> dict[str, torch.Tensor]:
+    """Kohya state dict of transformer targets (diffusers naming) in native names
+    (``lora_unet_double_blocks_0_img_attn_qkv``), which stock ComfyUI loads for every family
+    (its generic ``lora_unet_<diffusion_model key>`` map) and sd-scripts/Forge for Flux: the
+    pieces of a stacked native weight fused (``dit_arch.fuse_factors``), alpha always written."""
+    from .dit_arch import fuse_factors  # noqa: PLC0415
+
+    groups: dict[str, dict] = {}
+    out: dict[str, torch.Tensor] = {}
+    for t in targets:
+        if t.component != "unet" or t.naming != "diffusers" or t.module not in inv.owner:
+            raise LoraFormatError(f"{t.name}: not a module of this transformer; cannot be written in native names")
+        if t.dora_scale is not None or t.mid is not None:
+            raise LoraFormatError(f"{t.name}: DoRA / LoCon targets are not converted to native transformer names")
+        groups.setdefault(inv.owner[t.module], {})[t.module] = (t.up, t.down, t.scale)
+    for native, parts in groups.items():
+        nat = inv.natives[native]
+        k = "lora_unet_" + native.replace(".", "_")
+        if nat.fused:
+            up, down, alpha = fuse_factors(nat, parts)
+        else:
+            up, down, scale = parts[nat.pieces[0].diffusers]
+            alpha = scale * int(down.shape[0])
+        out[k + ".lora_down.weight"] = down.contiguous()
+        out[k + ".lora_up.weight"] = up.contiguous()
+        out[k + ".alpha"] = torch.tensor(float(alpha))
+    return out
 
 
 _KOHYA_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}

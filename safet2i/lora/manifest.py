@@ -52,7 +52,8 @@ class Entry:
 _ENTRIES: dict[str, list[Entry]] = {}
 
 KINDS = {"lora": {"unet", "te1", "te2"}, "unet": {"unet"}, "text_encoder": {"te1", "te2"}}
-ARCHS = ("sd1", "sd2", "sdxl")
+ARCHS = ("sd1", "sd2", "sdxl", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large", "qwen-image",
+         "wan2.1-1.3b", "wan-14b", "wan2.1-i2v-14b", "wan2.2-5b")   # arch.ARCHITECTURES + dit_arch.DIT_ARCHITECTURES
 REQUIRED = ("title", "method", "paper", "kind", "arch", "base_model", "format", "files", "source", "licence")
 EXPECTED_KEYS = {"components", "targets", "module_regex", "rank", "min_coverage"}
 # Names that many unrelated files carry: never identify a release by them.
@@ -159,8 +160,8 @@ def rename_hint(file_name: str, path: str | Path | None = None) -> str | None:
 def check_arch(entry: Entry | None, host_arch: str | None, what: str) -> None:
     """A known release applied to a model of another architecture is an error (even with allow_partial).
 
-    ``host_arch``: ``sd1``, ``sd2``, ``sdxl`` or another name when the host knows it, None when it
-    cannot tell (then nothing is checked here; coverage still is).
+    ``host_arch``: ``sd1``, ``sd2``, ``sdxl``, a transformer architecture (``flux-dev``, ``sd3-medium``,
+    ``wan-14b``, …) or another name when the host knows it, None when it cannot tell (then nothing is checked here; coverage still is).
     """
     if entry is None or not host_arch or host_arch == entry.arch:
         return

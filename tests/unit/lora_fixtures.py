@@ -305,3 +305,108 @@ def one_target(down: torch.Tensor, up: torch.Tensor, alpha: float | torch.Tensor
     if alpha is not None:
         sd[f"{stem}.alpha"] = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha))
     return sd
+
+
+# ----------------------------------------------------------------------------- diffusion transformers
+# Tiny configs of the real diffusers classes (test_lora_families.py); every option that adds a
+# targetable module is switched on somewhere (Flux guidance, SD3 dual attention and its last
+# context_pre_only block, Wan I2V image cross-attention).
+
+DIT_TINY = {
+    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                            pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
+    "flux-schnell": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                                    attention_head_dim=8, num_attention_heads=2,
+                                                    joint_attention_dim=24, pooled_projection_dim=20,
+                                                    guidance_embeds=False, axes_dims_rope=(2, 2, 4))),
+    "sd3": ("SD3Transformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                                          caption_projection_dim=16, pooled_projection_dim=20, out_channels=4,
+                                          pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")),
+    "qwen-image": ("QwenImageTransformer2DModel", dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                                       attention_head_dim=8, num_attention_heads=2,
+                                                       joint_attention_dim=24, axes_dims_rope=(2, 2, 4))),
+    "wan": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                          in_channels=4, out_channels=4, text_dim=24, freq_dim=16, ffn_dim=40,
+                                          num_layers=2, rope_max_seq_len=32)),
+    "wan-i2v": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                              in_channels=4, out_channels=4, text_dim=24, freq_dim=16, ffn_dim=40,
+                                              num_layers=1, rope_max_seq_len=32, image_dim=12, added_kv_proj_dim=16)),
+}
+
+
+def dit_family(key: str) -> str:
+    return {"flux-schnell": "flux", "wan-i2v": "wan"}.get(key, key)
+
+
+def tiny_dit(key: str, device: str = "cpu", seed: int = 0):
+    import diffusers
+
+    cls, kw = DIT_TINY[key]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return getattr(diffusers, cls)(**kw).eval()
+
+
+def dit_linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: weight shape} of every Linear / Conv2d of a real diffusers transformer."""
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+@dataclass
+class Factor:
+    """One LoRA as written in a file: its module name (in the file's naming), A, B, alpha."""
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    def delta64(self) -> np.ndarray:
+        """scale·B·A in float64 numpy (weight-shaped), computed without safet2i."""
+        up = self.up.double().numpy().reshape(self.up.shape[0], -1)
+        down = self.down.double().numpy()
+        full = up @ down.reshape(down.shape[0], -1)
+        scale = 1.0 if self.alpha is None else self.alpha / down.shape[0]
+        return scale * full.reshape((up.shape[0], *down.shape[1:]))
+
+
+def make_factors(shapes: dict[str, tuple[int, ...]], rank: int = 2, seed: int = 0, alpha: float | None = None,
+                 std: float = 0.2) -> list[Factor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, shape in shapes.items():
+        if len(shape) == 4:
+            down = torch.randn(rank, *shape[1:], generator=g) * std
+            up = torch.randn(shape[0], rank, 1, 1, generator=g) * std
+        else:
+            down = torch.randn(rank, shape[1], generator=g) * std
+            up = torch.randn(shape[0], rank, generator=g) * std
+        out.append(Factor(name, down, up, alpha))
+    return out
+
+
+# (key stem, down suffix, up suffix, writes alpha)
+DIT_LAYOUTS = {
+    "peft-transformer": ("transformer.{d}", ".lora_A.weight", ".lora_B.weight", False),   # diffusers/ai-toolkit/EraseAnything
+    "peft-bare": ("{d}", ".lora_A.weight", ".lora_B.weight", False),
+    "peft-base": ("base_model.model.{d}", ".lora_A.weight", ".lora_B.weight", False),
+    "peft-default": ("transformer.{d}", ".lora_A.default.weight", ".lora_B.default.weight", False),
+    "diffusers-old": ("transformer.{d}", ".lora.down.weight", ".lora.up.weight", False),
+    "onetrainer": ("lora_transformer_{f}", ".lora_down.weight", ".lora_up.weight", True),
+    "kohya-native": ("lora_unet_{f}", ".lora_down.weight", ".lora_up.weight", True),       # sd-scripts Flux, musubi Wan
+    "comfy-native": ("diffusion_model.{d}", ".lora_A.weight", ".lora_B.weight", True),    # ComfyUI / BFL / Wan original
+}
+NATIVE_LAYOUTS = {"kohya-native", "comfy-native"}
+
+
+def write_dit_layout(factors: list[Factor], layout: str) -> dict[str, torch.Tensor]:
+    stem, dsuf, usuf, alpha = DIT_LAYOUTS[layout]
+    sd = {}
+    for f in factors:
+        k = stem.format(d=f.name, f=f.name.replace(".", "_"))
+        sd[k + dsuf], sd[k + usuf] = f.down.clone(), f.up.clone()
+        if alpha:
+            sd[k + ".alpha"] = torch.tensor(float(f.alpha if f.alpha is not None else f.down.shape[0]))
+    return sd
