@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import weakref
 
 import torch
 
@@ -106,6 +108,18 @@ def webui_rows(params, n_rows: int) -> list[tuple[str | None, torch.Tensor]] | N
 
 # --------------------------------------------------------------------------- the hook
 
+_JOBS = itertools.count()
+
+
+def _weakrefable(obj):
+    """``obj`` when the cache can hold a weak reference to it, else None (key-only caching)."""
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return None
+    return obj
+
+
 class SteeringHook(PlanBook):
     """One job's steering: the core's plans of the batch's texts (:class:`PlanBook`), the
     webui's encoders and the call counters."""
@@ -115,8 +129,12 @@ class SteeringHook(PlanBook):
         if not encoders:
             raise SteeringError("no text encoder to steer")
         self.concepts = list(concepts)
-        p_c = [concept_projector(("a1111", id(e.engine), id(self)), self.concepts, functools.partial(end_rows, e))
-               for e in encoders]
+        # One subspace per job and encoder: a job number that is never reused (``id(self)`` is, once
+        # a hook is collected, and would hand a later job an earlier model's subspace); the engine
+        # is held weakly by the cache, so an engine object that took over a collected one's id misses.
+        job = next(_JOBS)
+        p_c = [concept_projector(("a1111", id(e.engine), job), self.concepts, functools.partial(end_rows, e),
+                                 owner=_weakrefable(e.engine)) for e in encoders]
         super().__init__(encoders, p_c, alpha=alpha, order=order,
                          svf=SVF_PRESETS[svf_name] if self_validating else None)
         self.calls = self.steered_calls = 0

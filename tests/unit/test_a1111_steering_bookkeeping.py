@@ -149,3 +149,22 @@ def test_rows_changed_before_our_callback_are_recognised_by_content(parser, rows
     want = steer_chunk(params.text_cond[1], c.loo, hook.p_c[0], c.n, alpha=0.01, order="code", svf=None).rows
     assert hook.apply(params)
     assert torch.equal(params.text_cond[1], want) and set(hook._rows) == {1} and len(hook._bound) == 1
+
+
+def test_a_later_job_never_gets_an_earlier_jobs_subspace(parser, rows, clips, monkeypatch):
+    """The subspace cache key of a job used ``id(hook)``, which Python reuses once a hook is
+    collected: a later job (another model, another width) could be handed the earlier one's P_C.
+    Two hooks that share ids must still get their own subspaces."""
+    import builtins
+
+    from safet2i.steering import safree
+
+    tok, (model, _) = clips
+    encoders = find_encoders(sd1(tok, model))
+    monkeypatch.setattr(builtins, "id", lambda obj: 7)        # every object "has" the same id
+    first = SteeringHook(encoders, ["nude"], self_validating=False)
+    third = SteeringHook(encoders, ["nude"], self_validating=False)   # same ids, same concepts
+    monkeypatch.undo()
+    assert third.p_c[0] is not first.p_c[0]                   # a new job computes its own P_C
+    assert torch.allclose(third.p_c[0], first.p_c[0])         # (the same one, for the same model)
+    assert len(safree._SUBSPACES) <= 33
