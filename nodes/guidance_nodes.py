@@ -31,7 +31,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..safet2i.errors import SafeT2IError
-from ..safet2i.guidance.dag import guideline_context
+from ..safet2i.guidance.dag import aggregate_joint, guideline_context, joint_token_attention
 from ..safet2i.guidance.sld import CARD_PRESETS
 from ..safet2i.guidance import (
     DEFAULT_CONCEPT, SEXUAL_CONCEPT, SLD_PRESETS, DAGConfig, DAGGuidance, SLDConfig, SLDGuidance, SPGuardConfig,
@@ -84,6 +84,13 @@ class GuidanceRun:
         self.step: Step | None = None
         self.capture: int | None = None  # cond_or_uncond index of the concept in the UNet call under way
         self.maps: list[torch.Tensor] = []
+        # Joint-attention transformers (SD3, Flux, Qwen-Image, Wan): the family, its patch size,
+        # the model call under way (text rows, image-token grid) and the grid of the maps taken.
+        self.joint: str | None = None
+        self.patch: tuple[int, ...] = ()
+        self.call: dict | None = None
+        self.grid: tuple[int, ...] | None = None
+        self.concept_rows: int | None = None
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         import comfy.sampler_helpers  # noqa: PLC0415
@@ -183,12 +190,21 @@ class GuidanceRun:
         if self.method.needs.attention:
             maps, self.maps = self.maps, []
             if self.token_index and not maps:
+                if self.joint:
+                    # Our attention override never saw the concept rows: a later node replaced it.
+                    raise SafeT2IError(
+                        "Detect-and-Guide-style guidance could not read the concept's joint attention this step: "
+                        "another node replaced ComfyUI's attention override (optimized_attention_override) after "
+                        "SafeT2I without calling it. Apply SafeT2I guidance last or remove the other attention patch.")
                 # Our attn2 replacement never saw the concept rows: another patch overrode it.
                 raise SafeT2IError(
                     "Detect-and-Guide-style guidance could not read the concept's cross-attention this step: "
                     "another node replaced cross-attention after SafeT2I. Apply SafeT2I guidance last or "
                     "remove the other attention patch.")
-            attn = aggregate_attention(maps, tuple(x.shape[-2:])) if maps else None
+            if self.joint and maps:
+                attn = latent_map(aggregate_joint(maps, self.grid), x)
+            else:
+                attn = aggregate_attention(maps, tuple(x.shape[-2:])) if maps else None
         if branch:
             c = self.method.branch_correction(ec, es, self.branch_scale, attn)
         else:
@@ -210,17 +226,145 @@ class GuidanceRun:
             self.maps.append(token_attention(q[rows], k[rows], heads, self.token_index))
         return out
 
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                    **kwargs):
+        """APPLY_MODEL wrapper (joint-attention models): notes the call's text rows and image-token
+        grid for :meth:`joint_attention`, which runs inside this call."""
+        prev = self.call
+        self.call = {"text": int(c_crossattn.shape[1]) if c_crossattn is not None else 0,
+                     "grid": token_grid(tuple(x.shape), self.patch)}
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            self.call = prev
+
+    def joint_attention(self, inner, func, *args, **kwargs):
+        """``optimized_attention_override``: the attention runs as before (through ``inner``, an
+        override set before ours, or ComfyUI's own function); for the concept rows of a joint
+        (SD3, Flux, Qwen-Image) or text cross-attention (Wan) call it also records the image
+        queries' softmax probabilities on the concept tokens."""
+        self._joint_capture(args, kwargs)
+        return inner(func, *args, **kwargs) if inner is not None else func(*args, **kwargs)
+
+    def _joint_capture(self, args, kwargs):
+        opts = kwargs.get("transformer_options") or {}
+        order = list(opts.get("cond_or_uncond") or [])
+        call = self.call
+        if call is None or not self.token_index or self.capture not in order or len(args) < 2:
+            return
+        q, k = args[0], args[1]
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")
+        skip = args[6] if len(args) > 6 else kwargs.get("skip_reshape", False)
+        s_q, s_k = (q.shape[2], k.shape[2]) if skip else (q.shape[1], k.shape[1])
+        text, grid = call["text"], call["grid"]
+        n = 1
+        for g in grid:
+            n *= g
+        if self.joint == "wan":   # text cross-attention: image queries × text keys
+            if s_k != text:
+                return               # self-attention, or the image-encoder cross-attention of I2V
+            if text == n:
+                raise SafeT2IError(
+                    f"Detect-and-Guide-style guidance on Wan: the text has as many rows ({text}) as the video has "
+                    "tokens, so cross-attention cannot be told from self-attention. Change the resolution or the "
+                    "frame count. The video is not produced unguided.")
+            if s_q != n:
+                raise SafeT2IError(
+                    f"Detect-and-Guide-style guidance on Wan: the cross-attention has {s_q} queries, not the "
+                    f"{n} video tokens (reference or extra frames are not supported). The video is not produced "
+                    "unguided.")
+            text0, img0 = 0, 0
+        else:
+            if s_q != s_k or s_k < text + n:
+                return               # not the joint attention (e.g. SD3.5's image-only self-attention)
+            img0 = s_k - n if self.joint == "sd3" else text          # SD3: [context, image]; Flux/Qwen: [text, image, refs]
+            text0 = img0 - text if self.joint == "sd3" else 0
+        if text != self.concept_rows:
+            raise SafeT2IError(
+                f"Detect-and-Guide-style guidance: the model call that holds the concept has {text} text rows, "
+                f"its encoding {self.concept_rows}; another node changed the conditioning, so its tokens cannot "
+                "be located. The image is not produced unguided.")
+        chunk = q.shape[0] // len(order)
+        i = order.index(self.capture)
+        rows = slice(i * chunk, (i + 1) * chunk)
+
+        def heads_first(t):
+            t = t[rows]
+            return t if skip else t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+        if mask is not None:
+            mask = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask
+            mask = mask[:, None] if mask.ndim == 3 else mask
+            mask = mask[rows] if mask.shape[0] == q.shape[0] else mask
+        cols = [text0 + t for t in self.token_index]
+        with torch.no_grad():
+            self.maps.append(joint_token_attention(heads_first(q), heads_first(k), cols, slice(img0, img0 + n),
+                                                   mask=mask))
+        self.grid = grid
+
     def report(self) -> dict:
         return self.method.report()
 
     def mask_preview(self) -> torch.Tensor:
-        """IMAGE [B, 8h, 8w, 3] of the last step's guided region (white = guided)."""
+        """IMAGE [B, 8h, 8w, 3] of the last step's guided region (white = guided); video latents'
+        masks [B, F, h, w] give one picture per latent frame ([B·F, 8h, 8w, 3])."""
         m = self.method.last_mask
         if m is None:
             return torch.zeros((1, 64, 64, 3))
         m = m.detach().float().cpu().clamp(0, 1)
+        if m.ndim == 4:
+            m = m.reshape(-1, *m.shape[-2:])
         m = m.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
         return m[..., None].repeat(1, 1, 1, 3)
+
+
+def token_grid(shape: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The image-token grid of a latent ``shape`` ([B, C, H, W] or [B, C, F, H, W]) patchified by
+    ``patch`` (the models pad to whole patches): (h, w) or (frames, h, w)."""
+    dims = shape[2:]
+    patch = tuple(patch)[-len(dims):] if len(patch) >= len(dims) else (1,) * (len(dims) - len(patch)) + tuple(patch)
+    return tuple(-(-d // p) for d, p in zip(dims, patch))
+
+
+def latent_map(attn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A joint-attention map [B, (F,) h, w] in the layout the method needs for latent ``x``:
+    [B, h, w] for images, [B, F, h, w] for video latents [B, C, F, H, W] (a single frame's axis is
+    dropped or added to match)."""
+    if x.ndim == 4 and attn.ndim == 4 and attn.shape[1] == 1:
+        return attn[:, 0]
+    if x.ndim == 5 and attn.ndim == 3 and x.shape[2] == 1:
+        return attn[:, None]
+    return attn
+
+
+def joint_family(model) -> str | None:
+    """``sd3`` / ``flux`` / ``qwen_image`` / ``wan`` for the joint-attention transformers whose
+    text→image attention SafeT2I reads, None for SD-style UNets; any other model is refused."""
+    if transformer_blocks(model):
+        return None
+    dm = model.model.diffusion_model
+    import comfy.ldm.flux.model as flux  # noqa: PLC0415
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit  # noqa: PLC0415
+    import comfy.ldm.qwen_image.model as qwen  # noqa: PLC0415
+    import comfy.ldm.wan.model as wan  # noqa: PLC0415
+
+    if isinstance(dm, mmdit.MMDiT):
+        return "sd3"
+    if isinstance(dm, flux.Flux):
+        if any(getattr(b, "flipped_img_txt", False) for b in dm.double_blocks):
+            raise SafeT2IError("Detect-and-Guide-style guidance: this Flux-type model puts the image before the text "
+                               "in its joint attention (flipped_img_txt), which SafeT2I does not read.")
+        return "flux"
+    if isinstance(dm, qwen.QwenImageTransformer2DModel):
+        return "qwen_image"
+    if isinstance(dm, wan.WanModel):
+        return "wan"
+    raise SafeT2IError(
+        "Detect-and-Guide-style guidance needs the concept tokens' attention: it reads the cross-attention of "
+        "SD1.x/SD2.x/SDXL UNets and the joint attention of SD3, Flux, Qwen-Image and Wan; this model "
+        f"({type(dm).__name__}) is none of them, so the text-to-image part of its attention is not located. "
+        "Use SafeT2I SLD on it.")
 
 
 def transformer_blocks(model):
@@ -259,11 +403,18 @@ def patch_model(model, method, concept, token_index: list[int] | None = None, br
     if method.needs.attention:
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         blocks = transformer_blocks(m)
-        if not blocks:
-            raise SafeT2IError(
-                "Detect-and-Guide-style guidance needs a UNet with cross-attention blocks (SD1.x, SD2.x, SDXL); "
-                f"this model ({type(m.model.diffusion_model).__name__}) has none. On joint-attention models "
-                "(SD3, Flux) it is not supported yet.")
+        family = joint_family(m) if not blocks else None
+        if family is not None:
+            # ComfyUI's attention override is one slot: the one set before ours is chained (called
+            # as the inner function); one set after ours that drops it is detected at the step.
+            dm = m.model.diffusion_model
+            patch = dm.patch_size
+            run.joint, run.patch = family, tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+            run.concept_rows = int(concept[0][0].shape[1])
+            opts = m.model_options.setdefault("transformer_options", {})
+            inner = opts.get("optimized_attention_override")
+            opts["optimized_attention_override"] = lambda func, *a, **k: run.joint_attention(inner, func, *a, **k)
+            m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, STATE_KEY, lambda ex, *a, **k: run.apply_model(ex, *a, **k))
         for name, number, t_idx in blocks:
             if (name, number, t_idx) in replaced or (name, number) in replaced:
                 raise SafeT2IError(
@@ -434,6 +585,65 @@ def load_guideline_tokens(name: str, model):
     return [[tokens.context, extra]], list(tokens.positions)
 
 
+def joint_token_positions(clip, tokens: dict, family: str, rows: int) -> list[int]:
+    """The concept's own token rows in its conditioning (``rows`` long) for a joint-attention
+    model: SD3 the CLIP tokens between start and end in each 77-row chunk of the CLIP-L‖G block,
+    then the T5 tokens before ``</s>`` (offset by the CLIP rows); Flux and Wan the T5 / umT5 tokens
+    before ``</s>``; Qwen-Image the user turn (ComfyUI drops the template prefix; the closing
+    ``<|im_end|>`` and the assistant header are not concept tokens). Start, end, padding and
+    template rows are never counted."""
+    from ..safet2i.steering.plan import chat_span, clip_span, t5_span  # noqa: PLC0415
+    from .steering_nodes import EOS, QWEN_IM_END, QWEN_PAD, _qwen_start, model_family  # noqa: PLC0415
+
+    found = model_family(clip)
+    if found != family:
+        raise SafeT2IError(f"Detect-and-Guide-style guidance: the model is {family} but the CLIP is "
+                           f"{found or type(getattr(clip, 'cond_stage_model', None)).__name__}'s text encoder; "
+                           "connect the model's own text encoder.")
+
+    def ids(chunk):
+        out = []
+        for t in chunk:
+            if not isinstance(t[0], int) or isinstance(t[0], bool):
+                raise SafeT2IError("Detect-and-Guide-style guidance: the concept holds an embedding or image, not "
+                                   "only words; write the concept as text.")
+            out.append(int(t[0]))
+        return out
+
+    positions, offset = [], 0
+
+    def add(key, span):
+        nonlocal offset
+        for chunk in tokens.get(key, []):
+            c = ids(chunk)
+            sp = span(c)
+            positions.extend(offset + i for i in range(sp.first, sp.first + sp.n))
+            offset += len(c)
+
+    model = clip.cond_stage_model
+    if family == "sd3":
+        if getattr(model, "clip_l", None) is not None or getattr(model, "clip_g", None) is not None:
+            add("l" if getattr(model, "clip_l", None) is not None else "g", lambda c: clip_span(c, EOS))
+        if getattr(model, "t5xxl", None) is not None:
+            add("t5xxl", lambda c: t5_span(c, 1))
+    elif family in ("flux", "wan"):
+        add("t5xxl" if family == "flux" else "umt5xxl", lambda c: t5_span(c, 1))
+    else:
+        c = ids(tokens["qwen25_7b"][0])
+        start = _qwen_start(c)
+        if start < 0:
+            raise SafeT2IError("Detect-and-Guide-style guidance: the Qwen-Image concept has no chat-template user "
+                               "turn; ComfyUI's template was replaced by one SafeT2I cannot read.")
+        sp = chat_span(c, start, QWEN_IM_END, QWEN_PAD)
+        positions, offset = list(range(sp.first - start, sp.first - start + sp.n)), len(c) - start
+    if offset != rows:
+        raise SafeT2IError(f"Detect-and-Guide-style guidance: the concept's encoding has {rows} rows, its tokens "
+                           f"{offset}; the text encoder's layout is not one SafeT2I reads.")
+    if not positions:
+        raise SafeT2IError("Detect-and-Guide-style guidance: the concept has no tokens of its own.")
+    return positions
+
+
 class SafeT2IDetectGuide(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -474,15 +684,34 @@ class SafeT2IDetectGuide(io.ComfyNode):
                                tooltip="Optimised guideline tokens (.safetensors in models/safety_models, made by "
                                        "SafeT2I's Detect-and-Guide token trainer): their context and positions "
                                        "replace the concept's raw tokens."),
+                io.Float.Input("concept_branch_scale", default=3.5, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="s_b of the concept-branch form used at cfg 1 (guidance-distilled models such "
+                                       "as Flux dev/schnell, which evaluate no negative): the concept is measured "
+                                       "against the prompt's own prediction and the result is ε_p − s_b·c. "
+                                       "0 refuses cfg 1. Costs one extra model evaluation per step."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, model, clip, concept, scale=0.2, high=0.5, low=0.01, skip_coverage=0.8, sld_gate="none",
-                guideline_embeddings="none", guideline_tokens="none") -> io.NodeOutput:
+                guideline_embeddings="none", guideline_tokens="none", concept_branch_scale=3.5) -> io.NodeOutput:
         cfg = DAGConfig(scale=scale, high=high, low=low, skip_coverage=skip_coverage,
                         sld_gate=None if sld_gate == "none" else SLD_PRESETS[sld_gate])
+        family = joint_family(model)
+        if family is not None:
+            if guideline_tokens != "none" or guideline_embeddings != "none":
+                raise SafeT2IError(
+                    "Detect-and-Guide-style guideline tokens and embeddings are trained for the cross-attention of "
+                    f"SD1.x/SD2.x/SDXL UNets; this {family} model reads the raw concept tokens in its joint "
+                    "attention. Set both to 'none'.")
+            if not concept.strip():
+                raise SafeT2IError("The safety concept is empty.")
+            tok = clip.tokenize(concept)
+            cond = clip.encode_from_tokens_scheduled(tok)
+            tokens = joint_token_positions(clip, tok, family, int(cond[0][0].shape[1]))
+            return io.NodeOutput(patch_model(model, DAGGuidance(cfg), cond, token_index=tokens,
+                                             branch_scale=concept_branch_scale))
         if guideline_tokens != "none":
             if guideline_embeddings != "none":
                 raise SafeT2IError("Detect-and-Guide: choose guideline_tokens or guideline_embeddings, not both.")
@@ -504,7 +733,8 @@ class SafeT2IDetectGuide(io.ComfyNode):
             ids = [t[0] for t in next(iter(tok.values()))[0]]
             end = ids.index(ids[-1]) if ids else 0   # first end/pad token
             tokens = list(range(1, max(2, end)))     # skip the start token and the padding
-        return io.NodeOutput(patch_model(model, DAGGuidance(cfg), cond, token_index=tokens))
+        return io.NodeOutput(patch_model(model, DAGGuidance(cfg), cond, token_index=tokens,
+                                         branch_scale=concept_branch_scale))
 
 
 class SafeT2IGuidanceReport(io.ComfyNode):

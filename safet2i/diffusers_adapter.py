@@ -115,16 +115,18 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
     v-prediction ones (``scheduler.config.prediction_type``) are converted to ε and back.
 
     Flow-matching transformer pipelines (SD3, Flux, Qwen-Image, Wan) go through
-    :mod:`safet2i.diffusers_flow`: ``concept_kwargs`` replaces the encoded concept there, and
+    :mod:`safet2i.diffusers_flow`: ``concept_kwargs`` replaces the encoded concept there,
     ``branch_scale`` (s_b) is the concept-branch form's scale when a step evaluates no negative
-    (guidance-distilled Flux at cfg 1; 0 refuses such steps)."""
+    (guidance-distilled Flux at cfg 1; 0 refuses such steps), and ``token_positions`` are the
+    concept's token rows in its text sequence (Detect-and-Guide-style; default: found from
+    ``concept``)."""
     if not hasattr(method, "set_state"):
         raise SafeT2IError("safety_guidance needs a method following safet2i.guidance.contract (a Guidance).")
     from .diffusers_flow import flow_safety_guidance, is_flow_pipeline  # noqa: PLC0415
 
     if is_flow_pipeline(pipe):
         with flow_safety_guidance(pipe, method, concept, concept_kwargs=concept_kwargs,
-                                  branch_scale=branch_scale) as m:
+                                  branch_scale=branch_scale, token_positions=token_positions) as m:
             yield m
         return
     space = _prediction_space(pipe)

@@ -66,7 +66,8 @@ class Needs:
     predictions: tuple[str, ...] = ("uncond", "cond", "concept")
     #: Conditionings the host evaluates besides [cond, uncond] (here: the safety concept).
     extra_conditionings: int = 1
-    #: The concept tokens' cross-attention map [B, H, W] in [0, 1] (``direction``'s 4th argument).
+    #: The concept tokens' attention map in [0, 1] (``direction``'s 4th argument): [B, H, W] for
+    #: images, [B, F, H, W] for video latents [B, C, F, H, W].
     attention: bool = False
 
 

@@ -104,6 +104,63 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: list[i
     return probs[..., idx].mean(dim=(1, 3))
 
 
+def joint_token_attention(q: torch.Tensor, k: torch.Tensor, columns, queries: slice, scale: float | None = None,
+                          mask: torch.Tensor | None = None, max_elements: int = 1 << 24) -> torch.Tensor:
+    """The image-query × concept-token part of a joint (or cross) attention softmax.
+
+    ``q`` [b, heads, S_q, dh] and ``k`` [b, heads, S_k, dh] are the query and key rows exactly as
+    the layer attends with them (after q/k norms and RoPE); the softmax of q·kᵀ·scale runs over
+    ALL ``S_k`` keys (text and image), as the layer computes it, and only the query rows
+    ``queries`` (the image tokens) are kept. ``columns``: the concept tokens' key positions, a
+    list of ints or a list of lists (copies of one token whose probabilities add up). ``mask``
+    (optional): the layer's attention mask, boolean (True = attend) or additive, 4-d and
+    broadcastable to [b, heads, S_q, S_k]. Returns [b, n] (n image queries): per token the probability summed over
+    its copies, averaged over the tokens and the heads. Float32, in query chunks of at most
+    ``max_elements`` logits (the layer's own softmax is never materialised in full).
+    """
+    b, heads, s_q, dh = q.shape
+    cols = [c if isinstance(c, (list, tuple)) else [c] for c in columns]
+    if not cols or any(not c for c in cols):
+        raise ValueError("joint_token_attention needs at least one concept token column")
+    width = max(len(c) for c in cols)
+    if any(len(c) != width for c in cols):
+        raise ValueError("every concept token needs the same number of copies")
+    idx = torch.tensor(cols, device=q.device, dtype=torch.long)   # [tokens, copies]
+    if int(idx.max()) >= k.shape[2] or int(idx.min()) < 0:
+        raise ValueError(f"concept token columns {int(idx.min())}..{int(idx.max())} outside {k.shape[2]} keys")
+    scale = dh ** -0.5 if scale is None else scale
+    kf = k.float()
+    if mask is not None and mask.ndim != 4:
+        raise ValueError(f"the attention mask must be 4-d [b|1, heads|1, S_q|1, S_k], not {list(mask.shape)}")
+    rows = range(s_q)[queries]
+    step = max(1, max_elements // max(1, b * heads * k.shape[2]))
+    out = []
+    for lo in range(rows.start, rows.stop, step):
+        hi = min(rows.stop, lo + step)
+        logits = (q[:, :, lo:hi].float() @ kf.transpose(-1, -2)) * scale
+        if mask is not None:
+            m = mask[..., lo:hi, :] if mask.shape[-2] > 1 else mask
+            logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.to(logits)
+        probs = torch.softmax(logits, dim=-1)[..., idx.flatten()]          # [b, heads, n, tokens·copies]
+        probs = probs.unflatten(-1, tuple(idx.shape)).sum(-1)              # copies add up
+        out.append(probs.mean(dim=(1, 3)))
+    return torch.cat(out, dim=1)
+
+
+def aggregate_joint(maps: list[torch.Tensor], grid: tuple[int, ...]) -> torch.Tensor:
+    """Per-layer maps of a transformer ([B, N] each, N = prod(grid) image tokens in raster
+    order) -> [B, *grid]: the mean over the layers (all at the token grid), normalised per image
+    (a video: over all its frames) to max 1. ``grid`` is (h, w) or (frames, h, w)."""
+    if not maps:
+        raise ValueError("no attention maps to aggregate")
+    avg = torch.stack([m.float() for m in maps]).mean(0)
+    n = math.prod(grid)
+    if avg.shape[1] != n:
+        raise ValueError(f"attention maps of {avg.shape[1]} image tokens do not fill a grid of {grid}")
+    avg = avg.reshape(avg.shape[0], *grid)
+    return avg / avg.flatten(1).max(1).values.clamp_min(1e-12).view(-1, *([1] * len(grid)))
+
+
 def average_maps(maps: list[torch.Tensor], latent_hw: tuple[int, int], downscales: tuple[int, ...] = (2, 4)
                  ) -> torch.Tensor:
     """Per-layer maps ([B, HW_l] each) -> [B, H, W]: the layers at ``downscales`` of the latent
@@ -139,6 +196,18 @@ def dag_direction(eps_uncond, eps_cond, eps_concept, attn: torch.Tensor | None, 
     if attn is None:
         state.advance({"applied": False, "reason": "no attention map"}, torch.zeros_like(d_p[:, 0]))
         return d_p
+    if d_p.ndim == 5:   # video latents [B, C, F, H, W] with maps [B, F, h, w]: every frame is an image
+        b, c, f, h, w = d_p.shape
+        if attn.ndim != 4 or tuple(attn.shape[:2]) != (b, f):
+            raise ValueError(f"a video latent {list(d_p.shape)} needs attention maps [B, F, h, w] with B={b}, F={f}, "
+                             f"not {list(attn.shape)}")
+
+        def fold(t):
+            return t.transpose(1, 2).reshape(b * f, c, h, w)
+
+        out = dag_direction(fold(eps_uncond), fold(eps_cond), fold(eps_concept), attn.reshape(b * f, *attn.shape[2:]),
+                            config, state)
+        return out.reshape(b, f, c, h, w).transpose(1, 2)
     scales, info = region_scales(attn, config)
     factor = to_latent(scales, tuple(d_p.shape[-2:])).to(d_p)
     if config.sld_gate is not None:

@@ -53,9 +53,15 @@ def guided(build, name, node="SafeT2ISLD", params=None, cfg=None, record=True, *
 def test_sld_matches_the_float64_reference(comfy, family_files, family):
     build = FAMILIES[family]
     kw = {"cfg": 3.0} if family == "flux" else {}   # Flux with true CFG (a negative, cfg > 1)
-    entry = run_ok(comfy, guided(build, f"fam_{family}", **kw))
+    g = guided(build, f"fam_{family}", **kw)
+    g["report"] = {"class_type": "SafeT2IGuidanceReport", "inputs": {"model": ["guide", 0], "samples": ["ks", 0]}}
+    g["mask"] = {"class_type": "PreviewImage", "inputs": {"images": ["report", 1]}}   # video: one per latent frame
+    entry = run_ok(comfy, g)
     steps, t = load_record(comfy, entry, f"fam_{family}")
     check(flow_reference(steps, t, *BATCHED, n_steps=STEPS), worst_at_least=20)
+    assert f"/{STEPS} steps guided" in "\n".join(entry["outputs"]["report"]["text"])
+    frames = 2 if family == "wan" else 1     # Wan: 5 frames -> 2 latent frames
+    assert len(entry["outputs"]["mask"]["images"]) == frames
 
 
 def test_flux_at_cfg_one_runs_the_concept_branch(comfy, family_files):

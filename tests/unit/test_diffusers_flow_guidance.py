@@ -304,3 +304,63 @@ def _reference_two_scales(pipe, rec, concept, scales):
         out.append((st["out"].numpy(), vu.numpy() + scales[i] * (vcg - vu.numpy()),
                     vu.numpy() + scales[i] * (vc.numpy() - vu.numpy()), s))
     return out
+
+
+def _spguard_reference(max_scale=2.0, tau_h=-1.0, tau_m=0.0, ema=0.5):
+    """SP-Guard-style in float64 on [B, C, H, W] latents (the module docstring's formulas)."""
+    state = {"h": None}
+
+    def direction(eu, ec, es):
+        d_p, d_u = ec - eu, es - eu
+        cos = (d_p * d_u).reshape(len(d_p), -1).sum(1) / np.maximum(   # 0 at σ = 1, where every ε is x
+            np.linalg.norm(d_p.reshape(len(d_p), -1), axis=1) * np.linalg.norm(d_u.reshape(len(d_u), -1), axis=1), 1e-12)
+        state["h"] = cos if state["h"] is None else ema * state["h"] + (1 - ema) * cos
+        s = max_scale * np.clip((state["h"] - tau_h) / (1 - tau_h), 0, 1)
+        ccos = (d_p * d_u).sum(1, keepdims=True) / np.maximum(
+            np.linalg.norm(d_p, axis=1, keepdims=True) * np.linalg.norm(d_u, axis=1, keepdims=True), 1e-12)
+        return d_p - s.reshape(-1, 1, 1, 1) * (ccos > tau_m) * d_u
+
+    return direction
+
+
+def test_sp_guard_on_flux_reads_channels_of_the_unpacked_latent(pipes):
+    """Flux's latents are tokens of 2x2 patches [B, N, 64]; SP-Guard-style's per-pixel channel
+    cosine must run on the unpacked [B, 16, H, W] latent (diffusers' own ``_unpack_latents``)."""
+    from safet2i.guidance import SPGuardConfig
+
+    pipe = pipes["flux"]
+    concept = _concept(pipe, "flux")
+    extra = CFG["flux"][0]
+    rec = Recorder(pipe)
+    try:
+        with safety_guidance(pipe, SPGuardGuidance(SPGuardConfig(max_scale=2.0, tau_h=-1.0, tau_m=0.0)),
+                             concept_kwargs=concept):
+            pipe(prompt=PROMPT, **_kwargs("flux", **extra))
+    finally:
+        rec.close()
+    direction = _spguard_reference()
+    size = FAMILIES["flux"].call["height"]
+
+    def unpacked(t):
+        return pipe._unpack_latents(t, size, size, pipe.vae_scale_factor).numpy()
+
+    worst = 0.0
+    for i, st in enumerate(rec.steps):
+        s = float(pipe.scheduler.sigmas[i])
+        (module, kw), (module_u, kw_u) = st["calls"]
+        x = kw["hidden_states"].double()
+        vc, vu, vs = _forward(module, kw), _forward(module_u, kw_u), _forward(module, _with_text(kw, concept))
+        eps = {k: unpacked(x + (1 - s) * v) for k, v in (("u", vu), ("c", vc), ("s", vs))}
+        d_p = direction(eps["u"], eps["c"], eps["s"])
+        if s == 1.0:
+            want = vu.numpy() + 4.0 * (vc.numpy() - vu.numpy())
+        else:
+            guided_eps = torch.from_numpy(eps["u"] + d_p)
+            packed = pipe._pack_latents(guided_eps, 1, guided_eps.shape[1], guided_eps.shape[2], guided_eps.shape[3])
+            vcg = (packed.numpy() - x.numpy()) / (1 - s)
+            want = vu.numpy() + 4.0 * (vcg - vu.numpy())
+        got = st["out"].numpy()
+        atol = 1e-4 * float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"step {i}")
+        worst = max(worst, float(np.abs(want - (vu.numpy() + 4.0 * (vc.numpy() - vu.numpy()))).max()) / atol)
+    assert worst > 10

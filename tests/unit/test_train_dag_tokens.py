@@ -557,8 +557,8 @@ def nodes(monkeypatch, tmp_path):
     mod = importlib.import_module("_dagtok_pack.nodes.guidance_nodes")
     captured = {}
 
-    def fake_patch(model, method, concept, token_index=None):
-        captured.update(model=model, method=method, cond=concept, tokens=token_index)
+    def fake_patch(model, method, concept, token_index=None, **options):
+        captured.update(model=model, method=method, cond=concept, tokens=token_index, options=options)
         return "patched"
 
     monkeypatch.setattr(mod, "patch_model", fake_patch)
@@ -568,10 +568,15 @@ def nodes(monkeypatch, tmp_path):
 
 
 def comfy_model(width=768, adm=None):
+    """ComfyUI's MODEL as the node reads it: ``model.model_config.unet_config`` and an SD-style
+    ``model.diffusion_model`` (input/middle/output blocks with a cross-attention transformer)."""
     cfg = {"context_dim": width}
     if adm:
         cfg["adm_in_channels"] = adm
-    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=types.SimpleNamespace(unet_config=cfg)))
+    layer = types.SimpleNamespace(transformer_blocks=[object()])
+    unet = types.SimpleNamespace(input_blocks=[[layer]], middle_block=[layer], output_blocks=[[layer]])
+    return types.SimpleNamespace(model=types.SimpleNamespace(model_config=types.SimpleNamespace(unet_config=cfg),
+                                                             diffusion_model=unet))
 
 
 NODE_ARGS = dict(scale=0.2, high=0.5, low=0.01, skip_coverage=0.8, sld_gate="none", guideline_embeddings="none")
