@@ -3,7 +3,7 @@
 ``safet2i filter PATHS... --out DIR``   check images and write filtered copies
 ``safet2i samples DIR``                 export benign sample pictures (for demos)
 ``safet2i models``                      list the built-in filter models and their status
-``safet2i lora inspect FILE [--base B]``  key format, architecture, rank, targets, coverage
+``safet2i lora inspect FILE [--base B]``  key format, family, architecture, rank, targets, coverage
 ``safet2i lora convert FILE --to kohya``  write a file stock ComfyUI and A1111 load fully
 ``safet2i convert FILE``                pickled checkpoint → .safetensors (weights_only load)
 ``safet2i train cost-model ...``        train the learned safety cost model, export ONNX (docs/cost-model.md)
@@ -66,6 +66,30 @@ def _bounded(option: str, lo: float, hi: float, *, integer: bool = False, lo_ope
     return parse
 
 
+class _Architectures:
+    """``--base`` choices: every architecture ``safet2i.lora`` knows (``safet2i.lora.arch.titles()``:
+    SD1.x/SD2.x/SDXL UNets, then the Flux.1, SD3/SD3.5, Qwen-Image and Wan transformers), read only
+    when ``--base`` is parsed or help is printed, so building the parser imports no torch."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from .lora.arch import titles  # noqa: PLC0415
+
+        return list(titles())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+_ARCHS = _Architectures()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .filter import ACTIONS, BUILTIN, DEFAULT_POLICY, PRESETS
 
@@ -114,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     lsub = lo.add_subparsers(dest="lora_command", required=True, parser_class=_Parser)
     li = lsub.add_parser("inspect", help="key format, base architecture, rank, targets and coverage")
     li.add_argument("file")
-    li.add_argument("--base", choices=["sd1", "sd2", "sdxl"], help="also list coverage against this base")
+    li.add_argument("--base", choices=_ARCHS, metavar="ARCH",
+                    help="also list coverage against this architecture and what a loader on such a model "
+                         "decides (arch_check, load_check); one of: %(choices)s")
     li.add_argument("--json", action="store_true", help="print JSON")
     lc = lsub.add_parser(
         "convert", help="rewrite a LoRA with kohya keys (alpha written explicitly), after the loaders' checks",
@@ -127,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "is marked UNVERIFIED (printed and in the output's metadata safet2i_check).")
     lc.add_argument("file")
     lc.add_argument("--to", choices=["kohya"], required=True)
-    lc.add_argument("--base", choices=["sd1", "sd2", "sdxl"],
-                    help="check the file against this base as a loader would (default: a known release's own base)")
+    lc.add_argument("--base", choices=_ARCHS, metavar="ARCH",
+                    help="check the file against this architecture as a loader would (default: a known "
+                         "release's own base); for a transformer, also the one whose native names are written. "
+                         "One of: %(choices)s")
     lc.add_argument("--allow-unknown", action="store_true",
                     help="convert a file nothing vouches for (not in the manifest, no known architecture fits it); "
                          "the output is marked UNVERIFIED. Never overrides a refusal.")
@@ -168,9 +196,9 @@ def run_lora(args) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
-        for k in ("file", "sha256", "formats", "architectures", "fit", "components", "targets", "ranks", "scales",
-                  "alpha_from", "adapter_config", "dora", "manifest", "manifest_check", "manifest_hint",
-                  "identified_as", "modules", "arch_check", "load_check"):
+        for k in ("file", "sha256", "formats", "families", "architectures", "fit", "components", "targets",
+                  "ranks", "scales", "alpha_from", "adapter_config", "dora", "manifest", "manifest_check",
+                  "manifest_hint", "identified_as", "modules", "arch_check", "load_check"):
             if k not in info:
                 continue
             v = info[k]

@@ -588,8 +588,8 @@ class SafetyLoRAHandle:
 
 def _components(pipe) -> dict:
     # The denoiser is component "unet" for a UNet and for a diffusion transformer alike (as
-    # kohya's lora_unet_ and ComfyUI's diffusion_model. name both); Wan 2.2's transformer_2 is not
-    # patched (one LoRA per expert: load it into a pipeline whose transformer is that expert).
+    # kohya's lora_unet_ and ComfyUI's diffusion_model. name both); for Wan 2.2's second expert
+    # `pipe` is an _Expert view whose transformer is transformer_2 (one LoRA per expert).
     unet = getattr(pipe, "unet", None)
     comps = {"unet": unet if unet is not None else _dit(pipe)[1], "te1": getattr(pipe, "text_encoder", None),
              "te2": getattr(pipe, "text_encoder_2", None)}
@@ -625,20 +625,60 @@ def host_arch(pipe) -> str | None:
     return next((a for a, arch in ARCHITECTURES.items() if arch.unet == cfg), None)
 
 
-def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = False) -> SafetyLoRAHandle:
+_EXPERTS = ("transformer", "transformer_2")
+
+
+class _Expert:
+    """A pipeline as :func:`load_safety_lora` sees it when patching Wan 2.2's second expert:
+    ``transformer`` is the pipeline's ``transformer_2``, every other attribute the pipeline's."""
+
+    def __init__(self, pipe, expert: str):
+        self._pipe, self.transformer = pipe, getattr(pipe, expert)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+def _expert_view(pipe, expert: str):
+    """``pipe`` itself for ``expert="transformer"``; for ``"transformer_2"`` (Wan 2.2 A14B's
+    low-noise expert) an :class:`_Expert` view, after checking the pipeline has that expert."""
+    if expert == "transformer":
+        return pipe
+    if expert not in _EXPERTS:
+        raise SafeT2IError(f"expert must be one of {', '.join(_EXPERTS)}, not {expert!r}")
+    if getattr(pipe, expert, None) is None:
+        raise SafeT2IError(f"{type(pipe).__name__} has no {expert}: only Wan 2.2 A14B pipelines have a "
+                           "second expert (transformer = high noise, transformer_2 = low noise); use "
+                           "expert='transformer'.")
+    view = _Expert(pipe, expert)
+    if getattr(pipe, "unet", None) is not None or _dit(view)[0] is None:
+        raise SafeT2IError(f"{type(pipe).__name__}.{expert} is a {type(view.transformer).__name__}, not a "
+                           "diffusion transformer safet2i knows; nothing was loaded.")
+    return view
+
+
+def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = False,
+                     expert: str = "transformer") -> SafetyLoRAHandle:
     """Merge a safety LoRA (any key format) into the pipeline's weights, after proving coverage.
 
-    Every target is resolved to a module of ``pipe.unet`` / ``pipe.text_encoder`` /
-    ``pipe.text_encoder_2`` by name and shape first; nothing is changed unless all of them
-    match (or ``allow_partial``). Weights become ``W + strength·scale·B·A`` (DoRA per
-    :func:`safet2i.lora.merged`). ``handle.undo()`` restores the originals. A file the manifest
-    knows must contain what its entry says and fit the pipeline's architecture (when it is
-    SD1/SD2/SDXL); ``strength`` must be positive (negative inverts a safety LoRA, 0 disables it).
+    Every target is resolved to a module of ``pipe.unet`` (or ``pipe.transformer``) /
+    ``pipe.text_encoder`` / ``pipe.text_encoder_2`` by name and shape first; nothing is changed
+    unless all of them match (or ``allow_partial``). Weights become ``W + strength·scale·B·A``
+    (DoRA per :func:`safet2i.lora.merged`). ``handle.undo()`` restores the originals. A file the
+    manifest knows must contain what its entry says and fit the pipeline's architecture;
+    ``strength`` must be positive (negative inverts a safety LoRA, 0 disables it).
+
+    ``expert``: Wan 2.2 A14B pipelines have two experts; ``"transformer"`` (the default, the
+    high-noise expert) or ``"transformer_2"`` (the low-noise one) is the one patched, with the
+    same checks against that expert's own config. One LoRA per expert: to protect both, call
+    once per expert (each with its file) and keep both handles.
     """
     from .lora import check, check_made_for, load_lora, merged, require_full  # noqa: PLC0415
     from .lora.arch import UNetConfig, unet_modules  # noqa: PLC0415
     from .lora.coverage import check_strengths  # noqa: PLC0415
 
+    host_name = type(pipe).__name__ + ("" if expert == "transformer" else f".{expert}")
+    pipe = _expert_view(pipe, expert)
     lora = load_lora(path)
     what = f"Safety LoRA {lora.path.name}"
     check_strengths(lora.components, strength, strength, what, ("strength", "strength"))
@@ -680,7 +720,7 @@ def load_safety_lora(pipe, path, strength: float = 1.0, allow_partial: bool = Fa
         w = names.get(name) if name else None
         return (f"{t.component}.{name}", tuple(w.shape)) if w is not None else (None, None)
 
-    cov = check(lora.targets, resolve, host=type(pipe).__name__)
+    cov = check(lora.targets, resolve, host=host_name)
     require_full(cov, f"Safety LoRA {lora.path.name}", allow_partial)
     originals = {}
     by_name = {t.name: t for t in lora.targets}

@@ -197,6 +197,16 @@ def file_families(targets: list[Target]) -> set[str]:
     return set()
 
 
+def family_names(targets: list[Target]) -> list[str]:
+    """Titles of the model families whose module names hold every denoiser target
+    (:func:`file_families`): "Stable Diffusion UNet (SD1/SD2/SDXL)", "Flux.1", "SD3 / SD3.5 (MMDiT)",
+    "Qwen-Image", "Wan 2.1 / 2.2"; several when names coincide (shapes decide the architecture)."""
+    from .dit_arch import FAMILIES  # noqa: PLC0415
+
+    names = {"sd": "Stable Diffusion UNet (SD1/SD2/SDXL)", **FAMILIES}
+    return [names[f] for f in sorted(file_families(targets))]
+
+
 _SD_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 
 
@@ -425,6 +435,7 @@ def inspect_lora(path: str | os.PathLike, base: str | None = None) -> dict:
         "scales": sorted({round(t.scale, 6) for t in lf.targets}), "alpha_from": lf.alpha_source,
         "adapter_config": lf.adapter_config,
         "dora": any(t.dora_scale is not None for t in lf.targets),
+        "families": family_names(lf.targets),
         "architectures": lf.architectures or ["unknown (no known base fits every target)"],
         "fit": {a: f"{len(c.matched)}/{len(c.statuses)}" for a, c in archs.items()},
         "manifest": lf.entry.name if lf.entry else None,
