@@ -18,6 +18,26 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "example_workflows"
 SD15 = {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors"}
+HF = "https://huggingface.co"
+# Model files as the ComfyUI templates name them (properties.models: the frontend offers the download).
+FLUX_DEV = {"name": "flux1-dev.safetensors", "directory": "diffusion_models",
+            "url": f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"}
+CLIP_L = {"name": "clip_l.safetensors", "directory": "text_encoders",
+          "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"}
+T5XXL = {"name": "t5xxl_fp16.safetensors", "directory": "text_encoders",
+         "url": f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"}
+FLUX_AE = {"name": "ae.safetensors", "directory": "vae",
+           "url": f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"}
+SD35_MEDIUM = {"name": "sd3.5_medium.safetensors", "directory": "checkpoints",
+               "url": f"{HF}/stabilityai/stable-diffusion-3.5-medium/resolve/main/sd3.5_medium.safetensors"}
+CLIP_G = {"name": "clip_g.safetensors", "directory": "text_encoders",
+          "url": f"{HF}/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/text_encoders/clip_g.safetensors"}
+WAN_REPACK = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+WAN_T2V = {"name": "wan2.1_t2v_1.3B_fp16.safetensors", "directory": "diffusion_models",
+           "url": f"{WAN_REPACK}/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"}
+UMT5 = {"name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "directory": "text_encoders",
+        "url": f"{WAN_REPACK}/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+WAN_VAE = {"name": "wan_2.1_vae.safetensors", "directory": "vae", "url": f"{WAN_REPACK}/vae/wan_2.1_vae.safetensors"}
 PACK_VERSION = "0.1.0"
 COMFY_VERSION = "0.3.64"
 
@@ -35,6 +55,57 @@ SAMPLER = {"seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "schedu
 
 def ksampler(i, model, pos, neg, latent, **over):
     return (i, "KSampler", {**SAMPLER, **over}, {"model": model, "positive": pos, "negative": neg, "latent_image": latent}, {})
+
+
+# Shared by the Flux, SD3.5 and Wan workflows.
+STEER = {"concepts": "nudity", "custom_concepts": "", "alpha": 0.01, "order": "code", "self_validating": True,
+         "concepts_as_negative": False, "configuration": "custom settings"}
+CONCEPT = {"concept": "nudity, sexual, erotic, naked"}
+SLD_MEDIUM = {"preset": "MEDIUM", "guidance_scale": 1000.0, "warmup_steps": 10, "threshold": 0.01,
+              "momentum_scale": 0.3, "mom_beta": 0.4, "concept_branch_scale": 3.5}
+FILTER_LOADER = {"model": "nudenet", "providers": "auto"}
+IMAGE_FILTER = {"policy": "strict-5", "action": "pixelate", "thresholds": "", "expand": 0.1, "mask_shape": "rect",
+                "feather": 0.0, "strength": 0.0}
+FLUX_NOTE = (90, "MarkdownNote", {"text": (
+    "## Models and licences\n\n"
+    "* **FLUX.1 [dev]** (Black Forest Labs): `flux1-dev.safetensors` in `models/diffusion_models`, from the "
+    "gated Hugging Face repository black-forest-labs/FLUX.1-dev (accept its licence there first). "
+    "**FLUX.1 [dev] Non-Commercial License**: the model and its derivatives are for non-commercial use. Text "
+    "encoders `clip_l.safetensors` + `t5xxl_fp16.safetensors` (`models/text_encoders`), VAE `ae.safetensors` "
+    "(`models/vae`).\n"
+    "* **Safety LoRA: EraseAnything** nudity (Gao et al., ICML 2025). The authors commit it to GitHub "
+    "tomguluson92/EraseAnything as `Flux-erase-dev/pytorch_lora_weights.safetensors`; SafeT2I does not "
+    "redistribute it. Save it as `eraseanything_flux_nudity.safetensors` in `models/loras` or "
+    "`models/safety_models` (its sha256 is checked on load). Code BSD-3-Clause; the weights are a FLUX.1 [dev] "
+    "derivative, so that non-commercial licence applies. It patches the transformer only (38 attention "
+    "weights of the 19 double blocks), hence `strength_clip` 0.\n"
+    "* Flux dev is guidance-distilled: KSampler runs at **cfg 1** with FluxGuidance 3.5, and SafeT2I SLD uses its "
+    "concept branch (`concept_branch_scale` 3.5, one extra model evaluation per step). The prompt is steered "
+    "on T5's rows; CLIP-L's pooled vector is kept.")}, {}, {})
+SD35_NOTE = (90, "MarkdownNote", {"text": (
+    "## Models and licences\n\n"
+    "* **Stable Diffusion 3.5 Medium** (Stability AI): `sd3.5_medium.safetensors` (MMDiT + VAE, no text "
+    "encoders) in `models/checkpoints`, from the gated Hugging Face repository "
+    "stabilityai/stable-diffusion-3.5-medium. **Stability AI Community License** (free for research, "
+    "non-commercial use and organisations under USD 1M annual revenue). Text encoders `clip_l.safetensors`, "
+    "`clip_g.safetensors`, `t5xxl_fp16.safetensors` in `models/text_encoders`.\n"
+    "* **No safety LoRA**: SafeT2I knows no published SD3/SD3.5 safety LoRA (models/safety_models.toml), so "
+    "this workflow has none. SafeT2I Load Safety LoRA accepts SD3/SD3.5 LoRAs in any key format; if you have "
+    "one, put it between Load Checkpoint and ModelSamplingSD3 (and give the text encoders to it).\n"
+    "* Prompt steering works on each of CLIP-L, CLIP-G and T5 in its own subspace; SLD runs with true CFG "
+    "(cfg 4.5 and a negative prompt).")}, {}, {})
+WAN_NOTE = (90, "MarkdownNote", {"text": (
+    "## Models and licences\n\n"
+    "* **Wan 2.1 T2V 1.3B** (Wan team, Alibaba), **Apache-2.0**, as repackaged by Comfy-Org "
+    "(Comfy-Org/Wan_2.1_ComfyUI_repackaged): `wan2.1_t2v_1.3B_fp16.safetensors` in `models/diffusion_models`, "
+    "`umt5_xxl_fp8_e4m3fn_scaled.safetensors` in `models/text_encoders`, `wan_2.1_vae.safetensors` in "
+    "`models/vae`.\n"
+    "* No Wan safety LoRA is known to SafeT2I, so none is loaded. The prompt is steered on umT5's rows, SLD "
+    "guides with true CFG, and the **Video Filter** checks every decoded frame: a region found in one frame is "
+    "also censored in the 2 frames on each side (`window`). Its `video` output is the filtered clip at 16 fps; "
+    "nothing unfiltered is saved.")}, {}, {})
+WAN_NEGATIVE = "blurry, low quality, static, distorted, overexposed, worst quality, jpeg artifacts"
+WAN_POSITIVE = "a woman walking along a sunny beach at golden hour, waves rolling in, the camera slowly tracking her"
 
 
 SPECS = {
@@ -150,6 +221,89 @@ SPECS = {
             DUO_NOTE,
         ],
     ),
+    "safet2i_flux_full_stack": (
+        "Flux.1 [dev] full stack: EraseAnything LoRA → steering on T5 → FluxGuidance → SLD concept branch at cfg 1 "
+        "→ sampler → output filter → save.",
+        [
+            (1, "UNETLoader", {"unet_name": FLUX_DEV["name"], "weight_dtype": "default"}, {}, {"models": [FLUX_DEV]}),
+            (2, "DualCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": T5XXL["name"], "type": "flux",
+                                   "device": "default"}, {}, {"models": [CLIP_L, T5XXL]}),
+            (3, "VAELoader", {"vae_name": FLUX_AE["name"]}, {}, {"models": [FLUX_AE]}),
+            (4, "SafeT2ILoadSafetyLoRA", {"lora_name": "eraseanything_flux_nudity.safetensors", "strength_model": 1.0,
+                                          "strength_clip": 0.0, "allow_partial": False},
+             {"model": (1, 0), "clip": (2, 0)}, {}),
+            (5, "SafeT2IPromptSteer", {"text": POSITIVE, **STEER}, {"clip": (4, 1)}, {}),
+            (6, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (5, 0)}, {}),
+            (7, "SafeT2IConceptEncode", CONCEPT, {"clip": (4, 1)}, {}),
+            (8, "ModelSamplingFlux", {"max_shift": 1.15, "base_shift": 0.5, "width": 1024, "height": 1024},
+             {"model": (4, 0)}, {}),
+            (9, "SafeT2ISLD", SLD_MEDIUM, {"model": (8, 0), "concept": (7, 0)}, {}),
+            (10, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, {}),
+            ksampler(11, (9, 0), (6, 0), (5, 1), (10, 0), steps=20, cfg=1.0, scheduler="simple"),
+            (12, "VAEDecode", {}, {"samples": (11, 0), "vae": (3, 0)}, {}),
+            (13, "SafeT2IFilterModelLoader", FILTER_LOADER, {}, {}),
+            (14, "SafeT2IImageFilter", IMAGE_FILTER, {"images": (12, 0), "filter_models": (13, 0)}, {}),
+            (15, "SaveImage", {"filename_prefix": "safet2i/flux_full_stack"}, {"images": (14, 0)}, {}),
+            (16, "PreviewAny", {}, {"source": (4, 2)}, {}),
+            (17, "PreviewAny", {}, {"source": (5, 2)}, {}),
+            (18, "SafeT2IGuidanceReport", {}, {"model": (9, 0), "samples": (11, 0)}, {}),
+            (19, "PreviewAny", {}, {"source": (14, 4)}, {}),
+            FLUX_NOTE,
+        ],
+    ),
+    "safet2i_sd35_full_stack": (
+        "SD3.5 Medium full stack: steering on CLIP-L/CLIP-G/T5 → SLD with CFG 4.5 and a negative prompt → sampler "
+        "→ output filter → save (no SD3.5 safety LoRA is published).",
+        [
+            (1, "CheckpointLoaderSimple", {"ckpt_name": SD35_MEDIUM["name"]}, {}, {"models": [SD35_MEDIUM]}),
+            (2, "TripleCLIPLoader", {"clip_name1": CLIP_L["name"], "clip_name2": CLIP_G["name"],
+                                     "clip_name3": T5XXL["name"]}, {}, {"models": [CLIP_L, CLIP_G, T5XXL]}),
+            (3, "SafeT2IPromptSteer", {"text": POSITIVE, **STEER}, {"clip": (2, 0), "negative": (4, 0)}, {}),
+            (4, "CLIPTextEncode", {"text": NEGATIVE}, {"clip": (2, 0)}, {}),
+            (5, "SafeT2IConceptEncode", CONCEPT, {"clip": (2, 0)}, {}),
+            (6, "ModelSamplingSD3", {"shift": 3.0}, {"model": (1, 0)}, {}),
+            (7, "SafeT2ISLD", SLD_MEDIUM, {"model": (6, 0), "concept": (5, 0)}, {}),
+            (8, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, {}),
+            ksampler(9, (7, 0), (3, 0), (3, 1), (8, 0), steps=40, cfg=4.5, scheduler="sgm_uniform"),
+            (10, "VAEDecode", {}, {"samples": (9, 0), "vae": (1, 2)}, {}),
+            (11, "SafeT2IFilterModelLoader", FILTER_LOADER, {}, {}),
+            (12, "SafeT2IImageFilter", IMAGE_FILTER, {"images": (10, 0), "filter_models": (11, 0)}, {}),
+            (13, "SaveImage", {"filename_prefix": "safet2i/sd35_full_stack"}, {"images": (12, 0)}, {}),
+            (14, "PreviewAny", {}, {"source": (3, 2)}, {}),
+            (15, "SafeT2IGuidanceReport", {}, {"model": (7, 0), "samples": (9, 0)}, {}),
+            (16, "PreviewAny", {}, {"source": (12, 4)}, {}),
+            SD35_NOTE,
+        ],
+    ),
+    "safet2i_wan_t2v_filtered": (
+        "Wan 2.1 text-to-video: steering on umT5 → SLD → sampler → every frame through the Video Filter → "
+        "save the filtered clip.",
+        [
+            (1, "UNETLoader", {"unet_name": WAN_T2V["name"], "weight_dtype": "default"}, {}, {"models": [WAN_T2V]}),
+            (2, "CLIPLoader", {"clip_name": UMT5["name"], "type": "wan", "device": "default"}, {}, {"models": [UMT5]}),
+            (3, "VAELoader", {"vae_name": WAN_VAE["name"]}, {}, {"models": [WAN_VAE]}),
+            (4, "SafeT2IPromptSteer", {"text": WAN_POSITIVE, **STEER}, {"clip": (2, 0), "negative": (5, 0)}, {}),
+            (5, "CLIPTextEncode", {"text": WAN_NEGATIVE}, {"clip": (2, 0)}, {}),
+            (6, "SafeT2IConceptEncode", CONCEPT, {"clip": (2, 0)}, {}),
+            (7, "ModelSamplingSD3", {"shift": 8.0}, {"model": (1, 0)}, {}),
+            (8, "SafeT2ISLD", SLD_MEDIUM, {"model": (7, 0), "concept": (6, 0)}, {}),
+            (9, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}, {}, {}),
+            ksampler(10, (8, 0), (4, 0), (4, 1), (9, 0), steps=30, cfg=6.0, sampler_name="uni_pc",
+                     scheduler="simple"),
+            (11, "VAEDecode", {}, {"samples": (10, 0), "vae": (3, 0)}, {}),
+            (12, "SafeT2IFilterModelLoader", FILTER_LOADER, {}, {}),
+            (13, "SafeT2IVideoFilter", {"policy": "strict-5", "action": "blur", "window": 2, "thresholds": "",
+                                        "expand": 0.1, "mask_shape": "rect", "feather": 4.0, "strength": 0.0,
+                                        "fps": 16.0},
+             {"images": (11, 0), "filter_models": (12, 0)}, {}),
+            (14, "SaveVideo", {"filename_prefix": "safet2i/wan_t2v_filtered", "format": "mp4", "codec": "h264"},
+             {"video": (13, 5)}, {}),
+            (15, "PreviewAny", {}, {"source": (4, 2)}, {}),
+            (16, "PreviewAny", {}, {"source": (13, 4)}, {}),
+            (17, "SafeT2IGuidanceReport", {}, {"model": (8, 0), "samples": (10, 0)}, {}),
+            WAN_NOTE,
+        ],
+    ),
 }
 
 
@@ -210,11 +364,15 @@ def build(title: str, nodes: list, object_info: dict) -> dict:
             if kind not in WIDGET_TYPES and name not in inputs:
                 ui_inputs.append({"name": name, "type": kind, "link": None, **({"shape": 7} if optional else {})})
         values = []
-        for name, (kind, opts, _) in itypes.items():
-            if kind not in WIDGET_TYPES:
-                continue
+        widget_names = [n for n, (k, _, _) in itypes.items() if k in WIDGET_TYPES]
+        for pos, (name, (kind, opts, optional)) in enumerate((n, itypes[n]) for n in widget_names):
             if name in inputs and name not in widgets:  # linked widget: the frontend still stores a value
                 widgets = {**widgets, name: opts.get("default")}
+            if name not in widgets and optional and not any(n in widgets for n in widget_names[pos:]):
+                # Trailing optional widgets the spec leaves out are not stored, as in a workflow saved
+                # before they were appended (the frontend and the server use their defaults); this keeps
+                # the files of older specs byte-identical when a node gains such an input.
+                break
             if name not in widgets:
                 raise SystemExit(f"{typ}: widget {name!r} has no value in the spec")
             values.append(widgets[name])
