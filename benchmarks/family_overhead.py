@@ -6,6 +6,8 @@ ratios, never asserts.
 Rows per family:
 * ``guidance``: SLD MEDIUM with classifier-free guidance (SD3 and Wan: ``guidance_scale``;
   Flux and Qwen-Image: true CFG with a negative prompt) against plain CFG;
+* ``guidance (Detect-and-Guide-style)``: the same with the concept's joint-attention map read
+  in every attention layer (one extra q·kᵀ per layer for the concept rows);
 * ``guidance, cfg 1`` (Flux only): SLD's concept branch at cfg 1 against plain cfg 1 (the
   guidance-distilled way to run Flux);
 * ``steering``: SAFREE-style steering (``steering_pipeline_kwargs``, α 0.01, self-validating,
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
 
     from safet2i.diffusers_adapter import safety_guidance, steering_pipeline_kwargs
     from safet2i.diffusers_flow import encode_concept_kwargs
-    from safet2i.guidance import SLDGuidance
+    from safet2i.guidance import DAGConfig, DAGGuidance, SLDGuidance
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,15 +80,18 @@ def main(argv=None) -> int:
             # the concept at the call's text length, so it shares the prompt's transformer call
             concept = encode_concept_kwargs(pipe, "nudity, sexual", max_sequence_length=seq)
 
-            def guided(extra, branch=0.0):
+            def guided(extra, branch=0.0, method=None):
                 def go():
-                    with safety_guidance(pipe, SLDGuidance("MEDIUM"), concept_kwargs=concept, branch_scale=branch):
+                    with safety_guidance(pipe, method or SLDGuidance("MEDIUM"), "nudity, sexual", concept_kwargs=concept,
+                                         branch_scale=branch):
                         run(extra)
                 return go
 
             plain = _timed(lambda: run(cfg), args.repeats)
             sld = _timed(guided(cfg), args.repeats)
             rows.append((name, "guidance (SLD MEDIUM, CFG)", plain, sld))
+            dag = _timed(guided(cfg, method=DAGGuidance(DAGConfig(skip_coverage=1.0))), args.repeats)
+            rows.append((name, "guidance (Detect-and-Guide-style, CFG)", plain, dag))
             if name == "flux":
                 plain1 = _timed(lambda: run({}), args.repeats)
                 branch = _timed(guided({}, branch=3.5), args.repeats)
