@@ -47,6 +47,7 @@ import contextlib
 
 import torch
 
+from .diffusers_adapter import _Key
 from .errors import SafeT2IError
 from .guidance.dag import aggregate_joint, joint_token_attention
 from .guidance.spaces import correct_prediction, eps_offset_free
@@ -380,7 +381,7 @@ class FlowGuidance:
             raise SafeT2IError(f"Safety guidance: the transformer was called at timestep {t}, which is not in the "
                                "scheduler's schedule, so its σ is unknown. The image is not produced unguided.")
         if self.run is None or self.run.schedule is not steps:
-            self.run = _Run(steps)
+            self.run = _Key(steps)   # a run per pipeline call: the scheduler's new timesteps tensor
         sigma = float(sigmas[i])
         self.method.set_state(i, len(ts), sigma, run=self.run)
         return i, sigma
@@ -561,18 +562,6 @@ class FlowGuidance:
             self._apply(st, None, self.branch_scale)
         self.step = None
         return original(model_output, *args, **kwargs)
-
-
-class _Run:
-    """A run key holding its schedule (compares by identity)."""
-
-    def __init__(self, schedule):
-        self.schedule = schedule
-
-    def __eq__(self, other):
-        return isinstance(other, _Run) and other.schedule is self.schedule
-
-    __hash__ = None
 
 
 def _rows(kwargs: dict, rows: slice) -> dict:

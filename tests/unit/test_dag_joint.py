@@ -30,6 +30,7 @@ from safet2i.errors import SafeT2IError
 from safet2i.guidance.dag import DAGConfig, DAGGuidance, joint_token_attention
 
 from tiny_families import FAMILIES, call_kwargs
+from test_diffusers_flow_guidance import Recorder as FlowRecorder, _forward  # noqa: E402
 
 STEPS = 3
 PROMPT = "a photo of a nude woman on a beach"
@@ -195,21 +196,13 @@ def reference_map(family, calls, rows, text, grid):
     return avg / avg.reshape(avg.shape[0], -1).max(1).reshape(-1, *[1] * len(grid)), len(layers)
 
 
-class Recorder:
-    """The pipeline's own transformer calls, the scheduler's inputs and the maps the method got."""
+class Recorder(FlowRecorder):
+    """The pipeline's own transformer calls and the scheduler's inputs (``FlowRecorder``), and the
+    maps the method got."""
 
     def __init__(self, pipe, method):
-        self.pipe, self.calls, self.steps, self.maps = pipe, [], [], []
-        self.handles = [m.register_forward_pre_hook(self.pre, with_kwargs=True)
-                        for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
-        orig = pipe.scheduler.step
-
-        def step(model_output, timestep, sample, *a, **k):
-            self.steps.append({"out": model_output.detach().clone().double(), "calls": self.calls})
-            self.calls = []
-            return orig(model_output, timestep, sample, *a, **k)
-
-        pipe.scheduler.step = step
+        super().__init__(pipe)
+        self.maps = []
         compute = method.compute
 
         def record(eu, ec, es, attention):
@@ -217,19 +210,6 @@ class Recorder:
             return compute(eu, ec, es, attention)
 
         method.compute = record
-
-    def pre(self, module, args, kwargs):
-        self.calls.append((module, {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()}))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-        vars(self.pipe.scheduler).pop("step", None)
-
-
-def _forward(module, kw):
-    with torch.no_grad():
-        return type(module).forward(module, **{**kw, "return_dict": False})[0].double()
 
 
 def _with_text(kw, text, b):
