@@ -10,14 +10,18 @@ writing into the same weights would fight it. So SafeT2I:
    (webui ``models/Lora``, webui ``models/safety_models``, the pack's ``models/safety_models``;
    ``..``, absolute paths and symlinks leaving the folder are refused), inspects the file with
    the core (:func:`safet2i.lora.load_lora`: safetensors only, key layout, architecture) and
-   checks its coverage against the loaded model's architecture (SD1/SD2/SDXL inventories):
+   checks its coverage against the loaded model's architecture (SD1/SD2/SDXL inventories;
+   Forge's Flux: the transformer's own BFL-named weights, :func:`forge_flux`):
    another architecture or a partial match is refused unless "allow partial" is on.
    A kohya file inside ``models/Lora`` is used as it is; anything else (DUO's diffusers keys,
    PEFT, LDM names, files outside ``models/Lora``) is converted to kohya keys
    (:func:`safet2i.lora.to_kohya`, alpha written explicitly) into
    ``models/Lora/safet2i-converted/`` under a name derived from the source's sha256; the file
-   is read back and compared tensor by tensor. User files are never overwritten: an existing
-   file there that SafeT2I did not write is an error.
+   is read back and compared tensor by tensor. A Flux file is always written, in Forge's
+   native kohya names (``lora_unet_double_blocks_0_img_attn_qkv``: diffusers/PEFT
+   ``to_q``/``to_k``/``to_v`` fused into the stacked weight, :func:`safet2i.lora.keys.to_native_kohya`),
+   and its read-back effect is compared per module with the source's. User files are never
+   overwritten: an existing file there that SafeT2I did not write is an error.
 2. ``before_process_batch`` — :func:`add_tag`: appends ``<lora:NAME:STRENGTH>`` to the batch's
    prompts in place (the documented way extensions add extra networks; the infotext's
    "Prompt" is built from ``p.all_prompts`` and does not show it); the hires pass gets the same
@@ -40,7 +44,8 @@ from pathlib import Path
 from safet2i.errors import SafeT2IError
 from safet2i.lora import check, check_made_for, load_lora, read_safetensors, require_full, resolver_for, to_kohya
 from safet2i.lora.arch import ARCHITECTURES
-from safet2i.lora.keys import parse
+from safet2i.lora.dit_arch import build as build_dit, match_config
+from safet2i.lora.keys import normalise_dit, parse, to_native_kohya
 
 CACHE_DIRNAME = "safet2i-converted"
 SAFETY_DIRNAME = "safety_models"
@@ -154,6 +159,60 @@ def model_architecture(sd_model) -> str:
                          "of them")
 
 
+@dataclass
+class ForgeFlux:
+    """Forge's Flux transformer (``backend/nn/flux.py``, BFL weight names) as the LoRA layer sees
+    it: its ``KModel``, the core's module inventory for its sizes, the architecture name and
+    the shapes of its ``diffusion_model.…`` parameters."""
+
+    kmodel: object
+    inventory: object
+    arch: str
+    params: dict
+
+    def host_key(self, native: str) -> str:
+        return f"diffusion_model.{native}.weight"
+
+
+def forge_flux(sd_model) -> ForgeFlux | None:
+    """Forge's Flux (the UNet patcher's ``KModel.config.huggingface_repo`` names Flux, the test
+    Forge's own LoRA key maps use), else None. The inventory is built for the sizes of the
+    model's own weights (hidden size from ``img_in``, blocks counted, ``txt_in`` / ``vector_in``
+    widths, ``guidance_in`` present or not) and every Linear weight it lists must be one of the
+    model's parameters with that shape: a quantized (NF4/GGUF) or unknown layout is refused."""
+    fo = getattr(sd_model, "forge_objects", None)
+    kmodel = getattr(getattr(fo, "unet", None), "model", None)
+    repo = str(getattr(getattr(kmodel, "config", None), "huggingface_repo", None) or "")
+    if kmodel is None or "flux" not in repo.lower():
+        return None
+    prefix = "diffusion_model."
+    params = {k[len(prefix):]: tuple(v.shape) for k, v in kmodel.named_parameters() if k.startswith(prefix)}
+
+    def blocks(kind: str) -> int:
+        found = {int(k.split(".")[1]) for k in params if k.startswith(kind + ".") and k.split(".")[1].isdigit()}
+        return max(found) + 1 if found else 0
+
+    try:
+        hidden, img_in = params["img_in.weight"]
+        cfg = dict(num_layers=blocks("double_blocks"), num_single_layers=blocks("single_blocks"),
+                   num_attention_heads=1, attention_head_dim=hidden, in_channels=img_in, patch_size=1,
+                   out_channels=params["final_layer.linear.weight"][0],
+                   joint_attention_dim=params["txt_in.weight"][1],
+                   pooled_projection_dim=params["vector_in.in_layer.weight"][1],
+                   guidance_embeds="guidance_in.in_layer.weight" in params)
+    except (KeyError, ValueError) as exc:
+        raise LoraLayerError(f"Forge's Flux transformer has no {exc} weight of the BFL layout (a quantized NF4/GGUF "
+                             "or unknown model); SafeT2I cannot map a safety LoRA to it") from exc
+    inv = build_dit("flux", cfg)
+    wrong = [n for n, nat in inv.natives.items() if params.get(f"{n}.weight") != tuple(nat.shape)]
+    if wrong:
+        raise LoraLayerError(f"Forge's Flux transformer lacks {len(wrong)} Linear weights of the BFL layout with their "
+                             f"shapes (e.g. {', '.join(wrong[:3])}: a quantized NF4/GGUF or unknown model); SafeT2I "
+                             "cannot map a safety LoRA to it")
+    arch = match_config("flux", cfg) or "flux (Forge Flux model of no released size)"
+    return ForgeFlux(kmodel, inv, arch, params)
+
+
 # --------------------------------------------------------------------------- preparing the file
 
 @dataclass
@@ -172,6 +231,7 @@ class SafetyLora:
     pending: bool = False          # tag added for this batch, not verified yet
     loaded: str = ""               # last verification summary
     sampled: list = field(default_factory=list)   # Forge: UNet patchers of the passes, checked after them
+    host_keys: list = field(default_factory=list)  # Forge Flux: the weights the patches must be recorded on
 
     @property
     def tag(self) -> str:
@@ -196,10 +256,13 @@ def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = 
     if lora_dir is None:
         raise LoraLayerError("the webui's Lora folder is unknown; the safety LoRA cannot be activated")
     lf = load_lora(path)
-    arch = model_architecture(sd_model)
+    flux = forge_flux(sd_model)
+    arch = flux.arch if flux is not None else model_architecture(sd_model)
     # A known release: its sha256 / contents as the manifest says, made for this architecture.
     lf.verify_manifest()
     check_made_for(lf, arch, f"Safety LoRA {path.name}")
+    if flux is not None:
+        return _prepare_flux(choice, path, lf, flux, lora_dir, strength, allow_partial, networks)
     cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch].title)
     require_full(cov, f"Safety LoRA {path.name}", allow_partial)
     matched = {s.target for s in cov.matched}
@@ -216,6 +279,39 @@ def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = 
     register(name, filename, networks)
     return SafetyLora(choice, path, lf.sha256, arch, name, filename, len(targets), len(lf.targets), float(strength),
                       not direct, list(lf.formats))
+
+
+def _prepare_flux(choice, path, lf, flux: ForgeFlux, lora_dir: Path, strength, allow_partial, networks) -> SafetyLora:
+    """Forge's Flux: the file's targets in diffusers naming (native names renamed, stacked
+    native targets split exactly: :func:`safet2i.lora.keys.normalise_dit`), each matched to a
+    module of the transformer whose BFL weight the model has (coverage, refused unless full or
+    "allow partial"), then written in native kohya names (pieces fused) for Forge's loader."""
+    inv, what = flux.inventory, f"Safety LoRA {path.name}"
+    targets = normalise_dit(lf.targets, inv)
+
+    def resolve(t):
+        if t.component != "unet" or t.naming != "diffusers" or t.module not in inv.modules:
+            return None, None
+        if f"{inv.owner[t.module]}.weight" not in flux.params:
+            return None, None
+        return f"unet.{t.module}", inv.modules[t.module].shape
+
+    cov = check(targets, resolve, f"Forge's Flux transformer ({flux.arch})")
+    require_full(cov, what, allow_partial)
+    matched = {s.target for s in cov.matched}
+    use = [t for t in targets if t.name in matched]
+    natives = sorted({inv.owner[t.module] for t in use})
+    partial = len(use) < len(targets)
+    try:
+        state = to_native_kohya(use, inv)
+    except SafeT2IError as exc:
+        raise LoraLayerError(f"{what}: {exc}") from exc
+    filename = write_kohya_cache(lf, use, "flux", lora_dir, partial, state=state, same_effect=(use, inv))
+    register(filename.stem, filename, networks)
+    out = SafetyLora(choice, path, lf.sha256, flux.arch, filename.stem, filename, len(natives),
+                     len(natives) + len(cov.unmatched), float(strength), True, list(lf.formats))
+    out.host_keys = [flux.host_key(n) for n in natives]
+    return out
 
 
 def _same_file(a, b) -> bool:
@@ -237,8 +333,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:48] or "lora"
 
 
-def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = False) -> Path:
-    """Write (or reuse) the kohya-key copy of ``lf`` in ``<lora_dir>/safet2i-converted/``."""
+def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = False, state: dict | None = None,
+                      same_effect: tuple | None = None) -> Path:
+    """Write (or reuse) the kohya-key copy of ``lf`` in ``<lora_dir>/safet2i-converted/``
+    (``state``: the tensors to write, default :func:`to_kohya` of ``targets``; ``same_effect``:
+    ``(targets, inventory)`` of a transformer file, whose per-module effect the copy must have)."""
     from safetensors import safe_open  # noqa: PLC0415
     from safet2i.fileio import save_safetensors  # noqa: PLC0415
 
@@ -249,7 +348,7 @@ def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = Fa
     if not _inside(cache, lora_dir):
         raise LoraLayerError(f"{cache} leads outside the Lora folder; SafeT2I will not write there")
     out = cache / f"safet2i-{_slug(lf.path.stem)}-{lf.sha256[:12]}-{arch}{'-partial' if partial else ''}.safetensors"
-    state = to_kohya(targets, single_text_encoder=arch != "sdxl")
+    state = to_kohya(targets, single_text_encoder=arch != "sdxl") if state is None else state
     meta = {"converted_by": MARK, "source": lf.path.name, "source_sha256": lf.sha256, "architecture": arch,
             "targets": str(len(targets))}
     if out.is_symlink() or (out.exists() and not out.is_file()):
@@ -263,23 +362,38 @@ def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = Fa
         if existing.get("converted_by") != MARK:
             raise LoraLayerError(f"{out} exists and was not written by SafeT2I; it will not be overwritten "
                                  "(move it away)")
-        if existing == meta and _written_ok(out, state):
+        if existing == meta and _written_ok(out, state, same_effect):
             return out
     save_safetensors(out, state, meta)
-    if not _written_ok(out, state):
+    if not _written_ok(out, state, same_effect):
         raise LoraLayerError(f"{out}: the converted file does not read back as written")
     return out
 
 
-def _written_ok(path: Path, state: dict) -> bool:
-    """Same keys and bit-identical tensors, and the core parses every target back."""
+def _written_ok(path: Path, state: dict, same_effect: tuple | None = None) -> bool:
+    """Same keys and bit-identical tensors, and the core parses every target back; for a
+    transformer copy (``same_effect``), every module's ΔW read back equals the source's
+    (float64; fusing pieces of different ranks folds the scale into float32 factors)."""
     import torch  # noqa: PLC0415
 
     try:
         wf = read_safetensors(path, hash_file=False)
         if set(wf.tensors) != set(state) or not all(torch.equal(wf.tensors[k], state[k]) for k in state):
             return False
-        return len(parse(wf.tensors)) == sum(k.endswith(".lora_down.weight") for k in state)
+        back = parse(wf.tensors)
+        if len(back) != sum(k.endswith(".lora_down.weight") for k in state):
+            return False
+        if same_effect is None:
+            return True
+        src, inv = same_effect
+        got = {t.module: t.delta() for t in normalise_dit(back, inv)}
+        for t in src:
+            want = t.delta()
+            have = got.pop(t.module, None)
+            if have is None or have.shape != want.shape or \
+                    not torch.allclose(have, want, rtol=1e-5, atol=1e-6 * max(1.0, float(want.abs().max()))):
+                return False
+        return not got
     except SafeT2IError:
         return False
 
@@ -346,12 +460,17 @@ def verify_loaded(p, lora: SafetyLora, networks=None) -> str:
     patchers = () if fo is None else (getattr(fo, "unet", None), getattr(getattr(fo, "clip", None), "patcher", None))
     if fo is not None and any(hasattr(pt, "lora_patches") for pt in patchers):
         # Forge: LoRA patches recorded per (file, strength) on the patched UNet and CLIP
-        count = 0
+        count, keys = 0, set()
         for patcher in patchers:
             for ident, patches in (getattr(patcher, "lora_patches", None) or {}).items():
                 if _same_file(ident[0], lora.filename) and math.isclose(float(ident[1]), lora.strength):
                     count += len(patches)
+                    keys |= set(patches)
         where = "Forge's patched UNet/CLIP"
+        missing = [k for k in lora.host_keys if k not in keys]
+        if missing:
+            raise LoraLayerError(f"Forge recorded no patch of the safety LoRA {lora.name} for {len(missing)} of its "
+                                 f"{len(lora.host_keys)} weights (e.g. {missing[0]}); the images are blocked")
     elif fo is not None:
         count = _reforge_count(sd_model, fo, lora)
         where = "reForge's patched UNet/CLIP"
@@ -459,6 +578,6 @@ def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:
     return count
 
 
-__all__ = ["LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_merged", "check_verified", "forge_patchers",
+__all__ = ["ForgeFlux", "LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_merged", "check_verified", "forge_flux", "forge_patchers",
            "list_choices", "model_architecture", "prepare", "register", "resolve_choice", "roots", "verify_loaded",
            "write_kohya_cache"]

@@ -3,7 +3,9 @@
 Every engine with the webui's ``tokenize_line`` / ``encode_with_transformers`` pair, used
 exactly as the webui uses it: A1111's hijacked ``cond_stage_model`` (SD1 CLIP-L, SD2
 OpenCLIP-H), the SDXL ``conditioner.embedders`` (CLIP-L and OpenCLIP-bigG, each on its own
-channel slice of ``crossattn``), Forge's ``text_processing_engine[_l|_g]``; and a plain HF
+channel slice of ``crossattn``), Forge's ``text_processing_engine[_l|_g]``, Forge's Flux T5
+engine ``text_processing_engine_t5`` (:class:`T5Encoder`: ``crossattn`` is its rows; the CLIP-L
+engine only gives the pooled ``vector``, which is left alone); and a plain HF
 ``CLIPTextModel`` + tokenizer under ``cond_stage_model.wrapped`` (:class:`HFClipEngine`, no
 emphasis). Any other text encoder is refused with an error (the job's images are blocked).
 """
@@ -17,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from safet2i.errors import SafeT2IError
-from safet2i.steering.plan import token_words
+from safet2i.steering.plan import t5_span, token_words
 from safet2i.steering.safree import first_index
 
 
@@ -134,8 +136,49 @@ class Encoder:
         return token_words(tok, ids)
 
 
+class T5Encoder(Encoder):
+    """Forge's ``T5TextProcessingEngine`` (Flux) as the core's T5 ``TextEncoder``: the engine's
+    own chunks (the prompt's tokens, ``</s>`` = ``id_end``, ``id_pad`` padding to ``min_length``
+    256; no start token), rows of ``encode_with_transformers`` (the T5 encoder, no attention mask,
+    before emphasis), the span :func:`~safet2i.steering.plan.t5_span` (prompt rows 0..n−1, pooled
+    row = the first ``</s>``) and the leave-one-out mask token ``id_pad`` (0)."""
+
+    def __init__(self, name: str, engine):
+        super().__init__(name, engine)
+        self.mask_id = self.id_pad
+
+    def span(self, ids: list[int]):
+        return t5_span(list(ids), self.end_id)
+
+    def token_text(self, ids: list[int]) -> list[str]:
+        tok = getattr(self.engine, "tokenizer", None)
+        convert = getattr(tok, "convert_ids_to_tokens", None)
+        return [str(convert(int(i)) if convert is not None else f"#{int(i)}").replace("\u2581", "") for i in ids]
+
+
+def _forge_t5_encoders(sd_model) -> list[Encoder] | None:
+    """Forge's Flux (``text_processing_engine_l`` + ``_t5``, no ``_g``): ``crossattn`` is the T5
+    engine's rows (``backend/diffusion_engine/flux.py``); the CLIP-L engine only makes the pooled
+    ``vector``, not steered. Other T5 models (SD3.5's CLIP-L‖G + T5 rows, Chroma) are refused."""
+    t5 = getattr(sd_model, "text_processing_engine_t5", None)
+    if not _is_engine(t5):
+        return None
+    if _is_engine(getattr(sd_model, "text_processing_engine_l", None)) and \
+            getattr(sd_model, "text_processing_engine_g", None) is None:
+        if type(t5).__name__ != "T5TextProcessingEngine" or int(t5.id_end) != 1 or int(getattr(t5, "id_pad", -1)) != 0:
+            raise SteeringError(f"SAFREE-style steering: Flux's T5 engine is a {type(t5).__name__} with end/pad ids "
+                                f"{getattr(t5, 'id_end', None)}/{getattr(t5, 'id_pad', None)}, not Forge's "
+                                "T5TextProcessingEngine (</s> 1, <pad> 0); steering refuses")
+        return [T5Encoder("t5", t5)]
+    raise SteeringError(f"SAFREE-style steering does not support this Forge model's text encoders "
+                        f"({type(sd_model).__name__}: T5 with CLIP-L/G, e.g. SD3.5) yet")
+
+
 def find_encoders(sd_model) -> list[Encoder]:
     """The loaded model's text encoders, in the order their rows are concatenated."""
+    t5 = _forge_t5_encoders(sd_model)
+    if t5 is not None:
+        return t5
     for attrs in (("text_processing_engine_l", "text_processing_engine_g"), ("text_processing_engine_g",),
                   ("text_processing_engine",)):      # Forge: SDXL, SDXL refiner, SD1/SD2
         engines = [getattr(sd_model, a, None) for a in attrs]

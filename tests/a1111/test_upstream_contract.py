@@ -437,6 +437,59 @@ def test_settings_and_callback_categories_are_upstreams(standin):
     assert not cats, f"callback categories not upstream ({variant}): {cats}"
 
 
+#: Forge's Flux in the stand-in (``start("forge", kind="flux")``): the modules it adds or uses, and
+#: the upstream functions/methods it implements (compared one by one, ``__call__`` included).
+FLUX_STANDIN = ("backend.text_processing.t5_engine", "backend.text_processing.parsing",
+                "backend.text_processing.emphasis", "backend.diffusion_engine.flux", "backend.diffusion_engine.base",
+                "backend.sampling.condition", "backend.memory_management", "backend.patcher.base",
+                "backend.patcher.lora")
+FLUX_MEMBERS = {("backend.text_processing.t5_engine", "T5TextProcessingEngine"):
+                ("__init__", "tokenize", "encode_with_transformers", "tokenize_line", "__call__", "process_tokens"),
+                ("backend.text_processing.t5_engine", "PromptChunk"): ("__init__",),
+                ("backend.diffusion_engine.flux", "Flux"): ("get_learned_conditioning", "set_clip_skip"),
+                ("backend.text_processing.emphasis", "EmphasisOriginal"): ("after_transformers",)}
+FLUX_FUNCTIONS = (("backend.text_processing.parsing", "parse_prompt_attention"),
+                  ("backend.text_processing.emphasis", "get_current_option"),
+                  ("backend.sampling.condition", "compile_conditions"),
+                  ("backend.memory_management", "text_encoder_device"))
+
+
+@needs_webui
+def test_the_forge_flux_standin_is_forges(standin):
+    """The Flux stand-in's modules are checked like every other (each name exists upstream, no
+    parameter upstream lacks), and each function/method it implements exists in Forge with the
+    same positional parameters; the setting its T5 engine reads (``emphasis``) is Forge's."""
+    variant, upstream = standin
+    if variant != "forge":
+        pytest.skip("Forge's Flux stand-in: needs a Forge checkout")
+    names = standin_modules(variant)
+    problems = []
+    for dotted in FLUX_STANDIN:
+        assert dotted in names, dotted
+        assert upstream.module(dotted) is not None, f"{dotted}: not in {upstream.root}"
+        problems += check_module(dotted, variant, upstream)
+    for (dotted, cls_name), members in FLUX_MEMBERS.items():
+        cls = getattr(importlib.import_module(dotted), cls_name)
+        up_mod = upstream.module(dotted)
+        methods, _ = upstream.members_with_bases(up_mod.classes[cls_name], up_mod)
+        for name in members:
+            assert name in vars(cls), f"{dotted}.{cls_name}.{name}: not implemented by the stand-in"
+            if name not in methods:
+                problems.append(f"{dotted}.{cls_name}.{name}: not upstream")
+                continue
+            check_signature(vars(cls)[name], methods[name], f"{dotted}.{cls_name}.{name}()", problems, method=True)
+    for dotted, fn in FLUX_FUNCTIONS:
+        up_mod = upstream.module(dotted)
+        if fn not in up_mod.functions:
+            problems.append(f"{dotted}.{fn}: not upstream")
+            continue
+        check_signature(getattr(importlib.import_module(dotted), fn), up_mod.functions[fn], f"{dotted}.{fn}()",
+                        problems)
+    from modules import shared_options
+    assert "emphasis" in shared_options.options_templates
+    assert not problems, f"Flux stand-in differs from {upstream.root}:\n" + "\n".join(problems)
+
+
 @needs_webui
 def test_variant_inference_matches_the_checkout(standin):
     variant, upstream = standin

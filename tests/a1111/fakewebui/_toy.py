@@ -411,9 +411,202 @@ class ToySdModel:
 
 def make_sd_model(kind: str = "sd1") -> ToySdModel:
     from _variant import VARIANT
+    if kind == "flux":
+        assert VARIANT == "forge", "the toy Flux is Forge's (backend/diffusion_engine/flux.py)"
+        return _flux_model()
     m = ToySdModel(kind)
     if m.engine is not None and VARIANT != "forge":
         m.cond_stage_model = m.engine      # A1111 / reForge: the hijacked cond_stage_model
     if VARIANT in ("forge", "reforge"):
         m.attach_forge(VARIANT)
     return m
+
+
+# --------------------------------------------------------------------------- Forge's Flux (kind "flux")
+#
+# ``backend.diffusion_engine.flux.Flux`` with toy parts: a T5 encoder and tokenizer under
+# Forge's own ``T5TextProcessingEngine`` (the stand-in's ``backend/text_processing``), a CLIP-L
+# engine for the pooled ``vector``, and a KModel whose ``diffusion_model`` has the LoRA-targetable
+# Linear weights of Forge's ``backend/nn/flux.py`` ``IntegratedFluxTransformer2DModel`` under
+# their BFL names (tiny sizes), with Forge's ``PredictionFlux`` prediction type ``const``.
+
+T5_VOCAB = 4096
+T5_DIM = 16            # context_in_dim of the toy Flux
+FLUX_POOLED = 12       # vec_in_dim (the CLIP-L engine's pooled width)
+
+
+class ToyT5Tokenizer:
+    """``tokenizer_2`` role (a T5 tokenizer): lower-cased words, ids 0 ``<pad>``, 1 ``</s>``, 2
+    ``<unk>``, other words a SHA-256 hash into the vocabulary."""
+
+    def __init__(self):
+        self.words = {0: "<pad>", 1: "</s>", 2: "<unk>"}
+
+    def _id(self, word: str) -> int:
+        i = 3 + int.from_bytes(hashlib.sha256(f"t5:{word}".encode()).digest()[:8], "little") % (T5_VOCAB - 3)
+        self.words.setdefault(i, word)
+        return i
+
+    def __call__(self, texts, truncation=False, add_special_tokens=True):
+        ids = [[self._id(w) for w in str(t).lower().replace(",", " ").split()] for t in texts]
+        return {"input_ids": [x + [1] if add_special_tokens else x for x in ids]}
+
+    def get_vocab(self):
+        return {w: i for i, w in self.words.items()}
+
+    def convert_ids_to_tokens(self, token):
+        return self.words.get(int(token), f"#{int(token)}")
+
+
+class ToyT5Encoder(torch.nn.Module):
+    """``t5xxl.transformer`` role: ``shared`` (the token embedding Forge's engine moves to float32)
+    and a bidirectional mix: every row sees the sum of all rows (the ``<pad>`` embedding is zero),
+    ``z = e + tanh(M·Σe / 8)``, so leaving a token out moves every row, the ``</s>`` row too."""
+
+    def __init__(self, dim: int = T5_DIM):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.shared = torch.nn.Embedding(T5_VOCAB, dim).to(DTYPE)
+        with torch.no_grad():
+            self.shared.weight.copy_(torch.randn(T5_VOCAB, dim, generator=g, dtype=DTYPE))
+            self.shared.weight[0] = 0.0
+        self.register_buffer("mix", torch.randn(dim, dim, generator=g, dtype=DTYPE) / math.sqrt(dim))
+        for prm in self.parameters():
+            prm.requires_grad_(False)
+
+    def forward(self, input_ids):
+        e = self.shared(input_ids)
+        ctx = e.sum(dim=1, keepdim=True) / 8.0
+        return e + torch.tanh(ctx @ self.mix.to(e.dtype))
+
+
+class ToyT5Holder(torch.nn.Module):
+    """``clip.cond_stage_model.t5xxl`` role (Forge's engine takes ``text_encoder.transformer``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = ToyT5Encoder()
+
+
+class ToyClipPooledEngine(ToyTextEngine):
+    """Forge's ``ClassicTextProcessingEngine`` with ``return_pooled=True`` (Flux's CLIP-L):
+    ``engine(texts)`` → (rows, pooled = the first end token's row)."""
+
+    def __call__(self, texts):
+        rows = self.encode(list(texts))
+        ends = [self.tokenize_line(t)[0][0].tokens.index(self.id_end) for t in texts]
+        return rows, torch.stack([rows[i, e] for i, e in enumerate(ends)])
+
+
+#: ``IntegratedFluxTransformer2DModel`` Linear weights, [out, in], of a tiny Flux (hidden 8,
+#: mlp_ratio 4, one double and one single block, in_channels 4 → 16 packed, guidance_embed),
+#: as Forge's backend/nn/flux.py builds them (MLPEmbedder in_layer/out_layer, SelfAttention
+#: qkv/proj, Modulation lin, Sequential mlps .0/.2, SingleStreamBlock linear1/linear2,
+#: LastLayer linear/adaLN_modulation.1).
+_H, _MLP, _IN = 8, 32, 16
+FLUX_LAYERS = {
+    "img_in": (_H, _IN), "time_in.in_layer": (_H, 256), "time_in.out_layer": (_H, _H),
+    "vector_in.in_layer": (_H, FLUX_POOLED), "vector_in.out_layer": (_H, _H),
+    "guidance_in.in_layer": (_H, 256), "guidance_in.out_layer": (_H, _H), "txt_in": (_H, T5_DIM),
+    **{f"double_blocks.0.{s}_{m}": shape for s in ("img", "txt") for m, shape in (
+        ("mod.lin", (6 * _H, _H)), ("attn.qkv", (3 * _H, _H)), ("attn.proj", (_H, _H)), ("mlp.0", (_MLP, _H)),
+        ("mlp.2", (_H, _MLP)))},
+    "single_blocks.0.linear1": (3 * _H + _MLP, _H), "single_blocks.0.linear2": (_H, _H + _MLP),
+    "single_blocks.0.modulation.lin": (3 * _H, _H),
+    "final_layer.linear": (_IN, _H), "final_layer.adaLN_modulation.1": (2 * _H, _H),
+}
+
+
+class ToyFluxTransformer(torch.nn.Module):
+    """``KModel.diffusion_model`` of Forge's Flux: the Linear weights above (deterministic random
+    values, float32 as Forge stores them) and the attributes Forge's model sets."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden_size, self.num_heads, self.guidance_embed = _H, 2, True
+        self.in_channels = self.out_channels = _IN
+        g = torch.Generator().manual_seed(11)
+        for name, (out, inp) in FLUX_LAYERS.items():
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            layer = torch.nn.Linear(inp, out)
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(out, inp, generator=g))
+            parent.add_module(leaf, layer)
+        for prm in self.parameters():
+            prm.requires_grad_(False)
+
+
+class _FluxPredictor(_Predictor):
+    """Forge's ``PredictionFlux`` (``AbstractPrediction`` ``prediction_type='const'``)."""
+
+    prediction_type = "const"
+
+
+class ToyFluxKModel(ToyKModel):
+    """Forge's ``KModel`` over the Flux transformer; ``config`` is huggingface_guess's estimated
+    config (Forge's LoRA key maps test ``'flux' in config.huggingface_repo.lower()``)."""
+
+    def __init__(self, math_: ToyMath):
+        super().__init__(math_)
+        self.predictor = _FluxPredictor()
+        self.diffusion_model = ToyFluxTransformer()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev",
+                                      unet_config=dict(image_model="flux", in_channels=4, vec_in_dim=FLUX_POOLED,
+                                                       context_in_dim=T5_DIM, hidden_size=_H, mlp_ratio=4.0,
+                                                       num_heads=2, depth=1, depth_single_blocks=1,
+                                                       guidance_embed=True))
+
+
+class ToyFluxClipModel(torch.nn.Module):
+    """Forge ``CLIP.cond_stage_model`` of Flux: ``clip_l`` (toy layers) and ``t5xxl``."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip_l = _nested(LORA_TE_LAYERS)
+        self.t5xxl = ToyT5Holder()
+
+
+def _flux_model():
+    """``shared.sd_model`` of Forge's Flux: ``backend.diffusion_engine.flux.Flux`` (its
+    ``get_learned_conditioning``) with the toy's parts, built as Forge's ``Flux.__init__`` does."""
+    from backend.diffusion_engine.base import ForgeObjects
+    from backend.diffusion_engine.flux import Flux
+    from backend.patcher.base import ModelPatcher
+    from backend.patcher.unet import UnetPatcher
+    from backend.text_processing.t5_engine import T5TextProcessingEngine
+
+    class ToyFluxModel(Flux, ToySdModel):
+        def __init__(self):
+            ToySdModel.__init__(self, "flux")
+            self.math = ToyMath(T5_DIM, FLUX_POOLED)
+            self.vae = ToyVAE(self.math, self._encode_plain)
+            self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
+            self.lora_layers = None
+            self.kmodel = ToyFluxKModel(self.math)
+            self.model.diffusion_model = self.kmodel.diffusion_model
+            self.use_distilled_cfg_scale = True
+            clip_model = ToyFluxClipModel()
+            clip = ToyClip(ModelPatcher(clip_model, load_device="cpu", offload_device="cpu"), clip_model)
+            self.text_processing_engine_l = ToyClipPooledEngine(FLUX_POOLED)
+            self.text_processing_engine_t5 = T5TextProcessingEngine(
+                text_encoder=clip.cond_stage_model.t5xxl, tokenizer=ToyT5Tokenizer(), emphasis_name="Original")
+            unet = UnetPatcher(self.kmodel, load_device="cpu", offload_device="cpu")
+            self.current_lora_hash = str([])
+            self.forge_objects = ForgeObjects(unet, clip, None, None)
+            self.forge_objects_original = self.forge_objects.shallow_copy()
+            self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+        def _encode_plain(self, prompts):
+            return Flux.get_learned_conditioning(self, list(prompts))
+
+        def get_learned_conditioning(self, prompts):
+            self.encoded.append(list(prompts))
+            return Flux.get_learned_conditioning(self, prompts)
+
+    return ToyFluxModel()

@@ -50,3 +50,9 @@ def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
 
 def load_model_gpu(model):
     return load_models_gpu([model])
+
+
+def text_encoder_device():
+    """Upstream: the device the text encoders run on (the stand-in has the CPU only)."""
+    import torch
+    return torch.device("cpu")

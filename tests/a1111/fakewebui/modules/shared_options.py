@@ -32,3 +32,7 @@ options_templates.update(options_section(('img2img', "img2img"), {
 if not _variant.is_17():
     options_templates['postprocessing_disable_in_extras'] = OptionInfo(
         [], "Disable postprocessing operations in extras tab", section=('postprocessing', "Postprocessing"))
+
+if _variant.VARIANT == "forge":
+    # Forge's T5 engine reads it (backend/text_processing/t5_engine.py)
+    options_templates["emphasis"] = OptionInfo("Original", "Emphasis mode", section=('sd', "Stable Diffusion"))

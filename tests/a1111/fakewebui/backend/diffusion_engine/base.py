@@ -10,3 +10,13 @@ class ForgeObjects:
 
     def shallow_copy(self):
         return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
+
+
+class ForgeDiffusionEngine:
+    """Upstream's base of Forge's model classes (the stand-in's toy models set its attributes
+    themselves)."""
+
+    matched_guesses = []
+
+    def set_clip_skip(self, clip_skip):
+        pass

@@ -31,6 +31,8 @@ def compile_conditions(cond):
     pooled_output = cond['vector']
     result = dict(cross_attn=cross_attn, pooled_output=pooled_output,
                   model_conds=dict(c_crossattn=ConditionCrossAttn(cross_attn), y=Condition(pooled_output)))
+    if 'guidance' in cond:
+        result['model_conds']['guidance'] = Condition(cond['guidance'])
     return [result]
 
 

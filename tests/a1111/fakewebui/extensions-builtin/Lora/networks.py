@@ -15,7 +15,10 @@
   ``ldm_patched.modules.sd``) maps the file's keys through ``model_lora_keys_unet`` /
   ``model_lora_keys_clip`` to the model's weight keys and adds the patches to clones of the
   UNet and CLIP patchers (``add_patches`` keeps only keys the model has); unmatched keys are
-  logged. ``forge_objects_after_applying_lora`` is the result.
+  logged (Forge: more than 12 unmatched keys and the file is not applied at all, "LoRA version
+  mismatch"). ``forge_objects_after_applying_lora`` is the result. Forge's Flux (``'flux' in
+  config.huggingface_repo``) also maps diffusers ``transformer.…`` keys onto slices of the
+  stacked weights (``flux_to_diffusers``); not modelled: SafeT2I writes native kohya names only.
 
 The toy model's LoRA-targetable layers are ``_toy.LORA_UNET_LAYERS`` / ``LORA_TE_LAYERS``.
 Names starting with ``_`` are the stand-in's own (upstream they are variant-specific helpers).
@@ -120,6 +123,9 @@ def _load_lora_for_models(model, clip, lora, strength_model, strength_clip, file
     if _VARIANT == "forge":
         lora_unet, lora_unmatch = _load_lora(lora, unet_keys)
         lora_clip, lora_unmatch = _load_lora(lora_unmatch, clip_keys)
+        if len(lora_unmatch) > 12:
+            print(f'[LORA] LoRA version mismatch for {type(model.model).__name__}: {filename}')
+            return model, clip
         if len(lora_unmatch) > 0:
             print(f'[LORA] Loading {filename} with unmatched keys {list(lora_unmatch.keys())}')
         model = model.clone()
