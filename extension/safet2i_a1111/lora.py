@@ -11,14 +11,16 @@ writing into the same weights would fight it. So SafeT2I:
    ``..``, absolute paths and symlinks leaving the folder are refused), inspects the file with
    the core (:func:`safet2i.lora.load_lora`: safetensors only, key layout, architecture) and
    checks its coverage against the loaded model's architecture (SD1/SD2/SDXL inventories;
-   Forge's Flux: the transformer's own BFL-named weights, :func:`forge_flux`):
+   Forge's Flux: the transformer's own BFL-named weights, :func:`forge_flux`; Forge's SD3/SD3.5:
+   its MMDiT's SAI-named weights, :func:`forge_sd3`):
    another architecture or a partial match is refused unless "allow partial" is on.
    A kohya file inside ``models/Lora`` is used as it is; anything else (DUO's diffusers keys,
    PEFT, LDM names, files outside ``models/Lora``) is converted to kohya keys
    (:func:`safet2i.lora.to_kohya`, alpha written explicitly) into
    ``models/Lora/safet2i-converted/`` under a name derived from the source's sha256; the file
-   is read back and compared tensor by tensor. A Flux file is always written, in Forge's
-   native kohya names (``lora_unet_double_blocks_0_img_attn_qkv``: diffusers/PEFT
+   is read back and compared tensor by tensor. A Flux or SD3 file is always written, in Forge's
+   native kohya names (``lora_unet_double_blocks_0_img_attn_qkv``,
+   ``lora_unet_joint_blocks_0_x_block_attn_qkv``: diffusers/PEFT
    ``to_q``/``to_k``/``to_v`` fused into the stacked weight, :func:`safet2i.lora.keys.to_native_kohya`),
    and its read-back effect is compared per module with the source's. User files are never
    overwritten: an existing file there that SafeT2I did not write is an error.
@@ -169,6 +171,11 @@ class ForgeFlux:
     inventory: object
     arch: str
     params: dict
+    family: str = "flux"
+
+    @property
+    def title(self) -> str:
+        return {"flux": "Forge's Flux transformer", "sd3": "Forge's SD3/SD3.5 MMDiT"}[self.family]
 
     def host_key(self, native: str) -> str:
         return f"diffusion_model.{native}.weight"
@@ -213,6 +220,50 @@ def forge_flux(sd_model) -> ForgeFlux | None:
     return ForgeFlux(kmodel, inv, arch, params)
 
 
+def forge_sd3(sd_model) -> ForgeFlux | None:
+    """Forge's SD3 / SD3.5 (``backend/nn/mmditx.py`` ``MMDiTX``, SAI weight names
+    ``joint_blocks.N.x_block.attn.qkv``; huggingface_guess names every SD3 checkpoint
+    ``stable-diffusion-3…``, the test Forge's LoRA key maps use), else None. The inventory is built
+    for the sizes of the model's own weights (hidden size, patch size and input channels from
+    ``x_embedder.proj``, joint blocks counted, blocks with ``x_block.attn2`` = SD3.5 Medium's dual
+    attention, ``context_embedder`` / ``y_embedder`` widths) and every weight it lists must be one
+    of the model's parameters with that shape: a quantized (NF4/GGUF) or unknown layout is refused.
+    The released sizes (SD3 Medium, SD3.5 Medium, SD3.5 Large) are named by their shapes."""
+    fo = getattr(sd_model, "forge_objects", None)
+    kmodel = getattr(getattr(fo, "unet", None), "model", None)
+    repo = str(getattr(getattr(kmodel, "config", None), "huggingface_repo", None) or "")
+    if kmodel is None or "stable-diffusion-3" not in repo.lower():
+        return None
+    prefix = "diffusion_model."
+    params = {k[len(prefix):]: tuple(v.shape) for k, v in kmodel.named_parameters() if k.startswith(prefix)}
+    layers = {int(k.split(".")[1]) for k in params if k.startswith("joint_blocks.") and k.split(".")[1].isdigit()}
+    try:
+        hidden, inc, patch, _ = params["x_embedder.proj.weight"]
+        cap, joint = params["context_embedder.weight"]
+        cfg = dict(num_layers=max(layers) + 1 if layers else 0, num_attention_heads=1, attention_head_dim=hidden,
+                   caption_projection_dim=cap, in_channels=inc, patch_size=patch,
+                   out_channels=params["final_layer.linear.weight"][0] // (patch * patch),
+                   joint_attention_dim=joint, pooled_projection_dim=params["y_embedder.mlp.0.weight"][1],
+                   dual_attention_layers=tuple(sorted(i for i in layers
+                                                      if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in params)))
+    except (KeyError, ValueError) as exc:
+        raise LoraLayerError(f"Forge's SD3/SD3.5 MMDiT has no {exc} weight of the SAI layout (a quantized NF4/GGUF "
+                             "or unknown model); SafeT2I cannot map a safety LoRA to it") from exc
+    inv = build_dit("sd3", cfg)
+    wrong = [n for n, nat in inv.natives.items() if params.get(f"{n}.weight") != tuple(nat.shape)]
+    if wrong:
+        raise LoraLayerError(f"Forge's SD3/SD3.5 MMDiT lacks {len(wrong)} weights of the SAI layout with their "
+                             f"shapes (e.g. {', '.join(wrong[:3])}: a quantized NF4/GGUF or unknown model); SafeT2I "
+                             "cannot map a safety LoRA to it")
+    arch = match_config("sd3", cfg) or "sd3 (Forge SD3 model of no released size)"
+    return ForgeFlux(kmodel, inv, arch, params, "sd3")
+
+
+def forge_dit(sd_model) -> ForgeFlux | None:
+    """Forge's Flux or SD3/SD3.5 transformer (:func:`forge_flux`, :func:`forge_sd3`), else None."""
+    return forge_flux(sd_model) or forge_sd3(sd_model)
+
+
 # --------------------------------------------------------------------------- preparing the file
 
 @dataclass
@@ -231,7 +282,7 @@ class SafetyLora:
     pending: bool = False          # tag added for this batch, not verified yet
     loaded: str = ""               # last verification summary
     sampled: list = field(default_factory=list)   # Forge: UNet patchers of the passes, checked after them
-    host_keys: list = field(default_factory=list)  # Forge Flux: the weights the patches must be recorded on
+    host_keys: list = field(default_factory=list)  # Forge Flux/SD3: the weights the patches must be recorded on
 
     @property
     def tag(self) -> str:
@@ -256,13 +307,13 @@ def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = 
     if lora_dir is None:
         raise LoraLayerError("the webui's Lora folder is unknown; the safety LoRA cannot be activated")
     lf = load_lora(path)
-    flux = forge_flux(sd_model)
+    flux = forge_dit(sd_model)
     arch = flux.arch if flux is not None else model_architecture(sd_model)
     # A known release: its sha256 / contents as the manifest says, made for this architecture.
     lf.verify_manifest()
     check_made_for(lf, arch, f"Safety LoRA {path.name}")
     if flux is not None:
-        return _prepare_flux(choice, path, lf, flux, lora_dir, strength, allow_partial, networks)
+        return _prepare_dit(choice, path, lf, flux, lora_dir, strength, allow_partial, networks)
     cov = check(lf.targets, resolver_for(arch), ARCHITECTURES[arch].title)
     require_full(cov, f"Safety LoRA {path.name}", allow_partial)
     matched = {s.target for s in cov.matched}
@@ -281,10 +332,10 @@ def prepare(choice: str, sd_model, strength: float = 1.0, allow_partial: bool = 
                       not direct, list(lf.formats))
 
 
-def _prepare_flux(choice, path, lf, flux: ForgeFlux, lora_dir: Path, strength, allow_partial, networks) -> SafetyLora:
-    """Forge's Flux: the file's targets in diffusers naming (native names renamed, stacked
+def _prepare_dit(choice, path, lf, flux: ForgeFlux, lora_dir: Path, strength, allow_partial, networks) -> SafetyLora:
+    """Forge's Flux and SD3/SD3.5: the file's targets in diffusers naming (native names renamed, stacked
     native targets split exactly: :func:`safet2i.lora.keys.normalise_dit`), each matched to a
-    module of the transformer whose BFL weight the model has (coverage, refused unless full or
+    module of the transformer whose native (BFL / SAI) weight the model has (coverage, refused unless full or
     "allow partial"), then written in native kohya names (pieces fused) for Forge's loader."""
     inv, what = flux.inventory, f"Safety LoRA {path.name}"
     targets = normalise_dit(lf.targets, inv)
@@ -296,7 +347,7 @@ def _prepare_flux(choice, path, lf, flux: ForgeFlux, lora_dir: Path, strength, a
             return None, None
         return f"unet.{t.module}", inv.modules[t.module].shape
 
-    cov = check(targets, resolve, f"Forge's Flux transformer ({flux.arch})")
+    cov = check(targets, resolve, f"{flux.title} ({flux.arch})")
     require_full(cov, what, allow_partial)
     matched = {s.target for s in cov.matched}
     use = [t for t in targets if t.name in matched]
@@ -306,7 +357,7 @@ def _prepare_flux(choice, path, lf, flux: ForgeFlux, lora_dir: Path, strength, a
         state = to_native_kohya(use, inv)
     except SafeT2IError as exc:
         raise LoraLayerError(f"{what}: {exc}") from exc
-    filename = write_kohya_cache(lf, use, "flux", lora_dir, partial, state=state, same_effect=(use, inv))
+    filename = write_kohya_cache(lf, use, flux.family, lora_dir, partial, state=state, same_effect=(use, inv))
     register(filename.stem, filename, networks)
     out = SafetyLora(choice, path, lf.sha256, flux.arch, filename.stem, filename, len(natives),
                      len(natives) + len(cov.unmatched), float(strength), True, list(lf.formats))
@@ -578,6 +629,6 @@ def _reforge_count(sd_model, fo, lora: SafetyLora) -> int:
     return count
 
 
-__all__ = ["ForgeFlux", "LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_merged", "check_verified", "forge_flux", "forge_patchers",
+__all__ = ["ForgeFlux", "LoraLayerError", "SafetyLora", "add_hires", "add_tag", "check_merged", "check_verified", "forge_dit", "forge_flux", "forge_patchers", "forge_sd3",
            "list_choices", "model_architecture", "prepare", "register", "resolve_choice", "roots", "verify_loaded",
            "write_kohya_cache"]

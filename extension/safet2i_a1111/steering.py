@@ -139,6 +139,10 @@ class SteeringHook(PlanBook):
                          svf=SVF_PRESETS[svf_name] if self_validating else None)
         self.calls = self.steered_calls = 0
         self.before_encode = lambda: None
+        # Encoders on their own channels (Forge's SD3.5: CLIP-L‖G block, then T5 rows): the text's
+        # rows start at row 0 and run over the blocks laid end to end (``SteeringPlan.total``), not
+        # whole chunks of one length; rows after them (padding, T5's zero rows) are left alone.
+        self.blocks = any(getattr(e, "channels", None) is not None or getattr(e, "block", 0) for e in encoders)
 
     @classmethod
     def for_model(cls, sd_model, concepts: str = "nudity", custom: str = "", **kw) -> SteeringHook:
@@ -166,21 +170,30 @@ class SteeringHook(PlanBook):
         self.calls += 1
         with _refusing():
             first = self.first()
-            first.slices(cross.shape[-1])
-            offset = self._offset(cross, first.length)
+            # Encoders on their own channels: the channels after the last one an encoder owns are
+            # zero padding (SD3.5 with T5 off: CLIP-L‖G padded to 4096); they are never read or written.
+            width = first.dim() if self.blocks else cross.shape[-1]
+            if width > cross.shape[-1]:
+                raise SteeringError(f"the conditioning has {cross.shape[-1]} channels, the text encoders need {width}; "
+                                    "steering refuses")
+            view = cross[..., :width]
+            first.slices(width)
+            offset = 0 if self.blocks else self._offset(cross, first.length)
             bookkeeping = webui_rows(params, cross.shape[0])
             writes = []
             for r in range(cross.shape[0]):
                 text, source = bookkeeping[r] if bookkeeping else (None, None)
-                plan = self.plan_of(r, cross[r], offset, source, text)
-                out = self.steer(plan, cross[r, offset:offset + len(plan.chunks[0]) * first.length])
+                if source is not None and width < cross.shape[-1]:
+                    source = source[..., :width]
+                plan = self.plan_of(r, view[r], offset, source, text)
+                out = self.steer(plan, view[r, offset:offset + plan.total])
                 if out.fraction > 0.0 and step < out.fraction * total:
                     writes.append((r, slice(offset, offset + out.rows.shape[0]), out.rows))
         if not writes:
             return False
         new = cross.clone()
         for r, span, rows in writes:
-            new[r, span] = rows
+            new[r, span, :width] = rows
         if isinstance(tc, dict):
             out = dict(tc)
             out["crossattn"] = new

@@ -5,7 +5,9 @@ exactly as the webui uses it: A1111's hijacked ``cond_stage_model`` (SD1 CLIP-L,
 OpenCLIP-H), the SDXL ``conditioner.embedders`` (CLIP-L and OpenCLIP-bigG, each on its own
 channel slice of ``crossattn``), Forge's ``text_processing_engine[_l|_g]``, Forge's Flux T5
 engine ``text_processing_engine_t5`` (:class:`T5Encoder`: ``crossattn`` is its rows; the CLIP-L
-engine only gives the pooled ``vector``, which is left alone); and a plain HF
+engine only gives the pooled ``vector``, which is left alone), Forge's SD3.5 (CLIP-L and CLIP-G
+engines on their own channels of one block of rows, zero-padded to the T5 width, then the T5
+engine's rows: :func:`_forge_sd35_encoders`; the pooled ``vector`` is left alone); and a plain HF
 ``CLIPTextModel`` + tokenizer under ``cond_stage_model.wrapped`` (:class:`HFClipEngine`, no
 emphasis). Any other text encoder is refused with an error (the job's images are blocked).
 """
@@ -156,22 +158,68 @@ class T5Encoder(Encoder):
         return [str(convert(int(i)) if convert is not None else f"#{int(i)}").replace("\u2581", "") for i in ids]
 
 
+def _forge_t5_engine(t5, model: str) -> None:
+    if type(t5).__name__ != "T5TextProcessingEngine" or int(t5.id_end) != 1 or int(getattr(t5, "id_pad", -1)) != 0:
+        raise SteeringError(f"SAFREE-style steering: {model}'s T5 engine is a {type(t5).__name__} with end/pad ids "
+                            f"{getattr(t5, 'id_end', None)}/{getattr(t5, 'id_pad', None)}, not Forge's "
+                            "T5TextProcessingEngine (</s> 1, <pad> 0); steering refuses")
+
+
+def _width(encoder: Encoder) -> int:
+    """Channels of the encoder's rows (one encode of the empty prompt's chunk)."""
+    ids, fixes = encoder.chunks("")[0]
+    return int(encoder.encode([ids], [fixes]).shape[-1])
+
+
+def _sd3_t5_enabled() -> bool:
+    try:
+        from modules import shared  # noqa: PLC0415
+        return bool(getattr(shared.opts, "sd3_enable_t5", False))
+    except Exception:  # noqa: BLE001 - outside the webui
+        return True
+
+
+def _forge_sd35_encoders(sd_model) -> list[Encoder]:
+    """Forge's SD3.5 (``backend/diffusion_engine/sd35.py``): ``crossattn`` = the CLIP-L and CLIP-G
+    engines' rows concatenated along channels (L first) and zero-padded to the T5 width, followed
+    along the tokens by the T5 engine's rows; ``vector`` (pooled L ‖ G) is not steered. Each
+    engine is steered in its own subspace on its own rows and channels: CLIP-L ``block`` 0
+    channels ``0:wL``, CLIP-G ``block`` 0 channels ``wL:wL+wG``, T5 ``block`` 1. With the setting
+    ``sd3_enable_t5`` off Forge conditions on zero rows in place of T5's: only the CLIP block is
+    steered, the zero rows are left as they are."""
+    t5 = sd_model.text_processing_engine_t5
+    _forge_t5_engine(t5, "SD3.5")
+    lo, out = 0, []
+    for name, attr in (("l", "text_processing_engine_l"), ("g", "text_processing_engine_g")):
+        enc = Encoder(name, getattr(sd_model, attr))
+        width = _width(enc)
+        enc.block, enc.channels, enc.width = 0, slice(lo, lo + width), width
+        lo += width
+        out.append(enc)
+    if _sd3_t5_enabled():
+        enc = T5Encoder("t5", t5)
+        enc.block = 1
+        out.append(enc)
+    return out
+
+
 def _forge_t5_encoders(sd_model) -> list[Encoder] | None:
     """Forge's Flux (``text_processing_engine_l`` + ``_t5``, no ``_g``): ``crossattn`` is the T5
     engine's rows (``backend/diffusion_engine/flux.py``); the CLIP-L engine only makes the pooled
-    ``vector``, not steered. Other T5 models (SD3.5's CLIP-L‖G + T5 rows, Chroma) are refused."""
+    ``vector``, not steered. Forge's SD3.5 (``_l``, ``_g`` and ``_t5``): :func:`_forge_sd35_encoders`.
+    Other T5 models (e.g. Chroma, T5 alone) are refused."""
     t5 = getattr(sd_model, "text_processing_engine_t5", None)
     if not _is_engine(t5):
         return None
-    if _is_engine(getattr(sd_model, "text_processing_engine_l", None)) and \
-            getattr(sd_model, "text_processing_engine_g", None) is None:
-        if type(t5).__name__ != "T5TextProcessingEngine" or int(t5.id_end) != 1 or int(getattr(t5, "id_pad", -1)) != 0:
-            raise SteeringError(f"SAFREE-style steering: Flux's T5 engine is a {type(t5).__name__} with end/pad ids "
-                                f"{getattr(t5, 'id_end', None)}/{getattr(t5, 'id_pad', None)}, not Forge's "
-                                "T5TextProcessingEngine (</s> 1, <pad> 0); steering refuses")
+    has_l = _is_engine(getattr(sd_model, "text_processing_engine_l", None))
+    g = getattr(sd_model, "text_processing_engine_g", None)
+    if has_l and g is None:
+        _forge_t5_engine(t5, "Flux")
         return [T5Encoder("t5", t5)]
+    if has_l and _is_engine(g):
+        return _forge_sd35_encoders(sd_model)
     raise SteeringError(f"SAFREE-style steering does not support this Forge model's text encoders "
-                        f"({type(sd_model).__name__}: T5 with CLIP-L/G, e.g. SD3.5) yet")
+                        f"({type(sd_model).__name__}: a T5 engine without Flux's or SD3.5's CLIP engines) yet")
 
 
 def find_encoders(sd_model) -> list[Encoder]:

@@ -345,17 +345,15 @@ def test_forge_flux_releases_are_named_and_quantized_layouts_refused(start, guid
         lora.forge_flux(model(nf4))
 
 
-def test_sd35_text_encoders_are_refused_for_steering(start):
-    """Forge's SD3.5 (CLIP-L, CLIP-G and T5 engines; ``crossattn`` = CLIP-L‖G rows padded to 4096,
-    then T5 rows) is not steered yet: refused with an error (the job's images are blocked)."""
+def test_a_t5_engine_without_flux_or_sd35_clip_engines_is_refused_for_steering(start):
+    """Flux (CLIP-L + T5) gives the T5 encoder; SD3.5's three engines are steered each on its own
+    block and channels (``test_standin_sd35.py``); a T5 engine with neither layout (e.g. Chroma's
+    T5 alone) is refused with an error (the job's images are blocked)."""
     from types import SimpleNamespace
     webui = start("forge", kind="flux")
     from safet2i_a1111.text_engines import SteeringError, find_encoders
 
     sd = webui.shared.sd_model
     assert [e.name for e in find_encoders(sd)] == ["t5"]
-    sd35 = SimpleNamespace(text_processing_engine_l=sd.text_processing_engine_l,
-                           text_processing_engine_g=sd.text_processing_engine_l,
-                           text_processing_engine_t5=sd.text_processing_engine_t5)
-    with pytest.raises(SteeringError, match="T5 with CLIP-L/G"):
-        find_encoders(sd35)
+    with pytest.raises(SteeringError, match="without Flux's or SD3.5's CLIP engines"):
+        find_encoders(SimpleNamespace(text_processing_engine_t5=sd.text_processing_engine_t5))

@@ -490,6 +490,53 @@ def test_the_forge_flux_standin_is_forges(standin):
     assert not problems, f"Flux stand-in differs from {upstream.root}:\n" + "\n".join(problems)
 
 
+#: Forge's SD3.5 in the stand-in (``start("forge", kind="sd35")``): its engine module (the T5
+#: engine, parsing and emphasis are the Flux stand-in's, checked above) and the methods it implements.
+SD35_STANDIN = ("backend.diffusion_engine.sd35", "backend.text_processing.t5_engine", "backend.patcher.lora")
+SD35_MEMBERS = {("backend.diffusion_engine.sd35", "StableDiffusion3"): ("get_learned_conditioning", "set_clip_skip")}
+
+
+@needs_webui
+def test_the_forge_sd35_standin_is_forges(standin):
+    """The SD3.5 stand-in's module is checked like every other (each name exists upstream), each
+    method it implements exists in Forge's ``StableDiffusion3`` with the same positional
+    parameters, upstream's conditioning reads the engines and setting the stand-in models
+    (``text_processing_engine_l/_g/_t5``, ``sd3_enable_t5``, ``is_negative_prompt``), and the
+    setting is Forge's."""
+    variant, upstream = standin
+    if variant != "forge":
+        pytest.skip("Forge's SD3.5 stand-in: needs a Forge checkout")
+    names = standin_modules(variant)
+    problems = []
+    for dotted in SD35_STANDIN:
+        assert dotted in names, dotted
+        assert upstream.module(dotted) is not None, f"{dotted}: not in {upstream.root}"
+        problems += check_module(dotted, variant, upstream)
+    for (dotted, cls_name), members in SD35_MEMBERS.items():
+        cls = getattr(importlib.import_module(dotted), cls_name)
+        up_mod = upstream.module(dotted)
+        methods, _ = upstream.members_with_bases(up_mod.classes[cls_name], up_mod)
+        for name in members:
+            assert name in vars(cls), f"{dotted}.{cls_name}.{name}: not implemented by the stand-in"
+            if name not in methods:
+                problems.append(f"{dotted}.{cls_name}.{name}: not upstream")
+                continue
+            check_signature(vars(cls)[name], methods[name], f"{dotted}.{cls_name}.{name}()", problems, method=True)
+    source = (upstream.root / "backend" / "diffusion_engine" / "sd35.py").read_text()
+    for needle in ("text_processing_engine_l(prompt)", "text_processing_engine_g(prompt)",
+                   "text_processing_engine_t5(prompt)", "opts.sd3_enable_t5", "is_negative_prompt",
+                   "torch.cat([cond_l, cond_g], dim=-1)", "torch.cat([cond_lg, cond_t5], dim=-2)",
+                   "torch.cat([l_pooled, g_pooled], dim=-1)", "ClassicTextProcessingEngine",
+                   "T5TextProcessingEngine", "PredictionDiscreteFlow"):
+        if needle not in source:
+            problems.append(f"backend/diffusion_engine/sd35.py: no longer has {needle!r}")
+    options = (upstream.root / "modules" / "shared_options.py").read_text()
+    assert '"sd3_enable_t5": OptionInfo(False' in options
+    from modules import shared_options
+    assert shared_options.options_templates["sd3_enable_t5"].default is False
+    assert not problems, f"SD3.5 stand-in differs from {upstream.root}:\n" + "\n".join(problems)
+
+
 @needs_webui
 def test_variant_inference_matches_the_checkout(standin):
     variant, upstream = standin

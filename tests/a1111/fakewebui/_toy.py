@@ -414,6 +414,9 @@ def make_sd_model(kind: str = "sd1") -> ToySdModel:
     if kind == "flux":
         assert VARIANT == "forge", "the toy Flux is Forge's (backend/diffusion_engine/flux.py)"
         return _flux_model()
+    if kind == "sd35":
+        assert VARIANT == "forge", "the toy SD3.5 is Forge's (backend/diffusion_engine/sd35.py)"
+        return _sd35_model()
     m = ToySdModel(kind)
     if m.engine is not None and VARIANT != "forge":
         m.cond_stage_model = m.engine      # A1111 / reForge: the hijacked cond_stage_model
@@ -610,3 +613,139 @@ def _flux_model():
             return Flux.get_learned_conditioning(self, prompts)
 
     return ToyFluxModel()
+
+
+# --------------------------------------------------------------------------- Forge's SD3.5 (kind "sd35")
+#
+# ``backend.diffusion_engine.sd35.StableDiffusion3`` with toy parts: CLIP-L and CLIP-G engines
+# (the webui engine interface, ``(rows, pooled)``; different widths and token vectors), Forge's
+# own ``T5TextProcessingEngine`` over the toy T5, and a KModel whose ``diffusion_model`` has the
+# weights of Forge's ``backend/nn/mmditx.py`` ``MMDiTX`` under their SAI names (tiny sizes), with
+# the ``const`` prediction type.
+
+SD35_L, SD35_G = 6, 8          # CLIP-L / CLIP-G widths: L‖G = 14, zero-padded to the T5 width 16
+
+
+class ToyClipGEngine(ToyClipPooledEngine):
+    """CLIP-G role: the toy CLIP engine with its own token vectors (another salt)."""
+
+    def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        table = torch.stack([_vec(w, self.dim, "tok-g") for w in self.words])
+        v = table[tokens.long().cpu()]
+        steps = torch.arange(1, v.shape[1] + 1, dtype=DTYPE).reshape(1, -1, 1)
+        return v + 0.5 * v.cumsum(dim=1) / steps
+
+
+def mmditx_shapes(h: int, layers: int, dual=(), inc: int = 4, patch: int = 2, out: int = 4, context: int = T5_DIM,
+                  pooled: int = SD35_L + SD35_G) -> dict:
+    """Weight shapes of Forge's ``MMDiTX`` (backend/nn/mmditx.py), written from its module
+    definitions: PatchEmbed ``x_embedder.proj`` (Conv2d), TimestepEmbedder / VectorEmbedder
+    ``mlp.0``/``mlp.2``, ``context_embedder`` (Linear), per ``JointBlock`` a ``context_block`` and
+    an ``x_block`` (DismantledBlock: ``adaLN_modulation.1`` with 9 (x_block_self_attn), 6 or 2
+    (pre_only, the last block's context) mods, ``attn.qkv``/``attn.proj`` (no proj when pre_only),
+    ``attn2`` when x_block_self_attn, ``mlp.fc1``/``mlp.fc2`` unless pre_only), FinalLayer
+    ``linear`` and ``adaLN_modulation.1``."""
+    s = {"x_embedder.proj": (h, inc, patch, patch), "t_embedder.mlp.0": (h, 256), "t_embedder.mlp.2": (h, h),
+         "y_embedder.mlp.0": (h, pooled), "y_embedder.mlp.2": (h, h), "context_embedder": (h, context),
+         "final_layer.linear": (patch * patch * out, h), "final_layer.adaLN_modulation.1": (2 * h, h)}
+    for i in range(layers):
+        for part in ("x_block", "context_block"):
+            pre_only = part == "context_block" and i == layers - 1
+            self_attn = part == "x_block" and i in dual
+            b = f"joint_blocks.{i}.{part}"
+            s[f"{b}.adaLN_modulation.1"] = ((9 if self_attn else 2 if pre_only else 6) * h, h)
+            s[f"{b}.attn.qkv"] = (3 * h, h)
+            if not pre_only:
+                s[f"{b}.attn.proj"] = (h, h)
+                s[f"{b}.mlp.fc1"], s[f"{b}.mlp.fc2"] = (4 * h, h), (h, 4 * h)
+            if self_attn:
+                s[f"{b}.attn2.qkv"], s[f"{b}.attn2.proj"] = (3 * h, h), (h, h)
+    return s
+
+
+#: The toy MMDiT: hidden 8, two joint blocks, block 0 with SD3.5 Medium's second x attention.
+SD35_LAYERS = mmditx_shapes(8, 2, dual=(0,))
+
+
+class ToyMMDiT(torch.nn.Module):
+    """``KModel.diffusion_model`` of Forge's SD3.5: the weights above (deterministic random
+    values, float32) as parameters under their SAI names (the toy's denoiser does not use them)."""
+
+    def __init__(self, shapes: dict = SD35_LAYERS):
+        super().__init__()
+        g = torch.Generator().manual_seed(13)
+        for name, shape in shapes.items():
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            layer = torch.nn.Module()
+            layer.weight = torch.nn.Parameter(torch.randn(*shape, generator=g), requires_grad=False)
+            layer.bias = torch.nn.Parameter(torch.zeros(shape[0]), requires_grad=False)
+            parent.add_module(leaf, layer)
+
+
+class ToySD3KModel(ToyKModel):
+    """Forge's ``KModel`` over the MMDiT; ``config.huggingface_repo`` is huggingface_guess's for
+    every SD3 checkpoint (``model_list.SD3``)."""
+
+    def __init__(self, math_: ToyMath):
+        super().__init__(math_)
+        self.predictor = _FluxPredictor()          # PredictionDiscreteFlow: prediction type 'const'
+        self.diffusion_model = ToyMMDiT()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(huggingface_repo="stabilityai/stable-diffusion-3-medium-diffusers",
+                                      unet_config=dict(in_channels=4, pos_embed_scaling_factor=None))
+
+
+class ToySD35ClipModel(torch.nn.Module):
+    """Forge ``CLIP.cond_stage_model`` of SD3.5: ``clip_l``, ``clip_g`` (toy layers) and ``t5xxl``."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip_l = _nested(LORA_TE_LAYERS)
+        self.clip_g = _nested(LORA_TE_LAYERS)
+        self.t5xxl = ToyT5Holder()
+
+
+def _sd35_model():
+    """``shared.sd_model`` of Forge's SD3.5: ``backend.diffusion_engine.sd35.StableDiffusion3``
+    (its ``get_learned_conditioning``) with the toy's parts, built as Forge's ``__init__`` does."""
+    from backend.diffusion_engine.base import ForgeObjects
+    from backend.diffusion_engine.sd35 import StableDiffusion3
+    from backend.patcher.base import ModelPatcher
+    from backend.patcher.unet import UnetPatcher
+    from backend.text_processing.t5_engine import T5TextProcessingEngine
+
+    class ToySD35Model(StableDiffusion3, ToySdModel):
+        def __init__(self):
+            ToySdModel.__init__(self, "sd35")
+            self.math = ToyMath(T5_DIM, SD35_L + SD35_G)
+            self.vae = ToyVAE(self.math, self._encode_plain)
+            self.is_sd1 = self.is_sd2 = self.is_sdxl = False
+            self.is_sd3 = True
+            self.lora_layers = None
+            self.kmodel = ToySD3KModel(self.math)
+            self.model.diffusion_model = self.kmodel.diffusion_model
+            clip_model = ToySD35ClipModel()
+            clip = ToyClip(ModelPatcher(clip_model, load_device="cpu", offload_device="cpu"), clip_model)
+            self.text_processing_engine_l = ToyClipPooledEngine(SD35_L)
+            self.text_processing_engine_g = ToyClipGEngine(SD35_G)
+            self.text_processing_engine_t5 = T5TextProcessingEngine(
+                text_encoder=clip.cond_stage_model.t5xxl, tokenizer=ToyT5Tokenizer(), emphasis_name="Original")
+            unet = UnetPatcher(self.kmodel, load_device="cpu", offload_device="cpu")
+            self.current_lora_hash = str([])
+            self.forge_objects = ForgeObjects(unet, clip, None, None)
+            self.forge_objects_original = self.forge_objects.shallow_copy()
+            self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+        def _encode_plain(self, prompts):
+            return StableDiffusion3.get_learned_conditioning(self, list(prompts))
+
+        def get_learned_conditioning(self, prompts):
+            self.encoded.append(list(prompts))
+            return StableDiffusion3.get_learned_conditioning(self, prompts)
+
+    return ToySD35Model()

@@ -36,3 +36,5 @@ if not _variant.is_17():
 if _variant.VARIANT == "forge":
     # Forge's T5 engine reads it (backend/text_processing/t5_engine.py)
     options_templates["emphasis"] = OptionInfo("Original", "Emphasis mode", section=('sd', "Stable Diffusion"))
+    # Forge's SD3.5 reads it (backend/diffusion_engine/sd35.py): T5 rows or zero rows
+    options_templates["sd3_enable_t5"] = OptionInfo(False, "Enable T5", section=("sd3", "Stable Diffusion 3"))
