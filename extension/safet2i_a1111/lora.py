@@ -210,13 +210,7 @@ def forge_flux(sd_model) -> ForgeFlux | None:
     except (KeyError, ValueError) as exc:
         raise LoraLayerError(f"Forge's Flux transformer has no {exc} weight of the BFL layout (a quantized NF4/GGUF "
                              "or unknown model); SafeT2I cannot map a safety LoRA to it") from exc
-    inv = build_dit("flux", cfg)
-    wrong = [n for n, nat in inv.natives.items() if params.get(f"{n}.weight") != tuple(nat.shape)]
-    if wrong:
-        raise LoraLayerError(f"Forge's Flux transformer lacks {len(wrong)} Linear weights of the BFL layout with their "
-                             f"shapes (e.g. {', '.join(wrong[:3])}: a quantized NF4/GGUF or unknown model); SafeT2I "
-                             "cannot map a safety LoRA to it")
-    arch = match_config("flux", cfg) or "flux (Forge Flux model of no released size)"
+    inv, arch = _checked_inventory("flux", cfg, params, "Flux transformer", "BFL", "Flux model")
     return ForgeFlux(kmodel, inv, arch, params)
 
 
@@ -249,14 +243,20 @@ def forge_sd3(sd_model) -> ForgeFlux | None:
     except (KeyError, ValueError) as exc:
         raise LoraLayerError(f"Forge's SD3/SD3.5 MMDiT has no {exc} weight of the SAI layout (a quantized NF4/GGUF "
                              "or unknown model); SafeT2I cannot map a safety LoRA to it") from exc
-    inv = build_dit("sd3", cfg)
+    inv, arch = _checked_inventory("sd3", cfg, params, "SD3/SD3.5 MMDiT", "SAI", "SD3 model")
+    return ForgeFlux(kmodel, inv, arch, params, "sd3")
+
+
+def _checked_inventory(family: str, cfg: dict, params: dict, what: str, layout: str, model: str):
+    """The core's module inventory of ``family`` for ``cfg`` and its released-size name; every
+    weight it lists must be one of the model's ``params`` with that shape (else refused)."""
+    inv = build_dit(family, cfg)
     wrong = [n for n, nat in inv.natives.items() if params.get(f"{n}.weight") != tuple(nat.shape)]
     if wrong:
-        raise LoraLayerError(f"Forge's SD3/SD3.5 MMDiT lacks {len(wrong)} weights of the SAI layout with their "
-                             f"shapes (e.g. {', '.join(wrong[:3])}: a quantized NF4/GGUF or unknown model); SafeT2I "
-                             "cannot map a safety LoRA to it")
-    arch = match_config("sd3", cfg) or "sd3 (Forge SD3 model of no released size)"
-    return ForgeFlux(kmodel, inv, arch, params, "sd3")
+        raise LoraLayerError(f"Forge's {what} lacks {len(wrong)} weights of the {layout} layout with their shapes "
+                             f"(e.g. {', '.join(wrong[:3])}: a quantized NF4/GGUF or unknown model); SafeT2I cannot "
+                             "map a safety LoRA to it")
+    return inv, match_config(family, cfg) or f"{family} (Forge {model} of no released size)"
 
 
 def forge_dit(sd_model) -> ForgeFlux | None:
