@@ -19,6 +19,18 @@ if ComfyExtension is not None:
 
     _paths.register_folders()
 
+    # Operator enforcement (SAFET2I_ENFORCE, docs/deploy.md): unset -> nothing is installed.
+    try:
+        from .nodes import enforce as _enforce
+    except Exception as _exc:  # noqa: BLE001 - enforcement asked for but unavailable: refuse to run
+        import os as _os
+
+        if str(_os.environ.get("SAFET2I_ENFORCE", "") or "").strip():
+            raise SystemExit(f"SafeT2I enforcement is on (SAFET2I_ENFORCE) but could not be imported: {_exc}")
+        logging.getLogger("safet2i").error("SafeT2I: enforcement module unavailable: %s", _exc)
+    else:
+        _enforce.install_from_env()
+
     class SafeT2IExtension(ComfyExtension):
         async def get_node_list(self):
             nodes = []

@@ -5,6 +5,7 @@ appended at the end."""
 from __future__ import annotations
 
 import json
+import logging
 from fractions import Fraction
 
 import numpy as np
@@ -45,6 +46,44 @@ def _loader_text(model) -> str:
     if warn:
         return warn[0]
     return f"{d['name']}: pinned, sha256 {d['sha256']} verified; on {', '.join(d['providers'])}"
+
+
+def _policy_enforced(node: str, policy: str, action: str, thresholds: str, expand: float, shape: str):
+    """The node's Policy and action, or under operator enforcement (``SAFET2I_ENFORCE``,
+    ``nodes/enforce.py``) the operator's where the node asks for something weaker (its thresholds,
+    box growth or action); the attempt is logged. Returns (policy, action, enforcer or None)."""
+    from . import enforce  # noqa: PLC0415
+
+    pol = get_policy(policy, thresholds, expand=float(expand), shape=shape)
+    enforcer = enforce.active()
+    if enforcer is None:
+        return pol, action, None
+    from ..safet2i.enforce import policy_at_least  # noqa: PLC0415
+
+    _, new_action, weaker = enforcer.override(pol, action)
+    if weaker:
+        logging.getLogger("safet2i").warning(
+            "SafeT2I enforcement: %s asked for policy %r (thresholds %r, expand %s), action %r: weaker than the "
+            "operator's (policy %r, action %r), which is used instead.", node, policy, thresholds, expand,
+            action, enforcer.config.policy, enforcer.config.action)
+    if not policy_at_least(pol, enforcer.policy):
+        pol = get_policy(enforcer.config.policy, enforcer.config.thresholds or None,
+                         expand=max(float(expand), float(enforcer.policy.expand)), shape=shape)
+    return pol, new_action, enforcer
+
+
+def _mark_checked(enforcer, filter_models, pol, action: str, strength: float, tensor) -> None:
+    """Tell the enforcer these output pixels were checked at least as strictly as it would (it
+    compares policy and action itself; here: the same models, mask shape and automatic censor
+    strength), so the output node reuses the verdict instead of running the models again.
+    Otherwise no mark: the output node checks the pixels again."""
+    if enforcer is None:
+        return
+    names = sorted(str(getattr(m, "name", "")) for m in filter_models)
+    if (names != sorted(str(m) for m in enforcer.config.models) or float(strength or 0.0) != 0.0
+            or getattr(pol, "shape", None) != getattr(enforcer.policy, "shape", None)):
+        return
+    enforcer.mark_checked(tensor, policy=pol, action=action)
 
 
 class SafeT2IFilterModelLoader(io.ComfyNode):
@@ -130,7 +169,7 @@ class SafeT2IImageFilter(io.ComfyNode):
                 mask_shape="rect", feather=0.0, strength=0.0) -> io.NodeOutput:
         if not filter_models:
             raise ModelLoadError("SafeT2I Image Filter got no filter model; connect a SafeT2I Load Filter Model.")
-        pol = get_policy(policy, thresholds, expand=float(expand), shape=mask_shape)
+        pol, action, enforcer = _policy_enforced(cls.__name__, policy, action, thresholds, expand, mask_shape)
         flt = SafetyFilter(list(filter_models), pol, action, feather=feather, strength=strength or None)
         if images.ndim != 4:
             raise ValueError(f"SafeT2I Image Filter expects an IMAGE batch [B,H,W,C], got {tuple(images.shape)}.")
@@ -152,6 +191,7 @@ class SafeT2IImageFilter(io.ComfyNode):
             pbar(min(chunk, b - start))
         if images.dtype in (torch.float16, torch.bfloat16, torch.float64):
             out_img = out_img.to(images.dtype)   # other dtypes (bool, ...) stay float32 0..1
+        _mark_checked(enforcer, filter_models, pol, action, strength, out_img)
         described = flt.describe()
         report = json.dumps({"filter": described, "images": [v.to_dict() for v in verdicts],
                              "unpinned_models": [m.get("name") for m in unpinned_models(described)]})
@@ -258,7 +298,7 @@ class SafeT2IVideoFilter(io.ComfyNode):
             )
         if not (np.isfinite(float(fps)) and float(fps) > 0):
             raise ValueError(f"SafeT2I Video Filter: fps must be a positive number, got {fps!r}.")
-        pol = get_policy(policy, thresholds, expand=float(expand), shape=mask_shape)
+        pol, action, enforcer = _policy_enforced(cls.__name__, policy, action, thresholds, expand, mask_shape)
         flt = SafetyFilter(list(filter_models), pol, action, feather=feather, strength=strength or None)
         audio, rate, source = None, Fraction(float(fps)), "images"
         if video is not None:
@@ -278,6 +318,7 @@ class SafeT2IVideoFilter(io.ComfyNode):
             out_img = out_img.to(torch.float32).div_(255.0)
         if frames.dtype in (torch.float16, torch.bfloat16, torch.float64):
             out_img = out_img.to(frames.dtype)   # other dtypes (bool, uint8, ...) become float32 0..1
+        _mark_checked(enforcer, filter_models, pol, action, strength, out_img)
         out_video = InputImpl.VideoFromComponents(
             Types.VideoComponents(images=out_img, audio=audio, frame_rate=rate))
         described = flt.describe()
