@@ -169,7 +169,7 @@ class SafeT2IImageFilter(io.ComfyNode):
                 mask_shape="rect", feather=0.0, strength=0.0) -> io.NodeOutput:
         if not filter_models:
             raise ModelLoadError("SafeT2I Image Filter got no filter model; connect a SafeT2I Load Filter Model.")
-        pol, action, enforcer = _policy_enforced(cls.__name__, policy, action, thresholds, expand, mask_shape)
+        pol, action, enforcer = _policy_enforced("SafeT2IImageFilter", policy, action, thresholds, expand, mask_shape)
         flt = SafetyFilter(list(filter_models), pol, action, feather=feather, strength=strength or None)
         if images.ndim != 4:
             raise ValueError(f"SafeT2I Image Filter expects an IMAGE batch [B,H,W,C], got {tuple(images.shape)}.")
@@ -298,7 +298,7 @@ class SafeT2IVideoFilter(io.ComfyNode):
             )
         if not (np.isfinite(float(fps)) and float(fps) > 0):
             raise ValueError(f"SafeT2I Video Filter: fps must be a positive number, got {fps!r}.")
-        pol, action, enforcer = _policy_enforced(cls.__name__, policy, action, thresholds, expand, mask_shape)
+        pol, action, enforcer = _policy_enforced("SafeT2IVideoFilter", policy, action, thresholds, expand, mask_shape)
         flt = SafetyFilter(list(filter_models), pol, action, feather=feather, strength=strength or None)
         audio, rate, source = None, Fraction(float(fps)), "images"
         if video is not None:

@@ -84,8 +84,11 @@ def _comfy_env() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def start_server(base: Path, extra_env: dict | None = None):
-    """Start ComfyUI on a free loopback port with this pack in a fresh folder tree."""
+def start_server(base: Path, extra_env: dict | None = None, extra_args: list[str] | tuple[str, ...] | None = None):
+    """Start ComfyUI on a free loopback port with this pack in a fresh folder tree.
+
+    ``extra_env`` is added to the server's environment, ``extra_args`` to its command line
+    (e.g. ``["--preview-method", "latent2rgb"]``)."""
     path, python = _comfy_env()
     for d in ("custom_nodes", "checkpoints", "loras", "input", "output", "user", "frontend", "models", "safety_models",
               "diffusion_models", "vae", "text_encoders"):
@@ -116,6 +119,7 @@ def start_server(base: Path, extra_env: dict | None = None):
         "--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
         "--user-directory", str(base / "user"), "--database-url", f"sqlite:///{base / 'db.sqlite'}",
         "--disable-auto-launch",
+        *(extra_args or ()),
     ]
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, cwd=path, stdout=fh, stderr=subprocess.STDOUT, env=env)
