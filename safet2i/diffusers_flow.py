@@ -58,6 +58,31 @@ SPACE = "flow_v"
 def is_flow_pipeline(pipe) -> bool:
     return getattr(pipe, "transformer", None) is not None and getattr(pipe, "unet", None) is None
 
+#: Pipelines whose CFG calls SafeT2I knows (SD3: one [uncond; cond] batch; the others: the prompt's
+#: call first, then the negative's), by class-name prefix (FluxImg2ImgPipeline etc. included).
+KNOWN_PIPELINES = ("StableDiffusion3", "Flux", "QwenImage", "Wan")
+
+
+def check_flow_pipeline(pipe) -> None:
+    """Refuse a transformer pipeline the flow adapter would guide wrongly: a scheduler that is not
+    rectified flow (PixArt, HunyuanDiT: the velocity conversions would not hold), or a pipeline
+    whose order of CFG calls SafeT2I does not know (the first call of a step is taken as the
+    prompt's)."""
+    sched = pipe.scheduler
+    cfg = getattr(sched, "config", {}) or {}
+    flow = (type(sched).__name__.startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction"
+            or bool(cfg.get("use_flow_sigmas")))
+    if not flow:
+        raise SafeT2IError(
+            f"Safety guidance on {type(pipe).__name__}: its scheduler {type(sched).__name__} is not a rectified-flow "
+            "scheduler (FlowMatchEulerDiscreteScheduler, or UniPC with flow prediction), so the velocity conversions "
+            "of the flow adapter do not hold; the pipeline is not guided.")
+    if not type(pipe).__name__.startswith(KNOWN_PIPELINES):
+        raise SafeT2IError(
+            f"Safety guidance does not know the order of {type(pipe).__name__}'s classifier-free guidance calls "
+            f"(supported: {', '.join(p + '*Pipeline' for p in KNOWN_PIPELINES)}); guiding it could correct the "
+            "negative prompt instead of the prompt, so it is refused.")
+
 
 def _device(pipe):
     return pipe._execution_device if hasattr(pipe, "_execution_device") else pipe.device
@@ -596,6 +621,7 @@ def flow_safety_guidance(pipe, method, concept: str | None = None, *, concept_kw
     transformer's text keyword arguments, batch 1). Detect-and-Guide-style: ``token_positions``
     (the concept's token rows in its text sequence) default to :func:`concept_token_rows` of
     ``concept`` (T5 / umT5 read at the length of the concept's encoding)."""
+    check_flow_pipeline(pipe)
     models = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
     family = joint_family(pipe.transformer) if method.needs.attention else None
     if concept_kwargs is None:

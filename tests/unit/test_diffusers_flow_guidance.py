@@ -364,3 +364,30 @@ def test_sp_guard_on_flux_reads_channels_of_the_unpacked_latent(pipes):
         np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"step {i}")
         worst = max(worst, float(np.abs(want - (vu.numpy() + 4.0 * (vc.numpy() - vu.numpy()))).max()) / atol)
     assert worst > 10
+
+
+def test_transformer_pipelines_it_would_guide_wrongly_are_refused(pipes):
+    """A non-flow scheduler (the velocity conversions would not hold) and a pipeline class whose
+    CFG call order is unknown (the negative could be corrected instead of the prompt) are refused
+    before anything is patched."""
+    from diffusers import DDIMScheduler, FluxPipeline
+
+    pipe = pipes["flux"]
+    concept = _concept(pipe, "flux")
+    flow_scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler()
+    try:
+        with pytest.raises(SafeT2IError, match="not a rectified-flow scheduler"):
+            with safety_guidance(pipe, SLDGuidance(GENTLE), concept_kwargs=concept):
+                pass
+    finally:
+        pipe.scheduler = flow_scheduler
+    other = type("MyAnimePipeline", (FluxPipeline,), {})
+    pipe.__class__ = other
+    try:
+        with pytest.raises(SafeT2IError, match="does not know the order"):
+            with safety_guidance(pipe, SLDGuidance(GENTLE), concept_kwargs=concept):
+                pass
+    finally:
+        pipe.__class__ = FluxPipeline
+    assert "forward" not in vars(pipe.transformer) and "step" not in vars(pipe.scheduler)
