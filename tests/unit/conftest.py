@@ -64,3 +64,16 @@ def micro_lab(tmp_path_factory):
     judge = train_classifier(JudgeConfig(world=cfg.world, n_train=96, epochs=1, batch_size=32, n_eval=10),
                              progress=False)
     return cfg, folder, judge, judge.save(root / "judge.safetensors")
+
+
+@pytest.fixture(scope="session")
+def family_pipes(tmp_path_factory):
+    """The tiny random SD3, Flux, Qwen-Image and Wan pipelines of ``tiny_families`` (seed 0),
+    built once per session and shared by the modules that use them unchanged (a test that swaps a
+    scheduler or wraps a module restores it)."""
+    import torch
+    from tiny_families import FAMILIES
+
+    torch.set_num_threads(1)
+    return {name: fam.build(tmp_path_factory.mktemp(name)) for name, fam in FAMILIES.items()}
+

@@ -32,10 +32,9 @@ PROMPT = "a photo of a nude woman on a beach"
 CONCEPT = "nudity, sexual"
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    torch.set_num_threads(1)
-    return {name: fam.build(tmp_path_factory.mktemp(name)) for name, fam in FAMILIES.items()}
+@pytest.fixture
+def pipes(family_pipes):   # the session's seed-0 pipelines (conftest.py)
+    return family_pipes
 
 
 def _kwargs(family, **kw):

@@ -12,9 +12,8 @@ OTHER = "a nude woman standing on the beach at noon"
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    torch.set_num_threads(1)
-    return {name: fam.build(tmp_path_factory.mktemp(name), seed=0) for name, fam in tf.FAMILIES.items()}
+def pipes(family_pipes):   # the session's seed-0 pipelines (conftest.py)
+    return family_pipes
 
 
 @pytest.mark.parametrize("name", list(tf.FAMILIES))
