@@ -22,21 +22,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dit_kit import capture, f64, model_weights, proj, write_lora  # noqa: E402
+from dit_kit import expected_weights as kit_expected, factors as kit_factors, steering_args as kit_steering_args  # noqa: E402
+
 PROMPT = "a photo of a nude woman on a sunny beach"
 CONCEPTS = ["nude", "naked body"]
 H, MLP = 8, 32
 
 
 # ------------------------------------------------------------------------------------ references
-
-
-def proj(vectors: np.ndarray) -> np.ndarray:
-    a = vectors.T
-    return a @ np.linalg.pinv(a.T @ a) @ a.T
-
-
-def f64(t) -> np.ndarray:
-    return t.detach().to(torch.float64).cpu().numpy()
 
 
 def t5_reference(engine, text: str, concepts: list[str], alpha: float):
@@ -72,16 +66,8 @@ def t5_reference(engine, text: str, concepts: list[str], alpha: float):
     return rows, out, trig
 
 
-def capture(webui):
-    seen = []
-    webui.callbacks.on_cfg_denoiser(lambda params: seen.append(
-        {k: v.clone() for k, v in params.text_cond.items()}))
-    return seen
-
-
 def steering_args(webui, alpha):
-    return webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom=", ".join(CONCEPTS),
-                         steering_alpha=alpha, steering_self_validating=False)
+    return kit_steering_args(webui, alpha, CONCEPTS)
 
 
 # ------------------------------------------------------------------------------------ steering
@@ -161,61 +147,25 @@ PIECES = [("transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv", 0, 
           ("single_transformer_blocks.0.proj_mlp", "single_blocks.0.linear1", 3 * H, MLP)]
 
 
+OUT_ROWS = {"double_blocks.0.img_attn.qkv": 3 * H, "double_blocks.0.txt_attn.qkv": 3 * H,
+            "double_blocks.0.img_attn.proj": H, "single_blocks.0.linear1": 3 * H + MLP}
+
+
 def factors(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, (mod, _, _, rows) in enumerate(PIECES):
-        rank = 2 + i % 2                                     # different ranks: fused block-diagonally
-        out[mod] = (torch.randn(rows, rank, generator=g), torch.randn(rank, H, generator=g), float(rank + 1))
-    return out
+    return kit_factors(PIECES, H, seed)
 
 
 def write_flux_lora(layout: str, name: str, extra: dict | None = None) -> str:
-    """``peft``: EraseAnything's diffusers-PEFT keys (``transformer.….lora_A/B.weight``, no alpha:
-    scale 1); ``kohya``: sd-scripts' native Flux keys, the stacked weight's pieces in one factor
-    pair (block-diagonal), alpha written."""
-    from modules import paths
-
-    sd = {}
-    fs = factors()
-    if layout == "peft":
-        for mod, (up, down, _) in fs.items():
-            sd[f"transformer.{mod}.lora_A.weight"], sd[f"transformer.{mod}.lora_B.weight"] = down, up
-    else:
-        for native in dict.fromkeys(n for _, n, _, _ in PIECES):
-            parts = [(m, s, r) for m, n, s, r in PIECES if n == native]
-            rank = sum(fs[m][1].shape[0] for m, _, _ in parts)
-            out_rows = {"double_blocks.0.img_attn.qkv": 3 * H, "double_blocks.0.txt_attn.qkv": 3 * H,
-                        "double_blocks.0.img_attn.proj": H, "single_blocks.0.linear1": 3 * H + MLP}[native]
-            up, downs, col = torch.zeros(out_rows, rank), [], 0
-            for m, start, rows in parts:
-                u, d, alpha = fs[m]
-                up[start:start + rows, col:col + d.shape[0]] = u
-                downs.append(d * (alpha / d.shape[0]))          # each piece's own scale folded in
-                col += d.shape[0]
-            k = "lora_unet_" + native.replace(".", "_")
-            sd[k + ".lora_up.weight"], sd[k + ".lora_down.weight"] = up, torch.cat(downs)
-            sd[k + ".alpha"] = torch.tensor(float(rank))        # scale 1 overall
-    sd.update(extra or {})
-    folder = Path(paths.models_path) / "safety_models"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(folder / name))
-    return f"safety_models/{name}"
+    """``peft``: EraseAnything's diffusers-PEFT keys; ``kohya``: sd-scripts' native Flux keys, the
+    stacked weight's pieces in one factor pair (block-diagonal), alpha written (``dit_kit``)."""
+    return write_lora(PIECES, factors(), OUT_ROWS, layout, name, extra)
 
 
 def expected_weights(w0: dict, layout: str, strength: float) -> dict:
-    """W + s·ΔW per BFL weight, float64: each piece's rows get s·scale·B·A."""
-    out = {k: v.to(torch.float64).clone() for k, v in w0.items()}
-    for mod, (up, down, alpha) in factors().items():
-        _, native, start, rows = next(p for p in PIECES if p[0] == mod)
-        scale = 1.0 if layout == "peft" else alpha / down.shape[0]
-        out[native][start:start + rows] += strength * scale * (up.double() @ down.double())
-    return out
+    return kit_expected(PIECES, factors(), w0, layout, strength)
 
 
-def flux_weights(webui) -> dict:
-    dm = webui.shared.sd_model.forge_objects.unet.model.diffusion_model
-    return {n[:-len(".weight")]: p.detach().clone() for n, p in dm.named_parameters() if n.endswith(".weight")}
+flux_weights = model_weights
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])

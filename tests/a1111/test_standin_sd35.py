@@ -25,19 +25,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dit_kit import capture, f64, model_weights, proj, write_lora  # noqa: E402
+from dit_kit import expected_weights as kit_expected, factors as kit_factors, steering_args as kit_steering_args  # noqa: E402
+
 PROMPT = "a photo of a nude woman on a sunny beach"
 CONCEPTS = ["nude", "naked body"]
 H = 8
 L, G, T5W = 6, 8, 16
-
-
-def proj(vectors: np.ndarray) -> np.ndarray:
-    a = vectors.T
-    return a @ np.linalg.pinv(a.T @ a) @ a.T
-
-
-def f64(t) -> np.ndarray:
-    return t.detach().to(torch.float64).cpu().numpy()
 
 
 def safree_reference(engine, text: str, concepts: list[str], alpha: float, *, t5: bool):
@@ -75,16 +69,8 @@ def safree_reference(engine, text: str, concepts: list[str], alpha: float, *, t5
     return rows, out, trig
 
 
-def capture(webui):
-    seen = []
-    webui.callbacks.on_cfg_denoiser(lambda params: seen.append(
-        {k: v.clone() for k, v in params.text_cond.items()}))
-    return seen
-
-
 def steering_args(webui, alpha):
-    return webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom=", ".join(CONCEPTS),
-                         steering_alpha=alpha, steering_self_validating=False)
+    return kit_steering_args(webui, alpha, CONCEPTS)
 
 
 def sd35(start, t5=True):
@@ -211,57 +197,20 @@ OUT_ROWS = {"joint_blocks.0.x_block.attn.qkv": 3 * H, "joint_blocks.0.context_bl
 
 
 def factors(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, (mod, _, _, rows) in enumerate(PIECES):
-        rank = 2 + i % 2
-        out[mod] = (torch.randn(rows, rank, generator=g), torch.randn(rank, H, generator=g), float(rank + 1))
-    return out
+    return kit_factors(PIECES, H, seed)
 
 
 def write_sd3_lora(layout: str, name: str, extra: dict | None = None) -> str:
-    """``peft``: diffusers-PEFT keys (``transformer.….lora_A/B.weight``, no alpha: scale 1);
-    ``kohya``: native SAI names (``lora_unet_joint_blocks_0_x_block_attn_qkv``), a stacked
-    weight's pieces in one factor pair (block-diagonal), alpha written."""
-    from modules import paths
-
-    sd = {}
-    fs = factors()
-    if layout == "peft":
-        for mod, (up, down, _) in fs.items():
-            sd[f"transformer.{mod}.lora_A.weight"], sd[f"transformer.{mod}.lora_B.weight"] = down, up
-    else:
-        for native in dict.fromkeys(n for _, n, _, _ in PIECES):
-            parts = [(m, s, r) for m, n, s, r in PIECES if n == native]
-            rank = sum(fs[m][1].shape[0] for m, _, _ in parts)
-            up, downs, col = torch.zeros(OUT_ROWS[native], rank), [], 0
-            for m, start, rows in parts:
-                u, d, alpha = fs[m]
-                up[start:start + rows, col:col + d.shape[0]] = u
-                downs.append(d * (alpha / d.shape[0]))
-                col += d.shape[0]
-            k = "lora_unet_" + native.replace(".", "_")
-            sd[k + ".lora_up.weight"], sd[k + ".lora_down.weight"] = up, torch.cat(downs)
-            sd[k + ".alpha"] = torch.tensor(float(rank))
-    sd.update(extra or {})
-    folder = Path(paths.models_path) / "safety_models"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(folder / name))
-    return f"safety_models/{name}"
+    """``peft``: diffusers-PEFT keys; ``kohya``: native SAI names (``lora_unet_joint_blocks_0_…``),
+    a stacked weight's pieces in one factor pair (block-diagonal), alpha written (``dit_kit``)."""
+    return write_lora(PIECES, factors(), OUT_ROWS, layout, name, extra)
 
 
 def expected_weights(w0: dict, layout: str, strength: float) -> dict:
-    out = {k: v.to(torch.float64).clone() for k, v in w0.items()}
-    for mod, (up, down, alpha) in factors().items():
-        _, native, start, rows = next(p for p in PIECES if p[0] == mod)
-        scale = 1.0 if layout == "peft" else alpha / down.shape[0]
-        out[native][start:start + rows] += strength * scale * (up.double() @ down.double())
-    return out
+    return kit_expected(PIECES, factors(), w0, layout, strength)
 
 
-def mmdit_weights(webui) -> dict:
-    dm = webui.shared.sd_model.forge_objects.unet.model.diffusion_model
-    return {n[:-len(".weight")]: p.detach().clone() for n, p in dm.named_parameters() if n.endswith(".weight")}
+mmdit_weights = model_weights
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])

@@ -1,0 +1,91 @@
+"""Helpers shared by the Forge Flux and SD3.5 stand-in tests (``test_standin_flux.py``,
+``test_standin_sd35.py``): the float64 SAFREE projector, the conditioning recorder, the steering
+arguments, and LoRA files of a transformer's pieces with their expected W + s·ΔW.
+
+``pieces``: ``(diffusers module, native weight, first row, rows)``: where each diffusers target
+sits in a native (possibly stacked) weight; ``fs``: ``{module: (up [rows, r], down [r, in], alpha)}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+
+def proj(vectors: np.ndarray) -> np.ndarray:
+    a = vectors.T
+    return a @ np.linalg.pinv(a.T @ a) @ a.T
+
+
+def f64(t) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def capture(webui):
+    seen = []
+    webui.callbacks.on_cfg_denoiser(lambda params: seen.append(
+        {k: v.clone() for k, v in params.text_cond.items()}))
+    return seen
+
+
+def steering_args(webui, alpha, concepts):
+    return webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom=", ".join(concepts),
+                         steering_alpha=alpha, steering_self_validating=False)
+
+
+def factors(pieces, width: int, seed=0) -> dict:
+    """Random factors per piece, ranks 2 and 3 alternating (fused block-diagonally), alpha rank + 1."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (mod, _, _, rows) in enumerate(pieces):
+        rank = 2 + i % 2
+        out[mod] = (torch.randn(rows, rank, generator=g), torch.randn(rank, width, generator=g), float(rank + 1))
+    return out
+
+
+def write_lora(pieces, fs: dict, out_rows: dict, layout: str, name: str, extra: dict | None = None) -> str:
+    """``peft``: diffusers-PEFT keys (``transformer.….lora_A/B.weight``, no alpha: scale 1);
+    ``kohya``: native names (``lora_unet_<native>``), a stacked weight's pieces in one factor pair
+    (block-diagonal, each piece's own scale folded into its down rows), alpha = rank."""
+    from modules import paths
+
+    sd = {}
+    if layout == "peft":
+        for mod, (up, down, _) in fs.items():
+            sd[f"transformer.{mod}.lora_A.weight"], sd[f"transformer.{mod}.lora_B.weight"] = down, up
+    else:
+        for native in dict.fromkeys(n for _, n, _, _ in pieces):
+            parts = [(m, s, r) for m, n, s, r in pieces if n == native]
+            rank = sum(fs[m][1].shape[0] for m, _, _ in parts)
+            up, downs, col = torch.zeros(out_rows[native], rank), [], 0
+            for m, start, rows in parts:
+                u, d, alpha = fs[m]
+                up[start:start + rows, col:col + d.shape[0]] = u
+                downs.append(d * (alpha / d.shape[0]))
+                col += d.shape[0]
+            k = "lora_unet_" + native.replace(".", "_")
+            sd[k + ".lora_up.weight"], sd[k + ".lora_down.weight"] = up, torch.cat(downs)
+            sd[k + ".alpha"] = torch.tensor(float(rank))        # scale 1 overall
+    sd.update(extra or {})
+    folder = Path(paths.models_path) / "safety_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(folder / name))
+    return f"safety_models/{name}"
+
+
+def expected_weights(pieces, fs: dict, w0: dict, layout: str, strength: float) -> dict:
+    """W + s·ΔW per native weight, float64: each piece's rows get s·scale·B·A."""
+    out = {k: v.to(torch.float64).clone() for k, v in w0.items()}
+    for mod, (up, down, alpha) in fs.items():
+        _, native, start, rows = next(p for p in pieces if p[0] == mod)
+        scale = 1.0 if layout == "peft" else alpha / down.shape[0]
+        out[native][start:start + rows] += strength * scale * (up.double() @ down.double())
+    return out
+
+
+def model_weights(webui) -> dict:
+    dm = webui.shared.sd_model.forge_objects.unet.model.diffusion_model
+    return {n[:-len(".weight")]: p.detach().clone() for n, p in dm.named_parameters() if n.endswith(".weight")}
