@@ -1,6 +1,7 @@
 """``safet2i`` command line.
 
 ``safet2i filter PATHS... --out DIR``   check images and write filtered copies
+``safet2i audit INPUTS... --out DIR --table T.parquet [--ray auto|ADDRESS]``  resumable audit (docs/scale.md)
 ``safet2i samples DIR``                 export benign sample pictures (for demos)
 ``safet2i models``                      list the built-in filter models and their status
 ``safet2i lora inspect FILE [--base B]``  key format, family, architecture, rank, targets, coverage
@@ -90,9 +91,39 @@ class _Architectures:
 _ARCHS = _Architectures()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _filter_options(p) -> None:
+    """The filter's and the censoring's options, the same for ``filter`` and ``audit``."""
     from .filter import ACTIONS, BUILTIN, DEFAULT_POLICY, PRESETS
 
+    p.add_argument("--action", choices=ACTIONS, default="blur", help="what to do with unsafe images (default: blur)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"class set: {', '.join(PRESETS)}, custom, or a policy .json (default: {DEFAULT_POLICY})")
+    p.add_argument("--threshold", action="append", default=[], metavar="LABEL=SCORE",
+                   help="per-label threshold override, repeatable (e.g. FEET_EXPOSED=0.8)")
+    p.add_argument("--model", action="append", default=None,
+                   help=f"model: {', '.join(BUILTIN)} or a sidecar .json path; repeatable (default: nudenet)")
+    p.add_argument("--expand", type=_bounded("--expand", 0, 2), default=None,
+                   help="grow flagged boxes by this fraction per side (0..2)")
+    p.add_argument("--shape", choices=("rect", "ellipse"), default=None, help="mask shape")
+    p.add_argument("--feather", type=_bounded("--feather", 0, 1024), default=0.0,
+                   help="soften mask edges by this many pixels (0..1024)")
+    p.add_argument("--strength", type=_bounded("--strength", 0, 4096, lo_open=True), default=None,
+                   help="blur sigma / pixelate block size in pixels (automatic by default; never below the "
+                        "minimum for the region's size)")
+    p.add_argument("--colour", "--color", type=_colour, default=(0.0, 0.0, 0.0), help="fill colour (#rrggbb)")
+    p.add_argument("--providers", default=None, help="onnxruntime providers: auto, cpu, cuda, tensorrt, ...")
+    p.add_argument("--batch-size", type=_bounded("--batch-size", 1, 1024, integer=True), default=16,
+                   help="images per network batch (1..1024, default 16)")
+
+
+def filter_from_args(args):
+    """The :class:`SafetyFilter` the options of :func:`_filter_options` describe."""
+    from .filter.files import build_filter
+
+    return build_filter(vars(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="safet2i", description="SafeT2I safety tools for text-to-image diffusion.")
     p.add_argument("--version", action="version", version=f"safet2i {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -100,25 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("filter", help="check images with the output filter and write filtered copies")
     f.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     f.add_argument("--out", required=True, help="folder for the filtered copies (never an input's own file)")
-    f.add_argument("--action", choices=ACTIONS, default="blur", help="what to do with unsafe images (default: blur)")
-    f.add_argument("--policy", default=DEFAULT_POLICY,
-                   help=f"class set: {', '.join(PRESETS)}, custom, or a policy .json (default: {DEFAULT_POLICY})")
-    f.add_argument("--threshold", action="append", default=[], metavar="LABEL=SCORE",
-                   help="per-label threshold override, repeatable (e.g. FEET_EXPOSED=0.8)")
-    f.add_argument("--model", action="append", default=None,
-                   help=f"model: {', '.join(BUILTIN)} or a sidecar .json path; repeatable (default: nudenet)")
-    f.add_argument("--expand", type=_bounded("--expand", 0, 2), default=None,
-                   help="grow flagged boxes by this fraction per side (0..2)")
-    f.add_argument("--shape", choices=("rect", "ellipse"), default=None, help="mask shape")
-    f.add_argument("--feather", type=_bounded("--feather", 0, 1024), default=0.0,
-                   help="soften mask edges by this many pixels (0..1024)")
-    f.add_argument("--strength", type=_bounded("--strength", 0, 4096, lo_open=True), default=None,
-                   help="blur sigma / pixelate block size in pixels (automatic by default; never below the "
-                        "minimum for the region's size)")
-    f.add_argument("--colour", "--color", type=_colour, default=(0.0, 0.0, 0.0), help="fill colour (#rrggbb)")
-    f.add_argument("--providers", default=None, help="onnxruntime providers: auto, cpu, cuda, tensorrt, ...")
-    f.add_argument("--batch-size", type=_bounded("--batch-size", 1, 1024, integer=True), default=16,
-                   help="images per network batch (1..1024, default 16)")
+    _filter_options(f)
     f.add_argument("--max-file-pixels", type=_bounded("--max-file-pixels", 1, 10**11, integer=True), default=None,
                    help="decoded-pixel budget per file over all its frames (default 300000000, or "
                         "SAFET2I_MAX_FILE_PIXELS); a file over it is a per-file error")
@@ -128,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true",
                    help="replace existing files in --out and existing report files (never an input)")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+    a = sub.add_parser(
+        "audit", help="check many images (folders, file lists, Parquet, tar shards) into a verdict table; "
+                      "resumable; in-process or on a Ray cluster (docs/scale.md)")
+    a.add_argument("inputs", nargs="+", help="folders, file lists (.txt/.lst: one path a line), Parquet tables "
+                                             "(path/bytes columns), WebDataset .tar shards, image files")
+    a.add_argument("--out", required=True, help="folder for the censored copies (nothing in it is ever replaced)")
+    a.add_argument("--table", required=True, help="Parquet table of per-image verdicts (merged with an earlier "
+                                                  "run's: a re-run skips what is done)")
+    a.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                   help="run on Ray: 'auto' starts a local cluster on 127.0.0.1, else a cluster address "
+                        "(ray://host:10001 or host:6379); needs pip install 'safet2i[ray]'")
+    a.add_argument("--workers", type=_bounded("--workers", 1, 100000, integer=True), default=None,
+                   help="model-holding actors with --ray (default: the cluster's GPUs, else its CPUs less one)")
+    _filter_options(a)
+    a.add_argument("--report", help="write the JSON summary here (as safet2i filter's)")
+    a.add_argument("--html", help="write the HTML summary here (thumbnails of the copies only)")
+    a.add_argument("--overwrite", action="store_true", help="replace existing report files (never a copy)")
+    a.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
     s = sub.add_parser("samples", help="export benign sample pictures of people (needs scikit-image)")
     s.add_argument("dir")
@@ -238,20 +270,11 @@ def run_convert(args) -> int:
 
 
 def run_filter(args) -> int:
-    from .filter import SafetyFilter, get_policy, parse_thresholds
     from .filter.files import FileFilter, atomic_write, guard_destination
     from .filter.files import collect as collect_files
     from .filter.report import build_report, write_html, write_json
 
-    overrides = {}
-    for t in args.threshold:
-        overrides.update(parse_thresholds(t))
-    kw = {k: v for k, v in (("expand", args.expand), ("shape", args.shape)) if v is not None}
-    policy = get_policy(args.policy, overrides, **kw)
-    flt = SafetyFilter(
-        args.model or ["nudenet"], policy, args.action, feather=args.feather, strength=args.strength,
-        colour=args.colour, providers=args.providers, batch_size=args.batch_size,
-    )
+    flt = filter_from_args(args)
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         if any(os.path.samefile(out_dir, p) for p in args.paths if os.path.exists(p)):
@@ -370,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "filter":
             return run_filter(args)
+        if args.command == "audit":
+            from .audit import run_audit  # noqa: PLC0415
+            return run_audit(args)
         if args.command == "samples":
             return run_samples(args)
         if args.command == "lora":

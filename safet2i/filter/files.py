@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import _UMASK, TMP_SUFFIX, atomic_write  # noqa: F401  (re-exported for the CLI and tests)
+from ..fileio import _UMASK, TMP_SUFFIX, atomic_write, publish_new  # noqa: F401  (re-exported for the CLI and tests)
 from ..errors import ImageInputError, MissingDependencyError, ModelLoadError, ModelRunError, SafeT2IError
 from ..images import (
     ENV_MAX_FILE_PIXELS, MAX_FILE_PIXELS, FrameDecoder, env_budget, encode_frames, output_format, read_file_bytes,
@@ -60,6 +60,24 @@ def _lstat_or_skip(path: Path, skip):
     except OSError as exc:
         skip(path, f"cannot be read ({exc.strerror})")
         return None
+
+
+def build_filter(opts: dict):
+    """A :class:`~safet2i.filter.SafetyFilter` from the command line's filter options (a dict:
+    ``model``, ``policy``, ``threshold``, ``action``, ``expand``, ``shape``, ``feather``,
+    ``strength``, ``colour``, ``providers``, ``batch_size``; missing ones take the defaults), the
+    same for ``safet2i filter`` and ``safet2i audit`` (whose Ray actors build theirs from it)."""
+    from . import DEFAULT_POLICY, SafetyFilter, get_policy, parse_thresholds  # noqa: PLC0415
+
+    overrides = {}
+    for t in opts.get("threshold") or []:
+        overrides.update(parse_thresholds(t))
+    kw = {k: opts[k] for k in ("expand", "shape") if opts.get(k) is not None}
+    policy = get_policy(opts.get("policy") or DEFAULT_POLICY, overrides, **kw)
+    return SafetyFilter(opts.get("model") or ["nudenet"], policy, opts.get("action") or "blur",
+                        feather=opts.get("feather") or 0.0, strength=opts.get("strength"),
+                        colour=tuple(opts.get("colour") or (0.0, 0.0, 0.0)), providers=opts.get("providers"),
+                        batch_size=opts.get("batch_size") or 16)
 
 
 def collect(paths: list[str], exclude: list[Path] = ()) -> tuple[list[tuple[Path, Path]], list[dict]]:
@@ -172,11 +190,18 @@ class FileFilter:
 
     ``out_dir`` must exist. ``inputs``: identities ``(st_dev, st_ino)`` of every input,
     never written. ``thumbnails``: collect HTML thumbnails of the written outputs.
+    ``publish="new"`` (``safet2i audit``): an output never replaces an existing file, even one
+    another process creates at the same moment (:func:`~safet2i.fileio.publish_new`); an
+    existing file with exactly the bytes this run would write counts as written (a resumed or
+    retried run), one with other content is a per-file error. ``overwrite`` is then ignored.
     """
 
     def __init__(self, flt, out_dir: Path, *, overwrite: bool = False, inputs: set | None = None,
                  batch_size: int = 16, batch_pixels: int | None = None, max_file_pixels: int | None = None,
-                 thumbnails: bool = False, progress=None):
+                 thumbnails: bool = False, progress=None, publish: str = "replace"):
+        if publish not in ("replace", "new"):
+            raise ValueError(f"publish must be 'replace' or 'new', not {publish!r}")
+        self.publish = publish
         self.flt = flt
         self.out_dir = Path(os.path.realpath(out_dir))
         self.overwrite = overwrite
@@ -222,7 +247,7 @@ class FileFilter:
                 raise ImageInputError(f"refusing to overwrite the original {target}")
             if stat.S_ISDIR(st.st_mode):
                 raise ImageInputError(f"{target} is a folder")
-            if not self.overwrite:
+            if not self.overwrite and self.publish == "replace":
                 raise ImageInputError(f"{target} exists; pass --overwrite to replace it")
         self._claimed.add(real)
         return target
@@ -233,17 +258,24 @@ class FileFilter:
             self.add(path, rel)
             if self.progress is not None:
                 self.progress(1)
-        self._flush()
-        self._finish_ready()
+        self.drain()
         return self.status
 
-    def add(self, path: Path, rel: Path) -> None:
+    def drain(self) -> None:
+        """Check what waits for a batch and finish every file added so far (its entry is final)."""
+        self._flush()
+        self._finish_ready()
+
+    def add(self, path: Path, rel: Path, data: bytes | None = None) -> None:
+        """One input: read from ``path``, or ``data`` (its bytes, already read; ``path`` then
+        only names it, e.g. ``shard.tar/member.png``)."""
         name = os.fsdecode(path)
         entry = {"path": name, "output": None, "verdict": "error", "cost": None, "error": None}
         self.files.append(entry)
         f = None
         try:
-            data = read_file_bytes(path)
+            if data is None:
+                data = read_file_bytes(path)
             entry["sha256"] = hashlib.sha256(data).hexdigest()
             with FrameDecoder(data, name, max_file_pixels=self.max_file_pixels) as dec:
                 fmt = output_format(dec.format, dec.n_frames)
@@ -386,7 +418,14 @@ class FileFilter:
             if self.out_dir not in Path(os.path.realpath(f.target.parent)).parents \
                     and Path(os.path.realpath(f.target.parent)) != self.out_dir:
                 raise OSError(f"{f.target.parent} leads outside --out")
-            atomic_write(f.target, lambda fh: encode_frames(outs, meta, fh))
+            if self.publish == "new":
+                publish_new(f.target, lambda fh: encode_frames(outs, meta, fh))
+            else:
+                atomic_write(f.target, lambda fh: encode_frames(outs, meta, fh))
+        except FileExistsError as exc:
+            entry["error"] = str(exc)
+            self.status |= EXIT_BROKEN
+            return
         except OSError as exc:
             entry["error"] = f"cannot write {f.target}: {exc.strerror or exc}"
             self.status |= EXIT_BROKEN
