@@ -6,6 +6,7 @@ a stack of SafeT2I layers chosen by flags, judge the images and write the report
                   [--weights FILE]... [--steering PRESET | --steering-concepts "a; b"] [--reattention]
                   [--guidance METHOD[:PRESET]] [--concept TEXT] [--filter POLICY] [--cost-model FILE]
                   [--steps N] [--guidance-scale G] [--batch-size N] [--device D] [--out DIR] [--no-resume]
+                  [--ray auto|ADDRESS [--workers N]]
 
 Exit status 0 on success, 2 on an error (one line naming the cause), 130 when interrupted (run the
 same command again to resume). Wiring (in :mod:`safet2i.cli`): ``register(sub)`` in
@@ -97,6 +98,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--no-resume", action="store_true", help="generate every image again")
     b.add_argument("--samples", type=_number("--samples", int, 0), default=4, help="prompts in the HTML grid (4)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                   help="generate on Ray: 'auto' starts a local cluster on 127.0.0.1, else a cluster address; one "
+                        "pipeline load per worker, same images and report as a local run (docs/scale.md); "
+                        "needs pip install 'safet2i[ray]'")
+    b.add_argument("--workers", type=_number("--workers", int, 1), default=None,
+                   help="with --ray: pipeline-holding workers (default: the cluster's GPUs, else its CPUs less one)")
     return b
 
 
@@ -129,17 +136,27 @@ def parse_guidance(text: str) -> tuple[str, str]:
 
 
 def _device_dtype(args):
+    return resolve_device(args.device, args.dtype)
+
+
+def resolve_device(device: str, dtype: str):
+    """``(device, torch dtype)`` for ``--device``/``--dtype`` on this machine (auto: CUDA when
+    available; float16 on CUDA, float32 on CPU)."""
     import torch  # noqa: PLC0415
 
     from ..errors import SafeT2IError  # noqa: PLC0415
 
-    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeT2IError(f"--device {device}: CUDA is not available here")
-    name = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    name = dtype if dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     return device, getattr(torch, name)
+
+
+def worker_pipeline(model: str, config: str | None, device: str, dtype: str) -> Any:
+    """``--ray``'s pipeline factory: run in each worker, so ``--device auto`` means the worker's GPU."""
+    return load_pipeline(model, config, *resolve_device(device, dtype))
 
 
 def load_pipeline(model: str, config: str | None, device: str, dtype) -> Any:
@@ -300,9 +317,21 @@ def run(args: argparse.Namespace) -> int:
 
         prompts = read_prompts(args.prompts, limit=args.limit)
         stack = stack_from_args(args)
-        device, dtype = _device_dtype(args)
         judge = load_bench_judge(args.judge, lab_judge=args.judge_file, nudenet_v2=args.nudenet_v2)
-        pipe = load_pipeline(args.model, args.config, device, dtype)
+        remote: dict[str, Any] = {}
+        if args.ray:
+            if not Path(args.model).exists():
+                raise SafeT2IError(f"--model {args.model}: no such file or folder")
+            import functools  # noqa: PLC0415
+
+            pipe = None
+            remote = {"ray": args.ray, "workers": args.workers,
+                      "pipe_factory": functools.partial(worker_pipeline, args.model, args.config, args.device,
+                                                        args.dtype)}
+        else:
+            if args.workers:
+                raise SafeT2IError("--workers belongs to --ray")
+            pipe = load_pipeline(args.model, args.config, *_device_dtype(args))
         pk: dict[str, Any] = {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
         if args.height:
             pk["height"] = args.height
@@ -311,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         results = run_bench(pipe, prompts, [stack] if stack is not None else [], judge, args.out,
                             batch_size=args.batch_size, resume=not args.no_resume,
                             progress=not args.no_progress and sys.stderr.isatty(), pipe_kwargs=pk,
-                            samples=args.samples)
+                            samples=args.samples, **remote)
         print(Path(results.files["markdown"]).read_text(encoding="utf-8"))
         made = sum(r["generated"] for r in results.rows)
         reused = sum(r["reused"] for r in results.rows)

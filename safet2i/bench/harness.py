@@ -17,11 +17,13 @@ With ``resume`` an image whose record and PNG exist under the same run key is no
 again; a changed stack, pipeline or argument is another run key, so nothing stale is reused.
 Images are generated with one CPU generator per image (its prompt's seed), so an image does not
 depend on which batch it was generated in (up to the floating-point differences batched kernels
-may have).
+may have). With ``ray=`` the same calls run on Ray actors (:mod:`.distributed`); this process
+writes the records, judges and reports as in a local run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -208,8 +210,52 @@ def _order(stacks: Sequence[Stack]) -> list[Stack]:
     return ordered
 
 
-def _run_stack(pipe, stack: Stack, prompts: list[Prompt], run_key: str, folder: Path, batch_size: int,
-               resume: bool, bar, pipe_kwargs: dict, providers) -> tuple[list[dict], np.ndarray, int, int]:
+@dataclass
+class _Work:
+    """One stack's work in a run: what is done (its records), what is left (``todo``)."""
+
+    stack: Stack
+    run_key: str
+    folder: Path
+    keys: list[str]
+    done: dict[str, dict[str, Any]]
+    todo: list[tuple[Prompt, str]]
+    fresh: dict[str, np.ndarray] = field(default_factory=dict)
+    fh: Any = None
+
+    def chunks(self, batch_size: int) -> list[list[tuple[Prompt, str]]]:
+        """The generation calls, the same in a local and a distributed run (so are the images)."""
+        return [self.todo[i:i + batch_size] for i in range(0, len(self.todo), batch_size)]
+
+    def write(self, chunk: list[tuple[Prompt, str]], images, infos, seconds: float) -> None:
+        """Save one call's images and append their records (flushed: an interruption loses at
+        most the call in flight)."""
+        if self.fh is None:
+            self.fh = (self.folder / RECORDS).open("a", encoding="utf-8")
+        dt = seconds / max(1, len(chunk))
+        for (p, k), img, info in zip(chunk, images, infos):
+            png = f"{_safe(p.id)}-{k[:8]}.png"
+            _save_png(self.folder / png, img)
+            rec = {"key": k, "id": p.id, "seed": p.seed, "text": p.text, "png": png,
+                   "seconds": round(dt, 6), "info": info}
+            self.fh.write(json.dumps(rec) + "\n")
+            self.done[k] = rec
+            self.fresh[k] = np.ascontiguousarray(img)   # as a PNG loads: metrics sum in the same order
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+    def result(self) -> tuple[list[dict], np.ndarray]:
+        records = [self.done[k] for k in self.keys]
+        images = np.stack([self.fresh[k] if k in self.fresh else _load_png(self.folder / self.done[k]["png"])
+                           for k in self.keys])
+        return records, images
+
+
+def _prepare(stack: Stack, prompts: list[Prompt], run_key: str, folder: Path, resume: bool) -> _Work:
     folder.mkdir(parents=True, exist_ok=True)
     rec_path = folder / RECORDS
     if not resume and rec_path.exists():
@@ -217,32 +263,25 @@ def _run_stack(pipe, stack: Stack, prompts: list[Prompt], run_key: str, folder: 
     done = _read_records(rec_path) if resume else {}
     keys = [prompt_key(p) for p in prompts]
     todo = [(p, k) for p, k in zip(prompts, keys) if k not in done]
-    reused = len(prompts) - len(todo)
-    if bar is not None:
-        bar.set_description(f"bench {stack.name}")
-        bar.update(reused)
-    fresh: dict[str, np.ndarray] = {}
-    if todo:
-        with apply_stack(pipe, stack, providers=providers) as generate, rec_path.open("a", encoding="utf-8") as fh:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                t0 = time.perf_counter()
-                images, infos = generate([p.text for p, _ in chunk], [p.seed for p, _ in chunk], **pipe_kwargs)
-                dt = (time.perf_counter() - t0) / len(chunk)
-                for (p, k), img, info in zip(chunk, images, infos):
-                    png = f"{_safe(p.id)}-{k[:8]}.png"
-                    _save_png(folder / png, img)
-                    rec = {"key": k, "id": p.id, "seed": p.seed, "text": p.text, "png": png,
-                           "seconds": round(dt, 6), "info": info}
-                    fh.write(json.dumps(rec) + "\n")
-                    done[k] = rec
-                    fresh[k] = img
-                fh.flush()
-                if bar is not None:
-                    bar.update(len(chunk))
-    records = [done[k] for k in keys]
-    images = np.stack([fresh[k] if k in fresh else _load_png(folder / done[k]["png"]) for k in keys])
-    return records, images, len(todo), reused
+    return _Work(stack, run_key, folder, keys, done, todo)
+
+
+def _generate_here(pipe, works: list[_Work], batch_size: int, bar, pipe_kwargs: dict, providers) -> None:
+    for w in works:
+        if not w.todo:
+            continue
+        if bar is not None:
+            bar.set_description(f"bench {w.stack.name}")
+        try:
+            with apply_stack(pipe, w.stack, providers=providers) as generate:
+                for chunk in w.chunks(batch_size):
+                    t0 = time.perf_counter()
+                    images, infos = generate([p.text for p, _ in chunk], [p.seed for p, _ in chunk], **pipe_kwargs)
+                    w.write(chunk, images, infos, time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            w.close()
 
 
 def _groups(prompts: list[Prompt]) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -299,13 +338,19 @@ def _rows(runs: list[StackRun], prompts: list[Prompt], groups: list[str], idx: d
 def run_bench(pipe, prompts: Sequence[Prompt], stacks: Sequence[Stack], judge: Any, out_dir: str | os.PathLike,
               batch_size: int = 8, resume: bool = True, progress: bool = True, *, pipe_kwargs: dict | None = None,
               samples: int = 4, kid_subsets: int = 100, kid_subset_size: int = 1000, use_lpips: bool | None = None,
-              write_reports: bool = True, providers=None) -> BenchResults:
+              write_reports: bool = True, providers=None, ray: str | None = None, workers: int | None = None,
+              pipe_factory=None) -> BenchResults:
     """Run every stack (the unprotected one first) on ``prompts`` with ``pipe``, judge the images
     with ``judge`` (a :class:`~.judges.BenchJudge`, a preset name, or a lab AttributeClassifier)
     and compare (module docstring; rows: :class:`BenchResults`). ``pipe_kwargs`` go to every
     pipeline call (``num_inference_steps``, ``guidance_scale``, ...). ``samples``: prompts per
     stack in the HTML grid. Returns the results; with ``write_reports`` also writes
-    ``results.json``, ``results.md`` and ``samples.html`` to ``out_dir``."""
+    ``results.json``, ``results.md`` and ``samples.html`` to ``out_dir``.
+
+    ``ray`` (``"auto"`` or a cluster address): the images are generated on a Ray cluster by
+    ``workers`` actors (default: one per GPU, else the CPUs less one), each loading the pipeline
+    once with ``pipe_factory`` (a picklable callable returning it; ``pipe`` may then be None),
+    the same calls as a local run (:mod:`.distributed`); records, judging and reports stay here."""
     prompts = check_prompts(prompts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SafeT2IError(f"run_bench: batch_size must be a positive integer, got {batch_size!r}")
@@ -318,7 +363,13 @@ def run_bench(pipe, prompts: Sequence[Prompt], stacks: Sequence[Stack], judge: A
         raise SafeT2IError(f"run_bench: pipe_kwargs must be plain JSON values (numbers, strings), not {exc}") from exc
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ident = pipeline_identity(pipe)
+    if ray is None and pipe is None:
+        raise SafeT2IError("run_bench: pipe is None (a pipeline is needed, or ray= with pipe_factory=)")
+    if ray is not None and pipe_factory is None:
+        raise SafeT2IError("run_bench(ray=...) needs pipe_factory: a picklable callable that loads the "
+                           "pipeline in each worker")
+    cluster = contextlib.ExitStack()
+    remote = None
     if use_lpips is None:
         use_lpips, lp_reason = metrics.lpips_available()
     else:
@@ -329,17 +380,35 @@ def run_bench(pipe, prompts: Sequence[Prompt], stacks: Sequence[Stack], judge: A
 
         bar = tqdm(total=len(prompts) * len(stacks), unit="img", desc="bench", leave=False)
     runs: list[StackRun] = []
+    works: list[_Work] = []
     try:
+        if ray is not None:
+            from .distributed import RayGenerator  # noqa: PLC0415
+
+            remote = cluster.enter_context(RayGenerator(ray, pipe_factory, workers=workers, providers=providers))
+        ident = remote.identity if remote is not None else pipeline_identity(pipe)
         for stack in stacks:
             run_key = _sha(_canonical({"format": _FORMAT, "stack": stack.key(), "pipeline": ident, "kwargs": pk}))
             folder = out / "runs" / f"{_safe(stack.name)}-{run_key}"
-            records, images, generated, reused = _run_stack(pipe, stack, prompts, run_key, folder, batch_size,
-                                                            resume, bar, pk, providers)
+            works.append(_prepare(stack, prompts, run_key, folder, resume))
+            if bar is not None:
+                bar.update(len(prompts) - len(works[-1].todo))
+        if remote is not None:
+            remote.generate(works, batch_size, bar, pk)
+            cluster.close()         # the workers go before judging (their memory, their GPUs)
+        else:
+            _generate_here(pipe, works, batch_size, bar, pk, providers)
+        for w in works:
+            records, images = w.result()
             judgement = judge.judge(images)
             if len(judgement.concept) != len(images):
                 raise SafeT2IError(f"judge {judge.name} returned {len(judgement.concept)} verdicts for {len(images)} images")
-            runs.append(StackRun(stack, run_key, folder, records, images, judgement, generated, reused))
+            runs.append(StackRun(w.stack, w.run_key, w.folder, records, images, judgement, len(w.fresh),
+                                 len(prompts) - len(w.fresh)))
     finally:
+        for w in works:
+            w.close()
+        cluster.close()
         if bar is not None:
             bar.close()
     groups, idx = _groups(prompts)
