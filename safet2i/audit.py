@@ -203,8 +203,8 @@ def _dec(v) -> str:
 
 
 def plan_tables(items, done: dict, chunk: int = PLAN_CHUNK):
-    """Work items -> Arrow tables of up to ``chunk`` rows (about 100 bytes an item, instead of a
-    Python dict's ~600); ``done``: the sha256 a path was audited with under this configuration
+    """Work items -> Arrow tables of up to ``chunk`` rows (about 140 bytes an item, measured in
+    benchmarks/audit_scale.py, instead of a Python dict's ~600); ``done``: the sha256 a path was audited with under this configuration
     (:meth:`Table.done_map`), carried in the ``done`` column (a worker skips the item when the
     bytes it reads still have that hash)."""
     pa = _pyarrow()
@@ -570,13 +570,18 @@ def _identity(path: Path):
     return (st.st_dev, st.st_ino)
 
 
-def _checked(items, reserved: dict) -> Iterator[dict]:
-    """Items, refusing (fatal) one that is a file this run writes (the table, a report)."""
+def _checked(items, reserved: dict[tuple, tuple[str, Path]]) -> Iterator[dict]:
+    """Items, refusing (fatal) one that is a file this run writes (the table, a report). Only
+    an input with the same file name as one of those, or any input when one of them has other
+    hard links, is looked up (a ``stat``), so a resumed run does not stat every input."""
+    names = {p.name for _, p in reserved.values()}
+    linked = any(os.stat(p).st_nlink > 1 for _, p in reserved.values() if p.exists())
     for it in items:
-        if reserved and it["kind"] == "file":
+        if reserved and it["kind"] == "file" and (linked or Path(it["src"]).name in names):
             ident = _identity(Path(it["src"]))
             if ident in reserved:
-                raise SafeT2IError(f"{reserved[ident]} {it['src']} is one of the inputs; choose another path")
+                what = reserved[ident][0]
+                raise SafeT2IError(f"{what} {it['src']} is one of the inputs; choose another path")
         yield it
 
 
@@ -606,7 +611,7 @@ def run_audit(args, *, _stop_after: int | None = None) -> int:
     for what, p in [("--table", table_path)] + [(f"--{o}", p) for o, p in reports.items()]:
         ident = _identity(p)
         if ident is not None:
-            reserved[ident] = what
+            reserved[ident] = (what, p)
     cfg = {k: getattr(args, k, None) for k in ("model", "policy", "threshold", "action", "expand", "shape",
                                                 "feather", "strength", "colour", "providers", "batch_size")}
     cfg["out"] = os.path.realpath(out_dir)
@@ -618,7 +623,7 @@ def run_audit(args, *, _stop_after: int | None = None) -> int:
         table = Table(table_path)
         skipped: list[dict] = []
         items = _checked(iter_items(args.inputs, [out_dir], skipped), reserved)
-        chunks = list(plan_tables(items, table.done_map(config)))   # ~100 bytes an input (Arrow)
+        chunks = list(plan_tables(items, table.done_map(config)))   # ~140 bytes an input (Arrow)
         total = sum(c.num_rows for c in chunks)
         out_dir.mkdir(parents=True, exist_ok=True)   # after the inputs' fatal errors
         try:

@@ -231,6 +231,12 @@ def test_one_writer_per_table_and_reserved_paths(tmp_path, six, capsys):
     assert run("audit", six, "--out", tmp_path / "o", "--table", table, "--report", six / "camera.png",
                "--overwrite", "-q") == 4
     assert "is one of the inputs" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # the table itself given as an input under another name (a hard link): refused, table unchanged
+    assert run("audit", six / "camera.png", "--out", tmp_path / "o1", "--table", table, "-q") == 0
+    before = table.read_bytes()
+    os.link(table, tmp_path / "alias.png")
+    assert run("audit", tmp_path / "alias.png", "--out", tmp_path / "o2", "--table", table, "-q") == 4
+    assert "--table" in capsys.readouterr().err and table.read_bytes() == before
     # a Parquet file that is not an audit table is never merged into or replaced
     other = tmp_path / "other.parquet"
     pq.write_table(pa.table({"x": [1]}), other)
