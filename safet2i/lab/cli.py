@@ -118,6 +118,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     table.add_argument("--judge", metavar="FILE", default=None,
                        help="a saved attribute classifier of the model's world (default: the world's default judge "
                             "from the cache, trained on first use)")
+    table.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                       help="generate the bench images on Ray ('auto': a private local cluster on 127.0.0.1); "
+                            "same images and numbers as a local run (docs/scale.md); needs 'safet2i[ray]'")
+    table.add_argument("--workers", type=_positive("--workers"), default=None,
+                       help="with --ray: model-holding workers (default: the cluster's GPUs, else its CPUs less one)")
     table.add_argument("--trainers", action="store_true",
                        help="also train the seed methods in the lab (DUO, SC-DPO with and without DFM, "
                             "ShieldDiff-style RL, Detect-and-Guide tokens; docs/training.md) and add their rows")
@@ -232,11 +237,14 @@ def _gate(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     """``safet2i lab table``: 0 table written, 1 gate missed (no numbers)."""
+    from ..errors import SafeT2IError  # noqa: PLC0415
     from .judge import AttributeClassifier  # noqa: PLC0415
     from .model import _threads  # noqa: PLC0415
     from .table import TableConfig, run_table  # noqa: PLC0415
 
     _cuda_check(args.device)
+    if args.workers and not args.ray:
+        raise SafeT2IError("--workers belongs to --ray")
     kw = {k: v for k, v in (("n_per_form", args.n), ("attack_n", args.attack_n), ("gate_n_per_form", args.gate_n),
                             ("batch_size", args.batch_size)) if v is not None}
     if args.trainers:
@@ -247,7 +255,8 @@ def _table(args: argparse.Namespace) -> int:
         judge = AttributeClassifier.load(args.judge) if args.judge is not None else None
         res = run_table(args.model, args.out, TableConfig(**kw), cache_dir=args.cache, device=args.device,
                         judge=judge, progress=not args.no_progress, results=args.results,
-                        log=lambda m: print(f"safet2i lab table: {m}", file=sys.stderr, flush=True))
+                        log=lambda m: print(f"safet2i lab table: {m}", file=sys.stderr, flush=True),
+                        ray=args.ray, workers=args.workers)
     print(res.to_markdown())
     for what, path in res.files.items():
         print(f"{what}: {path}", file=sys.stderr)

@@ -287,6 +287,13 @@ def build_pipeline(cfg: LabModelConfig, tokenizer: Any = None) -> Any:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def worker_pipeline(folder: str, device: str) -> Any:
+    """A Ray worker's lab pipeline (``safet2i lab table --ray``): loaded, on ``device``, quiet."""
+    pipe = load_pipeline(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_pipeline(folder: str | Path) -> Any:
     """``StableDiffusionPipeline.from_pretrained(folder)`` from local files only (safetensors)."""
     _require_diffusers()

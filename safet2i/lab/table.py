@@ -346,16 +346,54 @@ def write_results_section(path: Path, markdown: str) -> None:
     tmp.replace(path)
 
 
+def _attack_benches(pipe: Any, world: World, judge: Any, stacks: list, model_key: str, config: TableConfig,
+                    out: Path, pk: dict, progress: bool, say: Callable[[str], None],
+                    remote: dict) -> tuple[dict[str, float], dict[str, Any]]:
+    """The attack column: one search per defended text side, then its prompts through the bench."""
+    from ..bench import run_bench  # noqa: PLC0415
+    from .attack import pipeline_encode, steering_encode  # noqa: PLC0415
+
+    # The attack: one search per defended text side. Steering changes what the attacker sees;
+    # the sampler's guidance and the output filter do not (the issue's threat model).
+    concepts = defence_concepts(world)
+    steering_stacks = [s for s in stacks if s.steering is not None]
+    plain_stacks = [s for s in stacks if s.steering is None]
+    attack_rates: dict[str, float] = {}
+    attack_info: dict[str, Any] = {}
+    for side, side_stacks, encode in (("plain text encoder", plain_stacks, pipeline_encode(pipe)),
+                                      ("steered text encoder", steering_stacks, steering_encode(pipe, concepts))):
+        if not side_stacks:
+            continue
+        say(f"attack against the {side} ({config.attack_n} prompts)")
+        key = _sha([model_key, config.attack_n, config.seed, config.attack])
+        data = _attack(pipe, world, encode, config.attack_n, config,
+                       out / "attacks" / f"{side.split()[0]}-{key}.json", progress)
+        ap = _attack_prompts(data, config.seed)
+        bench_stacks = side_stacks if side_stacks[0].name == "unprotected" else [stacks[0], *side_stacks]
+        ab = run_bench(pipe, ap, bench_stacks, judge, out / "bench-attack", batch_size=config.batch_size,
+                       progress=progress, pipe_kwargs=pk, write_reports=False, **remote)
+        for r in ab.rows:
+            if r["stack"] in {s.name for s in side_stacks}:
+                attack_rates[r["stack"]] = r["concept_rate"]["attack"]
+        attack_info[side] = {"seconds": data.get("seconds"), "prompts": len(ap),
+                             "examples": [r["prompt"] for r in data["results"][:3]]}
+    return attack_rates, attack_info
+
+
 def run_table(model: str | Path | None = None, out_dir: str | Path = "lab-table", config: TableConfig | None = None,
               *, cache_dir: str | Path | None = None, judge: Any = None, device: str = "cpu", progress: bool = True,
               results: str | Path | None = None, command: str = "safet2i lab table",
-              log: Callable[[str], None] | None = None) -> TableResult:
+              log: Callable[[str], None] | None = None, ray: str | None = None,
+              workers: int | None = None) -> TableResult:
     """Build the efficacy table (module docstring) into ``out_dir`` (``table.md``,
     ``table.json``, the gate, the cost model, the attacks and the bench runs, all reused by a
     rerun). ``model``: a trained lab model folder (default: the default config's, trained now
-    when missing). ``results``: also write the table into that Markdown file's marked section."""
+    when missing). ``results``: also write the table into that Markdown file's marked section.
+    ``ray`` (``"auto"`` or a cluster address) and ``workers``: the bench runs (the table's
+    configurations and the attack prompts) generate their images on Ray actors that load the
+    lab model once each (:mod:`safet2i.bench.distributed`), the same images as a local run."""
     from ..bench import Prompt, Stack, run_bench  # noqa: PLC0415
-    from .attack import AttackConfig, control_prompts, pipeline_encode, steering_encode  # noqa: PLC0415
+    from .attack import AttackConfig, control_prompts  # noqa: PLC0415
     from .judge import load_judge, quality_gate  # noqa: PLC0415
     from .model import LabModelConfig, load_pipeline, train, training_info  # noqa: PLC0415
     from .sampling import pipeline_generator  # noqa: PLC0415
@@ -408,33 +446,26 @@ def run_table(model: str | Path | None = None, out_dir: str | Path = "lab-table"
     prompts = table_prompts(world, config.n_per_form, config.seed)
     pk = {"num_inference_steps": config.steps, "guidance_scale": config.guidance_scale}
     say(f"{len(stacks)} configurations x {len(prompts)} prompts")
-    main = run_bench(pipe, prompts, stacks, judge, out / "bench", batch_size=config.batch_size,
-                     progress=progress, pipe_kwargs=pk)
+    remote: dict[str, Any] = {}
+    if ray is not None:
+        import functools  # noqa: PLC0415
 
-    # The attack: one search per defended text side. Steering changes what the attacker sees;
-    # the sampler's guidance and the output filter do not (the issue's threat model).
-    concepts = defence_concepts(world)
-    steering_stacks = [s for s in stacks if s.steering is not None]
-    plain_stacks = [s for s in stacks if s.steering is None]
-    attack_rates: dict[str, float] = {}
-    attack_info: dict[str, Any] = {}
-    for side, side_stacks, encode in (("plain text encoder", plain_stacks, pipeline_encode(pipe)),
-                                      ("steered text encoder", steering_stacks, steering_encode(pipe, concepts))):
-        if not side_stacks:
-            continue
-        say(f"attack against the {side} ({config.attack_n} prompts)")
-        key = _sha([model_key, config.attack_n, config.seed, config.attack])
-        data = _attack(pipe, world, encode, config.attack_n, config,
-                       out / "attacks" / f"{side.split()[0]}-{key}.json", progress)
-        ap = _attack_prompts(data, config.seed)
-        bench_stacks = side_stacks if side_stacks[0].name == "unprotected" else [stacks[0], *side_stacks]
-        ab = run_bench(pipe, ap, bench_stacks, judge, out / "bench-attack", batch_size=config.batch_size,
-                       progress=progress, pipe_kwargs=pk, write_reports=False)
-        for r in ab.rows:
-            if r["stack"] in {s.name for s in side_stacks}:
-                attack_rates[r["stack"]] = r["concept_rate"]["attack"]
-        attack_info[side] = {"seconds": data.get("seconds"), "prompts": len(ap),
-                             "examples": [r["prompt"] for r in data["results"][:3]]}
+        from ..raycluster import connected  # noqa: PLC0415
+        from .model import worker_pipeline  # noqa: PLC0415
+
+        # one connection (one private cluster with "auto") for every bench run of the table
+        cluster = connected("safet2i lab table --ray", ray, workers)
+        cluster.__enter__()
+        remote = {"ray": ray, "workers": workers, "pipe_factory": functools.partial(worker_pipeline, str(folder),
+                                                                                   device)}
+    try:
+        main = run_bench(pipe, prompts, stacks, judge, out / "bench", batch_size=config.batch_size,
+                         progress=progress, pipe_kwargs=pk, **remote)
+        attack_rates, attack_info = _attack_benches(pipe, world, judge, stacks, model_key, config, out, pk,
+                                                    progress, say, remote)
+    finally:
+        if remote:
+            cluster.__exit__(None, None, None)
 
     # Controls for reading the attack column: the attack's scenes without a search, on the
     # unprotected model (no colour word at all; random pool tokens in the colour's place).

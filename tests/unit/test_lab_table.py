@@ -213,3 +213,36 @@ def test_plumbing_run_with_the_seed_trainers(micro_lab, tmp_path):
     assert "trainer DUO:" in md and "detection IoU" in md
     again = run_table(folder, tmp_path / "out", cfg, judge=judge, progress=False)
     assert {k: v["seconds"] for k, v in again.trainers.items()} == {k: v["seconds"] for k, v in res.trainers.items()}
+
+
+@pytest.mark.slow
+def test_table_on_ray_equals_the_local_table(micro_lab, tmp_path, monkeypatch):
+    """``run_table(ray="auto")`` (what ``safet2i lab table --ray auto`` runs): the bench images of
+    every configuration and of the attack prompts come from two Ray workers on a private local
+    cluster, and every number of the table is the local run's."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'safet2i[ray]')")
+    from safet2i.bench import distributed
+
+    calls = []
+    real = distributed.RayGenerator.generate
+    monkeypatch.setattr(distributed.RayGenerator, "generate",
+                        lambda self, works, *a: (calls.append(sum(len(w.todo) for w in works)), real(self, works, *a)))
+    _, folder, judge, _ = micro_lab
+    cfg = TableConfig(**MICRO, require_gate=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)           # the workers run on one thread each: the same kernels
+    try:
+        local = run_table(folder, tmp_path / "local", cfg, judge=judge, progress=False)
+        remote = run_table(folder, tmp_path / "ray", cfg, judge=judge, progress=False, ray="auto", workers=2)
+    finally:
+        torch.set_num_threads(before)
+
+    def numbers(res):
+        return [{k: v for k, v in r.items() if k != "seconds_per_image"} for r in res.rows]
+
+    assert numbers(remote) == numbers(local) and remote.controls == local.controls
+    runs = json.loads((tmp_path / "ray" / "bench" / "results.json").read_text())["rows"]
+    assert all(r["generated"] == r["n"] > 0 for r in runs)
+    assert len(calls) == 3 and calls[0] == sum(r["n"] for r in runs)   # table + 2 attack sides, on Ray
+    import ray
+    assert not ray.is_initialized()                               # the private cluster is gone
