@@ -89,3 +89,28 @@ def expected_weights(pieces, fs: dict, w0: dict, layout: str, strength: float) -
 def model_weights(webui) -> dict:
     dm = webui.shared.sd_model.forge_objects.unet.model.diffusion_model
     return {n[:-len(".weight")]: p.detach().clone() for n, p in dm.named_parameters() if n.endswith(".weight")}
+
+
+def check_lora_patched(webui, p, processed, natives, w0: dict, want: dict, coverage: str, strength: float) -> None:
+    """A job that applied a safety LoRA through Forge: its coverage line, the native kohya file
+    Forge loaded (read without safet2i), the patches Forge recorded, and the UNet's weights after
+    sampling: ``want`` (W + s·ΔW) on the ``natives``, untouched elsewhere."""
+    from safetensors.torch import load_file
+
+    job = p._safet2i_job
+    assert not job.failed, job.failed
+    n = len(natives)
+    assert job.lora.targets == job.lora.total == n
+    assert f"SafeT2I LoRA coverage: {n}/{n} {coverage}" in processed.infotexts[0]
+    assert f"loaded {n}/{n}" in processed.infotexts[0]
+    written = load_file(str(job.lora.filename))
+    assert {k.rsplit(".", 2)[0] for k in written} == {"lora_unet_" + m.replace(".", "_") for m in natives}
+    fo = webui.shared.sd_model.forge_objects_after_applying_lora
+    ident = (str(job.lora.filename), strength, 1.0, False)
+    assert set(fo.unet.lora_patches[ident]) == {f"diffusion_model.{m}.weight" for m in natives}
+    for name, w in model_weights(webui).items():
+        if name in natives:
+            np.testing.assert_allclose(f64(w), f64(want[name]), rtol=0, atol=2e-5, err_msg=name)
+            assert not torch.equal(w, w0[name])
+        else:
+            assert torch.equal(w, w0[name]), name             # nothing else is touched

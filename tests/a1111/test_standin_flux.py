@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dit_kit import capture, f64, model_weights, proj, write_lora  # noqa: E402
+from dit_kit import capture, check_lora_patched, f64, model_weights, proj, write_lora  # noqa: E402
 from dit_kit import expected_weights as kit_expected, factors as kit_factors, steering_args as kit_steering_args  # noqa: E402
 
 PROMPT = "a photo of a nude woman on a sunny beach"
@@ -175,26 +175,9 @@ def test_a_flux_safety_lora_is_patched_through_forge_as_w_plus_s_delta(start, la
     w0 = flux_weights(webui)
     args = webui.ui_args(filter_enabled=False, lora_enabled=True, lora_file=choice, lora_strength=0.7)
     p, processed = webui.txt2img("a photo", steps=2, args=args)
-    job = p._safet2i_job
-    assert not job.failed, job.failed
     natives = sorted({n for _, n, _, _ in PIECES})
-    assert job.lora.targets == job.lora.total == len(natives)
-    assert "SafeT2I LoRA coverage: 4/4 flux (Forge Flux model of no released size)" in processed.infotexts[0]
-    assert "loaded 4/4" in processed.infotexts[0]
-    # the file Forge loaded: native kohya keys, one factor pair per BFL weight (read without safet2i)
-    written = load_file(str(job.lora.filename))
-    assert {k.rsplit(".", 2)[0] for k in written} == {"lora_unet_" + n.replace(".", "_") for n in natives}
-    # the patches Forge recorded, then merged when it loaded the UNet for sampling
-    fo = webui.shared.sd_model.forge_objects_after_applying_lora
-    ident = (str(job.lora.filename), 0.7, 1.0, False)
-    assert set(fo.unet.lora_patches[ident]) == {f"diffusion_model.{n}.weight" for n in natives}
-    want, got = expected_weights(w0, layout, 0.7), flux_weights(webui)
-    for name, w in got.items():
-        if name in natives:
-            np.testing.assert_allclose(f64(w), f64(want[name]), rtol=0, atol=2e-5, err_msg=name)
-            assert not torch.equal(w, w0[name])
-        else:
-            assert torch.equal(w, w0[name]), name             # nothing else is touched
+    check_lora_patched(webui, p, processed, natives, w0, expected_weights(w0, layout, 0.7),
+                       "flux (Forge Flux model of no released size)", 0.7)
 
 
 def test_a_flux_lora_with_a_module_the_model_lacks_is_refused(start):

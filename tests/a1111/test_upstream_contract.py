@@ -437,6 +437,37 @@ def test_settings_and_callback_categories_are_upstreams(standin):
     assert not cats, f"callback categories not upstream ({variant}): {cats}"
 
 
+def check_dit_standin(variant: str, upstream: Upstream, modules, members: dict, functions=()) -> list[str]:
+    """A Forge DiT-family stand-in: each of ``modules`` is a stand-in module whose names exist
+    upstream (:func:`check_module`); each method of ``members`` ({(module, class): names}) is
+    implemented by the stand-in and exists upstream with the same positional parameters; so does
+    each ``(module, function)`` of ``functions``. Returns the problems found."""
+    names = standin_modules(variant)
+    problems = []
+    for dotted in modules:
+        assert dotted in names, dotted
+        assert upstream.module(dotted) is not None, f"{dotted}: not in {upstream.root}"
+        problems += check_module(dotted, variant, upstream)
+    for (dotted, cls_name), wanted in members.items():
+        cls = getattr(importlib.import_module(dotted), cls_name)
+        up_mod = upstream.module(dotted)
+        methods, _ = upstream.members_with_bases(up_mod.classes[cls_name], up_mod)
+        for name in wanted:
+            assert name in vars(cls), f"{dotted}.{cls_name}.{name}: not implemented by the stand-in"
+            if name not in methods:
+                problems.append(f"{dotted}.{cls_name}.{name}: not upstream")
+                continue
+            check_signature(vars(cls)[name], methods[name], f"{dotted}.{cls_name}.{name}()", problems, method=True)
+    for dotted, fn in functions:
+        up_mod = upstream.module(dotted)
+        if fn not in up_mod.functions:
+            problems.append(f"{dotted}.{fn}: not upstream")
+            continue
+        check_signature(getattr(importlib.import_module(dotted), fn), up_mod.functions[fn], f"{dotted}.{fn}()",
+                        problems)
+    return problems
+
+
 #: Forge's Flux in the stand-in (``start("forge", kind="flux")``): the modules it adds or uses, and
 #: the upstream functions/methods it implements (compared one by one, ``__call__`` included).
 FLUX_STANDIN = ("backend.text_processing.t5_engine", "backend.text_processing.parsing",
@@ -462,29 +493,7 @@ def test_the_forge_flux_standin_is_forges(standin):
     variant, upstream = standin
     if variant != "forge":
         pytest.skip("Forge's Flux stand-in: needs a Forge checkout")
-    names = standin_modules(variant)
-    problems = []
-    for dotted in FLUX_STANDIN:
-        assert dotted in names, dotted
-        assert upstream.module(dotted) is not None, f"{dotted}: not in {upstream.root}"
-        problems += check_module(dotted, variant, upstream)
-    for (dotted, cls_name), members in FLUX_MEMBERS.items():
-        cls = getattr(importlib.import_module(dotted), cls_name)
-        up_mod = upstream.module(dotted)
-        methods, _ = upstream.members_with_bases(up_mod.classes[cls_name], up_mod)
-        for name in members:
-            assert name in vars(cls), f"{dotted}.{cls_name}.{name}: not implemented by the stand-in"
-            if name not in methods:
-                problems.append(f"{dotted}.{cls_name}.{name}: not upstream")
-                continue
-            check_signature(vars(cls)[name], methods[name], f"{dotted}.{cls_name}.{name}()", problems, method=True)
-    for dotted, fn in FLUX_FUNCTIONS:
-        up_mod = upstream.module(dotted)
-        if fn not in up_mod.functions:
-            problems.append(f"{dotted}.{fn}: not upstream")
-            continue
-        check_signature(getattr(importlib.import_module(dotted), fn), up_mod.functions[fn], f"{dotted}.{fn}()",
-                        problems)
+    problems = check_dit_standin(variant, upstream, FLUX_STANDIN, FLUX_MEMBERS, FLUX_FUNCTIONS)
     from modules import shared_options
     assert "emphasis" in shared_options.options_templates
     assert not problems, f"Flux stand-in differs from {upstream.root}:\n" + "\n".join(problems)
@@ -506,22 +515,7 @@ def test_the_forge_sd35_standin_is_forges(standin):
     variant, upstream = standin
     if variant != "forge":
         pytest.skip("Forge's SD3.5 stand-in: needs a Forge checkout")
-    names = standin_modules(variant)
-    problems = []
-    for dotted in SD35_STANDIN:
-        assert dotted in names, dotted
-        assert upstream.module(dotted) is not None, f"{dotted}: not in {upstream.root}"
-        problems += check_module(dotted, variant, upstream)
-    for (dotted, cls_name), members in SD35_MEMBERS.items():
-        cls = getattr(importlib.import_module(dotted), cls_name)
-        up_mod = upstream.module(dotted)
-        methods, _ = upstream.members_with_bases(up_mod.classes[cls_name], up_mod)
-        for name in members:
-            assert name in vars(cls), f"{dotted}.{cls_name}.{name}: not implemented by the stand-in"
-            if name not in methods:
-                problems.append(f"{dotted}.{cls_name}.{name}: not upstream")
-                continue
-            check_signature(vars(cls)[name], methods[name], f"{dotted}.{cls_name}.{name}()", problems, method=True)
+    problems = check_dit_standin(variant, upstream, SD35_STANDIN, SD35_MEMBERS)
     source = (upstream.root / "backend" / "diffusion_engine" / "sd35.py").read_text()
     for needle in ("text_processing_engine_l(prompt)", "text_processing_engine_g(prompt)",
                    "text_processing_engine_t5(prompt)", "opts.sd3_enable_t5", "is_negative_prompt",
