@@ -27,6 +27,16 @@ from .guidance.spaces import from_eps, to_eps
 from .steering.plan import token_words
 
 
+def restore_attribute(obj, name: str, original) -> None:
+    """Undo ``obj.<name> = patched``: the instance attribute goes, and where ``obj`` had one of
+    its own before (accelerate's CPU offload wraps ``forward`` on the instance, another pack may
+    have patched it), ``original`` is put back instead of the class's."""
+    if name in vars(obj):
+        delattr(obj, name)
+    if getattr(obj, name) != original:
+        setattr(obj, name, original)
+
+
 def encode_concept(pipe, concept: str):
     """(embeddings [1, T, D], pooled or None) of ``concept`` with the pipeline's encoders."""
     device = pipe._execution_device if hasattr(pipe, "_execution_device") else pipe.device
@@ -190,9 +200,7 @@ def safety_guidance(pipe, method, concept: str | None = None, *, concept_embeds=
     try:
         yield method
     finally:
-        del unet.forward  # the instance attribute; the class's forward is back
-        if unet.forward != original:  # pragma: no cover - someone else patched it too
-            unet.forward = original
+        restore_attribute(unet, "forward", original)
         if saved_processors is not None:
             unet.set_attn_processor(saved_processors)
 
@@ -868,8 +876,7 @@ def latent_reattention(pipe, original_embeds, s1: float = 0.9, s2: float = 0.2, 
     finally:
         for h in handles:
             h.remove()
-        if "forward" in vars(unet):
-            del unet.forward
+        restore_attribute(unet, "forward", original)
 
 
 # --------------------------------------------------------------------------- Detect-and-Guide tokens

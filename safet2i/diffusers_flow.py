@@ -47,7 +47,7 @@ import contextlib
 
 import torch
 
-from .diffusers_adapter import _Key
+from .diffusers_adapter import _Key, restore_attribute
 from .errors import SafeT2IError
 from .guidance.dag import aggregate_joint, joint_token_attention
 from .guidance.spaces import correct_prediction, eps_offset_free
@@ -645,18 +645,17 @@ def flow_safety_guidance(pipe, method, concept: str | None = None, *, concept_kw
     run = FlowGuidance(pipe, method, concept_kwargs, branch_scale, capture)
     sched = pipe.scheduler
     patched = []
+    original_step = sched.step
     try:
         for m in models:
             original = m.forward
             m.forward = (lambda orig: lambda *a, **k: run.forward(orig, a, k))(original)
-            patched.append(m)
-        original_step = sched.step
+            patched.append((m, original))
         sched.step = lambda model_output, *a, **k: run.scheduler_step(original_step, model_output, *a, **k)
         yield method
     finally:
         if capture is not None:
             capture.close()
-        for m in patched:
-            del m.forward
-        if "step" in vars(sched):
-            del sched.step
+        for m, original in patched:
+            restore_attribute(m, "forward", original)
+        restore_attribute(sched, "step", original_step)

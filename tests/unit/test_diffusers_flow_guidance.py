@@ -390,3 +390,30 @@ def test_transformer_pipelines_it_would_guide_wrongly_are_refused(pipes):
     finally:
         pipe.__class__ = FluxPipeline
     assert "forward" not in vars(pipe.transformer) and "step" not in vars(pipe.scheduler)
+
+
+def test_an_instance_forward_of_another_wrapper_survives_guidance(pipes):
+    """accelerate's CPU offload (or another pack) wraps ``forward`` / ``step`` on the instance:
+    leaving the guidance context puts those wrappers back, not the class's methods."""
+    pipe = pipes["flux"]
+    t, sched = pipe.transformer, pipe.scheduler
+    seen = []
+    t_class, step_class = t.forward, sched.step
+
+    def hook_forward(*a, **k):
+        seen.append("forward")
+        return t_class(*a, **k)
+
+    def hook_step(*a, **k):
+        seen.append("step")
+        return step_class(*a, **k)
+
+    t.forward, sched.step = hook_forward, hook_step
+    try:
+        with safety_guidance(pipe, SLDGuidance(GENTLE), CONCEPT):
+            pass
+        assert t.forward is hook_forward and sched.step is hook_step
+        _pixels(pipe, "flux", num_inference_steps=1)
+        assert "forward" in seen and "step" in seen
+    finally:
+        del t.forward, sched.step
