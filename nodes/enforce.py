@@ -256,13 +256,21 @@ def _enforce_value(st: _State, value, declared: str, class_type: str, unique_id,
 
     from ..safet2i.enforce import EnforcementError  # noqa: PLC0415
 
-    wants_image = "IMAGE" in str(declared).upper().split(",")
+    types = str(declared).upper().split(",")
+    wants_image, wants_mask = "IMAGE" in types, "MASK" in types
     if isinstance(value, torch.Tensor):
         if value.ndim == 4 and value.shape[-1] in (1, 3, 4):
             return st.enforcer.enforce(value, node=class_type, node_id=str(unique_id), prompt_id=prompt_id)
-        if wants_image:
+        if value.is_floating_point() and (value.ndim == 3 or (wants_mask and value.ndim == 2)):
+            # A MASK ([B, H, W], or [H, W]) reaching an output node (MaskPreview saves it as a
+            # picture): checked as a grey image, censored as one.
+            grey = value.reshape(-1, *value.shape[-2:]).unsqueeze(-1)
+            out = st.enforcer.enforce(grey, node=class_type, node_id=str(unique_id), prompt_id=prompt_id)
+            return value if out is grey else out.squeeze(-1).reshape(value.shape)
+        if wants_image or wants_mask:
             raise EnforcementError(f"SafeT2I enforcement: input '{name}' of {class_type} (#{unique_id}) is an "
-                                   f"IMAGE of shape {tuple(value.shape)}, which cannot be checked; refused.")
+                                   f"{'IMAGE' if wants_image else 'MASK'} of shape {tuple(value.shape)}, which "
+                                   "cannot be checked; refused.")
         return value
     if _is_video(value):
         return _enforce_video(st, value, class_type, unique_id, prompt_id)
@@ -274,8 +282,11 @@ def _enforce_video(st: _State, video, class_type: str, unique_id, prompt_id):
 
     comps = video.get_components()
     frames = st.enforcer.enforce(comps.images, node=class_type, node_id=str(unique_id), prompt_id=prompt_id)
-    if frames is comps.images:
+    if frames is comps.images and isinstance(video, InputImpl.VideoFromComponents):
         return video            # every frame passed unchanged: keep the clip (no re-encode)
+    # A file-backed clip is rebuilt from its checked frames even when none changed: saving the
+    # file as it is would also copy any stream get_components() did not decode (a second video
+    # stream, subtitles).
     kwargs = {"images": frames, "audio": comps.audio, "frame_rate": comps.frame_rate}
     if getattr(comps, "metadata", None) is not None:
         kwargs["metadata"] = comps.metadata

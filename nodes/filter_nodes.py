@@ -74,13 +74,12 @@ def _policy_enforced(node: str, policy: str, action: str, thresholds: str, expan
 
 def _mark_checked(enforcer, filter_models, pol, action: str, strength: float, tensor) -> None:
     """Tell the enforcer these output pixels were checked at least as strictly as it would (it
-    compares policy and action itself; here: the same models, mask shape and automatic censor
-    strength), so the output node reuses the verdict instead of running the models again.
+    compares policy and action itself; here: the same models by content, mask shape and automatic
+    censor strength), so the output node reuses the verdict instead of running the models again.
     Otherwise no mark: the output node checks the pixels again."""
     if enforcer is None:
         return
-    names = sorted(str(getattr(m, "name", "")) for m in filter_models)
-    if (names != sorted(str(m) for m in enforcer.config.models) or float(strength or 0.0) != 0.0
+    if (not enforcer.uses_models(filter_models) or float(strength or 0.0) != 0.0
             or getattr(pol, "shape", None) != getattr(enforcer.policy, "shape", None)):
         return
     enforcer.mark_checked(tensor, policy=pol, action=action)

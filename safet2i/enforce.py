@@ -458,6 +458,19 @@ class Enforcer:
                 (self.config.action if weaker_action else action),
                 weaker_policy or weaker_action)
 
+    def uses_models(self, models) -> bool:
+        """Whether ``models`` are the enforcer's own filter models, by content (file sha256, kind,
+        mode, labels, input/output layout and thresholds of the sidecar), not by their names,
+        which any sidecar can choose. False while the enforcer's filter is not loaded."""
+        models_of_mine = getattr(self._filter, "models", None)
+        if models_of_mine is None:
+            return False
+        mine = [model_identity(m) for m in models_of_mine]
+        theirs = [model_identity(m) for m in models]
+        if None in mine or None in theirs:
+            return False
+        return sorted(mine) == sorted(theirs)
+
     def mark_checked(self, images, *, policy=None, action: str | None = None) -> None:
         """Remember these pixels (each image of the batch, by :func:`pixel_key`) as checked under
         the operator's policy. Called by SafeT2I's own filter node on the images it outputs, after
@@ -497,7 +510,8 @@ class Enforcer:
     # ---------------------------------------------------------------- outputs
     def enforce(self, images, *, node: str, node_id: str, prompt_id: str | None = None):
         """Filter an IMAGE batch ``[B, H, W, C]`` (float, C = 1, 3 or 4) before output node
-        ``node`` (id ``node_id``) runs. Returns the same tensor object when nothing was censored,
+        ``node`` (id ``node_id``) runs. Returns the same tensor object when nothing was censored
+        and every value is within [0, 1] (else the pixels that were judged: clipped to [0, 1]),
         else a censored copy of the input's dtype, shape and device (alpha kept, a one-channel
         image stays one channel); the input is never written. Raises :class:`EnforcementBlocked`
         for a ``block`` verdict and :class:`EnforcementError` for anything else that went wrong.
@@ -564,6 +578,12 @@ class Enforcer:
             return images, []
         if h < 1 or w < 1:
             raise EnforcementError(f"SafeT2I enforcement: empty images of shape {tuple(images.shape)}.")
+        lo, hi = torch.aminmax(images.detach())
+        if bool(lo < 0) or bool(hi > 1):
+            # The filter judges pixels clipped to [0, 1]; those are the pixels that leave, never
+            # the unclipped values (x1000 or -x would look white or black to the detector while
+            # a saver that rescales shows the picture). NaN/inf: refused by the filter below.
+            images = images.clamp(0, 1)
         with self._checked_lock:
             any_checked = bool(self._checked)
         per_image: list[dict] = [{} for _ in range(b)]
@@ -629,6 +649,18 @@ class Enforcer:
 
 #: ``previews = "blur"``: a live preview is shrunk so its longer side has this many pixels.
 PREVIEW_CELLS = 8
+
+
+def model_identity(model) -> str | None:
+    """What makes two loaded filter models judge alike (``None`` when a model does not say)."""
+    try:
+        spec = model.spec
+        ident = {"kind": spec.kind, "sha256": model.loaded.sha256, "labels": list(spec.labels),
+                 "input": spec.input, "output": spec.output, "thresholds": spec.thresholds,
+                 "mode": getattr(model, "mode", None), "class": type(model).__name__}
+    except AttributeError:
+        return None
+    return json.dumps(ident, sort_keys=True, default=str)
 
 
 def censor_preview(image):

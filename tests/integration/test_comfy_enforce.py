@@ -155,6 +155,18 @@ def test_preview_image_is_censored(enforced):
     assert view(enforced, ims[0]).max() == 0
 
 
+def test_mask_preview_is_censored(enforced):
+    """A MASK is a picture too: ImageToMask(red) -> MaskPreview (ComfyUI's own nodes) saves the
+    censored grey image, not the face."""
+    entry = ok(enforced.run({"1": load(), "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0],
+                                                                                     "channel": "red"}},
+                             "3": {"class_type": "MaskPreview", "inputs": {"mask": ["2", 0]}}}))
+    ims = entry["outputs"]["3"]["images"]
+    assert ims and view(enforced, ims[0]).max() == 0
+    rec = [r for r in audit(enforced) if r.get("node") == "MaskPreview"]
+    assert rec and rec[-1]["verdict"] == "censored"
+
+
 def test_batch_is_checked_image_by_image(enforced):
     entry = ok(enforced.run({"1": load("chelsea.png"), "3": load(), "4": {
         "class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["3", 0]}}, "5": {

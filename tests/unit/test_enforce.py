@@ -512,3 +512,53 @@ def test_censor_preview_hides_the_face():
     again = np.asarray(Image.fromarray(arr).resize((8, 8), Image.Resampling.BOX).resize((512, 512),
                                                                                         Image.Resampling.BILINEAR))
     assert np.abs(again.astype(int) - arr.astype(int)).mean() < 8
+
+
+def test_out_of_range_pixels_leave_as_judged(tmp_path):
+    """Values outside [0, 1] (x1000, negated) are judged clipped by the filter; the pixels that
+    leave are those clipped pixels, never the unclipped values a rescaling saver would show."""
+    seen = []
+
+    class Recording:
+        def __init__(self, cfg):
+            self.real = SafetyFilter(list(cfg.models), get_policy(cfg.policy), cfg.action, providers="cpu")
+
+        def run(self, images):
+            seen.append(np.array(images, copy=True))
+            return self.real.run(images)
+
+    cfg = EnforceConfig(policy="face-only", action="blur", providers="cpu", audit_log=str(tmp_path / "a.jsonl"))
+    enf = Enforcer(cfg, filter_factory=Recording)
+    enf.load()
+    base = _batch(_face(), _noface())
+    wild = torch.cat([base[:1] * 1000.0, -base[1:]])
+    before = wild.clone()
+    out = enf.enforce(wild, node="SaveImage", node_id="1")
+    assert torch.equal(wild, before) and out is not wild
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    np.testing.assert_array_equal(seen[-1], wild.clamp(0, 1).numpy())     # what was judged
+    assert torch.equal(out, wild.clamp(0, 1))                              # is what leaves (nothing flagged)
+    inside = _batch(_noface())
+    assert enf.enforce(inside, node="SaveImage", node_id="2") is inside    # in range: the same object
+
+
+def test_the_filter_node_mark_needs_the_same_models_by_content(tmp_path):
+    """A sidecar can call itself ``nudenet``: the enforcer trusts another node's verdict only for
+    models identical to its own in content (file sha256, labels, layout, thresholds, mode)."""
+    enf = Enforcer(EnforceConfig(policy="face-only", providers="cpu"))
+    enf.load()
+    own = load_model("nudenet", providers="cpu")
+    assert enf.uses_models([own])
+    side = json.loads((BUILTIN_DIR / "nudenet-320n.json").read_text())
+    import nudenet
+
+    shutil.copy(next(iter(nudenet.__path__)) + "/320n.onnx", tmp_path / "320n.onnx")
+    side["model"] = {"file": "320n.onnx"}
+    side["name"] = "nudenet"
+    (tmp_path / "same.json").write_text(json.dumps(side))
+    assert enf.uses_models([load_model(str(tmp_path / "same.json"), providers="cpu")])   # same content: trusted
+    side["thresholds"] = {k: 0.99 for k in side.get("labels", [])} or {"FACE_FEMALE": 0.99}
+    (tmp_path / "weak.json").write_text(json.dumps(side))
+    weak = load_model(str(tmp_path / "weak.json"), providers="cpu")
+    assert weak.name == own.name == "nudenet" and not enf.uses_models([weak])
+    assert not Enforcer(EnforceConfig(policy="face-only", providers="cpu")).uses_models([own])   # not loaded
