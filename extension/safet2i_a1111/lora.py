@@ -181,17 +181,27 @@ class ForgeFlux:
         return f"diffusion_model.{native}.weight"
 
 
+def forge_family(sd_model) -> str | None:
+    """``"flux"`` or ``"sd3"`` for Forge's Flux or SD3/SD3.5 (by the UNet patcher's
+    ``KModel.config.huggingface_repo``, as :func:`forge_flux` / :func:`forge_sd3` tell them, without
+    building an inventory), else None."""
+    fo = getattr(sd_model, "forge_objects", None)
+    kmodel = getattr(getattr(fo, "unet", None), "model", None)
+    repo = str(getattr(getattr(kmodel, "config", None), "huggingface_repo", None) or "").lower()
+    if kmodel is None:
+        return None
+    return "flux" if "flux" in repo else "sd3" if "stable-diffusion-3" in repo else None
+
+
 def forge_flux(sd_model) -> ForgeFlux | None:
     """Forge's Flux (the UNet patcher's ``KModel.config.huggingface_repo`` names Flux, the test
     Forge's own LoRA key maps use), else None. The inventory is built for the sizes of the
     model's own weights (hidden size from ``img_in``, blocks counted, ``txt_in`` / ``vector_in``
     widths, ``guidance_in`` present or not) and every Linear weight it lists must be one of the
     model's parameters with that shape: a quantized (NF4/GGUF) or unknown layout is refused."""
-    fo = getattr(sd_model, "forge_objects", None)
-    kmodel = getattr(getattr(fo, "unet", None), "model", None)
-    repo = str(getattr(getattr(kmodel, "config", None), "huggingface_repo", None) or "")
-    if kmodel is None or "flux" not in repo.lower():
+    if forge_family(sd_model) != "flux":
         return None
+    kmodel = sd_model.forge_objects.unet.model
     prefix = "diffusion_model."
     params = {k[len(prefix):]: tuple(v.shape) for k, v in kmodel.named_parameters() if k.startswith(prefix)}
 
@@ -223,11 +233,9 @@ def forge_sd3(sd_model) -> ForgeFlux | None:
     attention, ``context_embedder`` / ``y_embedder`` widths) and every weight it lists must be one
     of the model's parameters with that shape: a quantized (NF4/GGUF) or unknown layout is refused.
     The released sizes (SD3 Medium, SD3.5 Medium, SD3.5 Large) are named by their shapes."""
-    fo = getattr(sd_model, "forge_objects", None)
-    kmodel = getattr(getattr(fo, "unet", None), "model", None)
-    repo = str(getattr(getattr(kmodel, "config", None), "huggingface_repo", None) or "")
-    if kmodel is None or "stable-diffusion-3" not in repo.lower():
+    if forge_family(sd_model) != "sd3":
         return None
+    kmodel = sd_model.forge_objects.unet.model
     prefix = "diffusion_model."
     params = {k[len(prefix):]: tuple(v.shape) for k, v in kmodel.named_parameters() if k.startswith(prefix)}
     layers = {int(k.split(".")[1]) for k in params if k.startswith("joint_blocks.") and k.split(".")[1].isdigit()}

@@ -42,8 +42,11 @@ from .steering import SteeringHook, candidate_texts
 
 
 def _arch(sd_model) -> str | None:
-    """The model family a named steering configuration depends on (the paper's SDXL runs)."""
-    return "sdxl" if getattr(sd_model, "is_sdxl", False) else None
+    """The model family a named steering configuration depends on (the paper's SDXL and SD3
+    runs steer every step, and so do the other transformer families: ``EVERY_STEP``)."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    return lora_layer.forge_family(sd_model)
 
 
 log = logging.getLogger("safet2i")

@@ -194,3 +194,20 @@ def test_concepts_as_negative_alone_and_pasting_the_infotext_back_adds_nothing_t
     # A negative prompt that already ends with the list (pasted from these parameters) keeps it once.
     p, _ = webui.txt2img(PROMPT, negative_prompt="blurry, nude, naked", steps=STEPS, args=args)
     assert p.all_negative_prompts == ["blurry, nude, naked"]
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd35"])
+def test_paper_configuration_on_forge_transformers_steers_every_step(start, kind):
+    """SAFREE (paper configuration) on Forge's Flux and SD3.5: the self-validating window is off,
+    as in the paper's SDXL/SD3 runs and in ComfyUI and diffusers (``settings.EVERY_STEP``)."""
+    webui = start("forge", kind=kind)
+    if kind == "sd35":
+        webui.shared.opts.sd3_enable_t5 = True
+    args = webui.ui_args(steering_enabled=True, steering_concepts="custom", steering_custom="cat", steering_alpha=5.0,
+                         steering_self_validating=True, steering_configuration="SAFREE (paper configuration)")
+    p, processed = webui.txt2img(PROMPT, steps=STEPS, args=args)
+    job = p._safet2i_job
+    assert not job.failed, job.failed
+    s = job.steering_settings
+    assert (s.concepts, s.self_validating, s.concepts_as_negative) == ("nudity", False, True)
+    assert "SafeT2I steering configuration: SAFREE (paper configuration)" in processed.infotexts[0]
