@@ -35,7 +35,8 @@ from .keys import (LoraFormatError, Target, apply_peft_config, check_effect, det
 __all__ = [
     "Coverage", "CoverageError", "FullWeights", "LoraFile", "LoraFormatError", "PICKLE_SUFFIXES", "Target",
     "check", "check_convertible", "check_for_host", "check_made_for", "convert_lora", "convert_pickle",
-    "convert_pickle_report", "coverage_fraction", "detect_architectures", "detect_format", "identified_release",
+    "convert_pickle_report", "coverage_fraction", "delta_mismatch", "detect_architectures", "detect_format",
+    "identified_release",
     "inspect_lora", "load_full_weights", "load_lora", "merged", "read_safetensors", "release_by_contents",
     "require_full", "resolver_for", "to_kohya",
 ]
@@ -362,19 +363,32 @@ def _dit_inventory_for(lf: LoraFile, base: str | None):
     return arch_inventory(dits[0])
 
 
+def delta_mismatch(src: list[Target], back: list[Target], key=lambda t: t.name) -> str | None:
+    """Why ``back`` (a conversion read back) does not have ``src``'s effect, or None: the same
+    modules (by ``key``), each with scale·B·A equal in float64 (up to 1e-6 of its largest entry:
+    fusing pieces of different ranks folds the scale into float32 factors). Compared module by
+    module, so one ΔW pair is in memory at a time (a whole transformer's ΔW is tens of GB)."""
+    by_key = {key(t): t for t in back}
+    want_keys = [key(t) for t in src]
+    if set(want_keys) != set(by_key) or len(by_key) != len(back):
+        return (f"modules differ: missing {sorted(set(want_keys) - set(by_key))[:3]}, "
+                f"extra {sorted(set(by_key) - set(want_keys))[:3]}")
+    for k, t in zip(want_keys, src):
+        d, g = t.delta(torch.float64), by_key[k].delta(torch.float64)
+        if g.shape != d.shape:
+            return f"{k}: ΔW shape {tuple(g.shape)} instead of {tuple(d.shape)} after conversion"
+        err = float((g - d).abs().max())
+        if not err <= 1e-6 * float(d.abs().max()) + 1e-12:
+            return f"{k}: ΔW differs by {err:.3g} after conversion"
+    return None
+
+
 def _same_deltas(src: list[Target], back: list[Target]) -> None:
     """Transformer conversions fuse stacked native weights (factors change, not ΔW): every
-    module's scale·B·A read back equals the source's in float64 (rtol 1e-6: the scale folded into
-    float32 down factors); nothing more, nothing less."""
-    want = {t.name: t.delta(torch.float64) for t in src}
-    got = {t.name: t.delta(torch.float64) for t in back}
-    if set(want) != set(got):
-        raise ModelLoadError(f"modules differ: missing {sorted(set(want) - set(got))[:3]}, "
-                             f"extra {sorted(set(got) - set(want))[:3]}")
-    for n, d in want.items():
-        err = float((got[n] - d).abs().max())
-        if not err <= 1e-6 * float(d.abs().max()) + 1e-12:
-            raise ModelLoadError(f"{n}: ΔW differs by {err:.3g} after conversion")
+    module's ΔW read back equals the source's (:func:`delta_mismatch`)."""
+    why = delta_mismatch(src, back)
+    if why:
+        raise ModelLoadError(why)
 
 
 def _same_targets(src: list[Target], back: list[Target], single: bool) -> None:
