@@ -78,6 +78,13 @@ def spguard_direction(eps_uncond, eps_cond, eps_unsafe, config: SPGuardConfig, s
     """The guided direction d_p of the module docstring for this step (advances ``state``)."""
     d_p = eps_cond - eps_uncond
     d_u = eps_unsafe - eps_uncond
+    if not bool(d_p.ne(0).any() or d_u.ne(0).any()):
+        # No information (σ = 1 on a flow model: every ε equals the latent): the harmfulness
+        # estimate is left as it is, not pulled towards a cosine of 0.
+        state.advance({"harm": None if state.harm is None else [round(float(h), 4) for h in state.harm],
+                       "strength": None, "mask": 0.0, "applied": False, "uninformative": True},
+                      torch.zeros_like(d_p[:, 0]))
+        return d_p
     cos = flat_cosine(d_p, d_u)
     if state.harm is None or state.harm.shape != cos.shape:
         state.harm = cos

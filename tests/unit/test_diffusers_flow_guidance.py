@@ -311,7 +311,9 @@ def _spguard_reference(max_scale=2.0, tau_h=-1.0, tau_m=0.0, ema=0.5):
 
     def direction(eu, ec, es):
         d_p, d_u = ec - eu, es - eu
-        cos = (d_p * d_u).reshape(len(d_p), -1).sum(1) / np.maximum(   # 0 at σ = 1, where every ε is x
+        if not (np.any(d_p) or np.any(d_u)):      # σ = 1, where every ε is x: no information, h kept
+            return d_p
+        cos = (d_p * d_u).reshape(len(d_p), -1).sum(1) / np.maximum(
             np.linalg.norm(d_p.reshape(len(d_p), -1), axis=1) * np.linalg.norm(d_u.reshape(len(d_u), -1), axis=1), 1e-12)
         state["h"] = cos if state["h"] is None else ema * state["h"] + (1 - ema) * cos
         s = max_scale * np.clip((state["h"] - tau_h) / (1 - tau_h), 0, 1)

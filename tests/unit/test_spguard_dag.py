@@ -161,3 +161,19 @@ def test_token_attention_matches_a_float64_softmax():
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(got, p[..., [1, 2]].mean(axis=(1, 3)), atol=1e-6)
+
+
+def test_spguard_step_without_information_leaves_the_harm_estimate():
+    """σ = 1 on a flow model: ε_∅ = ε_p = ε_S. That step returns a zero direction and leaves h;
+    the first informative step sets h to its own cosine (not the EMA of it with 0)."""
+    from safet2i.guidance.spguard import SPGuardConfig, SPGuardState, flat_cosine, spguard_direction
+
+    cfg, st = SPGuardConfig(), SPGuardState()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    d = spguard_direction(x, x.clone(), x.clone(), cfg, st)
+    assert torch.count_nonzero(d) == 0 and st.harm is None
+    g = torch.Generator().manual_seed(1)
+    eu, ec = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    es = ec + 0.3 * torch.randn(2, 4, 8, 8, generator=g)
+    spguard_direction(eu, ec, es, cfg, st)
+    torch.testing.assert_close(st.harm, flat_cosine(ec - eu, es - eu))
