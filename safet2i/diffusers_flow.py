@@ -455,8 +455,9 @@ class FlowGuidance:
                 pred = _first(out)
             else:   # the concept's text does not stack with the call's: its own call on the cond half
                 out = original(**kwargs)
-                self._watch(kwargs, slice(0, b))
-                concept = original(**self._concept_alone(_rows(kwargs, slice(b, None)), b))
+                alone = self._concept_alone(_rows(kwargs, slice(b, None)), b)
+                self._watch(alone, slice(0, b))
+                concept = original(**alone)
                 pred = torch.cat([_first(out), _first(concept)])
             attn = self._taken()
             eu, ec, es = (eps_offset_free(pred[k * b:(k + 1) * b], sigma, SPACE) for k in range(3))
@@ -474,8 +475,9 @@ class FlowGuidance:
             return _replace_first(out, st.cond_out)
         out = original(**kwargs)
         st.cond_out = _first(out)
-        self._watch(kwargs, slice(0, batch))
-        st.concept_out = _first(original(**self._concept_alone(kwargs, batch)))
+        alone = self._concept_alone(kwargs, batch)
+        self._watch(alone, slice(0, batch))
+        st.concept_out = _first(original(**alone))
         st.attn = self._taken()
         return out
 
@@ -554,6 +556,17 @@ class FlowGuidance:
             dtype = ref.dtype if torch.is_tensor(ref) else (c.dtype if not c.is_floating_point()
                                                                else kwargs["hidden_states"].dtype)
             out[k] = c.to(kwargs["hidden_states"].device, dtype).expand(batch, *c.shape[1:])
+        ids, text = kwargs.get("txt_ids"), out.get("encoder_hidden_states")
+        if torch.is_tensor(ids) and torch.is_tensor(text) and ids.ndim >= 2 and ids.shape[-2] != text.shape[1]:
+            # Flux: one position id row per text row; the pipeline's are all zeros (its encode_prompt),
+            # so the concept's text of another length gets zeros of its own length.
+            if bool(ids.ne(0).any()):
+                raise SafeT2IError("Safety guidance: the concept's text has another length than the prompt's and "
+                                   "this pipeline's text position ids are not all zero; encode the concept with the "
+                                   "call's max_sequence_length.")
+            shape = list(ids.shape)
+            shape[-2] = int(text.shape[1])
+            out["txt_ids"] = ids.new_zeros(shape)
         return out
 
     # -- corrections ---------------------------------------------------------------

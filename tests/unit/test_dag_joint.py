@@ -30,7 +30,7 @@ from safet2i.errors import SafeT2IError
 from safet2i.guidance.dag import DAGConfig, DAGGuidance, joint_token_attention
 
 from tiny_families import FAMILIES, call_kwargs
-from test_diffusers_flow_guidance import Recorder as FlowRecorder, _forward  # noqa: E402
+from test_diffusers_flow_guidance import Recorder as FlowRecorder, _forward, _with_text  # noqa: E402
 
 STEPS = 3
 PROMPT = "a photo of a nude woman on a beach"
@@ -211,13 +211,6 @@ class Recorder(FlowRecorder):
         method.compute = record
 
 
-def _with_text(kw, text, b):
-    out = dict(kw)
-    for k, v in text.items():
-        out[k] = None if v is None else v.expand(b, *v.shape[1:])
-    return out
-
-
 def grid_of(family, kw):
     x = kw["hidden_states"]
     if family == "sd3":
@@ -228,8 +221,9 @@ def grid_of(family, kw):
     return (side, side)
 
 
-def run_and_check(pipe, family, extra, scale, branch_scale=None):
-    concept = encode_concept_kwargs(pipe, CONCEPT, max_sequence_length=FAMILIES[family].call["max_sequence_length"])
+def run_and_check(pipe, family, extra, scale, branch_scale=None, length=None):
+    concept = encode_concept_kwargs(pipe, CONCEPT,
+                                    max_sequence_length=length or FAMILIES[family].call["max_sequence_length"])
     method = DAGGuidance(CFG)
     rec = Recorder(pipe, method)
     try:
@@ -299,6 +293,14 @@ def run_and_check(pipe, family, extra, scale, branch_scale=None):
         worst = max(worst, float(np.abs(want_out - plain).max()) / atol)
     assert worst > 50, worst
     return method
+
+
+def test_flux_concept_of_another_text_length_is_read_from_its_own_call(pipes):
+    """A Flux concept encoded at another T5 length than the call's gets its own transformer call
+    (text position ids of its own length) and its map is read from that call's text rows."""
+    extra, scale = TRUE_CFG["flux"]
+    method = run_and_check(pipes["flux"], "flux", extra, scale, length=FAMILIES["flux"].call["max_sequence_length"] // 2)
+    assert all(h["applied"] for h in method.history)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

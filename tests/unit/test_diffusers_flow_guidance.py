@@ -86,6 +86,9 @@ def _with_text(kw, text, rows=None):
     b = kw["hidden_states"].shape[0] if rows is None else rows
     for k, v in text.items():
         out[k] = None if v is None else v.expand(b, *v.shape[1:])
+    if torch.is_tensor(kw.get("txt_ids")):    # Flux: zero position ids, one per text row (its encode_prompt)
+        out["txt_ids"] = torch.zeros(text["encoder_hidden_states"].shape[1], kw["txt_ids"].shape[-1],
+                                     dtype=kw["txt_ids"].dtype)
     return out
 
 
@@ -241,19 +244,23 @@ def test_encoded_concept_shares_the_prompt_call_when_lengths_match(pipes):
     assert inner == [2, 1] * STEPS            # prompt + concept in one call, then the negative
 
 
-def test_sd3_concept_of_another_text_length_gets_its_own_call(pipes):
-    """A concept encoded at the default T5 length (not the call's 64): it cannot share SD3's CFG
-    batch, so it is evaluated on its own; the result still matches the reference."""
-    pipe = pipes["sd3"]
-    concept = encode_concept_kwargs(pipe, CONCEPT, max_sequence_length=32)
-    assert concept["encoder_hidden_states"].shape[1] != _concept(pipe, "sd3")["encoder_hidden_states"].shape[1]
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_concept_of_another_text_length_gets_its_own_call(pipes, family):
+    """A concept encoded at another T5 length than the call's: it cannot share the call (SD3's CFG
+    batch, Flux's prompt call), so it is evaluated on its own (Flux: with text position ids of its
+    own length); the result still matches the reference."""
+    pipe = pipes[family]
+    length = FAMILIES[family].call["max_sequence_length"]
+    concept = encode_concept_kwargs(pipe, CONCEPT, max_sequence_length=length // 2)
+    assert concept["encoder_hidden_states"].shape[1] != _concept(pipe, family)["encoder_hidden_states"].shape[1]
+    extra, scale = CFG[family]
     rec = Recorder(pipe)
     try:
-        with safety_guidance(pipe, SLDGuidance(GENTLE), concept_kwargs=concept):
-            pipe(prompt=PROMPT, **_kwargs("sd3"))
+        with safety_guidance(pipe, SLDGuidance(GENTLE), concept_kwargs=concept, branch_scale=0.0):
+            pipe(prompt=PROMPT, **_kwargs(family, **extra))
     finally:
         rec.close()
-    check(reference_steps(pipe, "sd3", rec, concept, 4.0))
+    check(reference_steps(pipe, family, rec, concept, scale))
 
 
 def test_wan22_both_experts_are_guided(pipes):
