@@ -44,7 +44,6 @@ import struct
 log = logging.getLogger("safet2i")
 
 ENV = "SAFET2I_ENFORCE"
-PREVIEW_MOSAIC = 8          # previews="blur": the preview is shrunk to this many pixels on its long side
 
 # Binary websocket event types (ComfyUI's protocol.BinaryEventTypes).
 _PREVIEW_IMAGE, _PREVIEW_IMAGE_WITH_METADATA = 1, 4
@@ -345,12 +344,13 @@ def _censor_preview(st: _State, event: int, data):
 
 
 def _mosaic_jpeg(body: bytes) -> bytes:
+    """The preview image ``body`` as the core's mosaic (:func:`safet2i.enforce.censor_preview`), JPEG."""
     from PIL import Image  # noqa: PLC0415
 
-    im = Image.open(_bytesio.BytesIO(body)).convert("RGB")
-    w, h = im.size
-    s = PREVIEW_MOSAIC / max(w, h)
-    small = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+    from ..safet2i.enforce import censor_preview  # noqa: PLC0415
+
     out = _bytesio.BytesIO()
-    small.resize((w, h), Image.Resampling.NEAREST).save(out, format="JPEG", quality=80)
+    censor_preview(Image.open(_bytesio.BytesIO(body)).convert("RGB")).save(out, format="JPEG", quality=80)
     return out.getvalue()
+
+

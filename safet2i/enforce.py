@@ -665,8 +665,8 @@ def model_identity(model) -> str | None:
 
 def censor_preview(image):
     """A live preview for ``previews = "blur"``: shrunk to :data:`PREVIEW_CELLS` pixels on its
-    longer side (area average) and blown up again smoothly, so only a few colour blobs remain,
-    whatever the latent shows. Takes a PIL image or a ``uint8 [H, W, C]`` array; returns the
+    longer side (area average) and blown up again as blocks (a mosaic), so only a few colour
+    cells remain, whatever the latent shows. Takes a PIL image or a ``uint8 [H, W, C]`` array; returns the
     same kind and size. Nothing of the input is reused beyond those few averages."""
     from PIL import Image  # noqa: PLC0415
 
@@ -674,7 +674,7 @@ def censor_preview(image):
     w, h = pil.size
     scale = PREVIEW_CELLS / max(w, h, 1)
     small = pil.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
-    out = small.resize((w, h), Image.Resampling.BILINEAR)
+    out = small.resize((w, h), Image.Resampling.NEAREST)
     return out if isinstance(image, Image.Image) else np.asarray(out)
 
 
