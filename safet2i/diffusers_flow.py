@@ -47,7 +47,7 @@ import contextlib
 
 import torch
 
-from .diffusers_adapter import _Key, restore_attribute
+from .diffusers_adapter import _device, _Key, restore_attribute
 from .errors import SafeT2IError
 from .guidance.dag import aggregate_joint, joint_token_attention
 from .guidance.spaces import correct_prediction, eps_offset_free
@@ -82,10 +82,6 @@ def check_flow_pipeline(pipe) -> None:
             f"Safety guidance does not know the order of {type(pipe).__name__}'s classifier-free guidance calls "
             f"(supported: {', '.join(p + '*Pipeline' for p in KNOWN_PIPELINES)}); guiding it could correct the "
             "negative prompt instead of the prompt, so it is refused.")
-
-
-def _device(pipe):
-    return pipe._execution_device if hasattr(pipe, "_execution_device") else pipe.device
 
 
 def encode_concept_kwargs(pipe, concept: str, **encode_kwargs) -> dict:
@@ -437,7 +433,7 @@ class FlowGuidance:
             return original(**kwargs)
         if self.packed:     # Flux / Qwen-Image: tokens of 2x2 patches; the methods see [B, C, H, W]
             st.grid = token_grid(self.packed, kwargs, None)
-        elif x.ndim == 3 and type(self.method).__name__ != "SLDGuidance":
+        elif x.ndim == 3 and not self.method.elementwise:
             raise SafeT2IError(
                 f"{self.method.name} reads the latent's channels and pixels, and this pipeline's latents are "
                 f"packed tokens of a layout SafeT2I does not know ({type(self.pipe.transformer).__name__}). "

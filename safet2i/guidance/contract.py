@@ -102,6 +102,9 @@ class Guidance:
     #: Whether the method has a concept-branch form (module docstring): it must not need ε_∅
     #: beyond its role as the reference of the concept (SP-Guard's harmfulness does).
     supports_concept_branch = True
+    #: Whether the method acts element by element on ε (no channels, pixels or neighbourhoods),
+    #: so it runs on latents of any layout, e.g. packed tokens a host cannot unpack.
+    elementwise = False
 
     @property
     def inert(self) -> bool:

@@ -132,6 +132,7 @@ class SLDGuidance(Guidance):
     """
 
     name = "SLD"
+    elementwise = True
 
     def __init__(self, config: SLDConfig | str = "MEDIUM", warmup: str | int = "scaled", **window):
         self.config = PRESETS[config.upper()] if isinstance(config, str) else config
