@@ -68,16 +68,12 @@ def active():
     return st.enforcer if st is not None and st.error is None else None
 
 
-def enabled() -> bool:
-    """True when the operator switched enforcement on (loaded or not)."""
-    return _STATE is not None
-
-
 # -- installation ---------------------------------------------------------------------------
 
 def install_from_env(environ=None) -> bool:
-    """Read ``SAFET2I_ENFORCE`` and install the hooks. Never raises: with the variable set,
-    any failure leaves enforcement *on* and refusing every prompt. Returns True when on."""
+    """Read ``SAFET2I_ENFORCE`` and install the hooks. With the variable set, a configuration or
+    model failure leaves enforcement *on* and refusing every prompt; only hooks that cannot be
+    installed stop the server (``SystemExit``). Returns True when on."""
     global _STATE
     env = os.environ if environ is None else environ
     if not str(env.get(ENV, "") or "").strip():
@@ -86,12 +82,16 @@ def install_from_env(environ=None) -> bool:
         return True                              # already installed (pack imported twice)
     config, enforcer, error = None, None, None
     try:
-        from ..safet2i.enforce import Enforcer, config_from_env  # noqa: PLC0415
+        import functools  # noqa: PLC0415
+
+        from ..safet2i.enforce import Enforcer, config_from_env, default_filter  # noqa: PLC0415
+        from .paths import comfy_cpu_only  # noqa: PLC0415
 
         config = config_from_env(env)
         if config is None:
             raise ValueError(f"{ENV}={env.get(ENV)!r} did not give an enforcement config")
-        enforcer = Enforcer(config)
+        # the providers the loader node uses too, so a workflow's model is the enforcer's (one load)
+        enforcer = Enforcer(config, filter_factory=functools.partial(default_filter, cpu_only=comfy_cpu_only()))
         enforcer.load()
     except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
         error = (f"SafeT2I enforcement is on ({ENV}={env.get(ENV)!r}) but its filter could not be loaded: "

@@ -389,7 +389,7 @@ class Enforcer:
             raise EnforcementError(f"SafeT2I enforcement needs an EnforceConfig, got {type(config).__name__}.")
         self.config = config.validate()
         self.policy = _check_policy(config.policy, config.thresholds, f" ({config.source})" if config.source else "")
-        self._factory = filter_factory or _default_filter
+        self._factory = filter_factory or default_filter
         self._filter = None
         self._load_error: EnforcementError | None = None
         self._lock = threading.Lock()
@@ -698,10 +698,12 @@ def _torch():
     return torch
 
 
-def _default_filter(config: EnforceConfig):
-    """The real filter: the operator's models (shared per process), policy and action."""
+def default_filter(config: EnforceConfig, cpu_only: bool = False):
+    """The real filter: the operator's models (shared per process), policy and action, on the
+    providers the host's nodes would use (``cpu_only``: the host runs on the CPU only, e.g.
+    ComfyUI's ``--cpu``, so ``providers = "auto"`` means CPU there as in its loader node)."""
     from .filter import SafetyFilter, get_policy  # noqa: PLC0415
     from .runtime import host_providers  # noqa: PLC0415
 
     return SafetyFilter(list(config.models), get_policy(config.policy, config.thresholds or None), config.action,
-                        providers=host_providers(config.providers))
+                        providers=host_providers(config.providers, cpu_only))
