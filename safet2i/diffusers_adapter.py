@@ -464,13 +464,21 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
     steered when removing the token moves it away from the concepts (docs/steering.md).
     Concepts as negative prompt and the paper's configuration: :func:`steering_pipeline_kwargs`.
     """
+    return _steer(pipe, prompt, concepts, alpha=alpha, order=order, self_validating=self_validating,
+                  max_sequence_length=max_sequence_length)[:4]
+
+
+def _steer(pipe, prompt: str, concepts, *, alpha: float, order: str, self_validating: bool,
+           max_sequence_length: int | None):
+    """:func:`steer_prompt`'s four results and the encoding's extra kwargs (pooled embeddings,
+    mask): one text-encoder pass for both."""
     from . import steering  # noqa: PLC0415  (steering.concept_projector looked up at call time)
 
     svf_name = "nudity"
     if isinstance(concepts, str):
         concepts, svf_name = steering.load_concepts(concepts)
     family = pipeline_family(pipe)
-    original, _ = encode_for_steering(pipe, prompt, family, max_sequence_length)
+    original, extra = encode_for_steering(pipe, prompt, family, max_sequence_length)
     encoders = _encoders(pipe, family, max_sequence_length)
     projectors = [steering.concept_projector((id(e.model), e.layer, getattr(e, "max_length", None),
                                               weights_state(e.model)), concepts,
@@ -480,7 +488,7 @@ def steer_prompt(pipe, prompt: str, concepts: list[str] | str = "nudity", *, alp
                                  svf=steering.SVF_PRESETS[svf_name] if self_validating else None)
     out = plan.steer(original[0])
     steered = out.rows[None] if out.changed else original
-    return steered, original, out.fraction, plan.entries(out)
+    return steered, original, out.fraction, plan.entries(out), extra
 
 
 def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nudity", *,
@@ -505,15 +513,14 @@ def steering_pipeline_kwargs(pipe, prompt: str, concepts: list[str] | str = "nud
     own = SteeringSettings(named, custom, alpha, order, self_validating, concepts_as_negative)
     s = configure(configuration, own, family if family != "sd" else None)
     items, _ = load_concepts(s.concepts, s.custom)
-    steered, original, fraction, entries = steer_prompt(pipe, prompt, s.concepts if s.concepts != "custom" else items,
-                                                        alpha=s.alpha, order=s.order, self_validating=s.self_validating,
-                                                        max_sequence_length=max_sequence_length)
+    steered, original, fraction, entries, extra = _steer(
+        pipe, prompt, s.concepts if s.concepts != "custom" else items, alpha=s.alpha, order=s.order,
+        self_validating=s.self_validating, max_sequence_length=max_sequence_length)
     kwargs = steering_kwargs(steered, original, fraction, negatives_in_batch=None if family in ("sd", "sdxl", "sd3")
                              else False)
     negative = concepts_negative(items, negative_prompt) if s.concepts_as_negative else negative_prompt
     if negative:
         kwargs["negative_prompt"] = negative
-    _, extra = encode_for_steering(pipe, prompt, family, max_sequence_length)
     kwargs.update(extra)
     if family in SEQUENCE_LENGTHS:
         kwargs["max_sequence_length"] = max_sequence_length or SEQUENCE_LENGTHS[family]
