@@ -338,15 +338,10 @@ def roots() -> set[str]:
 
 def split_factors(native: Native, up, down):
     """[(diffusers path, up_i, down)] of a LoRA on a stacked native module (same down, alpha, rank)."""
-    import torch  # noqa: PLC0415
-
     out = []
     for pc in native.pieces:
         u = up[pc.start:pc.start + pc.rows]
-        if pc.swap:
-            half = pc.rows // 2
-            u = torch.cat([u[half:], u[:half]], dim=0)
-        out.append((pc.diffusers, u.contiguous(), down))
+        out.append((pc.diffusers, (_swap(u) if pc.swap else u).contiguous(), down))
     return out
 
 
