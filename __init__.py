@@ -6,11 +6,10 @@ affected nodes raise an error naming the package to install when they run.
 
 import importlib
 import logging
-
-WEB_DIRECTORY = "./web"
-
 import os as _os
 import sys as _sys
+
+WEB_DIRECTORY = "./web"
 
 try:
     from comfy_api.latest import ComfyExtension

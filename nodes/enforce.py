@@ -352,5 +352,3 @@ def _mosaic_jpeg(body: bytes) -> bytes:
     out = _bytesio.BytesIO()
     censor_preview(Image.open(_bytesio.BytesIO(body)).convert("RGB")).save(out, format="JPEG", quality=80)
     return out.getvalue()
-
-

@@ -579,10 +579,10 @@ class Enforcer:
         if h < 1 or w < 1:
             raise EnforcementError(f"SafeT2I enforcement: empty images of shape {tuple(images.shape)}.")
         lo, hi = torch.aminmax(images.detach())
-        if bool(lo < 0) or bool(hi > 1):
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)) and (bool(lo < 0) or bool(hi > 1)):
             # The filter judges pixels clipped to [0, 1]; those are the pixels that leave, never
             # the unclipped values (x1000 or -x would look white or black to the detector while
-            # a saver that rescales shows the picture). NaN/inf: refused by the filter below.
+            # a saver that rescales shows the picture). NaN/inf: not clipped, refused by the filter.
             images = images.clamp(0, 1)
         with self._checked_lock:
             any_checked = bool(self._checked)
@@ -666,8 +666,8 @@ def model_identity(model) -> str | None:
 def censor_preview(image):
     """A live preview for ``previews = "blur"``: shrunk to :data:`PREVIEW_CELLS` pixels on its
     longer side (area average) and blown up again as blocks (a mosaic), so only a few colour
-    cells remain, whatever the latent shows. Takes a PIL image or a ``uint8 [H, W, C]`` array; returns the
-    same kind and size. Nothing of the input is reused beyond those few averages."""
+    cells remain, whatever the latent shows. Takes a PIL image or a ``uint8 [H, W, C]`` array;
+    returns the same kind and size. Nothing of the input is reused beyond those few averages."""
     from PIL import Image  # noqa: PLC0415
 
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))

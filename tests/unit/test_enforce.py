@@ -562,3 +562,12 @@ def test_the_filter_node_mark_needs_the_same_models_by_content(tmp_path):
     weak = load_model(str(tmp_path / "weak.json"), providers="cpu")
     assert weak.name == own.name == "nudenet" and not enf.uses_models([weak])
     assert not Enforcer(EnforceConfig(policy="face-only", providers="cpu")).uses_models([own])   # not loaded
+
+
+def test_non_finite_pixels_are_refused_not_clipped(tmp_path):
+    enf, _ = _enforcer(tmp_path)
+    for bad in (float("inf"), float("nan")):
+        img = _batch(_noface())
+        img[0, 0, 0, 0] = bad
+        with pytest.raises(EnforcementError):
+            enf.enforce(img, node="SaveImage", node_id="1")
