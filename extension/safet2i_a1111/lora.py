@@ -412,7 +412,7 @@ def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = Fa
     state = to_kohya(targets, single_text_encoder=arch != "sdxl") if state is None else state
     meta = {"converted_by": MARK, "source": lf.path.name, "source_sha256": lf.sha256, "architecture": arch,
             "targets": str(len(targets))}
-    verified = (str(out), lf.sha256, arch, partial)
+    verified = (str(out), lf.sha256, arch, partial, tuple(sorted(state)))
     if out.is_symlink() or (out.exists() and not out.is_file()):
         raise LoraLayerError(f"{out} is not a plain file; SafeT2I will not overwrite it")
     if out.exists():
@@ -439,7 +439,7 @@ def write_kohya_cache(lf, targets, arch: str, lora_dir: Path, partial: bool = Fa
 
 
 #: Kohya copies of transformer LoRAs whose effect was compared with their source in this process:
-#: (copy path, source sha256, architecture, partial).
+#: (copy path, source sha256, architecture, partial, its tensor names).
 _SAME_EFFECT: set[tuple] = set()
 
 
